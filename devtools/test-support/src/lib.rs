@@ -1,0 +1,236 @@
+//! Test support: a MongoDB-wire server for labsync's tests, benchmarks and
+//! demo, run as a separate process.
+//!
+//! What lives here: [`MongoServer`], which starts `secantusd-rs` (SecantusDB,
+//! GPL-2.0, installed by `scripts/install-tools.sh`; it is only ever executed,
+//! never linked) on a free port with its storage in a temporary directory,
+//! and [`shared_server`], one such server per test binary, handing each test
+//! its own database. `LABSYNC_TEST_MONGODB_URI` points everything at an
+//! external server (a real mongod) instead.
+//!
+//! What it may depend on: the MongoDB driver and std. Only tests, benchmarks
+//! and devtools depend on it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Names the `secantusd-rs` binary explicitly.
+pub const SERVER_BIN_ENV: &str = "LABSYNC_SECANTUSD";
+/// Uses an already running server instead of starting one.
+pub const EXTERNAL_URI_ENV: &str = "LABSYNC_TEST_MONGODB_URI";
+/// Where `scripts/install-tools.sh` installs tools.
+pub const TOOLS_DIR_ENV: &str = "LABSYNC_TOOLS_DIR";
+
+/// Finds `secantusd-rs`: `$LABSYNC_SECANTUSD`, then the tools directory, then `PATH`.
+pub fn server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(SERVER_BIN_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let tools = std::env::var_os(TOOLS_DIR_ENV)
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/labsync-tools"))
+        });
+    if let Some(candidate) = tools.map(|t| t.join("bin/secantusd-rs"))
+        && candidate.is_file()
+    {
+        return Ok(candidate);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("secantusd-rs");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!(
+        "secantusd-rs not found: run scripts/install-tools.sh (or set {SERVER_BIN_ENV}, \
+         or {EXTERNAL_URI_ENV} to use a running MongoDB)"
+    )
+}
+
+/// A `secantusd-rs` child process. Dropping it stops the server.
+///
+/// The server runs under a small shell guard that reads our end of a pipe: if
+/// this process dies without running `Drop` (a panic in a static, SIGKILL),
+/// the pipe closes and the guard kills the server, so it never outlives the
+/// test run.
+#[derive(Debug)]
+pub struct MongoServer {
+    uri: String,
+    child: Child,
+    guard: Option<ChildStdin>,
+    _storage: tempfile::TempDir,
+}
+
+impl MongoServer {
+    /// Starts a server on a free port and waits until it accepts connections.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not report its address
+    /// within 60 seconds.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = server_binary()?;
+        let storage = tempfile::Builder::new()
+            .prefix("labsync-mongo-")
+            .tempdir()
+            .context("creating the server's storage directory")?;
+        // The guard: start the server in the background, print its output,
+        // and kill it when stdin (our pipe) reaches end of file.
+        let script = r#""$0" "$@" & server=$!
+trap 'kill $server 2>/dev/null' EXIT
+read -r _ignored
+kill $server 2>/dev/null
+wait $server 2>/dev/null"#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(&bin)
+            // A small WAL and cache: test stores hold kilobytes, and every
+            // test binary has its own store.
+            .args([
+                "--port",
+                "0",
+                "--log-file-max",
+                "16MB",
+                "--cache-size",
+                "256M",
+            ])
+            .args(["--log-level", "WARNING", "--storage-path"])
+            .arg(storage.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let guard = child.stdin.take();
+        let stdout = child.stdout.take().context("server stdout")?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        for stream in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                // Keep draining after the address is found so the server never
+                // blocks on a full pipe.
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = parse_listening(&line) {
+                        break addr;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    // Closing the pipe makes the guard stop the server.
+                    drop(guard);
+                    let _ = child.wait();
+                    bail!(
+                        "{} did not report its address within 60 s; it said:\n{}",
+                        bin.display(),
+                        seen.join("\n")
+                    );
+                }
+            }
+        };
+        Ok(Self {
+            uri: format!("mongodb://{addr}/?directConnection=true"),
+            child,
+            guard,
+            _storage: storage,
+        })
+    }
+
+    /// A connection string for the server.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+}
+
+/// Finds `HOST:PORT` in a line such as `listening on 127.0.0.1:40123`.
+fn parse_listening(line: &str) -> Option<String> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let addr = rest.split_whitespace().next()?;
+    let addr = addr.trim_start_matches("mongodb://").trim_end_matches('/');
+    addr.rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
+        .map(|_| addr.to_owned())
+}
+
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        // Closing the pipe makes the guard stop the server; then reap it.
+        drop(self.guard.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the tests of one binary get their databases.
+#[derive(Debug)]
+pub enum TestMongo {
+    Owned(MongoServer),
+    External(String),
+}
+
+impl TestMongo {
+    pub fn uri(&self) -> &str {
+        match self {
+            Self::Owned(s) => s.uri(),
+            Self::External(uri) => uri,
+        }
+    }
+}
+
+/// The server shared by every test in this binary, started on first use.
+///
+/// # Panics
+/// When no server can be started: the tests cannot run without one, and the
+/// message says how to install it.
+pub fn shared_server() -> &'static TestMongo {
+    static SERVER: OnceLock<TestMongo> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var(EXTERNAL_URI_ENV) {
+        Ok(uri) if !uri.is_empty() => TestMongo::External(uri),
+        _ => TestMongo::Owned(MongoServer::start().unwrap_or_else(|e| panic!("{e:#}"))),
+    })
+}
+
+/// A fresh, uniquely named database for one test, on the shared server.
+pub async fn test_database() -> mongodb::Database {
+    let client = mongodb::Client::with_uri_str(shared_server().uri())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the test MongoDB: {e}"));
+    client.database(&unique_database_name())
+}
+
+/// `test_` and 32 hex digits: unique per call, valid on every MongoDB.
+pub fn unique_database_name() -> String {
+    format!("test_{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_listening_line() {
+        assert_eq!(
+            parse_listening("[INFO] listening on 127.0.0.1:40123").as_deref(),
+            Some("127.0.0.1:40123")
+        );
+        assert_eq!(parse_listening("listening on 127.0.0.1:0"), None);
+        assert_eq!(parse_listening("starting up"), None);
+    }
+}

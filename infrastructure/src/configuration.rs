@@ -1,0 +1,317 @@
+//! Configuration: `config/default.toml` (compiled in), then an optional file
+//! named by `LABSYNC_CONFIG`, then `LABSYNC__SECTION__KEY` environment
+//! variables, later sources winning.
+//!
+//! Loading fails with a [`ConfigError`] that names the offending key, so that a
+//! typo is reported at start-up rather than discovered at the first refresh.
+//! Values that may carry credentials are [`SecretString`]s: their `Debug`
+//! prints `[REDACTED]` and they have no `Display`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The defaults shipped with the binary; the same file is checked in as
+/// `config/default.toml` so that operators can read it.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
+
+/// Environment variable naming an extra configuration file (TOML or YAML).
+pub const CONFIG_FILE_ENV: &str = "LABSYNC_CONFIG";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub mongodb: MongoSettings,
+    pub refresh: RefreshSettings,
+    pub cml: CmlSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    pub uri: SecretString,
+    pub database: String,
+    pub server_selection_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSettings {
+    pub cron: String,
+    pub run_at_startup: bool,
+    pub max_concurrent_workers: usize,
+    pub max_concurrent_labs_per_worker: usize,
+    pub max_prune_share: f64,
+    pub prune_floor: usize,
+    pub lease_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmlSettings {
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// A configuration that cannot be used, with the key at fault where known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Source(#[from] config::ConfigError),
+    #[error("invalid configuration: `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl MongoSettings {
+    pub fn server_selection_timeout(&self) -> Duration {
+        Duration::from_millis(self.server_selection_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+impl CmlSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+impl Settings {
+    /// Loads from the process environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key when a value is missing, mistyped,
+    /// unknown or out of range, or when `LABSYNC_CONFIG` names an unreadable
+    /// file.
+    pub fn load() -> Result<Self, ConfigError> {
+        let file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        Self::load_from(file, Environment::with_prefix("LABSYNC"))
+    }
+
+    /// Loads from the defaults, an optional file and the given environment
+    /// source; tests pass an explicit `source` map instead of the process
+    /// environment.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_from(file: Option<PathBuf>, env: Environment) -> Result<Self, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(env.prefix_separator("__").separator("__").try_parsing(true))
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if let Err(e) = validate_cron(&self.refresh.cron) {
+            return Err(ConfigError::Invalid {
+                key: "refresh.cron",
+                reason: e,
+            });
+        }
+        if self.refresh.max_concurrent_workers == 0 {
+            return invalid("refresh.max_concurrent_workers", "must be at least 1");
+        }
+        if self.refresh.max_concurrent_labs_per_worker == 0 {
+            return invalid(
+                "refresh.max_concurrent_labs_per_worker",
+                "must be at least 1",
+            );
+        }
+        if !(self.refresh.max_prune_share > 0.0 && self.refresh.max_prune_share <= 1.0) {
+            return invalid("refresh.max_prune_share", "must be in (0, 1]");
+        }
+        if self.refresh.lease_ttl_secs == 0 {
+            return invalid("refresh.lease_ttl_secs", "must be at least 1");
+        }
+        for (key, ms) in [
+            (
+                "mongodb.server_selection_timeout_ms",
+                self.mongodb.server_selection_timeout_ms,
+            ),
+            (
+                "mongodb.connect_timeout_ms",
+                self.mongodb.connect_timeout_ms,
+            ),
+            ("cml.connect_timeout_ms", self.cml.connect_timeout_ms),
+            ("cml.request_timeout_ms", self.cml.request_timeout_ms),
+        ] {
+            if ms == 0 {
+                return invalid(key, "must be at least 1 ms");
+            }
+        }
+        if self.mongodb.database.is_empty()
+            || self
+                .mongodb
+                .database
+                .contains(['/', '\\', '.', ' ', '"', '$', '\0'])
+        {
+            return invalid(
+                "mongodb.database",
+                "must be a non-empty MongoDB database name without / \\ . space \" $",
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return Err(ConfigError::Invalid {
+                key: "log.filter",
+                reason: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a six-field cron expression the way the scheduler will parse it.
+fn validate_cron(expr: &str) -> Result<(), String> {
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| format!("not a valid six-field cron expression ({e}): {expr:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Environment::with_prefix("LABSYNC").source(Some(map))
+    }
+
+    #[test]
+    fn defaults_refresh_every_30_minutes_against_local_mongodb() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.refresh.cron, "0 */30 * * * *");
+        assert_eq!(s.mongodb.uri.expose_secret(), "mongodb://127.0.0.1:27017");
+        assert_eq!(s.mongodb.database, "labsync");
+        assert_eq!(s.log.format, LogFormat::Human);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("LABSYNC__MONGODB__URI", "mongodb://db.example:27018"),
+                ("LABSYNC__REFRESH__CRON", "0 */5 * * * *"),
+                ("LABSYNC__REFRESH__MAX_CONCURRENT_WORKERS", "3"),
+                ("LABSYNC__LOG__FORMAT", "json"),
+            ]),
+        )
+        .expect("overrides load");
+        assert_eq!(s.mongodb.uri.expose_secret(), "mongodb://db.example:27018");
+        assert_eq!(s.refresh.cron, "0 */5 * * * *");
+        assert_eq!(s.refresh.max_concurrent_workers, 3);
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labsync.toml");
+        std::fs::write(
+            &path,
+            "[mongodb]\ndatabase = \"from_file\"\n[refresh]\nprune_floor = 3\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(path), env(&[("LABSYNC__REFRESH__PRUNE_FLOOR", "7")]))
+            .unwrap();
+        assert_eq!(s.mongodb.database, "from_file");
+        assert_eq!(s.refresh.prune_floor, 7);
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Settings::load_from(Some("/nonexistent/labsync.toml".into()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("labsync.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_key() {
+        let cases = [
+            ("LABSYNC__REFRESH__CRON", "every half hour", "refresh.cron"),
+            (
+                "LABSYNC__REFRESH__MAX_CONCURRENT_WORKERS",
+                "many",
+                "max_concurrent_workers",
+            ),
+            (
+                "LABSYNC__REFRESH__MAX_CONCURRENT_WORKERS",
+                "0",
+                "refresh.max_concurrent_workers",
+            ),
+            (
+                "LABSYNC__REFRESH__MAX_PRUNE_SHARE",
+                "1.5",
+                "refresh.max_prune_share",
+            ),
+            ("LABSYNC__LOG__FORMAT", "xml", "format"),
+            ("LABSYNC__MONGODB__DATABASE", "a/b", "mongodb.database"),
+            ("LABSYNC__MONGODB__TYPO", "x", "typo"),
+        ];
+        for (key, value, named) in cases {
+            let err = Settings::load_from(None, env(&[(key, value)]))
+                .expect_err(key)
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_mongodb_uri() {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "LABSYNC__MONGODB__URI",
+                "mongodb://labsync:hunter2-s3cret@db:27017",
+            )]),
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2-s3cret"), "{debug}");
+        assert!(debug.contains("REDACTED"), "{debug}");
+    }
+}

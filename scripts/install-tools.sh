@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the tools labsync's tests, benchmarks and demo need, once per machine.
+#
+# - secantusd-rs: a MongoDB-wire server (crates.io `secantus-mdb`, GPL-2.0). It is
+#   only ever run as a separate process; nothing of ours links it.
+# - cmake (from PyPI, in a private venv): needed to build secantusd-rs's storage engine.
+#
+# Everything goes under $LABSYNC_TOOLS_DIR (default ~/.local/share/labsync-tools), so a
+# fresh clone on the same machine reuses it. Skips whatever is already present.
+# Prints the path of the secantusd-rs binary on its last line.
+set -euo pipefail
+
+SECANTUS_VERSION="0.5.3-beta.196"
+TOOLS_DIR="${LABSYNC_TOOLS_DIR:-$HOME/.local/share/labsync-tools}"
+BIN="$TOOLS_DIR/bin/secantusd-rs"
+STAMP="$TOOLS_DIR/secantus-mdb.version"
+
+log() { printf 'install-tools: %s\n' "$*" >&2; }
+
+if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$SECANTUS_VERSION" ]]; then
+  log "secantusd-rs $SECANTUS_VERSION already installed"
+  echo "$BIN"
+  exit 0
+fi
+
+mkdir -p "$TOOLS_DIR"
+VENV="$TOOLS_DIR/venv"
+if ! command -v cmake >/dev/null 2>&1 && [[ ! -x "$VENV/bin/cmake" ]]; then
+  log "installing cmake into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check cmake
+fi
+if [[ -x "$VENV/bin/cmake" ]]; then
+  export PATH="$VENV/bin:$PATH"
+fi
+
+log "building secantusd-rs $SECANTUS_VERSION (about 5 minutes on 2 cores)"
+# The crate declares rustc 1.98 but builds and runs on older toolchains; the exact
+# version is pinned so every machine runs the same server.
+cargo install secantus-mdb --version "=$SECANTUS_VERSION" --locked --ignore-rust-version \
+  --root "$TOOLS_DIR" --bin secantusd-rs
+echo "$SECANTUS_VERSION" >"$STAMP"
+log "installed $BIN"
+echo "$BIN"

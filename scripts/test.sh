@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The full test suite: unit tests, the CML simulator's contract tests and the
+# integration tests against a real MongoDB-wire server and the simulator.
+# Installs the MongoDB-wire server first if this machine lacks it. Extra
+# arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${LABSYNC_TEST_MONGODB_URI:-}" ]]; then
+  LABSYNC_SECANTUSD="$(bash scripts/install-tools.sh | tail -n 1)"
+  export LABSYNC_SECANTUSD
+fi
+exec cargo test --workspace --locked "$@"
