@@ -1,15 +1,24 @@
 //! labsync's domain: the pure model of a lab inventory.
 //!
 //! What lives here: identifiers that parse instead of validate ([`WorkerId`],
-//! [`LabId`]), the lab state as CML reports it ([`LabState`]), and, as the core
-//! grows, lab records, the reconcile plan and their history.
+//! [`LabId`]), the lab state as CML reports it ([`LabState`]), what CML says
+//! about a lab ([`LabSnapshot`]), the stored [`LabRecord`] and its history,
+//! registered [`Worker`]s, and the reconcile [`plan`] of a refresh.
 //!
-//! What it may depend on: nothing but `serde` and `thiserror`. No I/O, no async
+//! What it may depend on: `serde`, `chrono` and `thiserror`. No I/O, no async
 //! runtime, no database or HTTP types: every other crate depends on this one,
 //! and it depends on none of them.
 
 mod ids;
+mod plan;
+mod record;
+mod snapshot;
 mod state;
+mod worker;
 
-pub use ids::{IdError, LabId, WorkerId};
+pub use ids::{IdError, LabId, WorkerId, is_uuid4};
+pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan, plan};
+pub use record::{DEFAULT_HISTORY_LIMIT, HistoryEntry, HistoryEvent, LabRecord};
+pub use snapshot::{ContentHash, FieldChange, LabGroup, LabSnapshot};
 pub use state::LabState;
+pub use worker::{TlsSettings, Worker, parse_base_url};
