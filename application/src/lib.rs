@@ -1,9 +1,24 @@
-//! labsync's application layer: the use cases (DeleteLab, RefreshWorkerLabs,
-//! RefreshAll), the ports they drive (CML gateway, repositories, lease, audit,
-//! clock) and the scheduling policy.
+//! labsync's application layer: the use cases ([`DeleteLab`],
+//! [`RefreshWorkerLabs`] and [`RefreshAll`], one reconciler for the schedule,
+//! the admin and the CLI), the ports they drive ([`ports`]: CML gateway,
+//! repositories, refresh lease, audit log, clock) and their reports.
 //!
-//! What it may depend on: `labsync-domain`, and runtime-neutral crates
-//! (async-trait, futures, tracing). Never on MongoDB, HTTP or web-framework
-//! types: adapters in `labsync-infrastructure` implement the ports defined here.
+//! What it may depend on: `labsync-domain`, and runtime-level crates (tokio
+//! for time, futures, async-trait, tracing, secrecy). Never on MongoDB, HTTP
+//! or web-framework types: adapters in `labsync-infrastructure` implement the
+//! ports defined here, and the binary wires them together.
+
+pub mod delete;
+pub mod errors;
+pub mod ports;
+pub mod refresh;
+mod services;
+
+pub use delete::{DeleteLab, DeleteOutcome, DeleteOutcomeKind};
+pub use errors::{AppError, CmlError, RepoError};
+pub use refresh::{
+    LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
+};
+pub use services::{CoreSettings, Services};
 
 pub use labsync_domain as domain;

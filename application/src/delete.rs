@@ -1,0 +1,308 @@
+//! The two-phase delete of a lab.
+//!
+//! Phase 1 is this command: delete the lab in CML, then replace its record
+//! with a tombstone at once. Phase 2 is every later refresh: it prunes what
+//! is gone in CML and never writes over a tombstone.
+//!
+//! # Expected flow
+//! 1. Ask CML for the lab's state. 404: the lab is already gone (step 4).
+//! 2. Not stopped and wiped (`DEFINED_ON_CORE`): refuse, unless `force`, in
+//!    which case stop, wait until converged, wipe, wait until converged.
+//! 3. `DELETE` the lab in CML; a 404 here also means "already gone".
+//! 4. Replace the record with a tombstone (hidden from every list, and a
+//!    refresh that listed the lab before the delete cannot bring it back).
+//! 5. Audit who deleted what, when, and how it ended.
+//!
+//! # Guarantees
+//! - Success means CML no longer has the lab and no list shows it.
+//! - When CML refuses or cannot be reached, the record stays as it was, with
+//!   the failed attempt in its history and in the audit log.
+//! - Idempotent: deleting a lab CML does not have succeeds and says so.
+//!
+//! # Assumptions
+//! CML deletes only labs in `DEFINED_ON_CORE`, and answers 404 for a lab
+//! that does not exist.
+//!
+//! # Caveats
+//! If the process dies (or the database fails) between steps 3 and 4, the
+//! record outlives the lab until the next refresh prunes it, because CML no
+//! longer lists it. The tombstone is written only after CML confirmed: a
+//! tombstone for a lab that still exists would hide it.
+
+use std::time::{Duration, Instant};
+
+use labsync_domain::{HistoryEntry, HistoryEvent, LabId, LabState, WorkerId};
+use serde::Serialize;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::errors::{AppError, CmlError};
+use crate::ports::{AuditAction, AuditEntry, Tombstone, WorkerAccess};
+use crate::services::Services;
+
+/// A request to delete one lab.
+#[derive(Debug, Clone)]
+pub struct DeleteLab {
+    pub worker_id: WorkerId,
+    pub lab_id: LabId,
+    /// Stop and wipe a running lab first instead of refusing.
+    pub force: bool,
+    /// Who asked, for the audit log.
+    pub requested_by: String,
+}
+
+/// How a delete ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeleteOutcomeKind {
+    /// CML deleted the lab; its record is gone.
+    Deleted,
+    /// CML did not have the lab (404); any record is gone.
+    AlreadyAbsent,
+    /// The lab is not stopped and wiped, and `force` was not given.
+    RefusedRunning { state: LabState },
+    /// CML could not be reached (connection, timeout, gateway errors).
+    CmlUnreachable { error: String },
+    /// CML answered with an error; its description is kept.
+    CmlRefused { error: String },
+    /// A forced delete's stop or wipe did not converge in time.
+    NotConverged { step: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeleteOutcome {
+    pub worker_id: WorkerId,
+    pub lab_id: LabId,
+    #[serde(flatten)]
+    pub kind: DeleteOutcomeKind,
+    /// True when CML no longer has the lab.
+    pub lab_gone: bool,
+    /// Whether labsync had a live record of the lab before the delete.
+    pub record_was_present: bool,
+    /// One line for people.
+    pub message: String,
+}
+
+impl DeleteOutcomeKind {
+    fn word(&self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::AlreadyAbsent => "already_absent",
+            Self::RefusedRunning { .. } => "refused_running",
+            Self::CmlUnreachable { .. } => "cml_unreachable",
+            Self::CmlRefused { .. } => "cml_refused",
+            Self::NotConverged { .. } => "not_converged",
+        }
+    }
+
+    fn from_cml(e: CmlError) -> Self {
+        match e {
+            CmlError::Unreachable(_) => Self::CmlUnreachable {
+                error: e.to_string(),
+            },
+            other => Self::CmlRefused {
+                error: other.to_string(),
+            },
+        }
+    }
+}
+
+enum Stop {
+    /// The lab is ready to be deleted.
+    Ready,
+    /// CML says it does not exist.
+    Absent,
+    Failed(DeleteOutcomeKind),
+}
+
+impl DeleteLab {
+    /// Runs the delete.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`]; [`AppError::Repository`] when the
+    /// database fails before CML was asked; [`AppError::RecordCleanupPending`]
+    /// when CML deleted the lab but the record could not be removed (the next
+    /// refresh removes it). Refusals and CML failures are outcomes, not errors.
+    pub async fn execute(self, services: &Services) -> Result<DeleteOutcome, AppError> {
+        let span = info_span!("delete_lab", worker_id = %self.worker_id, lab_id = %self.lab_id, force = self.force);
+        self.run(services).instrument(span).await
+    }
+
+    async fn run(self, s: &Services) -> Result<DeleteOutcome, AppError> {
+        let access = s
+            .workers
+            .get(&self.worker_id)
+            .await?
+            .ok_or_else(|| AppError::UnknownWorker(self.worker_id.clone()))?;
+        let record_was_present = s.labs.get(&self.worker_id, &self.lab_id).await?.is_some();
+        let kind = match self.make_deletable(s, &access).await {
+            Stop::Absent => DeleteOutcomeKind::AlreadyAbsent,
+            Stop::Failed(kind) => return Ok(self.failed(s, kind, record_was_present).await),
+            Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
+                Ok(()) => DeleteOutcomeKind::Deleted,
+                Err(CmlError::NotFound) => DeleteOutcomeKind::AlreadyAbsent,
+                Err(e) => {
+                    let kind = DeleteOutcomeKind::from_cml(e);
+                    return Ok(self.failed(s, kind, record_was_present).await);
+                }
+            },
+        };
+        let now = s.clock.now();
+        let ttl = chrono::Duration::from_std(s.settings.tombstone_ttl)
+            .unwrap_or_else(|_| chrono::Duration::days(7));
+        let tombstone = Tombstone {
+            deleted_at: now,
+            deleted_by: self.requested_by.clone(),
+            expires_at: now + ttl,
+        };
+        if let Err(e) = s
+            .labs
+            .tombstone(&self.worker_id, &self.lab_id, tombstone)
+            .await
+        {
+            warn!(error = %e, "deleted in CML but the record could not be removed");
+            self.audit(s, &kind, format!("record removal failed: {e}"))
+                .await;
+            return Err(AppError::RecordCleanupPending(e));
+        }
+        let message = match (&kind, record_was_present) {
+            (DeleteOutcomeKind::Deleted, _) => "deleted in CML; record removed".to_owned(),
+            (_, true) => "CML did not have the lab; record removed".to_owned(),
+            (_, false) => "CML did not have the lab, and labsync had no record of it".to_owned(),
+        };
+        info!(outcome = kind.word(), "lab deleted");
+        self.audit(s, &kind, message.clone()).await;
+        Ok(DeleteOutcome {
+            worker_id: self.worker_id,
+            lab_id: self.lab_id,
+            kind,
+            lab_gone: true,
+            record_was_present,
+            message,
+        })
+    }
+
+    /// Gets the lab to `DEFINED_ON_CORE`, or says why not.
+    async fn make_deletable(&self, s: &Services, access: &WorkerAccess) -> Stop {
+        let cml = &s.cml;
+        let state = match cml.lab_state(access, &self.lab_id).await {
+            Ok(state) => state,
+            Err(CmlError::NotFound) => return Stop::Absent,
+            Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+        };
+        if state.is_deletable() {
+            return Stop::Ready;
+        }
+        if !self.force {
+            return Stop::Failed(DeleteOutcomeKind::RefusedRunning { state });
+        }
+        let steps: &[&str] = match state {
+            LabState::Stopped => &["wipe"],
+            _ => &["stop", "wipe"],
+        };
+        for step in steps {
+            let asked = if *step == "stop" {
+                cml.stop_lab(access, &self.lab_id).await
+            } else {
+                cml.wipe_lab(access, &self.lab_id).await
+            };
+            match asked {
+                Ok(()) => {}
+                Err(CmlError::NotFound) => return Stop::Absent,
+                Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+            }
+            match self.wait_converged(s, access).await {
+                Ok(true) => info!(step, "converged"),
+                Ok(false) => {
+                    return Stop::Failed(DeleteOutcomeKind::NotConverged {
+                        step: (*step).to_owned(),
+                    });
+                }
+                Err(CmlError::NotFound) => return Stop::Absent,
+                Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+            }
+        }
+        Stop::Ready
+    }
+
+    /// Polls `check_if_converged` until true or the deadline.
+    async fn wait_converged(&self, s: &Services, access: &WorkerAccess) -> Result<bool, CmlError> {
+        let deadline = Instant::now() + s.settings.converge_timeout;
+        loop {
+            if s.cml.is_converged(access, &self.lab_id).await? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(s.settings.converge_poll.min(Duration::from_secs(5))).await;
+        }
+    }
+
+    /// Records a failed attempt in the lab's history and the audit log; the
+    /// record itself is left as it was.
+    async fn failed(
+        &self,
+        s: &Services,
+        kind: DeleteOutcomeKind,
+        record_was_present: bool,
+    ) -> DeleteOutcome {
+        let detail = match &kind {
+            DeleteOutcomeKind::RefusedRunning { state } => {
+                format!("lab is {state}: stop and wipe it first, or delete with force")
+            }
+            DeleteOutcomeKind::CmlUnreachable { error }
+            | DeleteOutcomeKind::CmlRefused { error } => error.clone(),
+            DeleteOutcomeKind::NotConverged { step } => format!(
+                "the lab's {step} did not converge within {} s",
+                s.settings.converge_timeout.as_secs()
+            ),
+            _ => String::new(),
+        };
+        warn!(outcome = kind.word(), %detail, "delete failed");
+        let entry = HistoryEntry {
+            at: s.clock.now(),
+            event: HistoryEvent::DeleteAttempt {
+                requested_by: self.requested_by.clone(),
+                force: self.force,
+                outcome: kind.word().to_owned(),
+                detail: detail.clone(),
+            },
+        };
+        if let Err(e) = s
+            .labs
+            .add_history(
+                &self.worker_id,
+                &self.lab_id,
+                entry,
+                s.settings.history_limit,
+            )
+            .await
+        {
+            warn!(error = %e, "could not record the failed delete in the lab's history");
+        }
+        self.audit(s, &kind, detail.clone()).await;
+        DeleteOutcome {
+            worker_id: self.worker_id.clone(),
+            lab_id: self.lab_id,
+            kind,
+            lab_gone: false,
+            record_was_present,
+            message: detail,
+        }
+    }
+
+    async fn audit(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) {
+        let entry = AuditEntry {
+            at: s.clock.now(),
+            actor: self.requested_by.clone(),
+            action: AuditAction::Delete,
+            worker_id: self.worker_id.clone(),
+            lab_id: self.lab_id,
+            outcome: kind.word().to_owned(),
+            detail,
+        };
+        if let Err(e) = s.audit.record(vec![entry]).await {
+            warn!(error = %e, "could not write the audit entry");
+        }
+    }
+}

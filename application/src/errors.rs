@@ -1,0 +1,69 @@
+//! The errors the ports report and the use cases return. Adapters translate
+//! their own errors (driver, HTTP) into these; nothing above this layer sees
+//! a MongoDB or reqwest error.
+
+use labsync_domain::{IdError, WorkerId};
+
+/// What went wrong talking to a CML server.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmlError {
+    /// 404: the lab (or the server's API) is not there.
+    #[error("not found in CML")]
+    NotFound,
+    /// No answer: connection refused, timeout, TLS failure, or the reverse
+    /// proxy's 502/503/504 while the controller boots.
+    #[error("CML unreachable: {0}")]
+    Unreachable(String),
+    /// Login refused (403), or 401 again after one re-authentication.
+    #[error("CML refused the credentials: {0}")]
+    Auth(String),
+    /// A 4xx other than 401/403/404, with CML's description.
+    #[error("CML refused the request ({status}): {description}")]
+    Refused { status: u16, description: String },
+    /// A 5xx other than the gateway errors.
+    #[error("CML failed ({status}): {description}")]
+    Server { status: u16, description: String },
+    /// An answer that does not parse as the API says it should.
+    #[error("CML answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// What went wrong in a repository.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RepoError {
+    /// A unique key is taken (MongoDB E11000).
+    #[error("already exists: {0}")]
+    Duplicate(String),
+    /// The database did not answer in time or refused the connection.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A stored document does not decode.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// The error of a use case, as callers (CLI, HTTP) map it to exit codes and
+/// statuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    #[error("unknown worker {0}")]
+    UnknownWorker(WorkerId),
+    #[error("worker {0} is already registered")]
+    WorkerExists(WorkerId),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Cml(#[from] CmlError),
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    /// The lab is gone in CML but its record could not be replaced by a
+    /// tombstone; the next refresh prunes it.
+    #[error(
+        "the lab was deleted in CML, but its record could not be removed ({0}); the next refresh removes it"
+    )]
+    RecordCleanupPending(RepoError),
+}

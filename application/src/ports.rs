@@ -1,0 +1,323 @@
+//! The ports: what the use cases need from the outside world, as traits the
+//! infrastructure implements. Each method documents its contract; an adapter
+//! that breaks a MUST breaks the invariants of DESIGN.md.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use labsync_domain::{
+    Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::{CmlError, RepoError};
+use crate::refresh::RunReport;
+
+/// A worker with the password needed to talk to it. Only the CML gateway
+/// reads the password; nothing serializes it.
+#[derive(Debug, Clone)]
+pub struct WorkerAccess {
+    pub worker: Worker,
+    pub password: SecretString,
+}
+
+/// Talks to CML servers.
+///
+/// Adapters MUST authenticate as the worker's user, reuse a connection pool
+/// and a token per worker, and re-authenticate once on a 401 before giving
+/// up with [`CmlError::Auth`].
+#[async_trait]
+pub trait CmlGateway: Send + Sync {
+    /// Every lab id on the server.
+    ///
+    /// MUST ask for all labs (`show_all=true`): a partial list would make the
+    /// refresh prune what it cannot see.
+    ///
+    /// # Errors
+    /// Any [`CmlError`]; a list that does not parse is [`CmlError::Protocol`],
+    /// never an empty list.
+    async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<Vec<LabId>, CmlError>;
+
+    /// The details of one lab.
+    ///
+    /// # Errors
+    /// [`CmlError::NotFound`] if the lab does not exist; a body that lacks a
+    /// valid `id` or `state`, or whose `id` differs, is [`CmlError::Protocol`].
+    async fn lab_details(
+        &self,
+        access: &WorkerAccess,
+        lab: &LabId,
+    ) -> Result<LabSnapshot, CmlError>;
+
+    /// The lab's overall state.
+    ///
+    /// # Errors
+    /// As [`CmlGateway::lab_details`].
+    async fn lab_state(&self, access: &WorkerAccess, lab: &LabId) -> Result<LabState, CmlError>;
+
+    /// Asks CML to stop the lab; returns before it has stopped.
+    ///
+    /// # Errors
+    /// Any [`CmlError`].
+    async fn stop_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError>;
+
+    /// Asks CML to wipe the (stopped) lab; returns before it is wiped.
+    ///
+    /// # Errors
+    /// Any [`CmlError`].
+    async fn wipe_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError>;
+
+    /// Whether the lab's last state change has completed.
+    ///
+    /// # Errors
+    /// Any [`CmlError`].
+    async fn is_converged(&self, access: &WorkerAccess, lab: &LabId) -> Result<bool, CmlError>;
+
+    /// Deletes the lab.
+    ///
+    /// # Errors
+    /// [`CmlError::NotFound`] if it was already gone; [`CmlError::Refused`]
+    /// (CML's 400) if it is not stopped and wiped.
+    async fn delete_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError>;
+}
+
+/// The record of a lab deleted through labsync: it hides the lab from every
+/// list and keeps every later refresh from bringing it back until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub deleted_at: DateTime<Utc>,
+    pub deleted_by: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A changed lab for [`LabRepository::apply`]: the new record and the
+/// history entry that says what changed (none when only the stored content
+/// hash was stale).
+#[derive(Debug, Clone)]
+pub struct RecordUpdate {
+    pub record: LabRecord,
+    pub entry: Option<HistoryEntry>,
+}
+
+/// The writes of one refresh.
+#[derive(Debug, Clone, Default)]
+pub struct RecordChanges {
+    pub create: Vec<LabRecord>,
+    pub update: Vec<RecordUpdate>,
+    pub prune: Vec<LabId>,
+}
+
+/// What [`LabRepository::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub created: u64,
+    pub updated: u64,
+    pub pruned: u64,
+    /// Creates and updates refused because the lab was tombstoned meanwhile.
+    pub suppressed: Vec<LabId>,
+}
+
+/// The stored inventory: live records and tombstones, keyed by
+/// (worker id, lab id), unique.
+#[async_trait]
+pub trait LabRepository: Send + Sync {
+    /// The content hash of every live record of the worker and the ids of
+    /// its tombstones, in one read.
+    ///
+    /// # Errors
+    /// [`RepoError`] if the store cannot be read.
+    async fn index(&self, worker: &WorkerId) -> Result<HashMap<LabId, Existing>, RepoError>;
+
+    /// The live records with these ids (missing ones are left out).
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn records(&self, worker: &WorkerId, ids: &[LabId]) -> Result<Vec<LabRecord>, RepoError>;
+
+    /// One live record.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn get(&self, worker: &WorkerId, lab: &LabId) -> Result<Option<LabRecord>, RepoError>;
+
+    /// Every live record of the worker, ordered by lab id.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn list(&self, worker: &WorkerId) -> Result<Vec<LabRecord>, RepoError>;
+
+    /// Writes a refresh's changes in bulk: creates and updates in one batch,
+    /// every prune in one delete.
+    ///
+    /// MUST NOT write over a tombstone: a create or update of a tombstoned
+    /// lab is skipped and reported in [`ApplyOutcome::suppressed`], atomically
+    /// with respect to a concurrent [`LabRepository::tombstone`]. MUST keep
+    /// at most `history_limit` history entries per record. Prunes remove
+    /// live records only.
+    ///
+    /// # Errors
+    /// [`RepoError`] if the batch could not be written; part of it may have
+    /// been, and a later refresh converges.
+    async fn apply(
+        &self,
+        worker: &WorkerId,
+        changes: RecordChanges,
+        history_limit: usize,
+    ) -> Result<ApplyOutcome, RepoError>;
+
+    /// Appends to a live record's history; false if there is no live record.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn add_history(
+        &self,
+        worker: &WorkerId,
+        lab: &LabId,
+        entry: HistoryEntry,
+        history_limit: usize,
+    ) -> Result<bool, RepoError>;
+
+    /// Replaces the lab's record, if any, with a tombstone (creating one if
+    /// there was no record). Returns whether a live record was there.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn tombstone(
+        &self,
+        worker: &WorkerId,
+        lab: &LabId,
+        tombstone: Tombstone,
+    ) -> Result<bool, RepoError>;
+
+    /// Removes every record and tombstone of the worker; returns how many.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn remove_worker(&self, worker: &WorkerId) -> Result<u64, RepoError>;
+}
+
+/// Registered workers.
+#[async_trait]
+pub trait WorkerRepository: Send + Sync {
+    /// # Errors
+    /// [`RepoError::Duplicate`] if the id is taken.
+    async fn add(&self, worker: &Worker, password: &SecretString) -> Result<(), RepoError>;
+
+    /// The worker with its decrypted password.
+    ///
+    /// # Errors
+    /// [`RepoError`], including a password that cannot be decrypted.
+    async fn get(&self, id: &WorkerId) -> Result<Option<WorkerAccess>, RepoError>;
+
+    /// Every worker, ordered by id, without passwords.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn list(&self) -> Result<Vec<Worker>, RepoError>;
+
+    /// Returns whether the worker existed.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn remove(&self, id: &WorkerId) -> Result<bool, RepoError>;
+}
+
+/// At most one refresh per worker at a time, across processes.
+#[async_trait]
+pub trait RefreshLease: Send + Sync {
+    /// Takes the worker's lease for `ttl` if it is free, expired, or already
+    /// held by `holder`. Returns false if someone else holds it.
+    ///
+    /// MUST be atomic across processes sharing the store.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn try_acquire(
+        &self,
+        worker: &WorkerId,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, RepoError>;
+
+    /// Frees the lease if `holder` holds it.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn release(&self, worker: &WorkerId, holder: &str) -> Result<(), RepoError>;
+}
+
+/// What labsync did to a lab, for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    Delete,
+    Prune,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// Who asked: `cli:<user>`, an API token's name, or `refresh`.
+    pub actor: String,
+    pub action: AuditAction,
+    pub worker_id: WorkerId,
+    pub lab_id: LabId,
+    /// A short, stable word: `deleted`, `already_absent`, `refused_running`...
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// The audit trail of deletes and prunes.
+#[async_trait]
+pub trait AuditLog: Send + Sync {
+    /// # Errors
+    /// [`RepoError`].
+    async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), RepoError>;
+
+    /// The newest entries first, for one lab or all.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn recent(
+        &self,
+        worker: &WorkerId,
+        lab: Option<&LabId>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, RepoError>;
+}
+
+/// Stored run reports.
+#[async_trait]
+pub trait RunReports: Send + Sync {
+    /// # Errors
+    /// [`RepoError`].
+    async fn store(&self, report: &RunReport) -> Result<(), RepoError>;
+
+    /// Newest first, for one worker or all.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn recent(
+        &self,
+        worker: Option<&WorkerId>,
+        limit: usize,
+    ) -> Result<Vec<RunReport>, RepoError>;
+}
+
+/// The time, injectable so that tests control it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}

@@ -1,0 +1,405 @@
+//! The refresh: one reconciler behind the schedule, the admin API and the
+//! CLI.
+//!
+//! # Expected flow (per worker)
+//! 1. Skip a disabled worker; take the worker's lease or report `skipped`.
+//! 2. Fetch the complete lab list, then every lab's details with bounded
+//!    concurrency. A failed list ends the run with nothing written.
+//! 3. Read the worker's index (hashes and tombstones) in one read and
+//!    [`plan`] create / update / unchanged / prune / held as a pure function.
+//! 4. Apply in bulk (nothing for unchanged labs), audit the prunes, store and
+//!    return the run report, release the lease.
+//!
+//! # Guarantees
+//! - Never prunes on a failed, empty or suspiciously short list (see
+//!   [`labsync_domain::plan`]); `force_prune` overrides the last two only.
+//! - Never brings back a lab deleted through labsync: the repository refuses
+//!   to write over a tombstone, even one written after this run's list.
+//! - A dry run plans and reports but writes nothing (not even its report's
+//!   effects; the report itself is stored, marked `dry_run`).
+//!
+//! # Caveats
+//! A process that dies mid-run leaves its lease until it expires
+//! (`lease_ttl`); the next run after that converges.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use labsync_domain::{Detail, Fetched, LabId, LabRecord, PrunePolicy, WorkerId, plan};
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::errors::{AppError, CmlError};
+use crate::ports::{AuditAction, AuditEntry, RecordChanges, RecordUpdate, WorkerAccess};
+use crate::services::Services;
+
+/// Who started a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Schedule,
+    Admin,
+    Cli,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefreshOptions {
+    pub dry_run: bool,
+    pub force_prune: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Succeeded,
+    /// Nothing was fetched or written; `error` says why.
+    Failed,
+    /// Not run: the worker is disabled or another refresh holds its lease.
+    Skipped,
+}
+
+/// What one refresh of one worker did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub worker_id: WorkerId,
+    pub trigger: Trigger,
+    pub status: RunStatus,
+    pub dry_run: bool,
+    pub force_prune: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// Labs CML listed.
+    pub listed: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub pruned: u64,
+    pub held: u64,
+    pub failed: u64,
+    /// Listed by CML but deleted through labsync: not brought back.
+    pub suppressed: u64,
+    pub hold_reason: Option<String>,
+    pub skip_reason: Option<String>,
+    pub error: Option<String>,
+    /// The first few per-lab failures, for the operator.
+    pub failures: Vec<LabFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabFailure {
+    pub lab_id: LabId,
+    pub error: String,
+}
+
+const MAX_REPORTED_FAILURES: usize = 20;
+
+impl RunReport {
+    fn new(
+        worker: &WorkerId,
+        trigger: Trigger,
+        options: RefreshOptions,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            run_id: uuid::Uuid::new_v4().to_string(),
+            worker_id: worker.clone(),
+            trigger,
+            status: RunStatus::Succeeded,
+            dry_run: options.dry_run,
+            force_prune: options.force_prune,
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            listed: 0,
+            created: 0,
+            updated: 0,
+            unchanged: 0,
+            pruned: 0,
+            held: 0,
+            failed: 0,
+            suppressed: 0,
+            hold_reason: None,
+            skip_reason: None,
+            error: None,
+            failures: Vec::new(),
+        }
+    }
+
+    /// True when the run did what it was asked (a skip is not a failure).
+    pub fn is_failure(&self) -> bool {
+        self.status == RunStatus::Failed
+    }
+}
+
+/// Refreshes one worker.
+#[derive(Debug, Clone)]
+pub struct RefreshWorkerLabs {
+    services: Services,
+}
+
+impl RefreshWorkerLabs {
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+
+    /// Runs the refresh and returns its report, which is also stored. A
+    /// failure to talk to CML is a `Failed` report, not an error.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], or [`AppError::Repository`] when the
+    /// database fails before the run could start.
+    pub async fn execute(
+        &self,
+        worker_id: &WorkerId,
+        trigger: Trigger,
+        options: RefreshOptions,
+    ) -> Result<RunReport, AppError> {
+        let access = self
+            .services
+            .workers
+            .get(worker_id)
+            .await?
+            .ok_or_else(|| AppError::UnknownWorker(worker_id.clone()))?;
+        let span =
+            info_span!("refresh", worker_id = %worker_id, ?trigger, dry_run = options.dry_run);
+        self.run(access, trigger, options).instrument(span).await
+    }
+
+    async fn run(
+        &self,
+        access: WorkerAccess,
+        trigger: Trigger,
+        options: RefreshOptions,
+    ) -> Result<RunReport, AppError> {
+        let s = &self.services;
+        let worker_id = access.worker.id.clone();
+        let clock_start = Instant::now();
+        let mut report = RunReport::new(&worker_id, trigger, options, s.clock.now());
+        if !access.worker.enabled {
+            report.status = RunStatus::Skipped;
+            report.skip_reason = Some("worker is disabled".into());
+            return Ok(self.finish(report, clock_start).await);
+        }
+        // Per run, not per process: two runs in one process exclude each
+        // other just as runs in two processes do.
+        let holder = format!("{}/{}", s.settings.instance_id, report.run_id);
+        if !s
+            .lease
+            .try_acquire(&worker_id, &holder, s.settings.lease_ttl)
+            .await?
+        {
+            report.status = RunStatus::Skipped;
+            report.skip_reason = Some("another refresh of this worker is running".into());
+            info!("refresh skipped: lease held elsewhere");
+            return Ok(self.finish(report, clock_start).await);
+        }
+        let result = self.reconcile(&access, options, &mut report).await;
+        if let Err(e) = s.lease.release(&worker_id, &holder).await {
+            // The lease expires on its own; a failed release only delays the next run.
+            warn!(error = %e, "could not release the refresh lease");
+        }
+        if let Err(e) = result {
+            report.status = RunStatus::Failed;
+            report.error = Some(e.to_string());
+        }
+        Ok(self.finish(report, clock_start).await)
+    }
+
+    async fn finish(&self, mut report: RunReport, started: Instant) -> RunReport {
+        report.finished_at = self.services.clock.now();
+        report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.services.reports.store(&report).await {
+            warn!(error = %e, "could not store the run report");
+        }
+        info!(
+            status = ?report.status,
+            created = report.created,
+            updated = report.updated,
+            unchanged = report.unchanged,
+            pruned = report.pruned,
+            held = report.held,
+            failed = report.failed,
+            duration_ms = report.duration_ms,
+            error = report.error.as_deref().unwrap_or(""),
+            "refresh finished"
+        );
+        report
+    }
+
+    async fn fetch(&self, access: &WorkerAccess) -> Result<Fetched, CmlError> {
+        let ids = self.services.cml.list_lab_ids(access).await?;
+        let concurrency = self.services.settings.max_concurrent_labs_per_worker.max(1);
+        let cml = &self.services.cml;
+        let labs: Vec<(LabId, Detail)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let detail = match cml.lab_details(access, &id).await {
+                    Ok(snapshot) => Detail::Found(Box::new(snapshot.normalized())),
+                    Err(CmlError::NotFound) => Detail::Gone,
+                    Err(e) => Detail::Failed(e.to_string()),
+                };
+                (id, detail)
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
+        Ok(Fetched {
+            list_complete: true,
+            labs,
+        })
+    }
+
+    async fn reconcile(
+        &self,
+        access: &WorkerAccess,
+        options: RefreshOptions,
+        report: &mut RunReport,
+    ) -> Result<(), AppError> {
+        let s = &self.services;
+        let worker_id = &access.worker.id;
+        let fetched = self.fetch(access).await?;
+        report.listed = fetched.labs.len() as u64;
+        let index = s.labs.index(worker_id).await?;
+        let policy = PrunePolicy {
+            force: options.force_prune,
+            ..s.settings.prune
+        };
+        let plan = plan(&index, fetched, policy);
+        report.unchanged = plan.unchanged.len() as u64;
+        report.held = plan.held.len() as u64;
+        report.failed = plan.failed.len() as u64;
+        report.suppressed = plan.suppressed.len() as u64;
+        report.hold_reason = plan.hold_reason.as_ref().map(ToString::to_string);
+        report.failures = plan
+            .failed
+            .iter()
+            .take(MAX_REPORTED_FAILURES)
+            .map(|(id, e)| LabFailure {
+                lab_id: *id,
+                error: e.clone(),
+            })
+            .collect();
+        if let Some(reason) = &plan.hold_reason {
+            warn!(held = plan.held.len(), %reason, "prune held");
+        }
+        if options.dry_run {
+            report.created = plan.create.len() as u64;
+            report.updated = plan.update.len() as u64;
+            report.pruned = plan.prune.len() as u64;
+            return Ok(());
+        }
+        if plan.is_noop() {
+            return Ok(());
+        }
+        let now = s.clock.now();
+        let limit = s.settings.history_limit;
+        // Only changed labs need their old snapshot (for the field diff).
+        let update_ids: Vec<LabId> = plan.update.iter().map(|(id, _)| *id).collect();
+        let mut old: HashMap<LabId, LabRecord> = if update_ids.is_empty() {
+            HashMap::new()
+        } else {
+            s.labs
+                .records(worker_id, &update_ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.lab_id, r))
+                .collect()
+        };
+        let mut changes = RecordChanges {
+            prune: plan.prune.clone(),
+            ..RecordChanges::default()
+        };
+        for (id, snapshot) in plan.create {
+            changes
+                .create
+                .push(LabRecord::discovered(worker_id.clone(), id, snapshot, now));
+        }
+        for (id, snapshot) in plan.update {
+            match old.remove(&id) {
+                Some(mut record) => {
+                    let entry = record.apply_change(snapshot, now, limit);
+                    changes.update.push(RecordUpdate { record, entry });
+                }
+                // Pruned or tombstoned since the index read: treat as new;
+                // the repository refuses it if it is a tombstone.
+                None => {
+                    changes
+                        .create
+                        .push(LabRecord::discovered(worker_id.clone(), id, snapshot, now))
+                }
+            }
+        }
+        let pruned = changes.prune.clone();
+        let outcome = s.labs.apply(worker_id, changes, limit).await?;
+        report.created = outcome.created;
+        report.updated = outcome.updated;
+        report.pruned = outcome.pruned;
+        report.suppressed += outcome.suppressed.len() as u64;
+        if !pruned.is_empty() {
+            let entries = pruned
+                .iter()
+                .map(|lab| AuditEntry {
+                    at: now,
+                    actor: "refresh".into(),
+                    action: AuditAction::Prune,
+                    worker_id: worker_id.clone(),
+                    lab_id: *lab,
+                    outcome: "pruned".into(),
+                    detail: "gone from CML".into(),
+                })
+                .collect();
+            s.audit.record(entries).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Refreshes every enabled worker, a bounded number at a time.
+#[derive(Debug, Clone)]
+pub struct RefreshAll {
+    one: RefreshWorkerLabs,
+    services: Services,
+}
+
+impl RefreshAll {
+    pub fn new(services: Services) -> Self {
+        Self {
+            one: RefreshWorkerLabs::new(services.clone()),
+            services,
+        }
+    }
+
+    /// One report per enabled worker, in worker id order.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`] if the workers cannot be listed. A worker
+    /// whose run cannot start gets a `Failed` report instead.
+    pub async fn execute(
+        &self,
+        trigger: Trigger,
+        options: RefreshOptions,
+    ) -> Result<Vec<RunReport>, AppError> {
+        let workers = self.services.workers.list().await?;
+        let concurrency = self.services.settings.max_concurrent_workers.max(1);
+        let reports = futures::stream::iter(workers.into_iter().filter(|w| w.enabled))
+            .map(|w| async move {
+                match self.one.execute(&w.id, trigger, options).await {
+                    Ok(report) => report,
+                    Err(e) => {
+                        let now = self.services.clock.now();
+                        let mut r = RunReport::new(&w.id, trigger, options, now);
+                        r.status = RunStatus::Failed;
+                        r.error = Some(e.to_string());
+                        r
+                    }
+                }
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
+        Ok(reports)
+    }
+}

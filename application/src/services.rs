@@ -1,0 +1,64 @@
+//! The ports and settings the use cases share, wired once by the binary.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use labsync_domain::{DEFAULT_HISTORY_LIMIT, PrunePolicy};
+
+use crate::ports::{
+    AuditLog, Clock, CmlGateway, LabRepository, RefreshLease, RunReports, WorkerRepository,
+};
+
+/// Tunables of the use cases (from configuration).
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    pub max_concurrent_workers: usize,
+    pub max_concurrent_labs_per_worker: usize,
+    pub prune: PrunePolicy,
+    pub lease_ttl: Duration,
+    pub history_limit: usize,
+    /// How long a deleted lab stays hidden from refreshes.
+    pub tombstone_ttl: Duration,
+    /// How long a forced delete waits for stop and wipe to converge.
+    pub converge_timeout: Duration,
+    pub converge_poll: Duration,
+    /// Identifies this process as a lease holder.
+    pub instance_id: String,
+}
+
+impl Default for CoreSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_workers: 8,
+            max_concurrent_labs_per_worker: 16,
+            prune: PrunePolicy::default(),
+            lease_ttl: Duration::from_secs(600),
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            tombstone_ttl: Duration::from_secs(7 * 24 * 3600),
+            converge_timeout: Duration::from_secs(120),
+            converge_poll: Duration::from_millis(500),
+            instance_id: format!("labsync-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+/// Everything a use case needs; cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    pub workers: Arc<dyn WorkerRepository>,
+    pub labs: Arc<dyn LabRepository>,
+    pub cml: Arc<dyn CmlGateway>,
+    pub lease: Arc<dyn RefreshLease>,
+    pub audit: Arc<dyn AuditLog>,
+    pub reports: Arc<dyn RunReports>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: CoreSettings,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
