@@ -27,6 +27,8 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub refresh: RefreshSettings,
     pub cml: CmlSettings,
+    pub delete: DeleteSettings,
+    pub security: SecuritySettings,
     pub log: LogSettings,
 }
 
@@ -49,6 +51,22 @@ pub struct RefreshSettings {
     pub max_prune_share: f64,
     pub prune_floor: usize,
     pub lease_ttl_secs: u64,
+    pub history_limit: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteSettings {
+    pub tombstone_ttl_secs: u64,
+    pub converge_timeout_secs: u64,
+    pub converge_poll_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// Base64 of a 32-byte AES-256-GCM key; empty when not configured.
+    pub encryption_key: SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +149,19 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The defaults with `LABSYNC__...` style overrides given as pairs
+    /// instead of read from the environment (for tests and tools).
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn from_overrides(pairs: &[(&str, &str)]) -> Result<Self, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<std::collections::HashMap<_, _>>();
+        Self::load_from(None, Environment::with_prefix("LABSYNC").source(Some(map)))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {
             Err(ConfigError::Invalid {
@@ -158,6 +189,23 @@ impl Settings {
         }
         if self.refresh.lease_ttl_secs == 0 {
             return invalid("refresh.lease_ttl_secs", "must be at least 1");
+        }
+        if self.refresh.history_limit == 0 {
+            return invalid("refresh.history_limit", "must be at least 1");
+        }
+        if self.delete.tombstone_ttl_secs == 0 {
+            return invalid("delete.tombstone_ttl_secs", "must be at least 1");
+        }
+        if self.delete.converge_poll_ms == 0 {
+            return invalid("delete.converge_poll_ms", "must be at least 1");
+        }
+        if let Err(reason) =
+            crate::crypto::PasswordCipher::from_setting(&self.security.encryption_key)
+        {
+            return Err(ConfigError::Invalid {
+                key: "security.encryption_key",
+                reason,
+            });
         }
         for (key, ms) in [
             (
@@ -291,6 +339,16 @@ mod tests {
             ("LABSYNC__LOG__FORMAT", "xml", "format"),
             ("LABSYNC__MONGODB__DATABASE", "a/b", "mongodb.database"),
             ("LABSYNC__MONGODB__TYPO", "x", "typo"),
+            (
+                "LABSYNC__SECURITY__ENCRYPTION_KEY",
+                "c2hvcnQ=",
+                "security.encryption_key",
+            ),
+            (
+                "LABSYNC__SECURITY__ENCRYPTION_KEY",
+                "not base64!",
+                "security.encryption_key",
+            ),
         ];
         for (key, value, named) in cases {
             let err = Settings::load_from(None, env(&[(key, value)]))

@@ -1,13 +1,31 @@
-//! The MongoDB connection: one [`mongodb::Client`] per process, cloned into
-//! every repository (it is a handle to a shared pool), with explicit
-//! server-selection and connect timeouts so that an unreachable server fails a
-//! call in seconds instead of hanging it.
+//! MongoDB: the connection and the repositories that implement the
+//! application's storage ports.
+//!
+//! One [`mongodb::Client`] per process, cloned into every repository (it is a
+//! handle to a shared pool), with explicit server-selection and connect
+//! timeouts so that an unreachable server fails a call in seconds instead of
+//! hanging it. Dates are stored as BSON dates; driver errors are translated
+//! into [`RepoError`] here and nowhere else (E11000 becomes `Duplicate`).
 
+use labsync_application::RepoError;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 use secrecy::ExposeSecret;
 
 use crate::configuration::MongoSettings;
+
+mod audit;
+mod convert;
+mod labs;
+mod lease;
+mod reports;
+mod workers;
+
+pub use audit::MongoAuditLog;
+pub use labs::MongoLabRepository;
+pub use lease::MongoRefreshLease;
+pub use reports::MongoRunReports;
+pub use workers::MongoWorkerRepository;
 
 /// Why MongoDB could not be reached. The URI is never part of the message: it
 /// may carry credentials.
@@ -47,5 +65,108 @@ fn redact_error(e: &mongodb::error::Error) -> String {
             "invalid MongoDB URI (value not shown: it may contain credentials)".to_owned()
         }
         _ => e.to_string(),
+    }
+}
+
+/// The collections labsync uses, by name.
+pub mod collections {
+    pub const WORKERS: &str = "workers";
+    /// Live lab records and tombstones.
+    pub const LABS: &str = "labs";
+    pub const AUDIT: &str = "audit";
+    pub const REFRESH_RUNS: &str = "refresh_runs";
+    pub const LEASES: &str = "leases";
+}
+
+/// Creates every index labsync relies on. Run at start-up, before serving:
+/// the unique (worker_id, lab_id) index is what makes a tombstone refuse a
+/// late upsert, so it must exist before the first refresh.
+///
+/// # Errors
+/// [`RepoError`] when the database refuses or cannot be reached.
+pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
+    use mongodb::IndexModel;
+    use mongodb::bson::{Document, doc};
+    use mongodb::options::IndexOptions;
+
+    let named = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(IndexOptions::builder().name(name.to_owned()).build())
+            .build()
+    };
+    let ttl = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(
+                IndexOptions::builder()
+                    .name(name.to_owned())
+                    .expire_after(std::time::Duration::ZERO)
+                    .build(),
+            )
+            .build()
+    };
+    let labs = db.collection::<Document>(collections::LABS);
+    labs.create_indexes([
+        IndexModel::builder()
+            .keys(doc! {"worker_id": 1, "lab_id": 1})
+            .options(
+                IndexOptions::builder()
+                    .name("worker_lab_unique".to_owned())
+                    .unique(true)
+                    .build(),
+            )
+            .build(),
+        ttl(doc! {"tombstone.expires_at": 1}, "tombstone_ttl"),
+    ])
+    .await
+    .map_err(map_error)?;
+    db.collection::<Document>(collections::LEASES)
+        .create_index(ttl(doc! {"expires_at": 1}, "lease_ttl"))
+        .await
+        .map_err(map_error)?;
+    db.collection::<Document>(collections::AUDIT)
+        .create_index(named(
+            doc! {"worker_id": 1, "lab_id": 1, "at": -1},
+            "worker_lab_at",
+        ))
+        .await
+        .map_err(map_error)?;
+    db.collection::<Document>(collections::REFRESH_RUNS)
+        .create_indexes([
+            named(doc! {"worker_id": 1, "started_at": -1}, "worker_started"),
+            named(doc! {"started_at": -1}, "started"),
+        ])
+        .await
+        .map_err(map_error)?;
+    Ok(())
+}
+
+/// MongoDB's duplicate key error code.
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// The server error code of a write or command error, if any.
+pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+/// Translates a driver error into the port's error type.
+pub fn map_error(e: mongodb::error::Error) -> RepoError {
+    use mongodb::error::ErrorKind;
+    if error_code(&e) == Some(DUPLICATE_KEY) {
+        return RepoError::Duplicate(e.to_string());
+    }
+    match &*e.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. } => RepoError::Unavailable(e.to_string()),
+        ErrorKind::BsonDeserialization(_) => RepoError::Corrupt(e.to_string()),
+        _ => RepoError::Other(e.to_string()),
     }
 }

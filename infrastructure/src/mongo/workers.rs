@@ -1,0 +1,175 @@
+//! [`WorkerRepository`] on MongoDB. The worker id is the document `_id`;
+//! the CML password is stored sealed with AES-256-GCM (see
+//! [`crate::crypto`]) and only decrypted for the CML gateway.
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use labsync_application::RepoError;
+use labsync_application::ports::{WorkerAccess, WorkerRepository};
+use labsync_domain::{TlsSettings, Worker, WorkerId};
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{Binary, doc};
+use mongodb::{Collection, Database};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use super::convert::date;
+use super::{collections, map_error};
+use crate::crypto::{PasswordCipher, Sealed};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SealedDoc {
+    nonce: Binary,
+    ciphertext: Binary,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WorkerDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    base_url: String,
+    username: String,
+    password: SealedDoc,
+    ca_cert_pem: Option<String>,
+    insecure: bool,
+    enabled: bool,
+    created_at: mongodb::bson::DateTime,
+}
+
+impl WorkerDoc {
+    fn worker(&self) -> Result<Worker, RepoError> {
+        Ok(Worker {
+            id: WorkerId::parse(&self.id).map_err(|e| RepoError::Corrupt(e.to_string()))?,
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            username: self.username.clone(),
+            tls: TlsSettings {
+                ca_cert_pem: self.ca_cert_pem.clone(),
+                insecure: self.insecure,
+            },
+            enabled: self.enabled,
+        })
+    }
+}
+
+fn binary(bytes: Vec<u8>) -> Binary {
+    Binary {
+        subtype: BinarySubtype::Generic,
+        bytes,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MongoWorkerRepository {
+    workers: Collection<WorkerDoc>,
+    cipher: Option<PasswordCipher>,
+}
+
+impl MongoWorkerRepository {
+    /// Without a cipher, workers can be listed and removed, but not added
+    /// or used (their passwords cannot be sealed or opened).
+    pub fn new(db: &Database, cipher: Option<PasswordCipher>) -> Self {
+        Self {
+            workers: db.collection(collections::WORKERS),
+            cipher,
+        }
+    }
+
+    fn cipher(&self) -> Result<&PasswordCipher, RepoError> {
+        self.cipher.as_ref().ok_or_else(|| {
+            RepoError::Other(
+                "security.encryption_key is not set (LABSYNC__SECURITY__ENCRYPTION_KEY): \
+                 worker passwords cannot be encrypted or decrypted"
+                    .into(),
+            )
+        })
+    }
+
+    /// Enables or disables a worker; returns whether it exists.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    pub async fn set_enabled(&self, id: &WorkerId, enabled: bool) -> Result<bool, RepoError> {
+        let r = self
+            .workers
+            .update_one(
+                doc! {"_id": id.as_str()},
+                doc! {"$set": {"enabled": enabled}},
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(r.matched_count > 0)
+    }
+}
+
+#[async_trait]
+impl WorkerRepository for MongoWorkerRepository {
+    async fn add(&self, worker: &Worker, password: &SecretString) -> Result<(), RepoError> {
+        let sealed = self
+            .cipher()?
+            .seal(password, worker.id.as_str())
+            .map_err(RepoError::Other)?;
+        let doc = WorkerDoc {
+            id: worker.id.to_string(),
+            name: worker.name.clone(),
+            base_url: worker.base_url.clone(),
+            username: worker.username.clone(),
+            password: SealedDoc {
+                nonce: binary(sealed.nonce),
+                ciphertext: binary(sealed.ciphertext),
+            },
+            ca_cert_pem: worker.tls.ca_cert_pem.clone(),
+            insecure: worker.tls.insecure,
+            enabled: worker.enabled,
+            created_at: date(chrono::Utc::now()),
+        };
+        self.workers.insert_one(doc).await.map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &WorkerId) -> Result<Option<WorkerAccess>, RepoError> {
+        let Some(doc) = self
+            .workers
+            .find_one(doc! {"_id": id.as_str()})
+            .await
+            .map_err(map_error)?
+        else {
+            return Ok(None);
+        };
+        let sealed = Sealed {
+            nonce: doc.password.nonce.bytes.clone(),
+            ciphertext: doc.password.ciphertext.bytes.clone(),
+        };
+        let password = self
+            .cipher()?
+            .open(&sealed, id.as_str())
+            .map_err(|e| RepoError::Corrupt(format!("worker {id}: {e}")))?;
+        Ok(Some(WorkerAccess {
+            worker: doc.worker()?,
+            password,
+        }))
+    }
+
+    async fn list(&self) -> Result<Vec<Worker>, RepoError> {
+        let docs: Vec<WorkerDoc> = self
+            .workers
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        docs.iter().map(WorkerDoc::worker).collect()
+    }
+
+    async fn remove(&self, id: &WorkerId) -> Result<bool, RepoError> {
+        let r = self
+            .workers
+            .delete_one(doc! {"_id": id.as_str()})
+            .await
+            .map_err(map_error)?;
+        Ok(r.deleted_count > 0)
+    }
+}
