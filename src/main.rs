@@ -1,29 +1,13 @@
-//! The `labsync` binary: command-line parsing and wiring, nothing else.
-//! Behaviour lives in the application layer; adapters in infrastructure.
+//! The `labsync` binary: parses the command line, loads the configuration,
+//! installs logging, and runs the command (see [`labsync::cli`]).
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use labsync::cli::{self, Cli, EXIT_FAILED, EXIT_USAGE};
+use labsync_application::AppError;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::telemetry;
-
-/// Keeps the inventory of labs on a fleet of Cisco Modeling Labs servers in
-/// MongoDB.
-///
-/// Configuration: config/default.toml (built in), the file named by
-/// LABSYNC_CONFIG, then LABSYNC__SECTION__KEY environment variables.
-#[derive(Debug, Parser)]
-#[command(name = "labsync", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Loads and checks the configuration, then prints it with secrets redacted.
-    Config,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,14 +15,31 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("labsync: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     telemetry::init(&settings.log, std::io::stderr);
-    match cli.command {
-        Command::Config => {
-            println!("{settings:#?}");
-            ExitCode::SUCCESS
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("labsync: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(cli::run(cli, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("labsync: {e:#}");
+            let usage = matches!(
+                e.downcast_ref::<AppError>(),
+                Some(
+                    AppError::UnknownWorker(_)
+                        | AppError::WorkerExists(_)
+                        | AppError::InvalidId(_)
+                        | AppError::Invalid(_)
+                )
+            );
+            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
         }
     }
 }

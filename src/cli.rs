@@ -1,0 +1,402 @@
+//! The command line: `serve`, `refresh`, `delete-lab`, `workers`, `labs`,
+//! `config`. Each command parses its input into domain types first, runs one
+//! use case, prints the result (human or `--json`), and says through its
+//! exit code whether it did what was asked.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
+use labsync_application::{
+    AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus,
+    Trigger,
+};
+use labsync_infrastructure::configuration::Settings;
+use labsync_infrastructure::scheduler::RefreshScheduler;
+use secrecy::SecretString;
+use tracing::info;
+
+use crate::wiring::App;
+
+/// Exit code when a command ran but did not achieve what was asked (a
+/// refresh failed, a lab is not gone).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for bad input or configuration.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Keeps the inventory of labs on a fleet of Cisco Modeling Labs servers in
+/// MongoDB.
+///
+/// Configuration: config/default.toml (built in), the file named by
+/// LABSYNC_CONFIG, then LABSYNC__SECTION__KEY environment variables.
+#[derive(Debug, Parser)]
+#[command(name = "labsync", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the scheduled refresh until SIGINT or SIGTERM.
+    Serve,
+    /// Refreshes one worker, or every enabled worker, now.
+    Refresh(RefreshArgs),
+    /// Deletes a lab in CML and its record (the two-phase delete).
+    DeleteLab(DeleteArgs),
+    /// Registers, lists and removes workers (CML servers).
+    #[command(subcommand)]
+    Workers(WorkersCommand),
+    /// Shows the stored inventory.
+    #[command(subcommand)]
+    Labs(LabsCommand),
+    /// Checks the configuration and prints it with secrets redacted.
+    Config,
+}
+
+fn worker_id(s: &str) -> Result<WorkerId, String> {
+    WorkerId::parse(s).map_err(|e| e.to_string())
+}
+
+fn lab_id(s: &str) -> Result<LabId, String> {
+    LabId::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    /// Only this worker (default: every enabled worker).
+    #[arg(long, value_parser = worker_id)]
+    pub worker: Option<WorkerId>,
+    /// Plan and report, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Apply prunes that the safety limits would hold.
+    #[arg(long)]
+    pub force_prune: bool,
+    /// Print the run reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[arg(long, value_parser = worker_id)]
+    pub worker: WorkerId,
+    #[arg(long, value_parser = lab_id)]
+    pub lab: LabId,
+    /// Stop and wipe a running lab first instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersCommand {
+    /// Registers a worker. The password is read from an environment variable
+    /// so that it never appears in the shell history or the process list.
+    Add(AddWorkerArgs),
+    /// Lists registered workers (never their passwords).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a worker and every record of its labs.
+    Remove {
+        #[arg(value_parser = worker_id)]
+        id: WorkerId,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AddWorkerArgs {
+    #[arg(long, value_parser = worker_id)]
+    pub id: WorkerId,
+    /// https://host[:port] of the CML server.
+    #[arg(long)]
+    pub url: String,
+    /// An admin account: labsync lists every user's labs.
+    #[arg(long)]
+    pub username: String,
+    /// Name of the environment variable that holds the password.
+    #[arg(long)]
+    pub password_env: String,
+    /// Display name (default: the id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// PEM file of the CA(s) that signed the server's certificate.
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca_cert: Option<PathBuf>,
+    /// Do not verify the server's certificate (logged as a warning).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Register it disabled: refreshes skip it.
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabsCommand {
+    /// Lists a worker's lab records, ordered by lab id.
+    List {
+        #[arg(long, value_parser = worker_id)]
+        worker: WorkerId,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn report_line(r: &RunReport) -> String {
+    let status = match r.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "FAILED",
+        RunStatus::Skipped => "skipped",
+    };
+    let mut line = format!(
+        "{:<20} {:<9} listed={} created={} updated={} unchanged={} pruned={} held={} failed={} ({} ms){}",
+        r.worker_id.as_str(),
+        status,
+        r.listed,
+        r.created,
+        r.updated,
+        r.unchanged,
+        r.pruned,
+        r.held,
+        r.failed,
+        r.duration_ms,
+        if r.dry_run { " [dry run]" } else { "" },
+    );
+    for extra in [&r.hold_reason, &r.skip_reason, &r.error]
+        .into_iter()
+        .flatten()
+    {
+        line.push_str("\n    ");
+        line.push_str(extra);
+    }
+    line
+}
+
+/// Who is asking, for the audit log.
+fn cli_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// Anything that keeps the command from running at all; its message is
+/// printed and the process exits with [`EXIT_USAGE`] or [`EXIT_FAILED`].
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    let command = match cli.command {
+        Command::Config => {
+            println!("{settings:#?}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => other,
+    };
+    let app = App::build(&settings).await?;
+    let s = &app.services;
+    match command {
+        Command::Config => Ok(ExitCode::SUCCESS),
+        Command::Serve => serve(&app, &settings).await,
+        Command::Refresh(a) => {
+            let options = RefreshOptions {
+                dry_run: a.dry_run,
+                force_prune: a.force_prune,
+            };
+            let reports = match &a.worker {
+                Some(w) => vec![
+                    RefreshWorkerLabs::new(s.clone())
+                        .execute(w, Trigger::Cli, options)
+                        .await?,
+                ],
+                None => {
+                    RefreshAll::new(s.clone())
+                        .execute(Trigger::Cli, options)
+                        .await?
+                }
+            };
+            if a.json {
+                print_json(&reports)?;
+            } else if reports.is_empty() {
+                println!("no enabled workers");
+            } else {
+                for r in &reports {
+                    println!("{}", report_line(r));
+                }
+            }
+            Ok(if reports.iter().any(RunReport::is_failure) {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::DeleteLab(a) => {
+            let outcome = DeleteLab {
+                worker_id: a.worker,
+                lab_id: a.lab,
+                force: a.force,
+                requested_by: cli_actor(),
+            }
+            .execute(s)
+            .await?;
+            if a.json {
+                print_json(&outcome)?;
+            } else {
+                println!(
+                    "{} {}: {}",
+                    outcome.worker_id, outcome.lab_id, outcome.message
+                );
+            }
+            Ok(if outcome.lab_gone {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::Workers(WorkersCommand::Add(a)) => add_worker(&app, a).await,
+        Command::Workers(WorkersCommand::List { json }) => {
+            let workers = s.workers.list().await?;
+            if json {
+                print_json(&workers)?;
+            } else {
+                for w in &workers {
+                    let tls = match (&w.tls.ca_cert_pem, w.tls.insecure) {
+                        (_, true) => "tls=INSECURE",
+                        (Some(_), _) => "tls=ca-bundle",
+                        _ => "tls=system",
+                    };
+                    println!(
+                        "{:<20} {:<8} {} user={} {}",
+                        w.id.as_str(),
+                        if w.enabled { "enabled" } else { "disabled" },
+                        w.base_url,
+                        w.username,
+                        tls
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers(WorkersCommand::Remove { id }) => {
+            let existed = s.workers.remove(&id).await?;
+            let records = s.labs.remove_worker(&id).await?;
+            if existed {
+                println!("removed worker {id} and {records} lab records");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("labsync: {}", AppError::UnknownWorker(id));
+                Ok(ExitCode::from(EXIT_FAILED))
+            }
+        }
+        Command::Labs(LabsCommand::List { worker, json }) => {
+            if s.workers.get(&worker).await?.is_none() {
+                return Err(AppError::UnknownWorker(worker).into());
+            }
+            let records = s.labs.list(&worker).await?;
+            if json {
+                print_json(&records)?;
+            } else {
+                for r in &records {
+                    println!(
+                        "{} {:<15} rev={} {}",
+                        r.lab_id, r.snapshot.state, r.revision, r.snapshot.title
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
+    let base_url = parse_base_url(&a.url).map_err(|e| anyhow::anyhow!(e))?;
+    let password = std::env::var(&a.password_env)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .with_context(|| {
+            format!(
+                "environment variable {} is not set or empty",
+                a.password_env
+            )
+        })?;
+    let ca_cert_pem = match &a.ca_cert {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading CA bundle {}", path.display()))?;
+            anyhow::ensure!(
+                pem.contains("-----BEGIN CERTIFICATE-----"),
+                "{} is not a PEM certificate bundle",
+                path.display()
+            );
+            Some(pem)
+        }
+        None => None,
+    };
+    let worker = Worker {
+        name: a.name.unwrap_or_else(|| a.id.to_string()),
+        id: a.id,
+        base_url,
+        username: a.username,
+        tls: TlsSettings {
+            ca_cert_pem,
+            insecure: a.insecure,
+        },
+        enabled: !a.disabled,
+    };
+    match app
+        .services
+        .workers
+        .add(&worker, &SecretString::from(password))
+        .await
+    {
+        Ok(()) => {
+            println!("registered worker {} at {}", worker.id, worker.base_url);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(labsync_application::RepoError::Duplicate(_)) => {
+            Err(AppError::WorkerExists(worker.id).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn serve(app: &App, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let scheduler = RefreshScheduler::start(
+        &settings.refresh.cron,
+        RefreshAll::new(app.services.clone()),
+        settings.refresh.run_at_startup,
+    )
+    .await
+    .context("starting the refresh schedule")?;
+    info!("labsync serving; SIGINT or SIGTERM stops");
+    shutdown_signal().await?;
+    info!("stopping: waiting for a refresh in progress");
+    if !scheduler.shutdown(Duration::from_secs(60)).await {
+        tracing::warn!("a refresh was still running after 60 s; its lease will expire");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

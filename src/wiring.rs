@@ -1,0 +1,86 @@
+//! Builds the application from configuration: one MongoDB client, the
+//! indexes, the repositories, the CML gateway, and the use-case services.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use labsync_application::domain::PrunePolicy;
+use labsync_application::ports::SystemClock;
+use labsync_application::{CoreSettings, Services};
+use labsync_infrastructure::cml::CmlHttpGateway;
+use labsync_infrastructure::configuration::Settings;
+use labsync_infrastructure::crypto::PasswordCipher;
+use labsync_infrastructure::mongo::{
+    self, MongoAuditLog, MongoLabRepository, MongoRefreshLease, MongoRunReports,
+    MongoWorkerRepository,
+};
+use mongodb::Database;
+
+/// The wired application.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub services: Services,
+    pub workers: MongoWorkerRepository,
+    pub db: Database,
+}
+
+/// The use cases' settings from the configuration.
+pub fn core_settings(settings: &Settings) -> CoreSettings {
+    let r = &settings.refresh;
+    let d = &settings.delete;
+    CoreSettings {
+        max_concurrent_workers: r.max_concurrent_workers,
+        max_concurrent_labs_per_worker: r.max_concurrent_labs_per_worker,
+        prune: PrunePolicy {
+            max_prune_share: r.max_prune_share,
+            prune_floor: r.prune_floor,
+            force: false,
+        },
+        lease_ttl: Duration::from_secs(r.lease_ttl_secs),
+        history_limit: r.history_limit,
+        tombstone_ttl: Duration::from_secs(d.tombstone_ttl_secs),
+        converge_timeout: Duration::from_secs(d.converge_timeout_secs),
+        converge_poll: Duration::from_millis(d.converge_poll_ms),
+        ..CoreSettings::default()
+    }
+}
+
+impl App {
+    /// Connects to MongoDB, creates the indexes, and wires every adapter.
+    ///
+    /// # Errors
+    /// When MongoDB is unreachable or refuses the indexes.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let db = mongo::connect(&settings.mongodb).await?;
+        Self::with_database(settings, db).await
+    }
+
+    /// As [`App::build`], on a given database (tests use their own).
+    ///
+    /// # Errors
+    /// As [`App::build`].
+    pub async fn with_database(settings: &Settings, db: Database) -> anyhow::Result<Self> {
+        mongo::ensure_indexes(&db)
+            .await
+            .context("creating MongoDB indexes")?;
+        let cipher = PasswordCipher::from_setting(&settings.security.encryption_key)
+            .map_err(|e| anyhow::anyhow!("security.encryption_key: {e}"))?;
+        let workers = MongoWorkerRepository::new(&db, cipher);
+        let services = Services {
+            workers: Arc::new(workers.clone()),
+            labs: Arc::new(MongoLabRepository::new(&db)),
+            cml: Arc::new(CmlHttpGateway::new(settings.cml.clone())),
+            lease: Arc::new(MongoRefreshLease::new(&db)),
+            audit: Arc::new(MongoAuditLog::new(&db)),
+            reports: Arc::new(MongoRunReports::new(&db)),
+            clock: Arc::new(SystemClock),
+            settings: core_settings(settings),
+        };
+        Ok(Self {
+            services,
+            workers,
+            db,
+        })
+    }
+}

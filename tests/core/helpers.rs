@@ -1,0 +1,202 @@
+//! Test harness: the real application wired to a fresh database on the
+//! shared MongoDB-wire test server and to an in-process CML simulator that
+//! it reaches over HTTP.
+
+use std::time::{Duration, Instant};
+
+use cml_sim::{Faults, LabSpec, SimConfig, Simulator, WorkerHandle, WorkerSpec};
+use labsync::wiring::App;
+use labsync_application::domain::{LabId, LabRecord, TlsSettings, Worker, WorkerId};
+use labsync_application::ports::AuditEntry;
+use labsync_application::{
+    AppError, DeleteLab, DeleteOutcome, RefreshOptions, RefreshWorkerLabs, RunReport, Services,
+    Trigger,
+};
+use labsync_infrastructure::configuration::Settings;
+use labsync_test_support::{shared_server, unique_database_name};
+use secrecy::SecretString;
+
+/// base64 of 32 bytes of 0x07: a test-only key.
+pub const TEST_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+pub const ADMIN_PASSWORD: &str = "cml-sim-admin";
+
+pub struct TestApp {
+    pub app: App,
+    pub sim: Simulator,
+    pub overrides: Vec<(String, String)>,
+}
+
+/// Labs in the simulator's default seed for one worker.
+pub const SEEDED_LABS: usize = 24;
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(SimConfig::default().workers.len(), &[]).await
+    }
+
+    /// `workers` simulated workers of 24 seeded labs each, registered as
+    /// cml-1, cml-2, ...; `extra` configuration overrides.
+    pub async fn spawn_with(workers: usize, extra: &[(&str, &str)]) -> Self {
+        let sim = Simulator::start(SimConfig {
+            workers: (1..=workers)
+                .map(|n| WorkerSpec::seeded(&format!("cml-{n}"), SEEDED_LABS))
+                .collect(),
+            transition_delay: Duration::from_millis(50),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("simulator starts");
+        let mut overrides: Vec<(String, String)> = vec![
+            (
+                "LABSYNC__MONGODB__URI".into(),
+                shared_server().uri().to_owned(),
+            ),
+            ("LABSYNC__MONGODB__DATABASE".into(), unique_database_name()),
+            ("LABSYNC__SECURITY__ENCRYPTION_KEY".into(), TEST_KEY.into()),
+            ("LABSYNC__DELETE__CONVERGE_POLL_MS".into(), "20".into()),
+            ("LABSYNC__DELETE__CONVERGE_TIMEOUT_SECS".into(), "10".into()),
+            ("LABSYNC__CML__REQUEST_TIMEOUT_MS".into(), "5000".into()),
+        ];
+        for (k, v) in extra {
+            overrides.retain(|(key, _)| key != k);
+            overrides.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let pairs: Vec<(&str, &str)> = overrides
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let settings = Settings::from_overrides(&pairs).expect("test settings");
+        let app = App::build(&settings).await.expect("app builds");
+        for w in sim.workers() {
+            app.services
+                .workers
+                .add(
+                    &Worker {
+                        id: WorkerId::parse(&w.name).unwrap(),
+                        name: w.name.clone(),
+                        base_url: w.base_url(),
+                        username: "admin".into(),
+                        tls: TlsSettings::default(),
+                        enabled: true,
+                    },
+                    &SecretString::from(ADMIN_PASSWORD),
+                )
+                .await
+                .expect("register worker");
+        }
+        Self {
+            app,
+            sim,
+            overrides,
+        }
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.app.services
+    }
+
+    pub fn worker_id(&self) -> WorkerId {
+        WorkerId::parse("cml-1").unwrap()
+    }
+
+    pub fn sim(&self) -> &WorkerHandle {
+        &self.sim.workers()[0]
+    }
+
+    pub fn faults(&self, v: serde_json::Value) {
+        let f: Faults = serde_json::from_value(v).expect("valid faults");
+        self.sim().set_faults(f);
+    }
+
+    pub async fn refresh_with(&self, options: RefreshOptions) -> RunReport {
+        RefreshWorkerLabs::new(self.services().clone())
+            .execute(&self.worker_id(), Trigger::Admin, options)
+            .await
+            .expect("refresh runs")
+    }
+
+    pub async fn refresh(&self) -> RunReport {
+        self.refresh_with(RefreshOptions::default()).await
+    }
+
+    pub async fn records(&self) -> Vec<LabRecord> {
+        self.services()
+            .labs
+            .list(&self.worker_id())
+            .await
+            .expect("list records")
+    }
+
+    pub async fn record(&self, lab: &LabId) -> Option<LabRecord> {
+        self.services()
+            .labs
+            .get(&self.worker_id(), lab)
+            .await
+            .expect("get record")
+    }
+
+    pub async fn delete(&self, lab: &LabId, force: bool) -> Result<DeleteOutcome, AppError> {
+        DeleteLab {
+            worker_id: self.worker_id(),
+            lab_id: *lab,
+            force,
+            requested_by: "test:operator".into(),
+        }
+        .execute(self.services())
+        .await
+    }
+
+    pub async fn audit(&self, lab: &LabId) -> Vec<AuditEntry> {
+        self.services()
+            .audit
+            .recent(&self.worker_id(), Some(lab), 50)
+            .await
+            .expect("audit")
+    }
+
+    /// A new lab in CML, behind labsync's back.
+    pub fn add_lab(&self, state: &str) -> LabId {
+        let lab = self
+            .sim()
+            .add_lab(LabSpec {
+                state: Some(state.into()),
+                lab_title: Some(format!("{state} lab")),
+                ..LabSpec::default()
+            })
+            .expect("add lab");
+        LabId::parse(&lab.id).unwrap()
+    }
+
+    /// The ids CML has, sorted: the truth.
+    pub fn truth(&self) -> Vec<LabId> {
+        let mut ids: Vec<LabId> = self
+            .sim()
+            .labs()
+            .iter()
+            .map(|l| LabId::parse(&l.id).unwrap())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.overrides.clone()
+    }
+}
+
+pub fn ids(records: &[LabRecord]) -> Vec<LabId> {
+    records.iter().map(|r| r.lab_id).collect()
+}
+
+/// Polls `f` until it is true, failing after 15 s.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the core: the refresh and the two-phase delete,
+//! through the real adapters, against the MongoDB-wire test server and the
+//! CML simulator over HTTP.
+
+mod cli;
+mod delete;
+mod helpers;
+mod refresh;

@@ -1,0 +1,364 @@
+//! The refresh: create, update, unchanged, prune, and the prune guards.
+
+use labsync_application::domain::{HistoryEvent, LabState};
+use labsync_application::{RefreshOptions, RunStatus};
+use mongodb::bson::{Bson, Document, doc};
+use serde_json::json;
+
+use crate::helpers::{SEEDED_LABS, TestApp, eventually, ids};
+
+#[tokio::test]
+async fn a_first_refresh_creates_every_lab_with_every_field_and_a_second_writes_nothing() {
+    let t = TestApp::spawn().await;
+    let r = t.refresh().await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(
+        (r.listed, r.created, r.updated, r.pruned),
+        (SEEDED_LABS as u64, SEEDED_LABS as u64, 0, 0)
+    );
+    let records = t.records().await;
+    assert_eq!(ids(&records), t.truth());
+    for rec in &records {
+        let lab = t.sim().lab(rec.lab_id.as_str()).unwrap();
+        let s = &rec.snapshot;
+        assert_eq!(s.title, lab.lab_title);
+        assert_eq!(s.description, lab.lab_description);
+        assert_eq!(s.notes, lab.lab_notes);
+        assert_eq!(s.owner_id.as_deref(), Some(lab.owner.as_str()));
+        assert_eq!(
+            s.owner_username.as_deref(),
+            Some(lab.owner_username.as_str())
+        );
+        assert_eq!(
+            s.owner_fullname.as_deref(),
+            Some(lab.owner_fullname.as_str())
+        );
+        assert_eq!(s.state.as_str(), lab.state);
+        assert_eq!(
+            (s.node_count, s.link_count),
+            (u64::from(lab.node_count), u64::from(lab.link_count))
+        );
+        assert_eq!(s.groups.len(), lab.groups.len());
+        assert_eq!(s.created.unwrap().to_rfc3339(), lab.created);
+        assert_eq!(s.modified.unwrap().to_rfc3339(), lab.modified);
+        assert_eq!(rec.revision, 1);
+        assert!(
+            matches!(rec.history[..], [ref e] if matches!(e.event, HistoryEvent::Created { .. }))
+        );
+    }
+    // Dates are BSON dates, not strings.
+    let raw = t
+        .app
+        .db
+        .collection::<Document>("labs")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .unwrap();
+    for field in [
+        "created",
+        "modified",
+        "first_seen_at",
+        "last_seen_at",
+        "last_changed_at",
+    ] {
+        assert!(
+            matches!(raw.get(field), Some(Bson::DateTime(_))),
+            "{field}: {:?}",
+            raw.get(field)
+        );
+    }
+
+    let again = t.refresh().await;
+    assert_eq!(
+        (again.created, again.updated, again.unchanged, again.pruned),
+        (0, 0, SEEDED_LABS as u64, 0)
+    );
+    assert_eq!(
+        t.records().await,
+        records,
+        "an unchanged lab is not rewritten"
+    );
+}
+
+#[tokio::test]
+async fn a_lab_changed_in_cml_is_updated_with_one_history_entry_naming_the_fields() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let target = t.records().await[3].clone();
+    t.sim()
+        .update_lab(
+            target.lab_id.as_str(),
+            cml_sim::LabSpec {
+                lab_title: Some("Renamed in CML".into()),
+                state: Some("STARTED".into()),
+                node_count: Some(target.snapshot.node_count as u32 + 5),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let state_before = target.snapshot.state.clone();
+    let r = t.refresh().await;
+    assert_eq!(
+        (r.updated, r.created, r.unchanged),
+        (1, 0, SEEDED_LABS as u64 - 1)
+    );
+    let after = t.record(&target.lab_id).await.unwrap();
+    assert_eq!(after.snapshot.title, "Renamed in CML");
+    assert_eq!(after.snapshot.state, LabState::Started);
+    assert_eq!(after.revision, 2);
+    assert!(after.last_changed_at > target.last_changed_at);
+    assert_eq!(after.first_seen_at, target.first_seen_at);
+    assert_eq!(after.history.len(), 2);
+    let HistoryEvent::Changed { changes } = &after.history[1].event else {
+        panic!("{:?}", after.history)
+    };
+    let mut fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+    fields.sort_unstable();
+    let mut want = vec!["title", "node_count", "modified"];
+    if state_before != LabState::Started {
+        want.push("state");
+    }
+    want.sort_unstable();
+    assert_eq!(fields, want);
+    let title = changes.iter().find(|c| c.field == "title").unwrap();
+    assert_eq!(
+        (title.old.as_str(), title.new.as_str()),
+        (target.snapshot.title.as_str(), "Renamed in CML")
+    );
+    // Nothing else was touched.
+    let others: Vec<_> = t
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.lab_id != target.lab_id)
+        .collect();
+    assert!(others.iter().all(|r| r.revision == 1));
+}
+
+#[tokio::test]
+async fn a_lab_deleted_behind_labsyncs_back_is_pruned_and_audited() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let gone = t.records().await[0].lab_id;
+    assert!(t.sim().remove_lab(gone.as_str()));
+    let r = t.refresh().await;
+    assert_eq!((r.pruned, r.held), (1, 0));
+    assert!(t.record(&gone).await.is_none());
+    assert_eq!(ids(&t.records().await), t.truth());
+    let audit = t.audit(&gone).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].actor.as_str(), audit[0].outcome.as_str()),
+        ("refresh", "pruned")
+    );
+}
+
+#[tokio::test]
+async fn an_empty_list_a_failed_list_or_malformed_json_never_prunes() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let before = t.records().await;
+    for faults in [
+        json!({"empty_list": true}),
+        json!({"error_rate": {"list_labs": 1.0}}),
+        json!({"truncate_json": ["list_labs"]}),
+        json!({"wrong_types": ["list_labs"]}),
+        json!({"booting": true}),
+    ] {
+        t.faults(faults.clone());
+        let r = t.refresh().await;
+        assert_eq!(r.pruned, 0, "{faults}: {r:?}");
+        assert_eq!(t.records().await, before, "{faults}");
+        if faults.get("empty_list").is_some() {
+            assert_eq!(r.status, RunStatus::Succeeded);
+            assert_eq!(r.held, SEEDED_LABS as u64);
+            assert!(
+                r.hold_reason.as_deref().unwrap().contains("no labs"),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r.status, RunStatus::Failed, "{faults}");
+            assert!(r.error.is_some());
+        }
+    }
+    // Malformed details fail those labs; their records stay as they were.
+    t.faults(json!({"wrong_types": ["lab_details"]}));
+    let r = t.refresh().await;
+    assert_eq!((r.failed, r.pruned, r.updated), (SEEDED_LABS as u64, 0, 0));
+    assert_eq!(t.records().await, before);
+}
+
+#[tokio::test]
+async fn a_drop_of_more_than_half_is_held_and_reported_then_applied_with_force() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let records = t.records().await;
+    let doomed: Vec<_> = records.iter().take(13).map(|r| r.lab_id).collect();
+    for id in &doomed {
+        t.sim().remove_lab(id.as_str());
+    }
+    let r = t.refresh().await;
+    assert_eq!((r.pruned, r.held), (0, 13), "{r:?}");
+    assert!(
+        r.hold_reason.as_deref().unwrap().contains("13 of 24"),
+        "{r:?}"
+    );
+    assert_eq!(t.records().await.len(), SEEDED_LABS);
+
+    let dry = t
+        .refresh_with(RefreshOptions {
+            dry_run: true,
+            force_prune: true,
+        })
+        .await;
+    assert_eq!(dry.pruned, 13);
+    assert_eq!(
+        t.records().await.len(),
+        SEEDED_LABS,
+        "a dry run writes nothing"
+    );
+
+    let forced = t
+        .refresh_with(RefreshOptions {
+            dry_run: false,
+            force_prune: true,
+        })
+        .await;
+    assert_eq!((forced.pruned, forced.held), (13, 0));
+    assert_eq!(ids(&t.records().await), t.truth());
+}
+
+#[tokio::test]
+async fn two_concurrent_refreshes_of_a_worker_run_once() {
+    let t = TestApp::spawn().await;
+    t.faults(json!({"latency_ms": {"lab_details": 40}}));
+    let first = tokio::spawn({
+        let s = t.services().clone();
+        let w = t.worker_id();
+        async move {
+            labsync_application::RefreshWorkerLabs::new(s)
+                .execute(
+                    &w,
+                    labsync_application::Trigger::Schedule,
+                    RefreshOptions::default(),
+                )
+                .await
+                .unwrap()
+        }
+    });
+    // Once the first has listed the labs it holds the lease.
+    eventually("the first refresh to list the labs", || async {
+        t.sim()
+            .stats()
+            .requests
+            .get(&cml_sim::Endpoint::ListLabs)
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    let second = t.refresh().await;
+    assert_eq!(second.status, RunStatus::Skipped, "{second:?}");
+    assert!(
+        second
+            .skip_reason
+            .as_deref()
+            .unwrap()
+            .contains("another refresh")
+    );
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.status, first.created),
+        (RunStatus::Succeeded, SEEDED_LABS as u64)
+    );
+    assert_eq!(
+        t.sim().stats().requests[&cml_sim::Endpoint::ListLabs],
+        1,
+        "the skipped run asked CML nothing"
+    );
+    assert_eq!(ids(&t.records().await), t.truth());
+    // The lease was released: the next run is not skipped.
+    assert_eq!(t.refresh().await.status, RunStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn an_expired_token_mid_run_is_renewed_once_and_the_run_succeeds() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    assert_eq!(
+        t.sim().stats().logins,
+        1,
+        "the token is reused within and across runs"
+    );
+    t.refresh().await;
+    assert_eq!(t.sim().stats().logins, 1);
+    // Expire every token while the details of a run are being fetched.
+    t.faults(json!({"latency_ms": {"lab_details": 20}}));
+    let run = tokio::spawn({
+        let s = t.services().clone();
+        let w = t.worker_id();
+        async move {
+            labsync_application::RefreshWorkerLabs::new(s)
+                .execute(
+                    &w,
+                    labsync_application::Trigger::Admin,
+                    RefreshOptions::default(),
+                )
+                .await
+                .unwrap()
+        }
+    });
+    eventually("detail fetches to start", || async {
+        t.sim()
+            .stats()
+            .requests
+            .get(&cml_sim::Endpoint::LabDetails)
+            .copied()
+            .unwrap_or(0)
+            > 2 * SEEDED_LABS as u64
+    })
+    .await;
+    t.sim().expire_tokens();
+    let r = run.await.unwrap();
+    assert_eq!(
+        (r.status, r.failed, r.unchanged),
+        (RunStatus::Succeeded, 0, SEEDED_LABS as u64),
+        "{r:?}"
+    );
+    assert_eq!(t.sim().stats().logins, 2, "exactly one re-authentication");
+}
+
+#[tokio::test]
+async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
+    let t = TestApp::spawn_with(3, &[]).await;
+    let cml3 = labsync_application::domain::WorkerId::parse("cml-3").unwrap();
+    assert!(t.app.workers.set_enabled(&cml3, false).await.unwrap());
+    let reports = labsync_application::RefreshAll::new(t.services().clone())
+        .execute(
+            labsync_application::Trigger::Admin,
+            RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = reports.iter().map(|r| r.worker_id.as_str()).collect();
+    assert_eq!(names, ["cml-1", "cml-2"]);
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.status == RunStatus::Succeeded && r.created == SEEDED_LABS as u64)
+    );
+    assert!(t.services().labs.list(&cml3).await.unwrap().is_empty());
+    let direct = labsync_application::RefreshWorkerLabs::new(t.services().clone())
+        .execute(
+            &cml3,
+            labsync_application::Trigger::Admin,
+            RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(direct.status, RunStatus::Skipped);
+    let stored = t.services().reports.recent(None, 10).await.unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].worker_id, cml3, "newest first");
+}
