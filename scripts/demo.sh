@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Runs labsync's pieces on this machine: the MongoDB-wire server and the CML
-# simulator with two workers of demo labs. Ctrl-C stops everything it started.
+# Runs labsync end to end on this machine: the MongoDB-wire server, the CML
+# simulator with two workers of demo labs, and `labsync serve`, after
+# registering both workers and running a first refresh. Ctrl-C stops
+# everything it started.
 #
-# Data lives in .labsync-demo/ (delete it for a fresh start).
+# Data lives in .labsync-demo/ (delete it for a fresh start). The encryption
+# key below is for this demo only; never reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEMO_DIR="${LABSYNC_DEMO_DIR:-$PWD/.labsync-demo}"
-MONGO_PORT="${LABSYNC_DEMO_MONGO_PORT:-27017}"
+MONGO_PORT="${LABSYNC_DEMO_MONGO_PORT:-27517}"
 SIM_PORT="${LABSYNC_DEMO_SIM_PORT:-19401}"
 mkdir -p "$DEMO_DIR"
 
 SECANTUSD="$(bash scripts/install-tools.sh | tail -n 1)"
-cargo build --quiet --locked -p cml-sim
+echo "demo: building labsync and cml-sim"
+cargo build --quiet --locked -p labsync -p cml-sim
+
+export LABSYNC__MONGODB__URI="mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true"
+export LABSYNC__MONGODB__DATABASE="labsync_demo"
+export LABSYNC__SECURITY__ENCRYPTION_KEY="ZGVtby1vbmx5LWtleS1kby1ub3QtdXNlLWFueXdoZXI="
+export LABSYNC__REFRESH__CRON="${LABSYNC__REFRESH__CRON:-0 */5 * * * *}"
+export CML_SIM_ADMIN_PASSWORD="cml-sim-admin"
+LABSYNC=target/debug/labsync
 
 pids=()
 cleanup() {
@@ -27,26 +38,45 @@ trap cleanup EXIT INT TERM
   --log-file-max 32MB --log-level WARNING >"$DEMO_DIR/mongo.log" 2>&1 &
 pids+=($!)
 target/debug/cml-sim --workers 2 --labs-per-worker 30 --base-port "$SIM_PORT" \
-  --addresses-file "$DEMO_DIR/workers.json" &
+  --addresses-file "$DEMO_DIR/workers.json" >"$DEMO_DIR/cml-sim.log" 2>&1 &
 pids+=($!)
 
 # Wait for both to accept connections, with a deadline.
-for _ in $(seq 1 100); do
+ready=""
+for _ in $(seq 1 150); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$MONGO_PORT") 2>/dev/null \
-    && (exec 3<>"/dev/tcp/127.0.0.1/$SIM_PORT") 2>/dev/null; then
+    && (exec 3<>"/dev/tcp/127.0.0.1/$((SIM_PORT + 1))") 2>/dev/null; then
+    ready=yes
     break
   fi
   sleep 0.1
 done
+[[ -n "$ready" ]] || { echo "demo: servers did not start; see $DEMO_DIR/*.log" >&2; exit 1; }
+
+for n in 1 2; do
+  out=$("$LABSYNC" workers add --id "cml-$n" --url "http://127.0.0.1:$((SIM_PORT + n - 1))" \
+    --username admin --password-env CML_SIM_ADMIN_PASSWORD 2>&1) \
+    || grep -q "already registered" <<<"$out" || { echo "$out" >&2; exit 1; }
+done
+echo "demo: first refresh"
+"$LABSYNC" refresh
+
+"$LABSYNC" serve 2>"$DEMO_DIR/labsync.log" &
+pids+=($!)
 
 cat <<MSG
-demo: MongoDB-wire server  mongodb://127.0.0.1:$MONGO_PORT  (log: $DEMO_DIR/mongo.log)
-demo: CML simulator        http://127.0.0.1:$SIM_PORT and http://127.0.0.1:$((SIM_PORT + 1))
-demo: try
-  curl -s http://127.0.0.1:$SIM_PORT/api/v0/system_information
-  TOKEN=\$(curl -s -X POST http://127.0.0.1:$SIM_PORT/api/v0/authenticate \\
-          -d '{"username":"admin","password":"cml-sim-admin"}' | tr -d '"')
-  curl -s -H "Authorization: Bearer \$TOKEN" 'http://127.0.0.1:$SIM_PORT/api/v0/labs?show_all=true'
-demo: Ctrl-C stops everything
+
+demo: MongoDB-wire server  $LABSYNC__MONGODB__URI  (log: $DEMO_DIR/mongo.log)
+demo: CML simulator        http://127.0.0.1:$SIM_PORT (cml-1), http://127.0.0.1:$((SIM_PORT + 1)) (cml-2)
+demo: labsync serve        refresh on "$LABSYNC__REFRESH__CRON"  (log: $DEMO_DIR/labsync.log)
+
+In another shell, with the same environment (printed below), try:
+  export LABSYNC__MONGODB__URI='$LABSYNC__MONGODB__URI' LABSYNC__MONGODB__DATABASE=labsync_demo \\
+         LABSYNC__SECURITY__ENCRYPTION_KEY='$LABSYNC__SECURITY__ENCRYPTION_KEY'
+  $LABSYNC labs list --worker cml-1
+  $LABSYNC delete-lab --worker cml-1 --lab <a DEFINED_ON_CORE lab id>      # add --force for a running one
+  curl -s -X DELETE http://127.0.0.1:$SIM_PORT/_sim/labs/<lab id>          # delete behind labsync's back
+  $LABSYNC refresh --worker cml-1                                          # ...and watch it pruned
+Ctrl-C stops everything.
 MSG
 wait -n "${pids[@]}"

@@ -306,3 +306,132 @@ impl DeleteLab {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use labsync_domain::{LabRecord, LabState};
+
+    use super::*;
+    use crate::fakes::{Fixture, fixture, lab, snapshot, worker_id};
+
+    fn with_lab(state: LabState) -> (Fixture, LabId) {
+        let f = fixture();
+        let id = lab(1);
+        let s = snapshot("x", state);
+        f.cml.labs.lock().unwrap().insert(id, s.clone());
+        f.store.live.lock().unwrap().insert(
+            id,
+            LabRecord::discovered(worker_id(), id, s, chrono::Utc::now()),
+        );
+        (f, id)
+    }
+
+    fn cmd(id: LabId, force: bool) -> DeleteLab {
+        DeleteLab {
+            worker_id: worker_id(),
+            lab_id: id,
+            force,
+            requested_by: "unit".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_lab_is_refused_and_the_attempt_kept() {
+        let (f, id) = with_lab(LabState::Started);
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert_eq!(
+            out.kind,
+            DeleteOutcomeKind::RefusedRunning {
+                state: LabState::Started
+            }
+        );
+        assert_eq!(
+            f.cml.calls(),
+            vec![format!("state {id}")],
+            "nothing destructive was asked"
+        );
+        let rec = f.store.live.lock().unwrap()[&id].clone();
+        assert!(matches!(
+            rec.history.last().unwrap().event,
+            HistoryEvent::DeleteAttempt { .. }
+        ));
+        assert!(f.store.tombstones.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn force_stops_waits_wipes_waits_then_deletes_in_that_order() {
+        let (f, id) = with_lab(LabState::Started);
+        let out = cmd(id, true).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::Deleted);
+        let calls: Vec<String> = f
+            .cml
+            .calls()
+            .iter()
+            .map(|c| c.split(' ').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            calls,
+            ["state", "stop", "converged", "wipe", "converged", "delete"]
+        );
+        assert!(f.store.tombstones.lock().unwrap().contains_key(&id));
+        assert!(f.store.live.lock().unwrap().is_empty());
+        assert_eq!(f.store.audit.lock().unwrap()[0].outcome, "deleted");
+    }
+
+    #[tokio::test]
+    async fn a_cml_error_leaves_the_record_and_writes_no_tombstone() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.fail.lock().unwrap().insert(
+            "delete",
+            CmlError::Server {
+                status: 500,
+                description: "boom".into(),
+            },
+        );
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(
+            matches!(out.kind, DeleteOutcomeKind::CmlRefused { ref error } if error.contains("boom"))
+        );
+        assert!(!out.lab_gone);
+        assert!(f.store.tombstones.lock().unwrap().is_empty());
+        assert!(f.store.live.lock().unwrap().contains_key(&id));
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("state", CmlError::Unreachable("refused".into()));
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(matches!(out.kind, DeleteOutcomeKind::CmlUnreachable { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_lab_cml_lacks_is_already_absent_and_tombstoned() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.labs.lock().unwrap().clear();
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::AlreadyAbsent);
+        assert!(out.lab_gone && out.record_was_present);
+        assert!(f.store.tombstones.lock().unwrap().contains_key(&id));
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_removal_after_the_cml_delete_is_an_error_that_says_what_follows() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        *f.store.fail_tombstone.lock().unwrap() = true;
+        let err = cmd(id, false).execute(&f.services).await.unwrap_err();
+        assert!(matches!(err, AppError::RecordCleanupPending(_)));
+        assert!(f.cml.labs.lock().unwrap().is_empty(), "CML deleted it");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_worker_is_an_error_before_anything_is_asked() {
+        let f = fixture();
+        let mut c = cmd(lab(1), false);
+        c.worker_id = WorkerId::parse("elsewhere").unwrap();
+        assert!(matches!(
+            c.execute(&f.services).await,
+            Err(AppError::UnknownWorker(_))
+        ));
+        assert!(f.cml.calls().is_empty());
+    }
+}

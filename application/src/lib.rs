@@ -14,6 +14,9 @@ pub mod ports;
 pub mod refresh;
 mod services;
 
+#[cfg(test)]
+mod fakes;
+
 pub use delete::{DeleteLab, DeleteOutcome, DeleteOutcomeKind};
 pub use errors::{AppError, CmlError, RepoError};
 pub use refresh::{

@@ -403,3 +403,115 @@ impl RefreshAll {
         Ok(reports)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use labsync_domain::LabState;
+
+    use super::*;
+    use crate::fakes::{fixture, lab, snapshot, worker_id};
+
+    fn refresh(f: &crate::fakes::Fixture) -> RefreshWorkerLabs {
+        RefreshWorkerLabs::new(f.services.clone())
+    }
+
+    #[tokio::test]
+    async fn a_failed_list_is_a_failed_report_that_writes_nothing_and_frees_the_lease() {
+        let f = fixture();
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("list", CmlError::Unreachable("down".into()));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, RunStatus::Failed);
+        assert!(r.error.as_deref().unwrap().contains("down"));
+        assert_eq!(*f.store.applies.lock().unwrap(), 0);
+        assert!(f.store.lease.lock().unwrap().is_none(), "lease released");
+        assert_eq!(
+            f.store.reports.lock().unwrap().len(),
+            1,
+            "the failure is reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_skips_the_run_without_asking_cml() {
+        let f = fixture();
+        *f.store.lease.lock().unwrap() = Some("another-process/run".into());
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Schedule, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, RunStatus::Skipped);
+        assert!(f.cml.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn creates_then_writes_nothing_when_nothing_changed_and_a_dry_run_never_writes() {
+        let f = fixture();
+        for n in 1..=3 {
+            f.cml
+                .labs
+                .lock()
+                .unwrap()
+                .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
+        }
+        let dry = refresh(&f)
+            .execute(
+                &worker_id(),
+                Trigger::Cli,
+                RefreshOptions {
+                    dry_run: true,
+                    force_prune: false,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((dry.created, *f.store.applies.lock().unwrap()), (3, 0));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.created, r.unchanged), (3, 0));
+        let again = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((again.created, again.unchanged), (0, 3));
+        assert_eq!(
+            *f.store.applies.lock().unwrap(),
+            1,
+            "no write when nothing changed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lab_whose_details_fail_keeps_its_record_and_counts_as_failed() {
+        let f = fixture();
+        f.cml
+            .labs
+            .lock()
+            .unwrap()
+            .insert(lab(1), snapshot("a", LabState::Stopped));
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("details", CmlError::Protocol("bad json".into()));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.failed, r.pruned, r.status), (1, 0, RunStatus::Succeeded));
+        assert_eq!(r.failures[0].lab_id, lab(1));
+        assert!(f.store.live.lock().unwrap().contains_key(&lab(1)));
+    }
+}

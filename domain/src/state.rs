@@ -43,7 +43,7 @@ impl LabState {
 
 impl fmt::Display for LabState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

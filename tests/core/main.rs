@@ -6,3 +6,4 @@ mod cli;
 mod delete;
 mod helpers;
 mod refresh;
+mod serve;

@@ -1,0 +1,326 @@
+//! In-memory fakes of the ports, for unit tests of the use cases only. The
+//! proof that the system works is in the integration tests, which use the
+//! real adapters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use labsync_domain::{
+    Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
+};
+use secrecy::SecretString;
+
+use crate::errors::{CmlError, RepoError};
+use crate::ports::*;
+use crate::refresh::RunReport;
+use crate::services::{CoreSettings, Services};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A scriptable CML: labs with states, and errors to return per call name.
+#[derive(Default)]
+pub struct FakeCml {
+    pub labs: Mutex<HashMap<LabId, LabSnapshot>>,
+    pub fail: Mutex<HashMap<&'static str, CmlError>>,
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl FakeCml {
+    fn call(&self, name: &'static str, lab: Option<&LabId>) -> Result<(), CmlError> {
+        lock(&self.calls).push(match lab {
+            Some(l) => format!("{name} {l}"),
+            None => name.to_owned(),
+        });
+        match lock(&self.fail).get(name) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn with_lab<T>(
+        &self,
+        lab: &LabId,
+        f: impl FnOnce(&mut LabSnapshot) -> T,
+    ) -> Result<T, CmlError> {
+        lock(&self.labs)
+            .get_mut(lab)
+            .map(f)
+            .ok_or(CmlError::NotFound)
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.calls).clone()
+    }
+}
+
+#[async_trait]
+impl CmlGateway for FakeCml {
+    async fn list_lab_ids(&self, _: &WorkerAccess) -> Result<Vec<LabId>, CmlError> {
+        self.call("list", None)?;
+        let mut ids: Vec<LabId> = lock(&self.labs).keys().copied().collect();
+        ids.sort();
+        Ok(ids)
+    }
+    async fn lab_details(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabSnapshot, CmlError> {
+        self.call("details", Some(lab))?;
+        self.with_lab(lab, |s| s.clone())
+    }
+    async fn lab_state(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabState, CmlError> {
+        self.call("state", Some(lab))?;
+        self.with_lab(lab, |s| s.state.clone())
+    }
+    async fn stop_lab(&self, _: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
+        self.call("stop", Some(lab))?;
+        self.with_lab(lab, |s| s.state = LabState::Stopped)
+    }
+    async fn wipe_lab(&self, _: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
+        self.call("wipe", Some(lab))?;
+        self.with_lab(lab, |s| s.state = LabState::DefinedOnCore)
+    }
+    async fn is_converged(&self, _: &WorkerAccess, lab: &LabId) -> Result<bool, CmlError> {
+        self.call("converged", Some(lab))?;
+        Ok(true)
+    }
+    async fn delete_lab(&self, _: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
+        self.call("delete", Some(lab))?;
+        let mut labs = lock(&self.labs);
+        match labs.get(lab) {
+            None => Err(CmlError::NotFound),
+            Some(s) if !s.state.is_deletable() => Err(CmlError::Refused {
+                status: 400,
+                description: "not wiped".into(),
+            }),
+            Some(_) => {
+                labs.remove(lab);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct FakeStore {
+    pub live: Mutex<HashMap<LabId, LabRecord>>,
+    pub tombstones: Mutex<HashMap<LabId, Tombstone>>,
+    pub fail_tombstone: Mutex<bool>,
+    pub audit: Mutex<Vec<AuditEntry>>,
+    pub reports: Mutex<Vec<RunReport>>,
+    pub lease: Mutex<Option<String>>,
+    pub applies: Mutex<usize>,
+}
+
+#[async_trait]
+impl LabRepository for FakeStore {
+    async fn index(&self, _: &WorkerId) -> Result<HashMap<LabId, Existing>, RepoError> {
+        let mut out: HashMap<LabId, Existing> = lock(&self.live)
+            .iter()
+            .map(|(id, r)| (*id, Existing::Live(r.content_hash)))
+            .collect();
+        out.extend(
+            lock(&self.tombstones)
+                .keys()
+                .map(|id| (*id, Existing::Tombstoned)),
+        );
+        Ok(out)
+    }
+    async fn records(&self, _: &WorkerId, ids: &[LabId]) -> Result<Vec<LabRecord>, RepoError> {
+        let live = lock(&self.live);
+        Ok(ids.iter().filter_map(|id| live.get(id).cloned()).collect())
+    }
+    async fn get(&self, _: &WorkerId, lab: &LabId) -> Result<Option<LabRecord>, RepoError> {
+        Ok(lock(&self.live).get(lab).cloned())
+    }
+    async fn list(&self, _: &WorkerId) -> Result<Vec<LabRecord>, RepoError> {
+        let mut v: Vec<LabRecord> = lock(&self.live).values().cloned().collect();
+        v.sort_by_key(|r| r.lab_id);
+        Ok(v)
+    }
+    async fn apply(
+        &self,
+        _: &WorkerId,
+        c: RecordChanges,
+        _: usize,
+    ) -> Result<ApplyOutcome, RepoError> {
+        *lock(&self.applies) += 1;
+        let mut out = ApplyOutcome::default();
+        let tombs = lock(&self.tombstones);
+        let mut live = lock(&self.live);
+        for r in c
+            .create
+            .into_iter()
+            .chain(c.update.into_iter().map(|u| u.record))
+        {
+            if tombs.contains_key(&r.lab_id) {
+                out.suppressed.push(r.lab_id);
+            } else if live.insert(r.lab_id, r).is_none() {
+                out.created += 1;
+            } else {
+                out.updated += 1;
+            }
+        }
+        for id in c.prune {
+            out.pruned += u64::from(live.remove(&id).is_some());
+        }
+        Ok(out)
+    }
+    async fn add_history(
+        &self,
+        _: &WorkerId,
+        lab: &LabId,
+        e: HistoryEntry,
+        limit: usize,
+    ) -> Result<bool, RepoError> {
+        Ok(lock(&self.live)
+            .get_mut(lab)
+            .map(|r| r.push_history(e, limit))
+            .is_some())
+    }
+    async fn tombstone(&self, _: &WorkerId, lab: &LabId, t: Tombstone) -> Result<bool, RepoError> {
+        if *lock(&self.fail_tombstone) {
+            return Err(RepoError::Unavailable("injected".into()));
+        }
+        lock(&self.tombstones).insert(*lab, t);
+        Ok(lock(&self.live).remove(lab).is_some())
+    }
+    async fn remove_worker(&self, _: &WorkerId) -> Result<u64, RepoError> {
+        Ok(0)
+    }
+}
+
+#[async_trait]
+impl RefreshLease for FakeStore {
+    async fn try_acquire(
+        &self,
+        _: &WorkerId,
+        holder: &str,
+        _: Duration,
+    ) -> Result<bool, RepoError> {
+        let mut l = lock(&self.lease);
+        if l.as_deref().is_some_and(|h| h != holder) {
+            return Ok(false);
+        }
+        *l = Some(holder.to_owned());
+        Ok(true)
+    }
+    async fn release(&self, _: &WorkerId, holder: &str) -> Result<(), RepoError> {
+        let mut l = lock(&self.lease);
+        if l.as_deref() == Some(holder) {
+            *l = None;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AuditLog for FakeStore {
+    async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), RepoError> {
+        lock(&self.audit).extend(entries);
+        Ok(())
+    }
+    async fn recent(
+        &self,
+        _: &WorkerId,
+        _: Option<&LabId>,
+        _: usize,
+    ) -> Result<Vec<AuditEntry>, RepoError> {
+        Ok(lock(&self.audit).iter().rev().cloned().collect())
+    }
+}
+
+#[async_trait]
+impl RunReports for FakeStore {
+    async fn store(&self, r: &RunReport) -> Result<(), RepoError> {
+        lock(&self.reports).push(r.clone());
+        Ok(())
+    }
+    async fn recent(&self, _: Option<&WorkerId>, _: usize) -> Result<Vec<RunReport>, RepoError> {
+        Ok(lock(&self.reports).iter().rev().cloned().collect())
+    }
+}
+
+pub struct FakeWorkers(pub Worker);
+
+#[async_trait]
+impl WorkerRepository for FakeWorkers {
+    async fn add(&self, _: &Worker, _: &SecretString) -> Result<(), RepoError> {
+        Err(RepoError::Duplicate("fake".into()))
+    }
+    async fn get(&self, id: &WorkerId) -> Result<Option<WorkerAccess>, RepoError> {
+        Ok((id == &self.0.id).then(|| WorkerAccess {
+            worker: self.0.clone(),
+            password: SecretString::from("pw"),
+        }))
+    }
+    async fn list(&self) -> Result<Vec<Worker>, RepoError> {
+        Ok(vec![self.0.clone()])
+    }
+    async fn remove(&self, _: &WorkerId) -> Result<bool, RepoError> {
+        Ok(false)
+    }
+}
+
+pub struct Fixture {
+    pub cml: Arc<FakeCml>,
+    pub store: Arc<FakeStore>,
+    pub services: Services,
+}
+
+pub fn worker_id() -> WorkerId {
+    WorkerId::parse("cml-1").unwrap()
+}
+
+pub fn lab(n: u8) -> LabId {
+    LabId::parse(&format!("{n:08x}-0000-4000-8000-000000000000")).unwrap()
+}
+
+pub fn snapshot(title: &str, state: LabState) -> LabSnapshot {
+    LabSnapshot {
+        title: title.into(),
+        description: String::new(),
+        notes: String::new(),
+        owner_id: None,
+        owner_username: Some("admin".into()),
+        owner_fullname: None,
+        state,
+        node_count: 1,
+        link_count: 0,
+        groups: vec![],
+        created: None,
+        modified: None,
+    }
+}
+
+pub fn fixture() -> Fixture {
+    let cml = Arc::new(FakeCml::default());
+    let store = Arc::new(FakeStore::default());
+    let worker = Worker {
+        id: worker_id(),
+        name: "cml-1".into(),
+        base_url: "https://cml.invalid".into(),
+        username: "admin".into(),
+        tls: Default::default(),
+        enabled: true,
+    };
+    let services = Services {
+        workers: Arc::new(FakeWorkers(worker)),
+        labs: store.clone(),
+        cml: cml.clone(),
+        lease: store.clone(),
+        audit: store.clone(),
+        reports: store.clone(),
+        clock: Arc::new(SystemClock),
+        settings: CoreSettings {
+            converge_poll: Duration::from_millis(1),
+            ..CoreSettings::default()
+        },
+    };
+    Fixture {
+        cml,
+        store,
+        services,
+    }
+}
