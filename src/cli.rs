@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -16,9 +15,7 @@ use labsync_application::{
     Trigger,
 };
 use labsync_infrastructure::configuration::Settings;
-use labsync_infrastructure::scheduler::RefreshScheduler;
 use secrecy::SecretString;
-use tracing::info;
 
 use crate::wiring::App;
 
@@ -42,7 +39,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Runs the scheduled refresh until SIGINT or SIGTERM.
+    /// Runs the HTTP API and the scheduled refresh until SIGINT or SIGTERM.
     Serve,
     /// Refreshes one worker, or every enabled worker, now.
     Refresh(RefreshArgs),
@@ -56,6 +53,39 @@ pub enum Command {
     Labs(LabsCommand),
     /// Checks the configuration and prints it with secrets redacted.
     Config,
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Makes a random API token and prints it with the configuration entry
+    /// (which holds only its SHA-256).
+    New {
+        #[arg(long, value_parser = token_name)]
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+}
+
+fn token_name(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err("letters, digits, - _ . only".into())
+    }
+}
+
+/// 32 random bytes, URL-safe base64.
+fn new_token() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn worker_id(s: &str) -> Result<WorkerId, String> {
@@ -207,11 +237,23 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         other => other,
     };
+    if let Command::Serve = command {
+        crate::service::serve(settings).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Token(TokenCommand::New { name, role }) = &command {
+        let token = new_token();
+        let hash = crate::http::auth::hash_token(&token);
+        println!("token:  {token}");
+        println!(
+            "config: tokens = [\"{name}:{role}:{hash}\"]   (or LABSYNC__API__TOKENS={name}:{role}:{hash})"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let app = App::build(&settings).await?;
     let s = &app.services;
     match command {
-        Command::Config => Ok(ExitCode::SUCCESS),
-        Command::Serve => serve(&app, &settings).await,
+        Command::Config | Command::Serve | Command::Token(_) => Ok(ExitCode::SUCCESS),
         Command::Refresh(a) => {
             let options = RefreshOptions {
                 dry_run: a.dry_run,
@@ -292,14 +334,16 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Workers(WorkersCommand::Remove { id }) => {
-            let existed = s.workers.remove(&id).await?;
-            let records = s.labs.remove_worker(&id).await?;
-            if existed {
-                println!("removed worker {id} and {records} lab records");
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!("labsync: {}", AppError::UnknownWorker(id));
-                Ok(ExitCode::from(EXIT_FAILED))
+            match app.inventory.remove(&id, &cli_actor()).await {
+                Ok(records) => {
+                    println!("removed worker {id} and {records} lab records");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ AppError::UnknownWorker(_)) => {
+                    eprintln!("labsync: {e}");
+                    Ok(ExitCode::from(EXIT_FAILED))
+                }
+                Err(e) => Err(e.into()),
             }
         }
         Command::Labs(LabsCommand::List { worker, json }) => {
@@ -357,46 +401,9 @@ async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
         },
         enabled: !a.disabled,
     };
-    match app
-        .services
-        .workers
-        .add(&worker, &SecretString::from(password))
-        .await
-    {
-        Ok(()) => {
-            println!("registered worker {} at {}", worker.id, worker.base_url);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(labsync_application::RepoError::Duplicate(_)) => {
-            Err(AppError::WorkerExists(worker.id).into())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn serve(app: &App, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let scheduler = RefreshScheduler::start(
-        &settings.refresh.cron,
-        RefreshAll::new(app.services.clone()),
-        settings.refresh.run_at_startup,
-    )
-    .await
-    .context("starting the refresh schedule")?;
-    info!("labsync serving; SIGINT or SIGTERM stops");
-    shutdown_signal().await?;
-    info!("stopping: waiting for a refresh in progress");
-    if !scheduler.shutdown(Duration::from_secs(60)).await {
-        tracing::warn!("a refresh was still running after 60 s; its lease will expire");
-    }
+    app.inventory
+        .register(worker.clone(), SecretString::from(password), &cli_actor())
+        .await?;
+    println!("registered worker {} at {}", worker.id, worker.base_url);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

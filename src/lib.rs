@@ -5,4 +5,6 @@
 //! May depend on every labsync crate; nothing depends on it.
 
 pub mod cli;
+pub mod http;
+pub mod service;
 pub mod wiring;

@@ -1,5 +1,6 @@
 //! Builds the application from configuration: one MongoDB client, the
-//! indexes, the repositories, the CML gateway, and the use-case services.
+//! indexes, the repositories, the CML gateway, metrics, and the use-case
+//! services.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use labsync_application::domain::PrunePolicy;
 use labsync_application::ports::SystemClock;
-use labsync_application::{CoreSettings, Services};
+use labsync_application::{CoreSettings, DeleteQueue, Inventory, RetryPolicy, Services};
 use labsync_infrastructure::cml::CmlHttpGateway;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::crypto::PasswordCipher;
+use labsync_infrastructure::metrics::Metrics;
 use labsync_infrastructure::mongo::{
-    self, MongoAuditLog, MongoLabRepository, MongoRefreshLease, MongoRunReports,
-    MongoWorkerRepository,
+    self, MongoAuditLog, MongoDeleteRequests, MongoLabRepository, MongoRefreshLease,
+    MongoRunReports, MongoWorkerRepository,
 };
 use mongodb::Database;
 
@@ -22,6 +24,9 @@ use mongodb::Database;
 pub struct App {
     pub services: Services,
     pub workers: MongoWorkerRepository,
+    pub inventory: Inventory,
+    pub delete_queue: DeleteQueue,
+    pub metrics: Metrics,
     pub db: Database,
 }
 
@@ -46,6 +51,16 @@ pub fn core_settings(settings: &Settings) -> CoreSettings {
     }
 }
 
+fn retry_policy(settings: &Settings) -> RetryPolicy {
+    let d = &settings.delete;
+    RetryPolicy {
+        base: Duration::from_millis(d.async_retry_base_ms),
+        max_backoff: Duration::from_secs(d.async_max_backoff_secs),
+        poll: Duration::from_millis(d.async_poll_ms),
+        ..RetryPolicy::default()
+    }
+}
+
 impl App {
     /// Connects to MongoDB, creates the indexes, and wires every adapter.
     ///
@@ -66,20 +81,31 @@ impl App {
             .context("creating MongoDB indexes")?;
         let cipher = PasswordCipher::from_setting(&settings.security.encryption_key)
             .map_err(|e| anyhow::anyhow!("security.encryption_key: {e}"))?;
+        let metrics = Metrics::new();
         let workers = MongoWorkerRepository::new(&db, cipher);
+        let retention = Duration::from_secs(settings.events.retention_secs);
         let services = Services {
             workers: Arc::new(workers.clone()),
-            labs: Arc::new(MongoLabRepository::new(&db)),
-            cml: Arc::new(CmlHttpGateway::new(settings.cml.clone())),
+            labs: Arc::new(MongoLabRepository::new(&db, retention)),
+            cml: Arc::new(CmlHttpGateway::new(settings.cml.clone(), metrics.clone())),
             lease: Arc::new(MongoRefreshLease::new(&db)),
             audit: Arc::new(MongoAuditLog::new(&db)),
             reports: Arc::new(MongoRunReports::new(&db)),
             clock: Arc::new(SystemClock),
+            observer: Arc::new(metrics.clone()),
             settings: core_settings(settings),
         };
+        let delete_queue = DeleteQueue::new(
+            services.clone(),
+            Arc::new(MongoDeleteRequests::new(&db)),
+            retry_policy(settings),
+        );
         Ok(Self {
+            inventory: Inventory::new(services.clone()),
             services,
             workers,
+            delete_queue,
+            metrics,
             db,
         })
     }

@@ -36,6 +36,7 @@ use serde::Serialize;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError};
+use crate::events::{LabEvent, LabEventKind};
 use crate::ports::{AuditAction, AuditEntry, Tombstone, WorkerAccess};
 use crate::services::Services;
 
@@ -62,8 +63,9 @@ pub enum DeleteOutcomeKind {
     RefusedRunning { state: LabState },
     /// CML could not be reached (connection, timeout, gateway errors).
     CmlUnreachable { error: String },
-    /// CML answered with an error; its description is kept.
-    CmlRefused { error: String },
+    /// CML answered with an error; its description is kept. `retryable`
+    /// when CML failed (5xx) rather than refused.
+    CmlRefused { error: String, retryable: bool },
     /// A forced delete's stop or wipe did not converge in time.
     NotConverged { step: String },
 }
@@ -83,7 +85,8 @@ pub struct DeleteOutcome {
 }
 
 impl DeleteOutcomeKind {
-    fn word(&self) -> &'static str {
+    /// A short, stable word for logs, metrics and the audit log.
+    pub fn word(&self) -> &'static str {
         match self {
             Self::Deleted => "deleted",
             Self::AlreadyAbsent => "already_absent",
@@ -100,8 +103,18 @@ impl DeleteOutcomeKind {
                 error: e.to_string(),
             },
             other => Self::CmlRefused {
+                retryable: matches!(other, CmlError::Server { .. }),
                 error: other.to_string(),
             },
+        }
+    }
+
+    /// Whether trying again later may succeed (the async delete retries).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::CmlUnreachable { .. } | Self::NotConverged { .. } => true,
+            Self::CmlRefused { retryable, .. } => *retryable,
+            Self::Deleted | Self::AlreadyAbsent | Self::RefusedRunning { .. } => false,
         }
     }
 }
@@ -154,14 +167,26 @@ impl DeleteLab {
             deleted_by: self.requested_by.clone(),
             expires_at: now + ttl,
         };
+        let event = LabEvent::new(
+            LabEventKind::Deleted,
+            &self.worker_id,
+            self.lab_id,
+            now,
+            serde_json::json!({
+                "requested_by": self.requested_by,
+                "outcome": kind.word(),
+                "force": self.force,
+            }),
+        );
         if let Err(e) = s
             .labs
-            .tombstone(&self.worker_id, &self.lab_id, tombstone)
+            .tombstone(&self.worker_id, &self.lab_id, tombstone, event)
             .await
         {
             warn!(error = %e, "deleted in CML but the record could not be removed");
             self.audit(s, &kind, format!("record removal failed: {e}"))
                 .await;
+            s.observer.delete_finished("record_cleanup_pending");
             return Err(AppError::RecordCleanupPending(e));
         }
         let message = match (&kind, record_was_present) {
@@ -171,6 +196,7 @@ impl DeleteLab {
         };
         info!(outcome = kind.word(), "lab deleted");
         self.audit(s, &kind, message.clone()).await;
+        s.observer.delete_finished(kind.word());
         Ok(DeleteOutcome {
             worker_id: self.worker_id,
             lab_id: self.lab_id,
@@ -251,7 +277,7 @@ impl DeleteLab {
                 format!("lab is {state}: stop and wipe it first, or delete with force")
             }
             DeleteOutcomeKind::CmlUnreachable { error }
-            | DeleteOutcomeKind::CmlRefused { error } => error.clone(),
+            | DeleteOutcomeKind::CmlRefused { error, .. } => error.clone(),
             DeleteOutcomeKind::NotConverged { step } => format!(
                 "the lab's {step} did not converge within {} s",
                 s.settings.converge_timeout.as_secs()
@@ -259,8 +285,20 @@ impl DeleteLab {
             _ => String::new(),
         };
         warn!(outcome = kind.word(), %detail, "delete failed");
+        let now = s.clock.now();
+        let event = LabEvent::new(
+            LabEventKind::DeleteFailed,
+            &self.worker_id,
+            self.lab_id,
+            now,
+            serde_json::json!({
+                "requested_by": self.requested_by,
+                "outcome": kind.word(),
+                "detail": detail,
+            }),
+        );
         let entry = HistoryEntry {
-            at: s.clock.now(),
+            at: now,
             event: HistoryEvent::DeleteAttempt {
                 requested_by: self.requested_by.clone(),
                 force: self.force,
@@ -275,12 +313,14 @@ impl DeleteLab {
                 &self.lab_id,
                 entry,
                 s.settings.history_limit,
+                event,
             )
             .await
         {
             warn!(error = %e, "could not record the failed delete in the lab's history");
         }
         self.audit(s, &kind, detail.clone()).await;
+        s.observer.delete_finished(kind.word());
         DeleteOutcome {
             worker_id: self.worker_id.clone(),
             lab_id: self.lab_id,
@@ -297,7 +337,7 @@ impl DeleteLab {
             actor: self.requested_by.clone(),
             action: AuditAction::Delete,
             worker_id: self.worker_id.clone(),
-            lab_id: self.lab_id,
+            lab_id: Some(self.lab_id),
             outcome: kind.word().to_owned(),
             detail,
         };
@@ -390,7 +430,7 @@ mod tests {
         );
         let out = cmd(id, false).execute(&f.services).await.unwrap();
         assert!(
-            matches!(out.kind, DeleteOutcomeKind::CmlRefused { ref error } if error.contains("boom"))
+            matches!(out.kind, DeleteOutcomeKind::CmlRefused { ref error, retryable: true } if error.contains("boom"))
         );
         assert!(!out.lab_gone);
         assert!(f.store.tombstones.lock().unwrap().is_empty());

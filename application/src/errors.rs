@@ -2,7 +2,7 @@
 //! their own errors (driver, HTTP) into these; nothing above this layer sees
 //! a MongoDB or reqwest error.
 
-use labsync_domain::{IdError, WorkerId};
+use labsync_domain::{IdError, LabId, WorkerId};
 
 /// What went wrong talking to a CML server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +52,8 @@ pub enum AppError {
     InvalidId(#[from] IdError),
     #[error("unknown worker {0}")]
     UnknownWorker(WorkerId),
+    #[error("worker {0} has no lab {1}")]
+    UnknownLab(WorkerId, LabId),
     #[error("worker {0} is already registered")]
     WorkerExists(WorkerId),
     #[error("invalid request: {0}")]

@@ -13,6 +13,7 @@ use labsync_domain::{
 use secrecy::SecretString;
 
 use crate::errors::{CmlError, RepoError};
+use crate::events::{LabEvent, NoObserver};
 use crate::ports::*;
 use crate::refresh::RunReport;
 use crate::services::{CoreSettings, Services};
@@ -111,6 +112,7 @@ pub struct FakeStore {
     pub reports: Mutex<Vec<RunReport>>,
     pub lease: Mutex<Option<String>>,
     pub applies: Mutex<usize>,
+    pub events: Mutex<Vec<LabEvent>>,
 }
 
 #[async_trait]
@@ -146,6 +148,7 @@ impl LabRepository for FakeStore {
         _: usize,
     ) -> Result<ApplyOutcome, RepoError> {
         *lock(&self.applies) += 1;
+        lock(&self.events).extend(c.events);
         let mut out = ApplyOutcome::default();
         let tombs = lock(&self.tombstones);
         let mut live = lock(&self.live);
@@ -167,22 +170,37 @@ impl LabRepository for FakeStore {
         }
         Ok(out)
     }
+    async fn page(&self, w: &WorkerId, q: &LabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        let mut v = self.list(w).await?;
+        v.retain(|r| q.after.is_none_or(|a| r.lab_id > a));
+        v.truncate(q.limit);
+        Ok(v)
+    }
     async fn add_history(
         &self,
         _: &WorkerId,
         lab: &LabId,
         e: HistoryEntry,
         limit: usize,
+        event: LabEvent,
     ) -> Result<bool, RepoError> {
+        lock(&self.events).push(event);
         Ok(lock(&self.live)
             .get_mut(lab)
             .map(|r| r.push_history(e, limit))
             .is_some())
     }
-    async fn tombstone(&self, _: &WorkerId, lab: &LabId, t: Tombstone) -> Result<bool, RepoError> {
+    async fn tombstone(
+        &self,
+        _: &WorkerId,
+        lab: &LabId,
+        t: Tombstone,
+        event: LabEvent,
+    ) -> Result<bool, RepoError> {
         if *lock(&self.fail_tombstone) {
             return Err(RepoError::Unavailable("injected".into()));
         }
+        lock(&self.events).push(event);
         lock(&self.tombstones).insert(*lab, t);
         Ok(lock(&self.live).remove(lab).is_some())
     }
@@ -258,6 +276,9 @@ impl WorkerRepository for FakeWorkers {
     async fn list(&self) -> Result<Vec<Worker>, RepoError> {
         Ok(vec![self.0.clone()])
     }
+    async fn update(&self, _: &Worker, _: Option<&SecretString>) -> Result<bool, RepoError> {
+        Ok(false)
+    }
     async fn remove(&self, _: &WorkerId) -> Result<bool, RepoError> {
         Ok(false)
     }
@@ -313,6 +334,7 @@ pub fn fixture() -> Fixture {
         audit: store.clone(),
         reports: store.clone(),
         clock: Arc::new(SystemClock),
+        observer: Arc::new(NoObserver),
         settings: CoreSettings {
             converge_poll: Duration::from_millis(1),
             ..CoreSettings::default()

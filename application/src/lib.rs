@@ -9,7 +9,10 @@
 //! ports defined here, and the binary wires them together.
 
 pub mod delete;
+pub mod delete_queue;
 pub mod errors;
+pub mod events;
+pub mod inventory;
 pub mod ports;
 pub mod refresh;
 mod services;
@@ -18,7 +21,12 @@ mod services;
 mod fakes;
 
 pub use delete::{DeleteLab, DeleteOutcome, DeleteOutcomeKind};
+pub use delete_queue::{
+    DeleteQueue, DeleteRequest, DeleteRequestStatus, DeleteRequests, RetryPolicy,
+};
 pub use errors::{AppError, CmlError, RepoError};
+pub use events::{LabEvent, LabEventKind, NoObserver, Observer};
+pub use inventory::{Inventory, LabDetail, LabPage, SyncState, WorkerChanges, WorkerOverview};
 pub use refresh::{
     LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
 };

@@ -14,6 +14,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::errors::{CmlError, RepoError};
+use crate::events::LabEvent;
 use crate::refresh::RunReport;
 
 /// A worker with the password needed to talk to it. Only the CML gateway
@@ -102,12 +103,29 @@ pub struct RecordUpdate {
     pub entry: Option<HistoryEntry>,
 }
 
-/// The writes of one refresh.
+/// The writes of one refresh, and the events that describe them.
 #[derive(Debug, Clone, Default)]
 pub struct RecordChanges {
     pub create: Vec<LabRecord>,
     pub update: Vec<RecordUpdate>,
     pub prune: Vec<LabId>,
+    /// Written to the outbox with the changes; those of a suppressed lab
+    /// are dropped with it.
+    pub events: Vec<LabEvent>,
+}
+
+/// A page of a worker's lab records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabQuery {
+    /// Exact state, e.g. `STARTED`.
+    pub state: Option<String>,
+    /// Exact owner username.
+    pub owner: Option<String>,
+    /// Case-insensitive substring of the title.
+    pub title_contains: Option<String>,
+    /// Only labs with an id greater than this (the cursor).
+    pub after: Option<LabId>,
+    pub limit: usize,
 }
 
 /// What [`LabRepository::apply`] did.
@@ -149,6 +167,13 @@ pub trait LabRepository: Send + Sync {
     /// [`RepoError`].
     async fn list(&self, worker: &WorkerId) -> Result<Vec<LabRecord>, RepoError>;
 
+    /// Live records matching `query`, ordered by lab id, at most
+    /// `query.limit`, without their history.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn page(&self, worker: &WorkerId, query: &LabQuery) -> Result<Vec<LabRecord>, RepoError>;
+
     /// Writes a refresh's changes in bulk: creates and updates in one batch,
     /// every prune in one delete.
     ///
@@ -168,7 +193,9 @@ pub trait LabRepository: Send + Sync {
         history_limit: usize,
     ) -> Result<ApplyOutcome, RepoError>;
 
-    /// Appends to a live record's history; false if there is no live record.
+    /// Appends to a live record's history and writes `event` to the outbox
+    /// in the same write; false if there is no live record (the event is
+    /// written all the same).
     ///
     /// # Errors
     /// [`RepoError`].
@@ -178,10 +205,12 @@ pub trait LabRepository: Send + Sync {
         lab: &LabId,
         entry: HistoryEntry,
         history_limit: usize,
+        event: LabEvent,
     ) -> Result<bool, RepoError>;
 
     /// Replaces the lab's record, if any, with a tombstone (creating one if
-    /// there was no record). Returns whether a live record was there.
+    /// there was no record) and writes `event` to the outbox in the same
+    /// write. Returns whether a live record was there.
     ///
     /// # Errors
     /// [`RepoError`].
@@ -190,6 +219,7 @@ pub trait LabRepository: Send + Sync {
         worker: &WorkerId,
         lab: &LabId,
         tombstone: Tombstone,
+        event: LabEvent,
     ) -> Result<bool, RepoError>;
 
     /// Removes every record and tombstone of the worker; returns how many.
@@ -217,6 +247,17 @@ pub trait WorkerRepository: Send + Sync {
     /// # Errors
     /// [`RepoError`].
     async fn list(&self) -> Result<Vec<Worker>, RepoError>;
+
+    /// Replaces the worker's settings, and its password when one is given.
+    /// Returns whether the worker exists.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn update(
+        &self,
+        worker: &Worker,
+        password: Option<&SecretString>,
+    ) -> Result<bool, RepoError>;
 
     /// Returns whether the worker existed.
     ///
@@ -249,22 +290,27 @@ pub trait RefreshLease: Send + Sync {
     async fn release(&self, worker: &WorkerId, holder: &str) -> Result<(), RepoError>;
 }
 
-/// What labsync did to a lab, for the audit trail.
+/// What labsync did, for the audit trail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditAction {
     Delete,
     Prune,
+    Refresh,
+    WorkerAdded,
+    WorkerUpdated,
+    WorkerRemoved,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
-    /// Who asked: `cli:<user>`, an API token's name, or `refresh`.
+    /// Who asked: `cli:<user>`, `api:<token name>`, or `refresh`.
     pub actor: String,
     pub action: AuditAction,
     pub worker_id: WorkerId,
-    pub lab_id: LabId,
+    /// The lab, for lab actions.
+    pub lab_id: Option<LabId>,
     /// A short, stable word: `deleted`, `already_absent`, `refused_running`...
     pub outcome: String,
     pub detail: String,
@@ -277,7 +323,7 @@ pub trait AuditLog: Send + Sync {
     /// [`RepoError`].
     async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), RepoError>;
 
-    /// The newest entries first, for one lab or all.
+    /// The newest entries of a worker first, for one lab or all.
     ///
     /// # Errors
     /// [`RepoError`].

@@ -27,11 +27,14 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use labsync_domain::{Detail, Fetched, LabId, LabRecord, PrunePolicy, WorkerId, plan};
+use labsync_domain::{
+    Detail, Fetched, HistoryEntry, HistoryEvent, LabId, LabRecord, PrunePolicy, WorkerId, plan,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError};
+use crate::events::{LabEvent, LabEventKind};
 use crate::ports::{AuditAction, AuditEntry, RecordChanges, RecordUpdate, WorkerAccess};
 use crate::services::Services;
 
@@ -215,6 +218,7 @@ impl RefreshWorkerLabs {
         if let Err(e) = self.services.reports.store(&report).await {
             warn!(error = %e, "could not store the run report");
         }
+        self.services.observer.refresh_finished(&report);
         info!(
             status = ?report.status,
             created = report.created,
@@ -312,25 +316,53 @@ impl RefreshWorkerLabs {
             prune: plan.prune.clone(),
             ..RecordChanges::default()
         };
+        let event = |kind, lab, data| LabEvent::new(kind, worker_id, lab, now, data);
+        let discovered = |id, snapshot: labsync_domain::LabSnapshot| {
+            let data =
+                serde_json::json!({"title": snapshot.title, "state": snapshot.state.as_str()});
+            let e = event(LabEventKind::Discovered, id, data);
+            (
+                LabRecord::discovered(worker_id.clone(), id, snapshot, now),
+                e,
+            )
+        };
         for (id, snapshot) in plan.create {
-            changes
-                .create
-                .push(LabRecord::discovered(worker_id.clone(), id, snapshot, now));
+            let (record, e) = discovered(id, snapshot);
+            changes.create.push(record);
+            changes.events.push(e);
         }
         for (id, snapshot) in plan.update {
             match old.remove(&id) {
                 Some(mut record) => {
                     let entry = record.apply_change(snapshot, now, limit);
+                    if let Some(HistoryEntry {
+                        event: HistoryEvent::Changed { changes: fields },
+                        ..
+                    }) = &entry
+                    {
+                        let data = serde_json::json!({ "changes": fields });
+                        changes.events.push(event(LabEventKind::Changed, id, data));
+                        if let Some(state) = fields.iter().find(|c| c.field == "state") {
+                            let data = serde_json::json!({"from": state.old, "to": state.new});
+                            changes
+                                .events
+                                .push(event(LabEventKind::StateChanged, id, data));
+                        }
+                    }
                     changes.update.push(RecordUpdate { record, entry });
                 }
                 // Pruned or tombstoned since the index read: treat as new;
                 // the repository refuses it if it is a tombstone.
                 None => {
-                    changes
-                        .create
-                        .push(LabRecord::discovered(worker_id.clone(), id, snapshot, now))
+                    let (record, e) = discovered(id, snapshot);
+                    changes.create.push(record);
+                    changes.events.push(e);
                 }
             }
+        }
+        for id in &plan.prune {
+            let data = serde_json::json!({"reason": "gone from CML"});
+            changes.events.push(event(LabEventKind::Pruned, *id, data));
         }
         let pruned = changes.prune.clone();
         let outcome = s.labs.apply(worker_id, changes, limit).await?;
@@ -346,7 +378,7 @@ impl RefreshWorkerLabs {
                     actor: "refresh".into(),
                     action: AuditAction::Prune,
                     worker_id: worker_id.clone(),
-                    lab_id: *lab,
+                    lab_id: Some(*lab),
                     outcome: "pruned".into(),
                     detail: "gone from CML".into(),
                 })

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use labsync_domain::{DEFAULT_HISTORY_LIMIT, PrunePolicy};
 
+use crate::events::Observer;
 use crate::ports::{
     AuditLog, Clock, CmlGateway, LabRepository, RefreshLease, RunReports, WorkerRepository,
 };
@@ -52,6 +53,7 @@ pub struct Services {
     pub audit: Arc<dyn AuditLog>,
     pub reports: Arc<dyn RunReports>,
     pub clock: Arc<dyn Clock>,
+    pub observer: Arc<dyn Observer>,
     pub settings: CoreSettings,
 }
 

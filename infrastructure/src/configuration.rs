@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// The defaults shipped with the binary; the same file is checked in as
@@ -28,8 +28,127 @@ pub struct Settings {
     pub refresh: RefreshSettings,
     pub cml: CmlSettings,
     pub delete: DeleteSettings,
+    pub api: ApiSettings,
+    pub events: EventSettings,
     pub security: SecuritySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    pub listen: String,
+    pub body_limit_bytes: usize,
+    pub shutdown_grace_secs: u64,
+    /// `name:role:sha256hex` entries; see [`ApiToken::parse`].
+    pub tokens: Vec<String>,
+}
+
+/// Who may call the API, and what they may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Self::Viewer),
+            "operator" => Some(Self::Operator),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A configured API token: its name (for the audit log), role, and the
+/// SHA-256 of the token (the token itself is never stored).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: Role,
+    pub sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiToken {
+    /// Parses `name:role:sha256hex`.
+    ///
+    /// # Errors
+    /// A reason naming the entry by its name (never its hash).
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let mut parts = entry.trim().splitn(3, ':');
+        let (Some(name), Some(role), Some(hash)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err("each entry must be name:role:sha256-hex".into());
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "token name {name:?} must be letters, digits, - _ ."
+            ));
+        }
+        let role = Role::parse(role).ok_or_else(|| {
+            format!("token {name}: role must be viewer, operator or admin, not {role:?}")
+        })?;
+        let bytes = hex::decode(hash)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| format!("token {name}: the hash must be 64 hex digits (SHA-256)"))?;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&bytes);
+        Ok(Self {
+            name: name.to_owned(),
+            role,
+            sha256,
+        })
+    }
+}
+
+impl ApiSettings {
+    /// The configured tokens (validated at load).
+    pub fn parsed_tokens(&self) -> Vec<ApiToken> {
+        self.tokens
+            .iter()
+            .filter_map(|t| ApiToken::parse(t).ok())
+            .collect()
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// May carry a token in its query string: a secret.
+    pub sink_url: SecretString,
+    pub retention_secs: u64,
+    pub poll_interval_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_backoff_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +179,9 @@ pub struct DeleteSettings {
     pub tombstone_ttl_secs: u64,
     pub converge_timeout_secs: u64,
     pub converge_poll_ms: u64,
+    pub async_retry_base_ms: u64,
+    pub async_max_backoff_secs: u64,
+    pub async_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,7 +264,13 @@ impl Settings {
             builder = builder.add_source(File::from(path).required(true));
         }
         let settings: Settings = builder
-            .add_source(env.prefix_separator("__").separator("__").try_parsing(true))
+            .add_source(
+                env.prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("api.tokens"),
+            )
             .build()?
             .try_deserialize()?;
         settings.validate()?;
@@ -198,6 +326,46 @@ impl Settings {
         }
         if self.delete.converge_poll_ms == 0 {
             return invalid("delete.converge_poll_ms", "must be at least 1");
+        }
+        let mut names = std::collections::HashSet::new();
+        for entry in &self.api.tokens {
+            let token = ApiToken::parse(entry).map_err(|reason| ConfigError::Invalid {
+                key: "api.tokens",
+                reason,
+            })?;
+            if !names.insert(token.name.clone()) {
+                return invalid(
+                    "api.tokens",
+                    &format!("token name {} is used twice", token.name),
+                );
+            }
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("api.listen", "must be host:port, e.g. 127.0.0.1:8080");
+        }
+        if self.api.body_limit_bytes < 1024 {
+            return invalid("api.body_limit_bytes", "must be at least 1024");
+        }
+        for (key, v) in [
+            ("events.poll_interval_ms", self.events.poll_interval_ms),
+            ("events.request_timeout_ms", self.events.request_timeout_ms),
+            ("events.retention_secs", self.events.retention_secs),
+            (
+                "delete.async_retry_base_ms",
+                self.delete.async_retry_base_ms,
+            ),
+            ("delete.async_poll_ms", self.delete.async_poll_ms),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        let sink = self.events.sink_url.expose_secret();
+        if !(sink.is_empty() || sink.starts_with("http://") || sink.starts_with("https://")) {
+            return invalid(
+                "events.sink_url",
+                "must be an http:// or https:// URL, or empty",
+            );
         }
         if let Err(reason) =
             crate::crypto::PasswordCipher::from_setting(&self.security.encryption_key)
@@ -344,6 +512,9 @@ mod tests {
                 "c2hvcnQ=",
                 "security.encryption_key",
             ),
+            ("LABSYNC__API__TOKENS", "ui:superuser:00", "api.tokens"),
+            ("LABSYNC__API__LISTEN", "everywhere", "api.listen"),
+            ("LABSYNC__EVENTS__SINK_URL", "ftp://x", "events.sink_url"),
             (
                 "LABSYNC__SECURITY__ENCRYPTION_KEY",
                 "not base64!",
@@ -356,6 +527,30 @@ mod tests {
                 .to_string();
             assert!(err.contains(named), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn api_tokens_come_from_the_environment_as_a_list() {
+        let h = "ab".repeat(32);
+        let list = format!("ui:operator:{h},ops:admin:{h}");
+        let s = Settings::load_from(None, env(&[("LABSYNC__API__TOKENS", &list)])).unwrap();
+        let tokens = s.api.parsed_tokens();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(
+            (tokens[0].name.as_str(), tokens[0].role),
+            ("ui", Role::Operator)
+        );
+        assert_eq!(
+            (tokens[1].name.as_str(), tokens[1].role),
+            ("ops", Role::Admin)
+        );
+        assert!(
+            !format!("{tokens:?}").contains(&h[..8]),
+            "the hash is not printed"
+        );
+        let dup = format!("ui:operator:{h},ui:admin:{h}");
+        let err = Settings::load_from(None, env(&[("LABSYNC__API__TOKENS", &dup)])).unwrap_err();
+        assert!(err.to_string().contains("used twice"), "{err}");
     }
 
     #[test]

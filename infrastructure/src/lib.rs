@@ -12,6 +12,7 @@
 pub mod cml;
 pub mod configuration;
 pub mod crypto;
+pub mod metrics;
 pub mod mongo;
 pub mod scheduler;
 pub mod telemetry;

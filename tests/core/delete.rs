@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use labsync_application::domain::{
     Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabState, WorkerId,
 };
-use labsync_application::ports::{ApplyOutcome, LabRepository, RecordChanges, Tombstone};
-use labsync_application::{AppError, DeleteOutcomeKind, RepoError, RunStatus};
+use labsync_application::ports::{ApplyOutcome, LabQuery, LabRepository, RecordChanges, Tombstone};
+use labsync_application::{AppError, DeleteOutcomeKind, LabEvent, RepoError, RunStatus};
 use serde_json::json;
 
 use crate::helpers::{SEEDED_LABS, TestApp, eventually, ids};
@@ -124,7 +124,7 @@ async fn when_cml_fails_the_record_stays_and_the_attempt_is_in_its_history() {
         let out = t.delete(&id, false).await.unwrap();
         assert!(!out.lab_gone, "{faults}");
         match (&out.kind, *word) {
-            (DeleteOutcomeKind::CmlRefused { error }, "cml_refused") => {
+            (DeleteOutcomeKind::CmlRefused { error, .. }, "cml_refused") => {
                 assert!(error.contains("500"), "{error}")
             }
             (DeleteOutcomeKind::CmlUnreachable { .. }, "cml_unreachable") => {}
@@ -242,22 +242,32 @@ impl LabRepository for TombstoneFailsOnce {
     ) -> Result<ApplyOutcome, RepoError> {
         self.inner.apply(w, c, limit).await
     }
+    async fn page(&self, w: &WorkerId, q: &LabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        self.inner.page(w, q).await
+    }
     async fn add_history(
         &self,
         w: &WorkerId,
         l: &LabId,
         e: HistoryEntry,
         limit: usize,
+        ev: LabEvent,
     ) -> Result<bool, RepoError> {
-        self.inner.add_history(w, l, e, limit).await
+        self.inner.add_history(w, l, e, limit, ev).await
     }
-    async fn tombstone(&self, w: &WorkerId, l: &LabId, t: Tombstone) -> Result<bool, RepoError> {
+    async fn tombstone(
+        &self,
+        w: &WorkerId,
+        l: &LabId,
+        t: Tombstone,
+        ev: LabEvent,
+    ) -> Result<bool, RepoError> {
         if !self.failed.swap(true, Ordering::SeqCst) {
             return Err(RepoError::Unavailable(
                 "injected: database went away".into(),
             ));
         }
-        self.inner.tombstone(w, l, t).await
+        self.inner.tombstone(w, l, t, ev).await
     }
     async fn remove_worker(&self, w: &WorkerId) -> Result<u64, RepoError> {
         self.inner.remove_worker(w).await

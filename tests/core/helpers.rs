@@ -26,6 +26,23 @@ pub struct TestApp {
     pub overrides: Vec<(String, String)>,
 }
 
+/// API tokens of each role, for tests only.
+pub const VIEWER_TOKEN: &str = "test-viewer-token";
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+fn tokens_setting() -> String {
+    [
+        ("viewer", VIEWER_TOKEN),
+        ("operator", OPERATOR_TOKEN),
+        ("admin", ADMIN_TOKEN),
+    ]
+    .iter()
+    .map(|(role, t)| format!("{role}:{role}:{}", labsync::http::auth::hash_token(t)))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
 /// Labs in the simulator's default seed for one worker.
 pub const SEEDED_LABS: usize = 24;
 
@@ -56,6 +73,12 @@ impl TestApp {
             ("LABSYNC__DELETE__CONVERGE_POLL_MS".into(), "20".into()),
             ("LABSYNC__DELETE__CONVERGE_TIMEOUT_SECS".into(), "10".into()),
             ("LABSYNC__CML__REQUEST_TIMEOUT_MS".into(), "5000".into()),
+            ("LABSYNC__API__LISTEN".into(), "127.0.0.1:0".into()),
+            ("LABSYNC__API__TOKENS".into(), tokens_setting()),
+            ("LABSYNC__DELETE__ASYNC_RETRY_BASE_MS".into(), "50".into()),
+            ("LABSYNC__DELETE__ASYNC_POLL_MS".into(), "20".into()),
+            ("LABSYNC__EVENTS__POLL_INTERVAL_MS".into(), "20".into()),
+            ("LABSYNC__EVENTS__MAX_BACKOFF_SECS".into(), "1".into()),
         ];
         for (k, v) in extra {
             overrides.retain(|(key, _)| key != k);

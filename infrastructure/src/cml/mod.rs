@@ -21,6 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
 use crate::configuration::CmlSettings;
+use crate::metrics::Metrics;
 
 pub use wire::{parse_lab_details, parse_lab_ids};
 
@@ -29,13 +30,15 @@ pub use wire::{parse_lab_details, parse_lab_ids};
 pub struct CmlHttpGateway {
     settings: CmlSettings,
     clients: Mutex<HashMap<WorkerId, Arc<CmlClient>>>,
+    metrics: Metrics,
 }
 
 impl CmlHttpGateway {
-    pub fn new(settings: CmlSettings) -> Self {
+    pub fn new(settings: CmlSettings, metrics: Metrics) -> Self {
         Self {
             settings,
             clients: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -47,7 +50,12 @@ impl CmlHttpGateway {
         {
             return Ok(c.clone());
         }
-        let client = Arc::new(CmlClient::new(access, fingerprint, &self.settings)?);
+        let client = Arc::new(CmlClient::new(
+            access,
+            fingerprint,
+            &self.settings,
+            self.metrics.clone(),
+        )?);
         clients.insert(access.worker.id.clone(), client.clone());
         Ok(client)
     }
@@ -95,6 +103,7 @@ struct CmlClient {
     password: SecretString,
     /// Held across a login so that concurrent requests log in once.
     token: tokio::sync::Mutex<Option<String>>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for CmlClient {
@@ -154,6 +163,22 @@ fn describe(body: &[u8]) -> String {
     }
 }
 
+/// A bounded metric label for a CML call.
+fn endpoint_label(method: &Method, path: &str) -> &'static str {
+    let path = path.split('?').next().unwrap_or(path);
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        (_, ["authenticate"]) => "authenticate",
+        ("GET", ["labs"]) => "list_labs",
+        ("GET", ["labs", _]) => "lab_details",
+        ("DELETE", ["labs", _]) => "delete_lab",
+        ("GET", ["labs", _, "state"]) => "lab_state",
+        ("GET", ["labs", _, "check_if_converged"]) => "converged",
+        ("PUT", ["labs", _, _]) => "lab_action",
+        _ => "other",
+    }
+}
+
 fn status_error(a: &Answer) -> CmlError {
     let description = describe(&a.body);
     let status = a.status.as_u16();
@@ -179,6 +204,7 @@ impl CmlClient {
         access: &WorkerAccess,
         fingerprint: Fingerprint,
         settings: &CmlSettings,
+        metrics: Metrics,
     ) -> Result<Self, CmlError> {
         let w = &access.worker;
         let mut builder = reqwest::Client::builder()
@@ -215,6 +241,7 @@ impl CmlClient {
             username: w.username.clone(),
             password: access.password.clone(),
             token: tokio::sync::Mutex::new(None),
+            metrics,
         })
     }
 
@@ -225,6 +252,7 @@ impl CmlClient {
         token: Option<&str>,
         json: Option<serde_json::Value>,
     ) -> Result<Answer, CmlError> {
+        let mut timer = self.metrics.cml_request(endpoint_label(&method, path));
         let mut req = self.http.request(method, format!("{}{path}", self.api));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -235,6 +263,7 @@ impl CmlClient {
         let resp = req.send().await.map_err(|e| transport_error(&e))?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| transport_error(&e))?;
+        timer.status(status.as_u16());
         Ok(Answer { status, body })
     }
 

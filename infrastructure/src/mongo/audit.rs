@@ -18,7 +18,7 @@ struct AuditDoc {
     actor: String,
     action: AuditAction,
     worker_id: WorkerId,
-    lab_id: LabId,
+    lab_id: Option<LabId>,
     outcome: String,
     detail: String,
 }

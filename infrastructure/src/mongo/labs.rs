@@ -6,36 +6,57 @@
 //! tombstone holds the (worker_id, lab_id) key, the filter does not match,
 //! the upsert tries to insert, and the unique index refuses it with E11000.
 //! That makes "never write over a tombstone" atomic without transactions.
+//!
+//! Each write carries its lab events to the outbox in the same client bulk
+//! write (one command to the server); see [`super::outbox`].
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use labsync_application::RepoError;
-use labsync_application::ports::{ApplyOutcome, LabRepository, RecordChanges, Tombstone};
+use labsync_application::ports::{ApplyOutcome, LabQuery, LabRepository, RecordChanges, Tombstone};
+use labsync_application::{LabEvent, RepoError};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
 use mongodb::bson::{Document, doc};
-use mongodb::options::{ReturnDocument, UpdateOneModel, WriteModel};
+use mongodb::options::{
+    DeleteManyModel, InsertOneModel, ReplaceOneModel, UpdateOneModel, WriteModel,
+};
 use mongodb::{Collection, Database};
 
 use super::convert::{LabDoc, date, history_bson, parse_hash, snapshot_fields, to_i64};
-use super::{DUPLICATE_KEY, collections, map_error};
+use super::{DUPLICATE_KEY, collections, map_error, outbox};
 
 #[derive(Debug, Clone)]
 pub struct MongoLabRepository {
     db: Database,
     docs: Collection<Document>,
     records: Collection<LabDoc>,
+    /// How long outbox events are kept.
+    retention: std::time::Duration,
 }
 
 impl MongoLabRepository {
-    pub fn new(db: &Database) -> Self {
+    pub fn new(db: &Database, event_retention: std::time::Duration) -> Self {
         Self {
             db: db.clone(),
             docs: db.collection(collections::LABS),
             records: db.collection(collections::LABS),
+            retention: event_retention,
         }
     }
+}
+
+/// Escapes a user's search text for a MongoDB regular expression, so that
+/// it matches literally (and cannot be a costly pattern).
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\^$.|?*+()[]{}-/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn key(worker: &WorkerId, lab: &LabId) -> Document {
@@ -118,6 +139,37 @@ impl LabRepository for MongoLabRepository {
         docs.into_iter().map(LabDoc::into_record).collect()
     }
 
+    async fn page(&self, worker: &WorkerId, q: &LabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        let mut filter = doc! {"worker_id": worker.as_str(), "tombstone": {"$exists": false}};
+        if let Some(state) = &q.state {
+            filter.insert("state", state);
+        }
+        if let Some(owner) = &q.owner {
+            filter.insert("owner_username", owner);
+        }
+        if let Some(text) = &q.title_contains {
+            filter.insert(
+                "title",
+                doc! {"$regex": regex_escape(text), "$options": "i"},
+            );
+        }
+        if let Some(after) = &q.after {
+            filter.insert("lab_id", doc! {"$gt": after.as_str()});
+        }
+        let docs: Vec<LabDoc> = self
+            .records
+            .find(filter)
+            .projection(doc! {"history": 0})
+            .sort(doc! {"lab_id": 1})
+            .limit(i64::try_from(q.limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        docs.into_iter().map(LabDoc::into_record).collect()
+    }
+
     async fn apply(
         &self,
         worker: &WorkerId,
@@ -126,10 +178,30 @@ impl LabRepository for MongoLabRepository {
     ) -> Result<ApplyOutcome, RepoError> {
         let mut outcome = ApplyOutcome::default();
         let ns = self.docs.namespace();
-        let mut models: Vec<WriteModel> =
-            Vec::with_capacity(changes.create.len() + changes.update.len());
-        // Which lab each model writes, and whether it is a create.
-        let mut targets: Vec<(LabId, bool)> = Vec::with_capacity(models.capacity());
+        let outbox = outbox::namespace(&self.db);
+        let mut models: Vec<WriteModel> = Vec::new();
+        // What each model is: a lab write (and whether it creates), or an event.
+        let mut targets: Vec<Option<(LabId, bool)>> = Vec::new();
+        let mut events_by_lab: HashMap<LabId, Vec<&LabEvent>> = HashMap::new();
+        for e in &changes.events {
+            events_by_lab.entry(e.lab_id).or_default().push(e);
+        }
+        let mut push_events = |lab: &LabId,
+                               models: &mut Vec<WriteModel>,
+                               targets: &mut Vec<Option<(LabId, bool)>>|
+         -> Result<(), RepoError> {
+            for e in events_by_lab.remove(lab).unwrap_or_default() {
+                models.push(
+                    InsertOneModel::builder()
+                        .namespace(outbox.clone())
+                        .document(outbox::outbox_doc(e, self.retention)?)
+                        .build()
+                        .into(),
+                );
+                targets.push(None);
+            }
+            Ok(())
+        };
         for record in &changes.create {
             let full = mongodb::bson::to_document(&LabDoc::from_record(record))
                 .map_err(|e| RepoError::Other(e.to_string()))?;
@@ -142,7 +214,8 @@ impl LabRepository for MongoLabRepository {
                     .build()
                     .into(),
             );
-            targets.push((record.lab_id, true));
+            targets.push(Some((record.lab_id, true)));
+            push_events(&record.lab_id, &mut models, &mut targets)?;
         }
         for u in &changes.update {
             let r = &u.record;
@@ -165,63 +238,87 @@ impl LabRepository for MongoLabRepository {
                     .build()
                     .into(),
             );
-            targets.push((r.lab_id, false));
-        }
-        if !models.is_empty() {
-            let result = self
-                .db
-                .client()
-                .bulk_write(models)
-                .ordered(false)
-                .verbose_results()
-                .await;
-            let (results, errors) = match result {
-                Ok(r) => (Some(r), HashMap::new()),
-                Err(e) => match *e.kind {
-                    // Only duplicate keys (tombstones) are expected; anything
-                    // else, or an error beside the write errors, fails the batch.
-                    mongodb::error::ErrorKind::BulkWrite(ref cbw)
-                        if std::error::Error::source(&e).is_none() =>
-                    {
-                        let partial = cbw.partial_result.clone().and_then(|p| match p {
-                            mongodb::error::PartialBulkWriteResult::Verbose(v) => Some(v),
-                            mongodb::error::PartialBulkWriteResult::Summary(_) => None,
-                        });
-                        if cbw.write_errors.values().any(|w| w.code != DUPLICATE_KEY)
-                            || !cbw.write_concern_errors.is_empty()
-                        {
-                            return Err(map_error(e));
-                        }
-                        (partial, cbw.write_errors.clone())
-                    }
-                    _ => return Err(map_error(e)),
-                },
-            };
-            for (i, (lab, is_create)) in targets.iter().enumerate() {
-                if errors.contains_key(&i) {
-                    outcome.suppressed.push(*lab);
-                    continue;
-                }
-                let Some(r) = results.as_ref().and_then(|r| r.update_results.get(&i)) else {
-                    continue;
-                };
-                if *is_create {
-                    if r.upserted_id.is_some() {
-                        outcome.created += 1;
-                    }
-                } else if r.matched_count > 0 || r.upserted_id.is_some() {
-                    outcome.updated += 1;
-                }
-            }
+            targets.push(Some((r.lab_id, false)));
+            push_events(&r.lab_id, &mut models, &mut targets)?;
         }
         if !changes.prune.is_empty() {
             let ids: Vec<&str> = changes.prune.iter().map(LabId::as_str).collect();
-            let deleted = self
-                .docs
-                .delete_many(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": false}})
+            models.push(
+                DeleteManyModel::builder()
+                    .namespace(ns.clone())
+                    .filter(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": false}})
+                    .build()
+                    .into(),
+            );
+            targets.push(None);
+            for lab in &changes.prune {
+                push_events(lab, &mut models, &mut targets)?;
+            }
+        }
+        if models.is_empty() {
+            return Ok(outcome);
+        }
+        let result = self
+            .db
+            .client()
+            .bulk_write(models)
+            .ordered(false)
+            .verbose_results()
+            .await;
+        let (results, errors) = match result {
+            Ok(r) => (Some(r), HashMap::new()),
+            Err(e) => match *e.kind {
+                // Only duplicate keys (tombstones) are expected; anything
+                // else, or an error beside the write errors, fails the batch.
+                mongodb::error::ErrorKind::BulkWrite(ref bw)
+                    if std::error::Error::source(&e).is_none()
+                        && bw.write_concern_errors.is_empty()
+                        && bw.write_errors.values().all(|w| w.code == DUPLICATE_KEY) =>
+                {
+                    let partial = bw.partial_result.clone().and_then(|p| match p {
+                        mongodb::error::PartialBulkWriteResult::Verbose(v) => Some(v),
+                        mongodb::error::PartialBulkWriteResult::Summary(_) => None,
+                    });
+                    (partial, bw.write_errors.clone())
+                }
+                _ => return Err(map_error(e)),
+            },
+        };
+        for (i, target) in targets.iter().enumerate() {
+            let Some((lab, is_create)) = target else {
+                continue;
+            };
+            if errors.contains_key(&i) {
+                outcome.suppressed.push(*lab);
+                continue;
+            }
+            let Some(r) = results.as_ref().and_then(|r| r.update_results.get(&i)) else {
+                continue;
+            };
+            if *is_create {
+                if r.upserted_id.is_some() {
+                    outcome.created += 1;
+                }
+            } else if r.matched_count > 0 || r.upserted_id.is_some() {
+                outcome.updated += 1;
+            }
+        }
+        if let Some(r) = &results {
+            outcome.pruned = r.delete_results.values().map(|d| d.deleted_count).sum();
+        }
+        if !outcome.suppressed.is_empty() {
+            // The lab stays deleted: so must its events (see outbox caveats).
+            let ids: Vec<&str> = changes
+                .events
+                .iter()
+                .filter(|e| outcome.suppressed.contains(&e.lab_id))
+                .map(|e| e.id.as_str())
+                .collect();
+            self.db
+                .collection::<Document>(collections::OUTBOX)
+                .delete_many(doc! {"_id": {"$in": ids}})
                 .await
                 .map_err(map_error)?;
-            outcome.pruned = deleted.deleted_count;
         }
         Ok(outcome)
     }
@@ -232,13 +329,26 @@ impl LabRepository for MongoLabRepository {
         lab: &LabId,
         entry: HistoryEntry,
         history_limit: usize,
+        event: LabEvent,
     ) -> Result<bool, RepoError> {
+        let models: Vec<WriteModel> = vec![
+            UpdateOneModel::builder()
+                .namespace(self.docs.namespace())
+                .filter(live(worker, lab))
+                .update(doc! {"$push": history_push(&entry, history_limit)?})
+                .build()
+                .into(),
+            InsertOneModel::builder()
+                .namespace(outbox::namespace(&self.db))
+                .document(outbox::outbox_doc(&event, self.retention)?)
+                .build()
+                .into(),
+        ];
         let r = self
-            .docs
-            .update_one(
-                live(worker, lab),
-                doc! {"$push": history_push(&entry, history_limit)?},
-            )
+            .db
+            .client()
+            .bulk_write(models)
+            .ordered(true)
             .await
             .map_err(map_error)?;
         Ok(r.matched_count > 0)
@@ -249,20 +359,35 @@ impl LabRepository for MongoLabRepository {
         worker: &WorkerId,
         lab: &LabId,
         t: Tombstone,
+        event: LabEvent,
     ) -> Result<bool, RepoError> {
         let mut replacement = key(worker, lab);
         replacement.insert(
             "tombstone",
             doc! {"deleted_at": date(t.deleted_at), "deleted_by": t.deleted_by, "expires_at": date(t.expires_at)},
         );
-        let before = self
-            .docs
-            .find_one_and_replace(key(worker, lab), replacement)
-            .upsert(true)
-            .return_document(ReturnDocument::Before)
+        let models: Vec<WriteModel> = vec![
+            ReplaceOneModel::builder()
+                .namespace(self.docs.namespace())
+                .filter(key(worker, lab))
+                .replacement(replacement)
+                .upsert(true)
+                .build()
+                .into(),
+            InsertOneModel::builder()
+                .namespace(outbox::namespace(&self.db))
+                .document(outbox::outbox_doc(&event, self.retention)?)
+                .build()
+                .into(),
+        ];
+        let r = self
+            .db
+            .client()
+            .bulk_write(models)
+            .ordered(true)
             .await
             .map_err(map_error)?;
-        Ok(before.is_some_and(|d| !d.contains_key("tombstone")))
+        Ok(r.matched_count > 0)
     }
 
     async fn remove_worker(&self, worker: &WorkerId) -> Result<u64, RepoError> {

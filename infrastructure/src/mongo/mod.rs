@@ -16,12 +16,15 @@ use crate::configuration::MongoSettings;
 
 mod audit;
 mod convert;
+mod delete_requests;
 mod labs;
 mod lease;
+pub mod outbox;
 mod reports;
 mod workers;
 
 pub use audit::MongoAuditLog;
+pub use delete_requests::MongoDeleteRequests;
 pub use labs::MongoLabRepository;
 pub use lease::MongoRefreshLease;
 pub use reports::MongoRunReports;
@@ -76,6 +79,10 @@ pub mod collections {
     pub const AUDIT: &str = "audit";
     pub const REFRESH_RUNS: &str = "refresh_runs";
     pub const LEASES: &str = "leases";
+    /// Lab events waiting for (or done with) delivery.
+    pub const OUTBOX: &str = "outbox";
+    /// Deletes requested with `mode=async`.
+    pub const DELETE_REQUESTS: &str = "delete_requests";
 }
 
 /// Creates every index labsync relies on. Run at start-up, before serving:
@@ -123,6 +130,18 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
     .map_err(map_error)?;
     db.collection::<Document>(collections::LEASES)
         .create_index(ttl(doc! {"expires_at": 1}, "lease_ttl"))
+        .await
+        .map_err(map_error)?;
+    let outbox = db.collection::<Document>(collections::OUTBOX);
+    outbox
+        .create_indexes([
+            ttl(doc! {"expires_at": 1}, "outbox_ttl"),
+            named(doc! {"status": 1, "next_attempt_at": 1}, "due"),
+        ])
+        .await
+        .map_err(map_error)?;
+    db.collection::<Document>(collections::DELETE_REQUESTS)
+        .create_index(named(doc! {"status": 1, "next_attempt_at": 1}, "due"))
         .await
         .map_err(map_error)?;
     db.collection::<Document>(collections::AUDIT)

@@ -164,6 +164,37 @@ impl WorkerRepository for MongoWorkerRepository {
         docs.iter().map(WorkerDoc::worker).collect()
     }
 
+    async fn update(
+        &self,
+        worker: &Worker,
+        password: Option<&SecretString>,
+    ) -> Result<bool, RepoError> {
+        let mut set = doc! {
+            "name": &worker.name,
+            "base_url": &worker.base_url,
+            "username": &worker.username,
+            "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
+            "insecure": worker.tls.insecure,
+            "enabled": worker.enabled,
+        };
+        if let Some(password) = password {
+            let sealed = self
+                .cipher()?
+                .seal(password, worker.id.as_str())
+                .map_err(RepoError::Other)?;
+            set.insert(
+                "password",
+                doc! {"nonce": binary(sealed.nonce), "ciphertext": binary(sealed.ciphertext)},
+            );
+        }
+        let r = self
+            .workers
+            .update_one(doc! {"_id": worker.id.as_str()}, doc! {"$set": set})
+            .await
+            .map_err(map_error)?;
+        Ok(r.matched_count > 0)
+    }
+
     async fn remove(&self, id: &WorkerId) -> Result<bool, RepoError> {
         let r = self
             .workers

@@ -1,0 +1,270 @@
+//! Asynchronous deletes: a delete request is stored, then carried out by a
+//! background worker that retries with capped exponential backoff until CML
+//! confirms (the lab is gone) or a permanent error ends it.
+//!
+//! # Guarantees
+//! - A request is `done` only when the lab is gone in CML and its record is
+//!   a tombstone; `failed` only for errors retrying cannot fix (the lab is
+//!   running and `force` was not asked, CML refused with a 4xx, the worker
+//!   is unknown).
+//! - A process that dies while running a request leaves it claimed until
+//!   the claim expires; another worker then takes it again. Deletes are
+//!   idempotent, so running one twice is harmless.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use labsync_domain::{LabId, WorkerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::delete::DeleteLab;
+use crate::errors::{AppError, RepoError};
+use crate::services::Services;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteRequestStatus {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+/// A stored delete request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub id: String,
+    pub worker_id: WorkerId,
+    pub lab_id: LabId,
+    pub force: bool,
+    pub requested_by: String,
+    pub status: DeleteRequestStatus,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    /// The final outcome of the delete, as the synchronous API returns it.
+    pub outcome: Option<serde_json::Value>,
+}
+
+/// Stored delete requests.
+#[async_trait]
+pub trait DeleteRequests: Send + Sync {
+    /// # Errors
+    /// [`RepoError`].
+    async fn create(&self, request: &DeleteRequest) -> Result<(), RepoError>;
+
+    /// # Errors
+    /// [`RepoError`].
+    async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError>;
+
+    /// Takes one due request (pending and due, or running with an expired
+    /// claim), marks it running, claimed for `hold`.
+    ///
+    /// MUST be atomic across processes: a request is claimed by one worker.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<Option<DeleteRequest>, RepoError>;
+
+    /// Stores the request's new state.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn save(&self, request: &DeleteRequest) -> Result<(), RepoError>;
+}
+
+/// Tunables of the retry loop.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max_backoff: Duration,
+    pub poll: Duration,
+    /// How long a claim lasts before another worker may take the request.
+    pub claim: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            poll: Duration::from_millis(500),
+            claim: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// base, 2 base, 4 base, ... capped at `max_backoff`.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// Submits and runs asynchronous deletes.
+#[derive(Clone)]
+pub struct DeleteQueue {
+    services: Services,
+    requests: std::sync::Arc<dyn DeleteRequests>,
+    policy: RetryPolicy,
+}
+
+impl std::fmt::Debug for DeleteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeleteQueue")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeleteQueue {
+    pub fn new(
+        services: Services,
+        requests: std::sync::Arc<dyn DeleteRequests>,
+        policy: RetryPolicy,
+    ) -> Self {
+        Self {
+            services,
+            requests,
+            policy,
+        }
+    }
+
+    /// Stores a request; the background worker carries it out.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], or [`AppError::Repository`].
+    pub async fn submit(&self, cmd: &DeleteLab) -> Result<DeleteRequest, AppError> {
+        if self.services.workers.get(&cmd.worker_id).await?.is_none() {
+            return Err(AppError::UnknownWorker(cmd.worker_id.clone()));
+        }
+        let now = self.services.clock.now();
+        let request = DeleteRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            worker_id: cmd.worker_id.clone(),
+            lab_id: cmd.lab_id,
+            force: cmd.force,
+            requested_by: cmd.requested_by.clone(),
+            status: DeleteRequestStatus::Pending,
+            attempts: 0,
+            created_at: now,
+            updated_at: now,
+            next_attempt_at: now,
+            last_error: None,
+            outcome: None,
+        };
+        self.requests.create(&request).await?;
+        Ok(request)
+    }
+
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, AppError> {
+        Ok(self.requests.get(id).await?)
+    }
+
+    /// Runs every due request once; returns how many were attempted.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`] when the requests cannot be read or saved.
+    pub async fn run_due(&self) -> Result<usize, AppError> {
+        let mut n = 0;
+        while let Some(mut request) = self
+            .requests
+            .claim_due(self.services.clock.now(), self.policy.claim)
+            .await?
+        {
+            n += 1;
+            self.attempt(&mut request).await;
+            self.requests.save(&request).await?;
+        }
+        Ok(n)
+    }
+
+    async fn attempt(&self, r: &mut DeleteRequest) {
+        r.attempts += 1;
+        let result = DeleteLab {
+            worker_id: r.worker_id.clone(),
+            lab_id: r.lab_id,
+            force: r.force,
+            requested_by: r.requested_by.clone(),
+        }
+        .execute(&self.services)
+        .await;
+        let now = self.services.clock.now();
+        r.updated_at = now;
+        let retry = match result {
+            Ok(outcome) => {
+                let retry = !outcome.lab_gone && outcome.kind.is_retryable();
+                r.last_error = (!outcome.lab_gone).then(|| outcome.message.clone());
+                r.outcome = serde_json::to_value(&outcome).ok();
+                r.status = if outcome.lab_gone {
+                    DeleteRequestStatus::Done
+                } else {
+                    DeleteRequestStatus::Failed
+                };
+                retry
+            }
+            Err(e) => {
+                r.last_error = Some(e.to_string());
+                r.status = DeleteRequestStatus::Failed;
+                matches!(
+                    e,
+                    AppError::Repository(_) | AppError::RecordCleanupPending(_)
+                )
+            }
+        };
+        if retry {
+            r.status = DeleteRequestStatus::Pending;
+            let wait = self.policy.backoff(r.attempts);
+            r.next_attempt_at =
+                now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60));
+            warn!(request_id = %r.id, attempts = r.attempts, error = r.last_error.as_deref().unwrap_or(""), "async delete will be retried");
+        } else {
+            info!(request_id = %r.id, status = ?r.status, attempts = r.attempts, "async delete finished");
+        }
+    }
+
+    /// Runs due requests every `poll` until `stop` turns true; the request
+    /// in progress, if any, is finished first.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.run_due().await {
+                warn!(error = %e, "async deletes could not be processed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.policy.poll) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_is_capped() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        };
+        let got: Vec<u128> = (1..=6).map(|n| p.backoff(n).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.backoff(u32::MAX), Duration::from_secs(1));
+    }
+}

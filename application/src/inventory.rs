@@ -1,0 +1,300 @@
+//! The inventory as people see it: workers with their sync state, a
+//! worker's labs page by page, one lab with its history and audit trail;
+//! and the admin's changes to workers. Reads come from the store only,
+//! never live from CML.
+
+use labsync_domain::{LabId, LabRecord, Worker, WorkerId};
+use secrecy::SecretString;
+use serde::Serialize;
+
+use crate::errors::{AppError, RepoError};
+use crate::ports::{AuditAction, AuditEntry, LabQuery};
+use crate::refresh::{RunReport, RunStatus};
+use crate::services::Services;
+
+/// How a worker's inventory stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    Disabled,
+    NeverSynced,
+    Synced,
+    /// The last run failed; the inventory may be stale.
+    Failing,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerOverview {
+    pub worker: Worker,
+    pub sync_state: SyncState,
+    pub last_run: Option<RunReport>,
+}
+
+/// Largest page a caller may ask for.
+pub const MAX_PAGE: usize = 1000;
+pub const DEFAULT_PAGE: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct LabPage {
+    pub items: Vec<LabRecord>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next_cursor: Option<LabId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LabDetail {
+    pub record: LabRecord,
+    pub audit: Vec<AuditEntry>,
+}
+
+/// Changes to a worker; absent fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerChanges {
+    pub name: Option<String>,
+    pub base_url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    /// `Some(None)` removes the CA bundle.
+    pub ca_cert_pem: Option<Option<String>>,
+    pub insecure: Option<bool>,
+    pub enabled: Option<bool>,
+}
+
+/// Queries and admin commands over the inventory.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    services: Services,
+}
+
+impl Inventory {
+    pub fn new(services: Services) -> Self {
+        Self { services }
+    }
+
+    async fn require_worker(&self, id: &WorkerId) -> Result<Worker, AppError> {
+        Ok(self
+            .services
+            .workers
+            .get(id)
+            .await?
+            .ok_or_else(|| AppError::UnknownWorker(id.clone()))?
+            .worker)
+    }
+
+    async fn audit(&self, actor: &str, action: AuditAction, worker: &WorkerId, detail: String) {
+        let entry = AuditEntry {
+            at: self.services.clock.now(),
+            actor: actor.to_owned(),
+            action,
+            worker_id: worker.clone(),
+            lab_id: None,
+            outcome: "done".into(),
+            detail,
+        };
+        if let Err(e) = self.services.audit.record(vec![entry]).await {
+            tracing::warn!(error = %e, "could not write the audit entry");
+        }
+    }
+
+    /// Every worker, with its last run and sync state.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn workers(&self) -> Result<Vec<WorkerOverview>, AppError> {
+        let workers = self.services.workers.list().await?;
+        let mut out = Vec::with_capacity(workers.len());
+        for worker in workers {
+            out.push(self.overview(worker).await?);
+        }
+        Ok(out)
+    }
+
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::Repository`].
+    pub async fn worker(&self, id: &WorkerId) -> Result<WorkerOverview, AppError> {
+        let worker = self.require_worker(id).await?;
+        self.overview(worker).await
+    }
+
+    async fn overview(&self, worker: Worker) -> Result<WorkerOverview, AppError> {
+        // The last run that did something: skips say nothing about the inventory.
+        let last_run = self
+            .services
+            .reports
+            .recent(Some(&worker.id), 10)
+            .await?
+            .into_iter()
+            .find(|r| r.status != RunStatus::Skipped && !r.dry_run);
+        let sync_state = match (&last_run, worker.enabled) {
+            (_, false) => SyncState::Disabled,
+            (None, _) => SyncState::NeverSynced,
+            (Some(r), _) if r.status == RunStatus::Failed => SyncState::Failing,
+            _ => SyncState::Synced,
+        };
+        Ok(WorkerOverview {
+            worker,
+            sync_state,
+            last_run,
+        })
+    }
+
+    /// # Errors
+    /// [`AppError::WorkerExists`], [`AppError::Repository`].
+    pub async fn register(
+        &self,
+        worker: Worker,
+        password: SecretString,
+        actor: &str,
+    ) -> Result<WorkerOverview, AppError> {
+        match self.services.workers.add(&worker, &password).await {
+            Ok(()) => {}
+            Err(RepoError::Duplicate(_)) => return Err(AppError::WorkerExists(worker.id)),
+            Err(e) => return Err(e.into()),
+        }
+        self.audit(
+            actor,
+            AuditAction::WorkerAdded,
+            &worker.id,
+            format!("url {}", worker.base_url),
+        )
+        .await;
+        self.overview(worker).await
+    }
+
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::Invalid`], [`AppError::Repository`].
+    pub async fn update(
+        &self,
+        id: &WorkerId,
+        changes: WorkerChanges,
+        actor: &str,
+    ) -> Result<WorkerOverview, AppError> {
+        let mut worker = self.require_worker(id).await?;
+        let mut changed: Vec<&str> = Vec::new();
+        if let Some(v) = changes.name {
+            worker.name = v;
+            changed.push("name");
+        }
+        if let Some(v) = changes.base_url {
+            worker.base_url = labsync_domain::parse_base_url(&v).map_err(AppError::Invalid)?;
+            changed.push("base_url");
+        }
+        if let Some(v) = changes.username {
+            worker.username = v;
+            changed.push("username");
+        }
+        if let Some(v) = changes.ca_cert_pem {
+            worker.tls.ca_cert_pem = v;
+            changed.push("ca_cert_pem");
+        }
+        if let Some(v) = changes.insecure {
+            worker.tls.insecure = v;
+            changed.push("insecure");
+        }
+        if let Some(v) = changes.enabled {
+            worker.enabled = v;
+            changed.push("enabled");
+        }
+        if changes.password.is_some() {
+            changed.push("password");
+        }
+        if worker.tls.insecure && worker.tls.ca_cert_pem.is_some() {
+            return Err(AppError::Invalid(
+                "a worker has a CA bundle or is insecure, not both".into(),
+            ));
+        }
+        if !self
+            .services
+            .workers
+            .update(&worker, changes.password.as_ref())
+            .await?
+        {
+            return Err(AppError::UnknownWorker(id.clone()));
+        }
+        self.audit(
+            actor,
+            AuditAction::WorkerUpdated,
+            id,
+            format!("changed {}", changed.join(", ")),
+        )
+        .await;
+        self.overview(worker).await
+    }
+
+    /// Removes the worker and every record of its labs; returns how many
+    /// records went.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::Repository`].
+    pub async fn remove(&self, id: &WorkerId, actor: &str) -> Result<u64, AppError> {
+        if !self.services.workers.remove(id).await? {
+            return Err(AppError::UnknownWorker(id.clone()));
+        }
+        let records = self.services.labs.remove_worker(id).await?;
+        self.audit(
+            actor,
+            AuditAction::WorkerRemoved,
+            id,
+            format!("{records} lab records removed"),
+        )
+        .await;
+        Ok(records)
+    }
+
+    /// A page of a worker's labs, in lab id order.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::Invalid`] for a bad limit,
+    /// [`AppError::Repository`].
+    pub async fn labs(&self, id: &WorkerId, mut query: LabQuery) -> Result<LabPage, AppError> {
+        if query.limit == 0 || query.limit > MAX_PAGE {
+            return Err(AppError::Invalid(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        self.require_worker(id).await?;
+        let limit = query.limit;
+        // One more than asked tells whether there is a next page.
+        query.limit += 1;
+        let mut items = self.services.labs.page(id, &query).await?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.lab_id)
+        } else {
+            None
+        };
+        Ok(LabPage { items, next_cursor })
+    }
+
+    /// One lab with its history and its audit trail.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::UnknownLab`], [`AppError::Repository`].
+    pub async fn lab(&self, id: &WorkerId, lab: &LabId) -> Result<LabDetail, AppError> {
+        self.require_worker(id).await?;
+        let record = self
+            .services
+            .labs
+            .get(id, lab)
+            .await?
+            .ok_or_else(|| AppError::UnknownLab(id.clone(), *lab))?;
+        let audit = self.services.audit.recent(id, Some(lab), 50).await?;
+        Ok(LabDetail { record, audit })
+    }
+
+    /// Recent run reports, newest first.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn runs(
+        &self,
+        worker: Option<&WorkerId>,
+        limit: usize,
+    ) -> Result<Vec<RunReport>, AppError> {
+        Ok(self
+            .services
+            .reports
+            .recent(worker, limit.clamp(1, MAX_PAGE))
+            .await?)
+    }
+}

@@ -1,0 +1,292 @@
+//! Prometheus metrics. Labels are bounded: outcomes, endpoints and status
+//! classes are fixed words, and the only open label, `worker_id`, has one
+//! value per registered worker.
+
+use std::time::Instant;
+
+use labsync_application::{Observer, RunReport, RunStatus};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every labsync metric, in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    refresh_runs: IntCounterVec,
+    refresh_duration: HistogramVec,
+    lab_changes: IntCounterVec,
+    deletes: IntCounterVec,
+    cml_requests: IntCounterVec,
+    cml_latency: HistogramVec,
+    last_success: GaugeVec,
+    lease_skips: IntCounter,
+    http_requests: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("labsync".into()), None).expect("valid prefix");
+        let last_success = GaugeVec::new(
+            Opts::new(
+                "last_successful_refresh_timestamp_seconds",
+                "When each worker last refreshed successfully (Unix time).",
+            ),
+            &["worker_id"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(last_success.clone()))
+            .expect("unique metric");
+        let lease_skips = IntCounter::new(
+            "refresh_lease_skips_total",
+            "Refreshes skipped because another held the worker's lease.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(lease_skips.clone()))
+            .expect("unique metric");
+        Self {
+            refresh_runs: counter(
+                &registry,
+                "refresh_runs_total",
+                "Refresh runs by status.",
+                &["status"],
+            ),
+            refresh_duration: histogram(
+                &registry,
+                "refresh_duration_seconds",
+                "Duration of one worker's refresh.",
+                &["status"],
+                vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                ],
+            ),
+            lab_changes: counter(
+                &registry,
+                "lab_changes_total",
+                "Labs created, updated, pruned, held, failed or suppressed by refreshes.",
+                &["kind"],
+            ),
+            deletes: counter(
+                &registry,
+                "deletes_total",
+                "Lab deletes by outcome.",
+                &["outcome"],
+            ),
+            cml_requests: counter(
+                &registry,
+                "cml_requests_total",
+                "Requests to CML by endpoint and status class.",
+                &["endpoint", "class"],
+            ),
+            cml_latency: histogram(
+                &registry,
+                "cml_request_duration_seconds",
+                "Latency of requests to CML by endpoint.",
+                &["endpoint"],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            ),
+            http_requests: counter(
+                &registry,
+                "http_requests_total",
+                "API requests by method and status class.",
+                &["method", "class"],
+            ),
+            last_success,
+            lease_skips,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Starts timing a CML request; the result is recorded when the guard
+    /// drops, with the class set by [`CmlTimer::status`] (or `error`).
+    pub fn cml_request(&self, endpoint: &'static str) -> CmlTimer {
+        CmlTimer {
+            metrics: self.clone(),
+            endpoint,
+            started: Instant::now(),
+            class: "error",
+        }
+    }
+
+    pub fn http_request(&self, method: &str, status: u16) {
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" => method,
+            _ => "other",
+        };
+        self.http_requests
+            .with_label_values(&[method, status_class(status)])
+            .inc();
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Times one CML request (a Drop guard, so early returns are counted too).
+#[derive(Debug)]
+pub struct CmlTimer {
+    metrics: Metrics,
+    endpoint: &'static str,
+    started: Instant,
+    class: &'static str,
+}
+
+impl CmlTimer {
+    pub fn status(&mut self, status: u16) {
+        self.class = status_class(status);
+    }
+}
+
+impl Drop for CmlTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .cml_requests
+            .with_label_values(&[self.endpoint, self.class])
+            .inc();
+        self.metrics
+            .cml_latency
+            .with_label_values(&[self.endpoint])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Observer for Metrics {
+    fn refresh_finished(&self, r: &RunReport) {
+        let status = match r.status {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Skipped => "skipped",
+        };
+        self.refresh_runs.with_label_values(&[status]).inc();
+        if r.status == RunStatus::Skipped
+            && r.skip_reason
+                .as_deref()
+                .is_some_and(|s| s.contains("another refresh"))
+        {
+            self.lease_skips.inc();
+        }
+        if r.status != RunStatus::Skipped {
+            self.refresh_duration
+                .with_label_values(&[status])
+                .observe(r.duration_ms as f64 / 1000.0);
+        }
+        for (kind, n) in [
+            ("created", r.created),
+            ("updated", r.updated),
+            ("pruned", r.pruned),
+            ("held", r.held),
+            ("failed", r.failed),
+            ("suppressed", r.suppressed),
+        ] {
+            if n > 0 {
+                self.lab_changes.with_label_values(&[kind]).inc_by(n);
+            }
+        }
+        if r.status == RunStatus::Succeeded && !r.dry_run {
+            self.last_success
+                .with_label_values(&[r.worker_id.as_str()])
+                .set(r.finished_at.timestamp() as f64);
+        }
+    }
+
+    fn delete_finished(&self, outcome: &str) {
+        let outcome = match outcome {
+            "deleted"
+            | "already_absent"
+            | "refused_running"
+            | "cml_unreachable"
+            | "cml_refused"
+            | "not_converged"
+            | "record_cleanup_pending" => outcome,
+            _ => "other",
+        };
+        self.deletes.with_label_values(&[outcome]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_bounded_metrics_with_the_prefix() {
+        let m = Metrics::new();
+        m.delete_finished("deleted");
+        m.delete_finished("something new");
+        {
+            let mut t = m.cml_request("list_labs");
+            t.status(200);
+        }
+        drop(m.cml_request("lab_details"));
+        let text = m.render();
+        assert!(
+            text.contains("labsync_deletes_total{outcome=\"deleted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labsync_deletes_total{outcome=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labsync_cml_requests_total{class=\"2xx\",endpoint=\"list_labs\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labsync_cml_requests_total{class=\"error\",endpoint=\"lab_details\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labsync_cml_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! What the API accepts and returns. These types are the HTTP contract (and
+//! the OpenAPI schemas); they convert from and to the application's types,
+//! so a change inside labsync does not silently change the API.
+
+use chrono::{DateTime, Utc};
+use labsync_application::domain::LabRecord;
+use labsync_application::ports::AuditEntry;
+use labsync_application::{DeleteOutcome, DeleteRequest, RunReport, WorkerOverview};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TlsView {
+    /// A CA bundle is configured (its content is not returned).
+    pub ca_bundle: bool,
+    /// Certificate verification is off.
+    pub insecure: bool,
+}
+
+/// A worker; credentials are write-only and never returned.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    pub name: String,
+    pub base_url: String,
+    pub username: String,
+    pub tls: TlsView,
+    pub enabled: bool,
+    /// `disabled`, `never_synced`, `synced` or `failing`.
+    pub sync_state: String,
+    pub last_run: Option<RunReportView>,
+}
+
+impl From<WorkerOverview> for WorkerView {
+    fn from(o: WorkerOverview) -> Self {
+        let w = o.worker;
+        Self {
+            id: w.id.to_string(),
+            name: w.name,
+            base_url: w.base_url,
+            username: w.username,
+            tls: TlsView {
+                ca_bundle: w.tls.ca_cert_pem.is_some(),
+                insecure: w.tls.insecure,
+            },
+            enabled: w.enabled,
+            sync_state: serde_json::to_value(o.sync_state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            last_run: o.last_run.map(RunReportView::from),
+        }
+    }
+}
+
+/// Registers a worker.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerCreate {
+    /// A slug: 1-63 of a-z, 0-9 and '-'.
+    pub id: String,
+    pub name: Option<String>,
+    /// `https://host[:port]`; labsync adds `/api/v0`.
+    pub base_url: String,
+    /// A CML admin account (labsync lists every user's labs).
+    pub username: String,
+    /// Write-only.
+    pub password: String,
+    /// PEM bundle of the CA(s) that signed the server's certificate.
+    pub ca_cert_pem: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Changes a worker; absent fields stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerPatch {
+    pub name: Option<String>,
+    pub base_url: Option<String>,
+    pub username: Option<String>,
+    /// Write-only.
+    pub password: Option<String>,
+    /// An empty string removes the CA bundle.
+    pub ca_cert_pem: Option<String>,
+    pub insecure: Option<bool>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LabFailureView {
+    pub lab_id: String,
+    pub error: String,
+}
+
+/// What one refresh of one worker did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RunReportView {
+    pub run_id: String,
+    pub worker_id: String,
+    /// `schedule`, `admin` or `cli`.
+    pub trigger: String,
+    /// `succeeded`, `failed` or `skipped`.
+    pub status: String,
+    pub dry_run: bool,
+    pub force_prune: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub listed: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub pruned: u64,
+    pub held: u64,
+    pub failed: u64,
+    pub suppressed: u64,
+    pub hold_reason: Option<String>,
+    pub skip_reason: Option<String>,
+    pub error: Option<String>,
+    pub failures: Vec<LabFailureView>,
+}
+
+fn word<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl From<RunReport> for RunReportView {
+    fn from(r: RunReport) -> Self {
+        Self {
+            trigger: word(&r.trigger),
+            status: word(&r.status),
+            run_id: r.run_id,
+            worker_id: r.worker_id.to_string(),
+            dry_run: r.dry_run,
+            force_prune: r.force_prune,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            duration_ms: r.duration_ms,
+            listed: r.listed,
+            created: r.created,
+            updated: r.updated,
+            unchanged: r.unchanged,
+            pruned: r.pruned,
+            held: r.held,
+            failed: r.failed,
+            suppressed: r.suppressed,
+            hold_reason: r.hold_reason,
+            skip_reason: r.skip_reason,
+            error: r.error,
+            failures: r
+                .failures
+                .into_iter()
+                .map(|f| LabFailureView {
+                    lab_id: f.lab_id.to_string(),
+                    error: f.error,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupView {
+    pub id: String,
+    pub permission: String,
+    pub name: Option<String>,
+}
+
+/// A lab as labsync last saw it in CML.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LabView {
+    pub worker_id: String,
+    pub lab_id: String,
+    pub title: String,
+    pub description: String,
+    pub notes: String,
+    pub owner_id: Option<String>,
+    pub owner_username: Option<String>,
+    pub owner_fullname: Option<String>,
+    /// `DEFINED_ON_CORE`, `STOPPED`, `STARTED`, or what a newer CML says.
+    pub state: String,
+    pub node_count: u64,
+    pub link_count: u64,
+    pub groups: Vec<GroupView>,
+    pub created: Option<DateTime<Utc>>,
+    pub modified: Option<DateTime<Utc>>,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub last_changed_at: DateTime<Utc>,
+    pub revision: u64,
+    pub content_hash: String,
+}
+
+impl From<&LabRecord> for LabView {
+    fn from(r: &LabRecord) -> Self {
+        let s = &r.snapshot;
+        Self {
+            worker_id: r.worker_id.to_string(),
+            lab_id: r.lab_id.to_string(),
+            title: s.title.clone(),
+            description: s.description.clone(),
+            notes: s.notes.clone(),
+            owner_id: s.owner_id.clone(),
+            owner_username: s.owner_username.clone(),
+            owner_fullname: s.owner_fullname.clone(),
+            state: s.state.to_string(),
+            node_count: s.node_count,
+            link_count: s.link_count,
+            groups: s
+                .groups
+                .iter()
+                .map(|g| GroupView {
+                    id: g.id.clone(),
+                    permission: g.permission.clone(),
+                    name: g.name.clone(),
+                })
+                .collect(),
+            created: s.created,
+            modified: s.modified,
+            first_seen_at: r.first_seen_at,
+            last_seen_at: r.last_seen_at,
+            last_changed_at: r.last_changed_at,
+            revision: r.revision,
+            content_hash: r.content_hash.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LabPageView {
+    pub items: Vec<LabView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LabListParams {
+    /// Exact state, e.g. `STARTED`.
+    pub state: Option<String>,
+    /// Exact owner username.
+    pub owner: Option<String>,
+    /// Case-insensitive text in the title.
+    pub q: Option<String>,
+    /// 1 to 1000, default 100.
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One entry of a lab's history: `kind` is `created`, `changed` or
+/// `delete_attempt`, with its fields beside it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryView {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditView {
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+impl From<AuditEntry> for AuditView {
+    fn from(a: AuditEntry) -> Self {
+        Self {
+            action: word(&a.action),
+            at: a.at,
+            actor: a.actor,
+            outcome: a.outcome,
+            detail: a.detail,
+        }
+    }
+}
+
+/// A lab with its history (real changes and delete attempts) and audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LabDetailView {
+    pub lab: LabView,
+    pub history: Vec<HistoryView>,
+    pub audit: Vec<AuditView>,
+}
+
+impl From<labsync_application::LabDetail> for LabDetailView {
+    fn from(d: labsync_application::LabDetail) -> Self {
+        let history = d
+            .record
+            .history
+            .iter()
+            .map(|h| {
+                let mut details = match serde_json::to_value(&h.event) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                let kind = details
+                    .remove("kind")
+                    .and_then(|k| k.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                HistoryView {
+                    at: h.at,
+                    kind,
+                    details,
+                }
+            })
+            .collect();
+        Self {
+            lab: LabView::from(&d.record),
+            history,
+            audit: d.audit.into_iter().map(AuditView::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteParams {
+    /// Stop and wipe a running lab first.
+    pub force: Option<bool>,
+    /// `sync` (default) or `async`: store the request and return 202.
+    pub mode: Option<String>,
+}
+
+/// How a delete ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeleteOutcomeView {
+    pub worker_id: String,
+    pub lab_id: String,
+    /// `deleted`, `already_absent`, `refused_running`, `cml_unreachable`,
+    /// `cml_refused` or `not_converged`.
+    pub kind: String,
+    /// For `refused_running`: the lab's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// For CML failures: what CML said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// True when CML no longer has the lab.
+    pub lab_gone: bool,
+    pub record_was_present: bool,
+    pub message: String,
+}
+
+impl From<&DeleteOutcome> for DeleteOutcomeView {
+    fn from(o: &DeleteOutcome) -> Self {
+        let v = serde_json::to_value(o).unwrap_or_default();
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        Self {
+            worker_id: o.worker_id.to_string(),
+            lab_id: o.lab_id.to_string(),
+            kind: o.kind.word().to_owned(),
+            state: s("state"),
+            error: s("error").or_else(|| s("step")),
+            lab_gone: o.lab_gone,
+            record_was_present: o.record_was_present,
+            message: o.message.clone(),
+        }
+    }
+}
+
+/// An asynchronous delete.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeleteRequestView {
+    pub id: String,
+    pub worker_id: String,
+    pub lab_id: String,
+    pub force: bool,
+    pub requested_by: String,
+    /// `pending`, `running`, `done` or `failed`.
+    pub status: String,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub outcome: Option<DeleteOutcomeView>,
+}
+
+impl From<DeleteRequest> for DeleteRequestView {
+    fn from(r: DeleteRequest) -> Self {
+        Self {
+            status: word(&r.status),
+            id: r.id,
+            worker_id: r.worker_id.to_string(),
+            lab_id: r.lab_id.to_string(),
+            force: r.force,
+            requested_by: r.requested_by,
+            attempts: r.attempts,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            next_attempt_at: r.next_attempt_at,
+            last_error: r.last_error,
+            outcome: r
+                .outcome
+                .and_then(|v| serde_json::from_value::<DeleteOutcomeWire>(v).ok())
+                .map(Into::into),
+        }
+    }
+}
+
+/// The stored outcome of an async delete (the flattened [`DeleteOutcome`]).
+#[derive(Debug, Deserialize)]
+struct DeleteOutcomeWire {
+    worker_id: String,
+    lab_id: String,
+    kind: String,
+    state: Option<String>,
+    error: Option<String>,
+    step: Option<String>,
+    lab_gone: bool,
+    record_was_present: bool,
+    message: String,
+}
+
+impl From<DeleteOutcomeWire> for DeleteOutcomeView {
+    fn from(w: DeleteOutcomeWire) -> Self {
+        Self {
+            worker_id: w.worker_id,
+            lab_id: w.lab_id,
+            kind: w.kind,
+            state: w.state,
+            error: w.error.or(w.step),
+            lab_gone: w.lab_gone,
+            record_was_present: w.record_was_present,
+            message: w.message,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcceptedDelete {
+    pub delete_request_id: String,
+    /// Where to follow it.
+    pub href: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RefreshParams {
+    pub dry_run: Option<bool>,
+    pub force_prune: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RunsParams {
+    pub worker_id: Option<String>,
+    /// 1 to 1000, default 50.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub mongodb: bool,
+    pub scheduler: bool,
+}

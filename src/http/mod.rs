@@ -1,0 +1,190 @@
+//! The HTTP API (axum): routes under `/api/v1`, bearer tokens with roles,
+//! problem+json errors carrying the request id, Prometheus metrics and a
+//! generated OpenAPI document. Handlers call the application's use cases
+//! and nothing else.
+
+pub mod auth;
+pub mod dto;
+pub mod extract;
+pub mod openapi;
+pub mod problem;
+pub mod routes;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use labsync_application::{DeleteQueue, Inventory, Services};
+use labsync_infrastructure::configuration::ApiToken;
+use labsync_infrastructure::metrics::Metrics;
+use mongodb::Database;
+use mongodb::bson::doc;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use self::problem::{ApiError, PROBLEM_JSON};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    pub services: Services,
+    pub inventory: Inventory,
+    pub delete_queue: DeleteQueue,
+    pub tokens: Arc<Vec<ApiToken>>,
+    pub metrics: Metrics,
+    pub db: Database,
+    pub scheduler_running: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiState {
+    /// Whether MongoDB answers a ping within two seconds. The ping runs in
+    /// its own task, so a slow server never leaves a driver call half done.
+    pub async fn ping(&self) -> bool {
+        let db = self.db.clone();
+        let ping = tokio::spawn(async move { db.run_command(doc! {"ping": 1}).await.is_ok() });
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), ping).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// Makes every error a problem+json that names the request, and counts
+/// requests for `/metrics`.
+async fn problems(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_request(&method, response.status().as_u16());
+    if response.status().as_u16() < 400 {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let is_problem = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    let mut value: serde_json::Value = if is_problem {
+        serde_json::from_slice(&bytes).unwrap_or_default()
+    } else {
+        // A rejection from the framework (404 route, 405 method, 413...).
+        let detail = String::from_utf8_lossy(&bytes)
+            .chars()
+            .take(500)
+            .collect::<String>();
+        let kind = match parts.status {
+            StatusCode::NOT_FOUND => "not-found",
+            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+            _ => "http-error",
+        };
+        let detail = if detail.is_empty() {
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_owned()
+        } else {
+            detail
+        };
+        serde_json::to_value(ApiError::new(parts.status, kind, detail).problem())
+            .unwrap_or_default()
+    };
+    if let (Some(obj), Some(id)) = (value.as_object_mut(), request_id) {
+        obj.insert("request_id".into(), id.into());
+    }
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(
+        parts,
+        Body::from(serde_json::to_vec(&value).unwrap_or_default()),
+    )
+}
+
+async fn fallback() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+}
+
+/// The whole API.
+pub fn router(state: ApiState, body_limit: usize) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/workers",
+            get(routes::list_workers).post(routes::create_worker),
+        )
+        .route(
+            "/workers/{worker_id}",
+            get(routes::get_worker)
+                .patch(routes::patch_worker)
+                .delete(routes::delete_worker),
+        )
+        .route("/workers/{worker_id}/labs", get(routes::list_labs))
+        .route(
+            "/workers/{worker_id}/labs/refresh",
+            post(routes::refresh_worker),
+        )
+        .route(
+            "/workers/{worker_id}/labs/{lab_id}",
+            get(routes::get_lab).delete(routes::delete_lab),
+        )
+        .route("/delete-requests/{id}", get(routes::get_delete_request))
+        .route("/labs/refresh", post(routes::refresh_all))
+        .route("/refresh-runs", get(routes::refresh_runs))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi));
+    Router::new()
+        .nest("/api/v1", v1)
+        // The usual unversioned probe paths, for orchestrators.
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), problems))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|r: &Request| {
+                let id = r
+                    .extensions()
+                    .get::<RequestId>()
+                    .and_then(|id| id.header_value().to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                tracing::info_span!("http", method = %r.method(), path = %r.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}

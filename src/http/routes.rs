@@ -1,0 +1,415 @@
+//! The handlers: each checks the caller's role, turns its input into
+//! domain types, calls one use case, and shapes the answer.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
+use labsync_application::ports::LabQuery;
+use labsync_application::{
+    AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunStatus, Trigger,
+    WorkerChanges,
+};
+use labsync_infrastructure::configuration::Role;
+use secrecy::SecretString;
+
+use super::ApiState;
+use super::auth::Caller;
+use super::dto::*;
+use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
+use super::problem::{ApiError, Problem};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[utoipa::path(get, path = "/api/v1/workers", tag = "workers",
+    responses((status = 200, body = [WorkerView]), (status = 401, body = Problem)),
+    security(("token" = [])))]
+pub async fn list_workers(
+    State(s): State<ApiState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<WorkerView>>> {
+    caller.require(Role::Viewer)?;
+    let workers = s.inventory.workers().await?;
+    Ok(Json(workers.into_iter().map(WorkerView::from).collect()))
+}
+
+#[utoipa::path(post, path = "/api/v1/workers", tag = "workers", request_body = WorkerCreate,
+    responses((status = 201, body = WorkerView), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("token" = [])))]
+pub async fn create_worker(
+    State(s): State<ApiState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<WorkerCreate>,
+) -> ApiResult<(StatusCode, Json<WorkerView>)> {
+    caller.require(Role::Admin)?;
+    let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
+    let base_url = parse_base_url(&body.base_url).map_err(ApiError::bad_request)?;
+    if body.password.is_empty() || body.username.is_empty() {
+        return Err(ApiError::bad_request(
+            "username and password must not be empty",
+        ));
+    }
+    if body.insecure && body.ca_cert_pem.is_some() {
+        return Err(ApiError::bad_request(
+            "give a CA bundle or insecure, not both",
+        ));
+    }
+    if let Some(pem) = &body.ca_cert_pem
+        && !pem.contains("-----BEGIN CERTIFICATE-----")
+    {
+        return Err(ApiError::bad_request(
+            "ca_cert_pem is not a PEM certificate bundle",
+        ));
+    }
+    let worker = Worker {
+        name: body.name.unwrap_or_else(|| id.to_string()),
+        id,
+        base_url,
+        username: body.username,
+        tls: TlsSettings {
+            ca_cert_pem: body.ca_cert_pem,
+            insecure: body.insecure,
+        },
+        enabled: body.enabled,
+    };
+    let view = s
+        .inventory
+        .register(worker, SecretString::from(body.password), &caller.actor())
+        .await?;
+    Ok((StatusCode::CREATED, Json(view.into())))
+}
+
+#[utoipa::path(get, path = "/api/v1/workers/{worker_id}", tag = "workers",
+    params(("worker_id" = String, Path, description = "A worker id (slug)")),
+    responses((status = 200, body = WorkerView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn get_worker(
+    State(s): State<ApiState>,
+    caller: Caller,
+    WorkerPath(id): WorkerPath,
+) -> ApiResult<Json<WorkerView>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(s.inventory.worker(&id).await?.into()))
+}
+
+#[utoipa::path(patch, path = "/api/v1/workers/{worker_id}", tag = "workers", request_body = WorkerPatch,
+    params(("worker_id" = String, Path, description = "A worker id (slug)")),
+    responses((status = 200, body = WorkerView), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn patch_worker(
+    State(s): State<ApiState>,
+    caller: Caller,
+    WorkerPath(id): WorkerPath,
+    ApiJson(body): ApiJson<WorkerPatch>,
+) -> ApiResult<Json<WorkerView>> {
+    caller.require(Role::Admin)?;
+    if body.password.as_deref() == Some("") {
+        return Err(ApiError::bad_request("password must not be empty"));
+    }
+    let changes = WorkerChanges {
+        name: body.name,
+        base_url: body.base_url,
+        username: body.username,
+        password: body.password.map(SecretString::from),
+        ca_cert_pem: body.ca_cert_pem.map(|p| (!p.is_empty()).then_some(p)),
+        insecure: body.insecure,
+        enabled: body.enabled,
+    };
+    Ok(Json(
+        s.inventory
+            .update(&id, changes, &caller.actor())
+            .await?
+            .into(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/workers/{worker_id}", tag = "workers",
+    params(("worker_id" = String, Path, description = "A worker id (slug)")),
+    responses((status = 204, description = "Removed, with every record of its labs"), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn delete_worker(
+    State(s): State<ApiState>,
+    caller: Caller,
+    WorkerPath(id): WorkerPath,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    s.inventory.remove(&id, &caller.actor()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/workers/{worker_id}/labs", tag = "labs",
+    params(("worker_id" = String, Path, description = "A worker id (slug)"), LabListParams),
+    responses((status = 200, body = LabPageView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn list_labs(
+    State(s): State<ApiState>,
+    caller: Caller,
+    WorkerPath(id): WorkerPath,
+    ApiQuery(p): ApiQuery<LabListParams>,
+) -> ApiResult<Json<LabPageView>> {
+    caller.require(Role::Viewer)?;
+    let after = match p.cursor.as_deref() {
+        Some(c) => Some(
+            LabId::parse(c)
+                .map_err(|_| ApiError::bad_request("cursor is not one this API returned"))?,
+        ),
+        None => None,
+    };
+    let query = LabQuery {
+        state: p.state,
+        owner: p.owner,
+        title_contains: p.q.filter(|q| !q.is_empty()),
+        after,
+        limit: p
+            .limit
+            .unwrap_or(labsync_application::inventory::DEFAULT_PAGE),
+    };
+    let page = s.inventory.labs(&id, query).await?;
+    Ok(Json(LabPageView {
+        items: page.items.iter().map(LabView::from).collect(),
+        next_cursor: page.next_cursor.map(|c| c.to_string()),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/workers/{worker_id}/labs/{lab_id}", tag = "labs",
+    params(("worker_id" = String, Path, description = "A worker id (slug)"), ("lab_id" = String, Path, description = "A lab id (UUID4)")),
+    responses((status = 200, body = LabDetailView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn get_lab(
+    State(s): State<ApiState>,
+    caller: Caller,
+    LabPath(w, lab): LabPath,
+) -> ApiResult<Json<LabDetailView>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(s.inventory.lab(&w, &lab).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/api/v1/workers/{worker_id}/labs/{lab_id}", tag = "labs",
+    params(("worker_id" = String, Path, description = "A worker id (slug)"), ("lab_id" = String, Path, description = "A lab id (UUID4)"), DeleteParams),
+    responses(
+        (status = 200, description = "The lab is gone (deleted, or CML did not have it)", body = DeleteOutcomeView),
+        (status = 202, description = "Accepted (mode=async)", body = AcceptedDelete),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "The lab is running and force was not given", body = Problem),
+        (status = 502, description = "CML failed or could not be reached", body = Problem),
+        (status = 503, body = Problem)),
+    security(("token" = [])))]
+pub async fn delete_lab(
+    State(s): State<ApiState>,
+    caller: Caller,
+    LabPath(w, lab): LabPath,
+    ApiQuery(p): ApiQuery<DeleteParams>,
+) -> ApiResult<Response> {
+    caller.require(Role::Operator)?;
+    let cmd = DeleteLab {
+        worker_id: w,
+        lab_id: lab,
+        force: p.force.unwrap_or(false),
+        requested_by: caller.actor(),
+    };
+    match p.mode.as_deref() {
+        None | Some("sync") => {}
+        Some("async") => {
+            let request = s.delete_queue.submit(&cmd).await?;
+            let href = format!("/api/v1/delete-requests/{}", request.id);
+            let body = AcceptedDelete {
+                delete_request_id: request.id,
+                href: href.clone(),
+            };
+            return Ok(
+                (StatusCode::ACCEPTED, [(header::LOCATION, href)], Json(body)).into_response(),
+            );
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "mode must be sync or async, not {other:?}"
+            )));
+        }
+    }
+    // The delete runs to completion even if the client goes away: a delete
+    // cut off between CML and the database is exactly what must not happen.
+    let services = s.services.clone();
+    let outcome = tokio::spawn(async move { cmd.execute(&services).await })
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let view = DeleteOutcomeView::from(&outcome);
+    if outcome.lab_gone {
+        return Ok(Json(view).into_response());
+    }
+    let (status, kind) = match outcome.kind {
+        labsync_application::DeleteOutcomeKind::RefusedRunning { .. } => {
+            (StatusCode::CONFLICT, "lab-running")
+        }
+        _ => (StatusCode::BAD_GATEWAY, "cml-failed"),
+    };
+    Err(ApiError::new(status, kind, outcome.message.clone()).with("outcome", view))
+}
+
+#[utoipa::path(get, path = "/api/v1/delete-requests/{id}", tag = "labs",
+    params(("id" = String, Path, description = "The delete request id")),
+    responses((status = 200, body = DeleteRequestView), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn get_delete_request(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeleteRequestView>> {
+    caller.require(Role::Viewer)?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown-delete-request",
+            format!("no delete request {id:?}"),
+        )
+    };
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(not_found());
+    }
+    let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
+    Ok(Json(request.into()))
+}
+
+fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunReportView>> {
+    match r.status {
+        RunStatus::Succeeded => Ok(Json(r.into())),
+        RunStatus::Skipped => {
+            let detail = r.skip_reason.clone().unwrap_or_else(|| "skipped".into());
+            Err(
+                ApiError::new(StatusCode::CONFLICT, "refresh-skipped", detail)
+                    .with("report", RunReportView::from(r)),
+            )
+        }
+        RunStatus::Failed => {
+            let detail = r.error.clone().unwrap_or_else(|| "refresh failed".into());
+            Err(
+                ApiError::new(StatusCode::BAD_GATEWAY, "refresh-failed", detail)
+                    .with("report", RunReportView::from(r)),
+            )
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/workers/{worker_id}/labs/refresh", tag = "refresh",
+    params(("worker_id" = String, Path, description = "A worker id (slug)"), RefreshParams),
+    responses((status = 200, body = RunReportView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "A refresh of this worker is in progress, or it is disabled", body = Problem),
+        (status = 502, description = "CML failed", body = Problem)),
+    security(("token" = [])))]
+pub async fn refresh_worker(
+    State(s): State<ApiState>,
+    caller: Caller,
+    WorkerPath(id): WorkerPath,
+    ApiQuery(p): ApiQuery<RefreshParams>,
+) -> ApiResult<Json<RunReportView>> {
+    caller.require(Role::Admin)?;
+    let options = RefreshOptions {
+        dry_run: p.dry_run.unwrap_or(false),
+        force_prune: p.force_prune.unwrap_or(false),
+    };
+    let services = s.services.clone();
+    let report = tokio::spawn(async move {
+        RefreshWorkerLabs::new(services)
+            .execute(&id, Trigger::Admin, options)
+            .await
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    report_response(report)
+}
+
+#[utoipa::path(post, path = "/api/v1/labs/refresh", tag = "refresh", params(RefreshParams),
+    responses((status = 200, description = "One report per enabled worker", body = [RunReportView]),
+        (status = 401, body = Problem), (status = 403, body = Problem)),
+    security(("token" = [])))]
+pub async fn refresh_all(
+    State(s): State<ApiState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<RefreshParams>,
+) -> ApiResult<Json<Vec<RunReportView>>> {
+    caller.require(Role::Admin)?;
+    let options = RefreshOptions {
+        dry_run: p.dry_run.unwrap_or(false),
+        force_prune: p.force_prune.unwrap_or(false),
+    };
+    let services = s.services.clone();
+    let reports = tokio::spawn(async move {
+        RefreshAll::new(services)
+            .execute(Trigger::Admin, options)
+            .await
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(reports.into_iter().map(RunReportView::from).collect()))
+}
+
+#[utoipa::path(get, path = "/api/v1/refresh-runs", tag = "refresh", params(RunsParams),
+    responses((status = 200, description = "Newest first", body = [RunReportView]), (status = 400, body = Problem), (status = 401, body = Problem)),
+    security(("token" = [])))]
+pub async fn refresh_runs(
+    State(s): State<ApiState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<RunsParams>,
+) -> ApiResult<Json<Vec<RunReportView>>> {
+    caller.require(Role::Viewer)?;
+    let worker = match p.worker_id.as_deref() {
+        Some(w) => Some(WorkerId::parse(w).map_err(AppError::from)?),
+        None => None,
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let runs = s.inventory.runs(worker.as_ref(), limit).await?;
+    Ok(Json(runs.into_iter().map(RunReportView::from).collect()))
+}
+
+#[utoipa::path(get, path = "/api/v1/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
+    let mongodb = s.ping().await;
+    let scheduler = s
+        .scheduler_running
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let ready = mongodb && scheduler;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Readiness {
+            ready,
+            mongodb,
+            scheduler,
+        }),
+    )
+}
+
+#[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document", content_type = "application/json")))]
+pub async fn openapi() -> impl IntoResponse {
+    Json(super::openapi::document())
+}
