@@ -96,6 +96,21 @@ impl Inventory {
         }
     }
 
+    /// Records in the audit log that `actor` ran a refresh.
+    pub async fn record_refresh(&self, actor: &str, report: &RunReport) {
+        let detail = format!(
+            "run {} {:?}: created {}, updated {}, pruned {}, held {}",
+            report.run_id,
+            report.status,
+            report.created,
+            report.updated,
+            report.pruned,
+            report.held
+        );
+        self.audit(actor, AuditAction::Refresh, &report.worker_id, detail)
+            .await;
+    }
+
     /// Every worker, with its last run and sync state.
     ///
     /// # Errors

@@ -87,6 +87,33 @@ impl FromRequestParts<ApiState> for Caller {
     }
 }
 
+/// Callers with at least a given role, checked while extracting, before
+/// the body is read: a caller without the role learns nothing about what
+/// the body should have been.
+macro_rules! role_extractor {
+    ($name:ident, $role:expr) => {
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Caller);
+
+        impl FromRequestParts<ApiState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &ApiState,
+            ) -> Result<Self, ApiError> {
+                let caller = Caller::from_request_parts(parts, state).await?;
+                caller.require($role)?;
+                Ok(Self(caller))
+            }
+        }
+    };
+}
+
+role_extractor!(Viewer, Role::Viewer);
+role_extractor!(Operator, Role::Operator);
+role_extractor!(Admin, Role::Admin);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -259,13 +259,14 @@ pub struct LabListParams {
     pub cursor: Option<String>,
 }
 
-/// One entry of a lab's history: `kind` is `created`, `changed` or
-/// `delete_attempt`, with its fields beside it.
+/// One entry of a lab's history.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HistoryView {
     pub at: DateTime<Utc>,
+    /// `created` (details: `state`), `changed` (details: `changes`, each
+    /// `{field, old, new}`) or `delete_attempt` (details: `requested_by`,
+    /// `force`, `outcome`, `detail`).
     pub kind: String,
-    #[serde(flatten)]
     #[schema(value_type = Object)]
     pub details: serde_json::Map<String, serde_json::Value>,
 }

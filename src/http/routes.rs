@@ -1,4 +1,4 @@
-//! The handlers: each checks the caller's role, turns its input into
+//! The handlers: each requires a role (by its extractor), turns its input into
 //! domain types, calls one use case, and shapes the answer.
 
 use axum::Json;
@@ -11,11 +11,10 @@ use labsync_application::{
     AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunStatus, Trigger,
     WorkerChanges,
 };
-use labsync_infrastructure::configuration::Role;
 use secrecy::SecretString;
 
 use super::ApiState;
-use super::auth::Caller;
+use super::auth::{Admin, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use super::problem::{ApiError, Problem};
@@ -27,9 +26,8 @@ type ApiResult<T> = Result<T, ApiError>;
     security(("token" = [])))]
 pub async fn list_workers(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
 ) -> ApiResult<Json<Vec<WorkerView>>> {
-    caller.require(Role::Viewer)?;
     let workers = s.inventory.workers().await?;
     Ok(Json(workers.into_iter().map(WorkerView::from).collect()))
 }
@@ -40,10 +38,9 @@ pub async fn list_workers(
     security(("token" = [])))]
 pub async fn create_worker(
     State(s): State<ApiState>,
-    caller: Caller,
+    Admin(caller): Admin,
     ApiJson(body): ApiJson<WorkerCreate>,
 ) -> ApiResult<(StatusCode, Json<WorkerView>)> {
-    caller.require(Role::Admin)?;
     let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
     let base_url = parse_base_url(&body.base_url).map_err(ApiError::bad_request)?;
     if body.password.is_empty() || body.username.is_empty() {
@@ -87,10 +84,9 @@ pub async fn create_worker(
     security(("token" = [])))]
 pub async fn get_worker(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
     WorkerPath(id): WorkerPath,
 ) -> ApiResult<Json<WorkerView>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(s.inventory.worker(&id).await?.into()))
 }
 
@@ -101,11 +97,10 @@ pub async fn get_worker(
     security(("token" = [])))]
 pub async fn patch_worker(
     State(s): State<ApiState>,
-    caller: Caller,
+    Admin(caller): Admin,
     WorkerPath(id): WorkerPath,
     ApiJson(body): ApiJson<WorkerPatch>,
 ) -> ApiResult<Json<WorkerView>> {
-    caller.require(Role::Admin)?;
     if body.password.as_deref() == Some("") {
         return Err(ApiError::bad_request("password must not be empty"));
     }
@@ -133,10 +128,9 @@ pub async fn patch_worker(
     security(("token" = [])))]
 pub async fn delete_worker(
     State(s): State<ApiState>,
-    caller: Caller,
+    Admin(caller): Admin,
     WorkerPath(id): WorkerPath,
 ) -> ApiResult<StatusCode> {
-    caller.require(Role::Admin)?;
     s.inventory.remove(&id, &caller.actor()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -147,11 +141,10 @@ pub async fn delete_worker(
     security(("token" = [])))]
 pub async fn list_labs(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
     WorkerPath(id): WorkerPath,
     ApiQuery(p): ApiQuery<LabListParams>,
 ) -> ApiResult<Json<LabPageView>> {
-    caller.require(Role::Viewer)?;
     let after = match p.cursor.as_deref() {
         Some(c) => Some(
             LabId::parse(c)
@@ -181,10 +174,9 @@ pub async fn list_labs(
     security(("token" = [])))]
 pub async fn get_lab(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
     LabPath(w, lab): LabPath,
 ) -> ApiResult<Json<LabDetailView>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(s.inventory.lab(&w, &lab).await?.into()))
 }
 
@@ -200,11 +192,10 @@ pub async fn get_lab(
     security(("token" = [])))]
 pub async fn delete_lab(
     State(s): State<ApiState>,
-    caller: Caller,
+    Operator(caller): Operator,
     LabPath(w, lab): LabPath,
     ApiQuery(p): ApiQuery<DeleteParams>,
 ) -> ApiResult<Response> {
-    caller.require(Role::Operator)?;
     let cmd = DeleteLab {
         worker_id: w,
         lab_id: lab,
@@ -257,10 +248,9 @@ pub async fn delete_lab(
     security(("token" = [])))]
 pub async fn get_delete_request(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeleteRequestView>> {
-    caller.require(Role::Viewer)?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -303,11 +293,10 @@ fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunRepor
     security(("token" = [])))]
 pub async fn refresh_worker(
     State(s): State<ApiState>,
-    caller: Caller,
+    Admin(caller): Admin,
     WorkerPath(id): WorkerPath,
     ApiQuery(p): ApiQuery<RefreshParams>,
 ) -> ApiResult<Json<RunReportView>> {
-    caller.require(Role::Admin)?;
     let options = RefreshOptions {
         dry_run: p.dry_run.unwrap_or(false),
         force_prune: p.force_prune.unwrap_or(false),
@@ -320,6 +309,7 @@ pub async fn refresh_worker(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    s.inventory.record_refresh(&caller.actor(), &report).await;
     report_response(report)
 }
 
@@ -329,10 +319,9 @@ pub async fn refresh_worker(
     security(("token" = [])))]
 pub async fn refresh_all(
     State(s): State<ApiState>,
-    caller: Caller,
+    Admin(caller): Admin,
     ApiQuery(p): ApiQuery<RefreshParams>,
 ) -> ApiResult<Json<Vec<RunReportView>>> {
-    caller.require(Role::Admin)?;
     let options = RefreshOptions {
         dry_run: p.dry_run.unwrap_or(false),
         force_prune: p.force_prune.unwrap_or(false),
@@ -345,6 +334,9 @@ pub async fn refresh_all(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    for r in &reports {
+        s.inventory.record_refresh(&caller.actor(), r).await;
+    }
     Ok(Json(reports.into_iter().map(RunReportView::from).collect()))
 }
 
@@ -353,10 +345,9 @@ pub async fn refresh_all(
     security(("token" = [])))]
 pub async fn refresh_runs(
     State(s): State<ApiState>,
-    caller: Caller,
+    _: Viewer,
     ApiQuery(p): ApiQuery<RunsParams>,
 ) -> ApiResult<Json<Vec<RunReportView>>> {
-    caller.require(Role::Viewer)?;
     let worker = match p.worker_id.as_deref() {
         Some(w) => Some(WorkerId::parse(w).map_err(AppError::from)?),
         None => None,

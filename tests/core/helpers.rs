@@ -23,6 +23,7 @@ pub const ADMIN_PASSWORD: &str = "cml-sim-admin";
 pub struct TestApp {
     pub app: App,
     pub sim: Simulator,
+    pub settings: Settings,
     pub overrides: Vec<(String, String)>,
 }
 
@@ -110,6 +111,7 @@ impl TestApp {
         Self {
             app,
             sim,
+            settings,
             overrides,
         }
     }
@@ -221,5 +223,72 @@ where
     while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The HTTP API of a [`TestApp`], served in-process on a free port.
+pub struct TestApi {
+    pub base: String,
+    pub http: reqwest::Client,
+    running: Option<labsync::service::Running>,
+}
+
+impl TestApi {
+    pub async fn start(t: &TestApp) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = labsync::service::start_with(t.settings.clone(), t.app.clone(), listener)
+            .await
+            .expect("service starts");
+        Self {
+            base: format!("http://{}", running.addr),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with the token, if any.
+    pub fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, self.url(path));
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    /// Sends and returns the status and the JSON body (or the text as a string).
+    pub async fn send(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let resp = r.send().await.expect("request sent");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        self.send(self.req(reqwest::Method::GET, path, Some(token)))
+            .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("service stops cleanly");
+        }
     }
 }

@@ -2,8 +2,11 @@
 //! through the real adapters, against the MongoDB-wire test server and the
 //! CML simulator over HTTP.
 
+mod api;
 mod cli;
 mod delete;
+mod events;
 mod helpers;
+mod openapi;
 mod refresh;
 mod serve;

@@ -86,3 +86,153 @@ async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm
         "the run in flight was completed and reported"
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_delete_in_flight_complete_and_no_secret_reaches_the_logs() {
+    use tokio::io::AsyncBufReadExt;
+
+    let t = TestApp::spawn().await;
+    let log = tempfile_path("serve-log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_labsync"))
+        .arg("serve")
+        .envs(t.env())
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("labsync serve starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("serve prints its address")
+        .unwrap()
+        .unwrap();
+    let base = first
+        .split("API on ")
+        .nth(1)
+        .expect("address line")
+        .trim()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let call = |m: reqwest::Method, path: &str, token: &str| {
+        http.request(m, format!("{base}{path}")).bearer_auth(token)
+    };
+    let mut bodies = String::new();
+
+    // A story with secrets in it: a worker registered with a password, refreshes, listings.
+    let secret_password = "s3cret-password-via-api";
+    let r = call(reqwest::Method::POST, "/api/v1/workers", crate::helpers::ADMIN_TOKEN)
+        .json(&json!({"id": "cml-extra", "base_url": t.sim().base_url(), "username": "admin", "password": secret_password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    bodies.push_str(&r.text().await.unwrap());
+    // cml-extra's password is wrong for the simulator: its refresh fails
+    // with CML's refusal, and the password must not leak in that path either.
+    for (worker, want) in [("cml-1", 200), ("cml-extra", 502)] {
+        let r = call(
+            reqwest::Method::POST,
+            &format!("/api/v1/workers/{worker}/labs/refresh"),
+            crate::helpers::ADMIN_TOKEN,
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{worker}");
+        bodies.push_str(&r.text().await.unwrap());
+    }
+    assert!(bodies.contains("refused the credentials"), "{bodies}");
+    let r = call(
+        reqwest::Method::GET,
+        "/api/v1/workers",
+        crate::helpers::VIEWER_TOKEN,
+    )
+    .send()
+    .await
+    .unwrap();
+    bodies.push_str(&r.text().await.unwrap());
+    let r = call(reqwest::Method::GET, "/api/v1/workers", "wrong-token-value")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    bodies.push_str(&r.text().await.unwrap());
+
+    // A delete that takes a while at CML, and SIGTERM while it is there.
+    let lab = t.add_lab("DEFINED_ON_CORE");
+    t.faults(json!({"latency_ms": {"delete_lab": 1500}}));
+    let delete = tokio::spawn(
+        call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{lab}"),
+            crate::helpers::OPERATOR_TOKEN,
+        )
+        .send(),
+    );
+    eventually("the delete to reach CML", || async {
+        t.sim()
+            .stats()
+            .requests
+            .get(&cml_sim::Endpoint::DeleteLab)
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    let response = delete
+        .await
+        .unwrap()
+        .expect("the delete in flight is answered");
+    assert_eq!(response.status().as_u16(), 200);
+    let out: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(out["kind"], "deleted");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(t.sim().lab(lab.as_str()).is_none(), "gone in CML");
+    assert!(t.record(&lab).await.is_none(), "and its record");
+
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.len() > 1000,
+        "debug logs were written: {} bytes",
+        logs.len()
+    );
+    assert!(
+        logs.contains("refresh finished"),
+        "the story is in the logs"
+    );
+    for secret in [
+        crate::helpers::ADMIN_PASSWORD,
+        secret_password,
+        crate::helpers::ADMIN_TOKEN,
+        crate::helpers::OPERATOR_TOKEN,
+        crate::helpers::VIEWER_TOKEN,
+        "wrong-token-value",
+        crate::helpers::TEST_KEY,
+    ] {
+        assert!(!logs.contains(secret), "{secret:?} appears in the logs");
+        assert!(!bodies.contains(secret), "{secret:?} appears in a response");
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
+fn tempfile_path(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "labsync-{prefix}-{}.log",
+        uuid::Uuid::new_v4().simple()
+    ))
+}

@@ -1,0 +1,214 @@
+//! Lab events: written to the outbox with the change, delivered as
+//! CloudEvents to an HTTP sink at least once, retried when the sink fails.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use labsync_infrastructure::mongo::outbox;
+use mongodb::bson::doc;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::helpers::{OPERATOR_TOKEN, SEEDED_LABS, TestApi, TestApp, eventually};
+
+/// An HTTP sink that records what it receives and fails the first
+/// `failures` deliveries with 503.
+#[derive(Clone, Default)]
+struct Sink {
+    received: Arc<Mutex<Vec<Value>>>,
+    failures: Arc<AtomicUsize>,
+    attempts: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    async fn start(failures: usize) -> (Self, String) {
+        let sink = Self {
+            failures: Arc::new(AtomicUsize::new(failures)),
+            ..Self::default()
+        };
+        let s = sink.clone();
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let s = s.clone();
+                    async move {
+                        s.attempts.fetch_add(1, Ordering::SeqCst);
+                        assert_eq!(headers["content-type"], "application/cloudevents+json");
+                        if s.failures.load(Ordering::SeqCst) > 0 {
+                            s.failures.fetch_sub(1, Ordering::SeqCst);
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        s.received
+                            .lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&body).unwrap());
+                        StatusCode::ACCEPTED
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (sink, url)
+    }
+
+    fn of_type(&self, t: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == t)
+            .cloned()
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn refreshes_and_deletes_write_their_events_in_the_outbox() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let events = outbox::list(&t.app.db, doc! {}).await.unwrap();
+    assert_eq!(events.len(), SEEDED_LABS, "one discovered event per lab");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.get_str("kind") == Ok("discovered") && e.get_str("status") == Ok("pending"))
+    );
+    assert!(
+        events.iter().all(|e| e.get_datetime("expires_at").is_ok()),
+        "no sink: they expire"
+    );
+
+    let records = t.records().await;
+    let changed = records
+        .iter()
+        .find(|r| r.snapshot.state.as_str() != "STARTED")
+        .unwrap()
+        .lab_id;
+    t.sim()
+        .update_lab(
+            changed.as_str(),
+            cml_sim::LabSpec {
+                state: Some("STARTED".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let gone = records.iter().find(|r| r.lab_id != changed).unwrap().lab_id;
+    t.sim().remove_lab(gone.as_str());
+    t.refresh().await;
+    let changed_events = outbox::list(&t.app.db, doc! {"lab_id": changed.as_str()})
+        .await
+        .unwrap();
+    let k: Vec<&str> = changed_events
+        .iter()
+        .map(|e| e.get_str("kind").unwrap())
+        .collect();
+    assert_eq!(k, ["discovered", "changed", "state_changed"]);
+    let ce = changed_events[2].get_document("cloudevent").unwrap();
+    assert_eq!(ce.get_str("type"), Ok("io.labsync.lab.state_changed"));
+    assert_eq!(
+        ce.get_document("data").unwrap().get_str("to"),
+        Ok("STARTED")
+    );
+    let pruned = outbox::list(&t.app.db, doc! {"lab_id": gone.as_str(), "kind": "pruned"})
+        .await
+        .unwrap();
+    assert_eq!(pruned.len(), 1);
+
+    let wiped = t.add_lab("DEFINED_ON_CORE");
+    t.refresh().await;
+    t.delete(&wiped, false).await.unwrap();
+    let deleted = outbox::list(
+        &t.app.db,
+        doc! {"lab_id": wiped.as_str(), "kind": "deleted"},
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted.len(), 1, "a delete writes exactly one event");
+    let ce = deleted[0].get_document("cloudevent").unwrap();
+    assert_eq!(ce.get_str("specversion"), Ok("1.0"));
+    assert_eq!(ce.get_str("subject"), Ok(wiped.as_str()));
+    assert_eq!(ce.get_str("source"), Ok("/labsync/workers/cml-1"));
+    assert_eq!(
+        ce.get_document("data").unwrap().get_str("requested_by"),
+        Ok("test:operator")
+    );
+
+    let running = t.add_lab("STARTED");
+    t.delete(&running, false).await.unwrap();
+    let failed = outbox::list(
+        &t.app.db,
+        doc! {"lab_id": running.as_str(), "kind": "delete_failed"},
+    )
+    .await
+    .unwrap();
+    assert_eq!(failed.len(), 1);
+}
+
+#[tokio::test]
+async fn a_sink_receives_a_delete_event_once() {
+    let (sink, url) = Sink::start(0).await;
+    let t = TestApp::spawn_with(1, &[("LABSYNC__EVENTS__SINK_URL", &url)]).await;
+    let wiped = t.add_lab("DEFINED_ON_CORE");
+    let api = TestApi::start(&t).await;
+    let (s, body) = api
+        .send(api.req(
+            Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{wiped}"),
+            Some(OPERATOR_TOKEN),
+        ))
+        .await;
+    assert_eq!(s.as_u16(), 200, "{body}");
+    eventually("the sink to receive the event", || async {
+        !sink.of_type("io.labsync.lab.deleted").is_empty()
+    })
+    .await;
+    // More relay cycles deliver nothing new.
+    let before = sink.attempts.load(Ordering::SeqCst);
+    eventually("a few more relay cycles", || async {
+        outbox::list(&t.app.db, doc! {"status": "pending"})
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let got = sink.of_type("io.labsync.lab.deleted");
+    assert_eq!(got.len(), 1, "delivered once");
+    assert_eq!(got[0]["subject"], wiped.as_str());
+    assert_eq!(got[0]["data"]["requested_by"], "api:operator");
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), before);
+    let stored = outbox::list(&t.app.db, doc! {"kind": "deleted"})
+        .await
+        .unwrap();
+    assert_eq!(stored[0].get_str("status"), Ok("delivered"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_sink_is_retried_until_it_accepts() {
+    let (sink, url) = Sink::start(2).await;
+    let t = TestApp::spawn_with(1, &[("LABSYNC__EVENTS__SINK_URL", &url)]).await;
+    let wiped = t.add_lab("DEFINED_ON_CORE");
+    let api = TestApi::start(&t).await;
+    t.delete(&wiped, false).await.unwrap();
+    eventually("the event to get through", || async {
+        !sink.of_type("io.labsync.lab.deleted").is_empty()
+    })
+    .await;
+    assert_eq!(sink.of_type("io.labsync.lab.deleted").len(), 1);
+    let stored = outbox::list(&t.app.db, doc! {"kind": "deleted"})
+        .await
+        .unwrap();
+    assert_eq!(stored[0].get_str("status"), Ok("delivered"));
+    assert_eq!(
+        stored[0].get_i64("attempts"),
+        Ok(3),
+        "two failures, then success"
+    );
+    assert!(stored[0].get_str("last_error").unwrap().contains("503"));
+    api.stop().await;
+}
