@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Runs labsync end to end on this machine: the MongoDB-wire server, the CML
-# simulator with two workers of demo labs, and `labsync serve`, after
-# registering both workers and running a first refresh. Ctrl-C stops
-# everything it started.
+# simulator with two workers of demo labs, and `labsync serve` (the HTTP API
+# and the schedule), after registering both workers and running a first
+# refresh. Ctrl-C stops everything it started.
 #
 # Data lives in .labsync-demo/ (delete it for a fresh start). The encryption
-# key below is for this demo only; never reuse it.
+# key and the API token below are for this demo only; never reuse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEMO_DIR="${LABSYNC_DEMO_DIR:-$PWD/.labsync-demo}"
 MONGO_PORT="${LABSYNC_DEMO_MONGO_PORT:-27517}"
 SIM_PORT="${LABSYNC_DEMO_SIM_PORT:-19401}"
+API_PORT="${LABSYNC_DEMO_API_PORT:-8080}"
+DEMO_TOKEN="labsync-demo-token"
 mkdir -p "$DEMO_DIR"
 
 SECANTUSD="$(bash scripts/install-tools.sh | tail -n 1)"
@@ -22,6 +24,8 @@ export LABSYNC__MONGODB__URI="mongodb://127.0.0.1:$MONGO_PORT/?directConnection=
 export LABSYNC__MONGODB__DATABASE="labsync_demo"
 export LABSYNC__SECURITY__ENCRYPTION_KEY="ZGVtby1vbmx5LWtleS1kby1ub3QtdXNlLWFueXdoZXI="
 export LABSYNC__REFRESH__CRON="${LABSYNC__REFRESH__CRON:-0 */5 * * * *}"
+export LABSYNC__API__LISTEN="127.0.0.1:$API_PORT"
+export LABSYNC__API__TOKENS="demo:admin:$(printf %s "$DEMO_TOKEN" | sha256sum | cut -d' ' -f1)"
 export CML_SIM_ADMIN_PASSWORD="cml-sim-admin"
 LABSYNC=target/debug/labsync
 
@@ -61,16 +65,30 @@ done
 echo "demo: first refresh"
 "$LABSYNC" refresh
 
-"$LABSYNC" serve 2>"$DEMO_DIR/labsync.log" &
+"$LABSYNC" serve >"$DEMO_DIR/labsync.out" 2>"$DEMO_DIR/labsync.log" &
 pids+=($!)
+for _ in $(seq 1 150); do
+  curl -sf "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+API="http://127.0.0.1:$API_PORT/api/v1"
 
 cat <<MSG
 
 demo: MongoDB-wire server  $LABSYNC__MONGODB__URI  (log: $DEMO_DIR/mongo.log)
 demo: CML simulator        http://127.0.0.1:$SIM_PORT (cml-1), http://127.0.0.1:$((SIM_PORT + 1)) (cml-2)
-demo: labsync serve        refresh on "$LABSYNC__REFRESH__CRON"  (log: $DEMO_DIR/labsync.log)
+demo: labsync serve        $API  refresh on "$LABSYNC__REFRESH__CRON"  (log: $DEMO_DIR/labsync.log)
+demo: API token            $DEMO_TOKEN  (role admin)   OpenAPI: $API/openapi.json
 
-In another shell, with the same environment (printed below), try:
+Try the API:
+  T=$DEMO_TOKEN
+  curl -s -H "Authorization: Bearer \$T" $API/workers
+  curl -s -H "Authorization: Bearer \$T" '$API/workers/cml-1/labs?state=DEFINED_ON_CORE&limit=5'
+  curl -s -X DELETE -H "Authorization: Bearer \$T" $API/workers/cml-1/labs/<lab id>       # ?force=true, ?mode=async
+  curl -s -X POST -H "Authorization: Bearer \$T" $API/workers/cml-1/labs/refresh
+  curl -s http://127.0.0.1:$API_PORT/metrics | grep ^labsync_
+
+Or the CLI, in another shell with the same environment:
   export LABSYNC__MONGODB__URI='$LABSYNC__MONGODB__URI' LABSYNC__MONGODB__DATABASE=labsync_demo \\
          LABSYNC__SECURITY__ENCRYPTION_KEY='$LABSYNC__SECURITY__ENCRYPTION_KEY'
   $LABSYNC labs list --worker cml-1
