@@ -132,7 +132,7 @@ impl DeleteLab {
     ///
     /// # Errors
     /// [`AppError::UnknownWorker`]; [`AppError::Repository`] when the
-    /// database fails before CML was asked; [`AppError::RecordCleanupPending`]
+    /// worker cannot be read; [`AppError::RecordCleanupPending`]
     /// when CML deleted the lab but the record could not be removed (the next
     /// refresh removes it). Refusals and CML failures are outcomes, not errors.
     pub async fn execute(self, services: &Services) -> Result<DeleteOutcome, AppError> {
@@ -146,16 +146,15 @@ impl DeleteLab {
             .get(&self.worker_id)
             .await?
             .ok_or_else(|| AppError::UnknownWorker(self.worker_id.clone()))?;
-        let record_was_present = s.labs.get(&self.worker_id, &self.lab_id).await?.is_some();
         let kind = match self.make_deletable(s, &access).await {
             Stop::Absent => DeleteOutcomeKind::AlreadyAbsent,
-            Stop::Failed(kind) => return Ok(self.failed(s, kind, record_was_present).await),
+            Stop::Failed(kind) => return Ok(self.failed(s, kind).await),
             Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
                 Ok(()) => DeleteOutcomeKind::Deleted,
                 Err(CmlError::NotFound) => DeleteOutcomeKind::AlreadyAbsent,
                 Err(e) => {
                     let kind = DeleteOutcomeKind::from_cml(e);
-                    return Ok(self.failed(s, kind, record_was_present).await);
+                    return Ok(self.failed(s, kind).await);
                 }
             },
         };
@@ -178,17 +177,20 @@ impl DeleteLab {
                 "force": self.force,
             }),
         );
-        if let Err(e) = s
+        let record_was_present = match s
             .labs
             .tombstone(&self.worker_id, &self.lab_id, tombstone, event)
             .await
         {
-            warn!(error = %e, "deleted in CML but the record could not be removed");
-            self.audit(s, &kind, format!("record removal failed: {e}"))
-                .await;
-            s.observer.delete_finished("record_cleanup_pending");
-            return Err(AppError::RecordCleanupPending(e));
-        }
+            Ok(present) => present,
+            Err(e) => {
+                warn!(error = %e, "deleted in CML but the record could not be removed");
+                self.audit(s, &kind, format!("record removal failed: {e}"))
+                    .await;
+                s.observer.delete_finished("record_cleanup_pending");
+                return Err(AppError::RecordCleanupPending(e));
+            }
+        };
         let message = match (&kind, record_was_present) {
             (DeleteOutcomeKind::Deleted, _) => "deleted in CML; record removed".to_owned(),
             (_, true) => "CML did not have the lab; record removed".to_owned(),
@@ -266,12 +268,7 @@ impl DeleteLab {
 
     /// Records a failed attempt in the lab's history and the audit log; the
     /// record itself is left as it was.
-    async fn failed(
-        &self,
-        s: &Services,
-        kind: DeleteOutcomeKind,
-        record_was_present: bool,
-    ) -> DeleteOutcome {
+    async fn failed(&self, s: &Services, kind: DeleteOutcomeKind) -> DeleteOutcome {
         let detail = match &kind {
             DeleteOutcomeKind::RefusedRunning { state } => {
                 format!("lab is {state}: stop and wipe it first, or delete with force")
@@ -306,7 +303,7 @@ impl DeleteLab {
                 detail: detail.clone(),
             },
         };
-        if let Err(e) = s
+        let record_was_present = match s
             .labs
             .add_history(
                 &self.worker_id,
@@ -317,8 +314,12 @@ impl DeleteLab {
             )
             .await
         {
-            warn!(error = %e, "could not record the failed delete in the lab's history");
-        }
+            Ok(present) => present,
+            Err(e) => {
+                warn!(error = %e, "could not record the failed delete in the lab's history");
+                false
+            }
+        };
         self.audit(s, &kind, detail.clone()).await;
         s.observer.delete_finished(kind.word());
         DeleteOutcome {

@@ -19,7 +19,7 @@ use labsync_application::{LabEvent, RepoError};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
 use mongodb::bson::{Document, doc};
 use mongodb::options::{
-    DeleteManyModel, InsertOneModel, ReplaceOneModel, UpdateOneModel, WriteModel,
+    DeleteManyModel, DeleteOneModel, InsertOneModel, ReplaceOneModel, UpdateOneModel, WriteModel,
 };
 use mongodb::{Collection, Database};
 
@@ -366,7 +366,14 @@ impl LabRepository for MongoLabRepository {
             "tombstone",
             doc! {"deleted_at": date(t.deleted_at), "deleted_by": t.deleted_by, "expires_at": date(t.expires_at)},
         );
+        // Deleting the live record first says whether there was one, in the
+        // same command that writes the tombstone and the event.
         let models: Vec<WriteModel> = vec![
+            DeleteOneModel::builder()
+                .namespace(self.docs.namespace())
+                .filter(live(worker, lab))
+                .build()
+                .into(),
             ReplaceOneModel::builder()
                 .namespace(self.docs.namespace())
                 .filter(key(worker, lab))
@@ -387,7 +394,7 @@ impl LabRepository for MongoLabRepository {
             .ordered(true)
             .await
             .map_err(map_error)?;
-        Ok(r.matched_count > 0)
+        Ok(r.deleted_count > 0)
     }
 
     async fn remove_worker(&self, worker: &WorkerId) -> Result<u64, RepoError> {

@@ -1,0 +1,278 @@
+//! The simulated fleet: a `cml-sim` process (built beside this binary) with
+//! one listener per worker, driven through its control API.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use labsync_application::domain::{LabId, WorkerId};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+pub const ADMIN_PASSWORD: &str = "cml-sim-admin";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SimWorker {
+    pub name: String,
+    pub url: String,
+}
+
+pub struct SimFleet {
+    pub workers: Vec<SimWorker>,
+    http: reqwest::Client,
+    _child: Child,
+    _dir: tempfile_dir::Dir,
+}
+
+mod tempfile_dir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// `cml-sim` next to this executable (both are built into the same target
+/// directory), or `$CML_SIM`.
+fn sim_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CML_SIM") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let candidate = exe.with_file_name("cml-sim");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "{} not found: build it with the benchmark (cargo build -p cml-sim -p labsync-bench)",
+            candidate.display()
+        )
+    }
+}
+
+impl SimFleet {
+    pub async fn start(workers: usize, labs: usize, seed: u64) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "labsync-bench-{}-{}",
+            std::process::id(),
+            seed + workers as u64
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let addresses = dir.join("workers.json");
+        let child = Command::new(sim_binary()?)
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--labs-per-worker",
+                &labs.to_string(),
+            ])
+            .args([
+                "--seed",
+                &seed.to_string(),
+                "--transition-delay-ms",
+                "0",
+                "--name-prefix",
+                "bench",
+            ])
+            .arg("--addresses-file")
+            .arg(&addresses)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting cml-sim")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let workers: Vec<SimWorker> = loop {
+            if let Ok(text) = std::fs::read_to_string(&addresses)
+                && let Ok(w) = serde_json::from_str(&text)
+            {
+                break w;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "cml-sim did not start within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(4)
+            .build()?;
+        Ok(Self {
+            workers,
+            http,
+            _child: child,
+            _dir: tempfile_dir::Dir(dir),
+        })
+    }
+
+    async fn each<F, Fut>(&self, f: F) -> anyhow::Result<Vec<serde_json::Value>>
+    where
+        F: Fn(reqwest::Client, SimWorker) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<serde_json::Value>>,
+    {
+        futures::stream::iter(self.workers.iter().cloned())
+            .map(|w| f(self.http.clone(), w))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    pub async fn set_latency(&self, ms: u64) -> anyhow::Result<()> {
+        self.each(|http, w| async move {
+            let faults = json!({"latency_ms": {"all": ms}});
+            http.put(format!("{}/_sim/faults", w.url))
+                .json(&faults)
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(json!(null))
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn reset_stats(&self) -> anyhow::Result<()> {
+        self.each(|http, w| async move {
+            http.delete(format!("{}/_sim/stats", w.url))
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(json!(null))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Back to the seeded labs on every worker (faults and tokens cleared).
+    pub async fn reset_all(&self) -> anyhow::Result<()> {
+        self.each(|http, w| async move {
+            http.post(format!("{}/_sim/reset", w.url))
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(json!(null))
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn total_requests(&self) -> anyhow::Result<u64> {
+        let stats = self
+            .each(|http, w| async move {
+                Ok(http
+                    .get(format!("{}/_sim/stats", w.url))
+                    .send()
+                    .await?
+                    .json()
+                    .await?)
+            })
+            .await?;
+        Ok(stats.iter().filter_map(|s| s["total"].as_u64()).sum())
+    }
+
+    /// Changes `changed` of the labs, deletes `deleted` and adds `added`
+    /// (shares of each worker's labs) behind labsync's back.
+    pub async fn churn(
+        &self,
+        changed: f64,
+        deleted: f64,
+        added: f64,
+        seed: u64,
+    ) -> anyhow::Result<String> {
+        let counts = self
+            .each(|http, w| async move {
+                let labs: Vec<serde_json::Value> = http
+                    .get(format!("{}/_sim/labs", w.url))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let n = labs.len() as f64;
+                let (c, d, a) = (
+                    (n * changed).round() as usize,
+                    (n * deleted).round() as usize,
+                    (n * added).round() as usize,
+                );
+                // Deterministic picks: every k-th lab from an offset.
+                let ids: Vec<String> = labs
+                    .iter()
+                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
+                    .collect();
+                for (i, id) in ids
+                    .iter()
+                    .enumerate()
+                    .skip(seed as usize % 3)
+                    .step_by(ids.len().max(1) / c.max(1))
+                    .take(c)
+                {
+                    http.patch(format!("{}/_sim/labs/{id}", w.url))
+                        .json(&json!({"lab_title": format!("Changed {i}")}))
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                }
+                for id in ids.iter().rev().take(d) {
+                    http.delete(format!("{}/_sim/labs/{id}", w.url))
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                }
+                for _ in 0..a {
+                    http.post(format!("{}/_sim/labs", w.url))
+                        .json(&json!({"state": "STOPPED"}))
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                }
+                Ok(json!([c, d, a]))
+            })
+            .await?;
+        let sum = |i: usize| counts.iter().filter_map(|c| c[i].as_u64()).sum::<u64>();
+        Ok(format!(
+            "{} changed, {} deleted, {} added",
+            sum(0),
+            sum(1),
+            sum(2)
+        ))
+    }
+
+    /// Adds `n` stopped-and-wiped labs spread over the workers.
+    pub async fn add_wiped_labs(&self, n: usize) -> anyhow::Result<Vec<(WorkerId, LabId)>> {
+        let per = n.div_ceil(self.workers.len().max(1));
+        let lists = self
+            .each(|http, w| async move {
+                let mut ids = Vec::new();
+                for _ in 0..per {
+                    let lab: serde_json::Value = http
+                        .post(format!("{}/_sim/labs", w.url))
+                        .json(&json!({"state": "DEFINED_ON_CORE"}))
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?;
+                    ids.push(json!([w.name, lab["id"]]));
+                }
+                Ok(json!(ids))
+            })
+            .await?;
+        let mut out = Vec::with_capacity(n);
+        for list in lists {
+            for pair in list.as_array().into_iter().flatten() {
+                out.push((
+                    WorkerId::parse(pair[0].as_str().unwrap_or_default())?,
+                    LabId::parse(pair[1].as_str().unwrap_or_default())?,
+                ));
+            }
+        }
+        out.truncate(n);
+        Ok(out)
+    }
+}

@@ -1,0 +1,640 @@
+//! `labsync-bench`: how labsync's refresh and delete perform on a simulated
+//! fleet, against the algorithm of the service it replaces (the baseline)
+//! and against the latency-bound minimum (the floor).
+//!
+//! It starts the MongoDB-wire server (`secantusd-rs`, or
+//! `LABSYNC_BENCH_MONGODB_URI`) and `cml-sim` as separate processes, drives
+//! labsync's real code (the same `App` the binary runs), counts CML
+//! requests (the simulator's statistics) and MongoDB commands and documents
+//! written (driver command events), and reads its own peak RSS. It prints a
+//! table and writes the figures as JSON. Figures are reported, never
+//! asserted: they depend on the machine.
+
+mod baseline;
+mod fleet;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use labsync::wiring::App;
+use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId};
+use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus, Trigger};
+use labsync_infrastructure::configuration::Settings;
+use mongodb::event::command::CommandEvent;
+use mongodb::options::ClientOptions;
+use secrecy::SecretString;
+use serde::Serialize;
+
+use crate::fleet::SimFleet;
+
+/// Benchmarks labsync's refresh and delete on a simulated fleet.
+#[derive(Debug, Parser, Clone)]
+#[command(name = "labsync-bench")]
+struct Args {
+    /// Workers in the main fleet.
+    #[arg(long, default_value_t = 100)]
+    workers: usize,
+    /// Labs per worker.
+    #[arg(long, default_value_t = 200)]
+    labs: usize,
+    /// Simulated latency of every CML request, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    latency_ms: u64,
+    /// Deletes in the delete scenario.
+    #[arg(long, default_value_t = 2000)]
+    deletes: usize,
+    #[arg(long, default_value_t = 64)]
+    delete_concurrency: usize,
+    /// Fleet sizes (labs) for the scaling scenario, 200 labs per worker.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    scaling: Vec<usize>,
+    /// Workers refreshed at once (labsync's refresh.max_concurrent_workers).
+    #[arg(long, default_value_t = 16)]
+    fleet_concurrency: usize,
+    /// Detail requests at once per worker (refresh.max_concurrent_labs_per_worker).
+    #[arg(long, default_value_t = 16)]
+    lab_concurrency: usize,
+    /// Skip the baseline (it is slow: one request at a time per worker).
+    #[arg(long)]
+    no_baseline: bool,
+    /// A run of a few seconds, for CI: a small fleet and small scaling steps.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON figures.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+impl Args {
+    fn effective(mut self) -> Self {
+        if self.quick {
+            self.workers = 4;
+            self.labs = 25;
+            self.latency_ms = 2;
+            self.deletes = 40;
+            self.delete_concurrency = 8;
+            self.scaling = vec![100, 400];
+        }
+        self
+    }
+}
+
+/// MongoDB commands and documents written, from the driver's events.
+/// "Inventory" counts only the `labs` and `outbox` collections, where the
+/// refresh's work shows; the rest is bookkeeping (lease, run report).
+#[derive(Debug, Default)]
+pub struct MongoCounters {
+    pub commands: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub docs_written: AtomicU64,
+    pub inventory_reads: AtomicU64,
+    pub inventory_docs_written: AtomicU64,
+    /// Whether each command in flight touches the inventory.
+    inflight: std::sync::Mutex<std::collections::HashMap<i32, bool>>,
+}
+
+/// Whether a command touches the `labs` or `outbox` collection.
+fn touches_inventory(command_name: &str, command: &mongodb::bson::Document) -> bool {
+    let inventory = |c: &str| c == "labs" || c == "outbox";
+    if command_name == "bulkWrite" {
+        return command
+            .get_array("nsInfo")
+            .map(|ns| {
+                ns.iter().any(|n| {
+                    n.as_document()
+                        .and_then(|d| d.get_str("ns").ok())
+                        .is_some_and(|ns| ns.rsplit('.').next().is_some_and(inventory))
+                })
+            })
+            .unwrap_or(false);
+    }
+    command.get_str(command_name).is_ok_and(inventory)
+}
+
+impl MongoCounters {
+    fn snapshot(&self) -> [u64; 6] {
+        [
+            self.commands.load(Ordering::Relaxed),
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+            self.docs_written.load(Ordering::Relaxed),
+            self.inventory_reads.load(Ordering::Relaxed),
+            self.inventory_docs_written.load(Ordering::Relaxed),
+        ]
+    }
+
+    fn observe(&self, ev: CommandEvent) {
+        match ev {
+            CommandEvent::Started(s) => {
+                let name = s.command_name.as_str();
+                if matches!(
+                    name,
+                    "hello"
+                        | "isMaster"
+                        | "ping"
+                        | "endSessions"
+                        | "buildInfo"
+                        | "saslStart"
+                        | "saslContinue"
+                ) {
+                    return;
+                }
+                self.commands.fetch_add(1, Ordering::Relaxed);
+                let inventory = touches_inventory(name, &s.command);
+                self.inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(s.request_id, inventory);
+                match name {
+                    "find" | "getMore" | "aggregate" | "count" => {
+                        self.reads.fetch_add(1, Ordering::Relaxed);
+                        if inventory {
+                            self.inventory_reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    "insert" | "update" | "delete" | "bulkWrite" | "findAndModify" => {
+                        self.writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            CommandEvent::Succeeded(s) => {
+                let r = &s.reply;
+                let int = |k: &str| {
+                    r.get_i32(k)
+                        .map(i64::from)
+                        .or_else(|_| r.get_i64(k))
+                        .unwrap_or(0)
+                };
+                let written = match s.command_name.as_str() {
+                    "bulkWrite" => {
+                        int("nInserted") + int("nUpserted") + int("nModified") + int("nDeleted")
+                    }
+                    "insert" | "delete" => int("n"),
+                    "update" => {
+                        int("nModified")
+                            + r.get_array("upserted").map(|a| a.len() as i64).unwrap_or(0)
+                    }
+                    "findAndModify" => r
+                        .get_document("lastErrorObject")
+                        .ok()
+                        .and_then(|l| l.get_i32("n").ok())
+                        .map(i64::from)
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                let written = u64::try_from(written).unwrap_or(0);
+                self.docs_written.fetch_add(written, Ordering::Relaxed);
+                let inventory = self
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.request_id);
+                if inventory == Some(true) {
+                    self.inventory_docs_written
+                        .fetch_add(written, Ordering::Relaxed);
+                }
+            }
+            CommandEvent::Failed(f) => {
+                self.inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&f.request_id);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The peak resident memory of this process since the last reset, in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Starts a new peak-RSS measurement (Linux: "5" resets VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub labs: usize,
+    pub workers: usize,
+    pub latency_ms: u64,
+    pub wall_s: f64,
+    pub cml_requests: u64,
+    pub mongo_commands: u64,
+    pub mongo_reads: u64,
+    pub mongo_writes: u64,
+    pub docs_written: u64,
+    /// Reads of, and documents written to, the lab records and the outbox.
+    pub inventory_reads: u64,
+    pub inventory_docs_written: u64,
+    pub peak_rss_mib: f64,
+    /// Baseline wall time / this wall time.
+    pub vs_baseline: Option<f64>,
+    /// Floor / this wall time.
+    pub efficiency: Option<f64>,
+    pub floor_s: Option<f64>,
+    pub notes: String,
+}
+
+/// The latency-bound minimum of a refresh: per worker a login, the list and
+/// ceil(labs / lab concurrency) detail rounds; workers in waves of the
+/// fleet concurrency.
+fn floor_s(workers: usize, labs: usize, latency_ms: u64, fleet: usize, per_worker: usize) -> f64 {
+    let rounds = 2 + labs.div_ceil(per_worker.max(1));
+    let waves = workers.div_ceil(fleet.max(1));
+    (waves * rounds) as f64 * latency_ms as f64 / 1000.0
+}
+
+struct Harness {
+    app: App,
+    counters: Arc<MongoCounters>,
+    fleet: SimFleet,
+}
+
+impl Harness {
+    async fn new(args: &Args, mongo_uri: &str, fleet: SimFleet) -> anyhow::Result<Self> {
+        let db_name = labsync_test_support::unique_database_name();
+        let fleet_c = args.fleet_concurrency.to_string();
+        let lab_c = args.lab_concurrency.to_string();
+        let settings = Settings::from_overrides(&[
+            ("LABSYNC__MONGODB__URI", mongo_uri),
+            ("LABSYNC__MONGODB__DATABASE", &db_name),
+            (
+                "LABSYNC__SECURITY__ENCRYPTION_KEY",
+                "YmVuY2htYXJrLW9ubHkta2V5LWJlbmNobWFyay1vbmw=",
+            ),
+            ("LABSYNC__REFRESH__MAX_CONCURRENT_WORKERS", &fleet_c),
+            ("LABSYNC__REFRESH__MAX_CONCURRENT_LABS_PER_WORKER", &lab_c),
+            ("LABSYNC__LOG__FILTER", "error"),
+        ])?;
+        let counters = Arc::new(MongoCounters::default());
+        let mut options = ClientOptions::parse(mongo_uri).await?;
+        let c = counters.clone();
+        options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |ev| {
+            c.observe(ev)
+        }));
+        let client = mongodb::Client::with_options(options)?;
+        let app = App::with_database(&settings, client.database(&db_name)).await?;
+        for w in &fleet.workers {
+            app.services
+                .workers
+                .add(
+                    &Worker {
+                        id: WorkerId::parse(&w.name)?,
+                        name: w.name.clone(),
+                        base_url: w.url.clone(),
+                        username: "admin".into(),
+                        tls: TlsSettings::default(),
+                        enabled: true,
+                    },
+                    &SecretString::from(fleet::ADMIN_PASSWORD),
+                )
+                .await?;
+        }
+        Ok(Self {
+            app,
+            counters,
+            fleet,
+        })
+    }
+
+    /// Runs `f`, measuring wall time, CML requests, MongoDB commands and peak RSS.
+    async fn measure<F, Fut, T>(
+        &self,
+        scenario: &str,
+        labs: usize,
+        latency_ms: u64,
+        f: F,
+    ) -> anyhow::Result<(Row, T)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        self.fleet.reset_stats().await?;
+        let before = self.counters.snapshot();
+        reset_peak_rss();
+        let started = Instant::now();
+        let out = f().await?;
+        let wall = started.elapsed().as_secs_f64();
+        let after = self.counters.snapshot();
+        let row = Row {
+            scenario: scenario.to_owned(),
+            labs,
+            workers: self.fleet.workers.len(),
+            latency_ms,
+            wall_s: wall,
+            cml_requests: self.fleet.total_requests().await?,
+            mongo_commands: after[0] - before[0],
+            mongo_reads: after[1] - before[1],
+            mongo_writes: after[2] - before[2],
+            docs_written: after[3] - before[3],
+            inventory_reads: after[4] - before[4],
+            inventory_docs_written: after[5] - before[5],
+            peak_rss_mib: peak_rss_mib(),
+            vs_baseline: None,
+            efficiency: None,
+            floor_s: None,
+            notes: String::new(),
+        };
+        Ok((row, out))
+    }
+
+    async fn refresh(&self) -> anyhow::Result<String> {
+        let reports = RefreshAll::new(self.app.services.clone())
+            .execute(Trigger::Admin, RefreshOptions::default())
+            .await?;
+        let failed = reports
+            .iter()
+            .filter(|r| r.status != RunStatus::Succeeded)
+            .count();
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} worker refreshes did not succeed: {:?}",
+            reports.iter().find(|r| r.status != RunStatus::Succeeded)
+        );
+        let sum =
+            |f: fn(&labsync_application::RunReport) -> u64| reports.iter().map(f).sum::<u64>();
+        Ok(format!(
+            "created {} updated {} unchanged {} pruned {}",
+            sum(|r| r.created),
+            sum(|r| r.updated),
+            sum(|r| r.unchanged),
+            sum(|r| r.pruned)
+        ))
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<22} {:>7} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7}  notes",
+        "scenario",
+        "labs",
+        "workers",
+        "lat ms",
+        "wall s",
+        "CML req",
+        "mongo op",
+        "docs wr",
+        "inv. wr",
+        "RSS MiB",
+        "x base",
+        "eff"
+    );
+    for r in rows {
+        println!(
+            "{:<22} {:>7} {:>7} {:>6} {:>9.3} {:>8} {:>8} {:>9} {:>8} {:>8.1} {:>9} {:>7}  {}",
+            r.scenario,
+            r.labs,
+            r.workers,
+            r.latency_ms,
+            r.wall_s,
+            r.cml_requests,
+            r.mongo_commands,
+            r.docs_written,
+            r.inventory_docs_written,
+            r.peak_rss_mib,
+            r.vs_baseline.map_or("-".into(), |x| format!("{x:.1}x")),
+            r.efficiency
+                .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+            r.notes
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse().effective();
+    let _mongo_server;
+    let mongo_uri = match std::env::var("LABSYNC_BENCH_MONGODB_URI") {
+        Ok(uri) if !uri.is_empty() => uri,
+        _ => {
+            let server = labsync_test_support::MongoServer::start()?;
+            let uri = server.uri().to_owned();
+            _mongo_server = server;
+            uri
+        }
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let total = args.workers * args.labs;
+    eprintln!(
+        "bench: fleet of {} workers x {} labs, {} ms per CML request",
+        args.workers, args.labs, args.latency_ms
+    );
+
+    // Main fleet: cold, steady, churn, deletes.
+    let fleet = SimFleet::start(args.workers, args.labs, 42).await?;
+    fleet.set_latency(args.latency_ms).await?;
+    let h = Harness::new(&args, &mongo_uri, fleet).await?;
+    let floor = floor_s(
+        args.workers,
+        args.labs,
+        args.latency_ms,
+        args.fleet_concurrency,
+        args.lab_concurrency,
+    );
+    let (mut cold, note) = h
+        .measure("cold refresh", total, args.latency_ms, || h.refresh())
+        .await?;
+    cold.floor_s = Some(floor);
+    cold.efficiency = Some(floor / cold.wall_s);
+    cold.notes = note;
+    let (mut steady, note) = h
+        .measure("steady refresh", total, args.latency_ms, || h.refresh())
+        .await?;
+    steady.floor_s = Some(floor);
+    steady.efficiency = Some(floor / steady.wall_s);
+    steady.notes = format!(
+        "{note}; record reads {} for {} workers",
+        steady.inventory_reads, args.workers
+    );
+    let churn_plan = h.fleet.churn(0.05, 0.02, 0.02, 7).await?;
+    let (mut churn, note) = h
+        .measure("churn refresh", total, args.latency_ms, || h.refresh())
+        .await?;
+    churn.floor_s = Some(floor);
+    churn.efficiency = Some(floor / churn.wall_s);
+    churn.notes = format!("{note} (applied: {churn_plan})");
+
+    // Deletes of wiped labs at the given concurrency.
+    let targets: Vec<(WorkerId, LabId)> = h.fleet.add_wiped_labs(args.deletes).await?;
+    let services = h.app.services.clone();
+    let (mut deletes, latencies) = h
+        .measure("deletes", args.deletes, args.latency_ms, || async {
+            let lat: Vec<f64> = futures::stream::iter(targets)
+                .map(|(w, l)| {
+                    let services = services.clone();
+                    async move {
+                        let t = Instant::now();
+                        let out = DeleteLab {
+                            worker_id: w,
+                            lab_id: l,
+                            force: false,
+                            requested_by: "bench".into(),
+                        }
+                        .execute(&services)
+                        .await;
+                        let ms = t.elapsed().as_secs_f64() * 1000.0;
+                        match out {
+                            Ok(o) if o.lab_gone => Ok(ms),
+                            other => Err(anyhow::anyhow!("delete failed: {other:?}")),
+                        }
+                    }
+                })
+                .buffer_unordered(args.delete_concurrency)
+                .collect::<Vec<anyhow::Result<f64>>>()
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            Ok(lat)
+        })
+        .await?;
+    let mut sorted = latencies;
+    sorted.sort_by(f64::total_cmp);
+    // Each delete makes two CML round trips: the state check and the DELETE.
+    let cml_ms = 2.0 * args.latency_ms as f64;
+    let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+    deletes.notes = format!(
+        "concurrency {}: p50 {:.1} ms, p99 {:.1} ms; overhead above {:.0} ms of CML: p50 {:.1} ms, p99 {:.1} ms",
+        args.delete_concurrency,
+        p50,
+        p99,
+        cml_ms,
+        p50 - cml_ms,
+        p99 - cml_ms
+    );
+    let delete_overhead = (p50 - cml_ms, p99 - cml_ms);
+
+    // The baseline, on the same fleet freshly reset.
+    if !args.no_baseline {
+        h.fleet.reset_all().await?;
+        h.fleet.set_latency(args.latency_ms).await?;
+        let db = h.app.db.clone();
+        let urls: Vec<(String, String)> = h
+            .fleet
+            .workers
+            .iter()
+            .map(|w| (w.name.clone(), w.url.clone()))
+            .collect();
+        let (mut base, n) = h
+            .measure("baseline cold refresh", total, args.latency_ms, || {
+                baseline::refresh_all(&db, &urls)
+            })
+            .await?;
+        base.notes = format!(
+            "old algorithm: {n} labs, one request at a time per worker, 5 workers at a time"
+        );
+        cold.vs_baseline = Some(base.wall_s / cold.wall_s);
+        rows.extend([cold, steady, churn, deletes, base]);
+    } else {
+        rows.extend([cold, steady, churn, deletes]);
+    }
+    drop(h);
+
+    // Scaling: cold and steady at each size, 200 labs per worker.
+    for size in &args.scaling {
+        let per = (*size).min(200);
+        let workers = size.div_ceil(per);
+        let fleet = SimFleet::start(workers, per, 11).await?;
+        fleet.set_latency(args.latency_ms).await?;
+        let h = Harness::new(&args, &mongo_uri, fleet).await?;
+        let floor = floor_s(
+            workers,
+            per,
+            args.latency_ms,
+            args.fleet_concurrency,
+            args.lab_concurrency,
+        );
+        for scenario in ["cold", "steady"] {
+            let (mut row, note) = h
+                .measure(
+                    &format!("scaling {scenario} {size}"),
+                    workers * per,
+                    args.latency_ms,
+                    || h.refresh(),
+                )
+                .await?;
+            row.floor_s = Some(floor);
+            row.efficiency = Some(floor / row.wall_s);
+            row.notes = note;
+            rows.push(row);
+        }
+    }
+
+    print_table(&rows);
+    let cold = &rows[0];
+    let steady = &rows[1];
+    println!();
+    println!("targets:");
+    if let Some(x) = cold.vs_baseline {
+        println!("  cold refresh vs baseline: {x:.1}x (target >= 20x)");
+    }
+    println!(
+        "  cold refresh efficiency: {:.0}% of the floor (target >= 50%)",
+        cold.efficiency.unwrap_or(0.0) * 100.0
+    );
+    println!(
+        "  steady refresh: {} inventory documents written (target 0; {} bookkeeping: leases, run reports), {} record reads for {} workers (target <= 1 per worker), efficiency {:.0}% (target >= 70%)",
+        steady.inventory_docs_written,
+        steady.docs_written - steady.inventory_docs_written,
+        steady.inventory_reads,
+        steady.workers,
+        steady.efficiency.unwrap_or(0.0) * 100.0
+    );
+    println!(
+        "  delete overhead above CML: p50 {:.1} ms, p99 {:.1} ms (target p99 < 5 ms)",
+        delete_overhead.0, delete_overhead.1
+    );
+    if let Some(big) = rows
+        .iter()
+        .filter(|r| r.scenario.starts_with("scaling"))
+        .max_by_key(|r| r.labs)
+    {
+        println!(
+            "  peak RSS at {} labs: {:.1} MiB (target < 150 MB)",
+            big.labs, big.peak_rss_mib
+        );
+    }
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let json = serde_json::json!({
+        "args": {
+            "workers": args.workers, "labs": args.labs, "latency_ms": args.latency_ms,
+            "deletes": args.deletes, "delete_concurrency": args.delete_concurrency,
+            "fleet_concurrency": args.fleet_concurrency, "lab_concurrency": args.lab_concurrency,
+            "quick": args.quick,
+        },
+        "rows": rows,
+        "delete_overhead_ms": {"p50": delete_overhead.0, "p99": delete_overhead.1},
+    });
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("\nfigures written to {}", args.out.display());
+    Ok(())
+}

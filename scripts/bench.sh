@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The fleet benchmark: labsync's refresh and delete against the old
+# algorithm and the latency floor, on the MongoDB-wire server and cml-sim
+# run as separate processes. Prints a table and writes target/bench/results.json.
+#
+#   scripts/bench.sh                 # the reported sizes (release build, a few minutes)
+#   scripts/bench.sh --quick         # a few seconds
+#   scripts/bench.sh --debug --quick # as CI runs it: no release build
+# Other arguments go to labsync-bench (see --help). LABSYNC_BENCH_MONGODB_URI
+# points it at a running MongoDB instead of starting secantusd-rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+if [[ "${1:-}" == "--debug" ]]; then
+  profile=debug
+  shift
+fi
+if [[ -z "${LABSYNC_BENCH_MONGODB_URI:-}" ]]; then
+  LABSYNC_SECANTUSD="$(bash scripts/install-tools.sh | tail -n 1)"
+  export LABSYNC_SECANTUSD
+fi
+if [[ "$profile" == release ]]; then
+  cargo build --quiet --locked --release -p cml-sim -p labsync-bench
+else
+  cargo build --quiet --locked -p cml-sim -p labsync-bench
+fi
+exec "target/$profile/labsync-bench" "$@"
