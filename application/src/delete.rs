@@ -177,9 +177,14 @@ impl DeleteLab {
                 "force": self.force,
             }),
         );
+        let audit_detail = match kind {
+            DeleteOutcomeKind::Deleted => "deleted in CML",
+            _ => "CML did not have the lab",
+        };
+        let audit = self.audit_entry(s, &kind, audit_detail.to_owned());
         let record_was_present = match s
             .labs
-            .tombstone(&self.worker_id, &self.lab_id, tombstone, event)
+            .tombstone(&self.worker_id, &self.lab_id, tombstone, event, audit)
             .await
         {
             Ok(present) => present,
@@ -197,7 +202,6 @@ impl DeleteLab {
             (_, false) => "CML did not have the lab, and labsync had no record of it".to_owned(),
         };
         info!(outcome = kind.word(), "lab deleted");
-        self.audit(s, &kind, message.clone()).await;
         s.observer.delete_finished(kind.word());
         Ok(DeleteOutcome {
             worker_id: self.worker_id,
@@ -311,16 +315,17 @@ impl DeleteLab {
                 entry,
                 s.settings.history_limit,
                 event,
+                self.audit_entry(s, &kind, detail.clone()),
             )
             .await
         {
             Ok(present) => present,
             Err(e) => {
                 warn!(error = %e, "could not record the failed delete in the lab's history");
+                self.audit(s, &kind, detail.clone()).await;
                 false
             }
         };
-        self.audit(s, &kind, detail.clone()).await;
         s.observer.delete_finished(kind.word());
         DeleteOutcome {
             worker_id: self.worker_id.clone(),
@@ -332,8 +337,8 @@ impl DeleteLab {
         }
     }
 
-    async fn audit(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) {
-        let entry = AuditEntry {
+    fn audit_entry(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) -> AuditEntry {
+        AuditEntry {
             at: s.clock.now(),
             actor: self.requested_by.clone(),
             action: AuditAction::Delete,
@@ -341,7 +346,12 @@ impl DeleteLab {
             lab_id: Some(self.lab_id),
             outcome: kind.word().to_owned(),
             detail,
-        };
+        }
+    }
+
+    /// An audit entry on its own, for when the write it belongs with failed.
+    async fn audit(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) {
+        let entry = self.audit_entry(s, kind, detail);
         if let Err(e) = s.audit.record(vec![entry]).await {
             warn!(error = %e, "could not write the audit entry");
         }

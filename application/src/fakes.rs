@@ -183,8 +183,10 @@ impl LabRepository for FakeStore {
         e: HistoryEntry,
         limit: usize,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
         lock(&self.events).push(event);
+        lock(&self.audit).push(audit);
         Ok(lock(&self.live)
             .get_mut(lab)
             .map(|r| r.push_history(e, limit))
@@ -196,11 +198,13 @@ impl LabRepository for FakeStore {
         lab: &LabId,
         t: Tombstone,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
         if *lock(&self.fail_tombstone) {
             return Err(RepoError::Unavailable("injected".into()));
         }
         lock(&self.events).push(event);
+        lock(&self.audit).push(audit);
         lock(&self.tombstones).insert(*lab, t);
         Ok(lock(&self.live).remove(lab).is_some())
     }

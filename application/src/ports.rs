@@ -193,9 +193,10 @@ pub trait LabRepository: Send + Sync {
         history_limit: usize,
     ) -> Result<ApplyOutcome, RepoError>;
 
-    /// Appends to a live record's history and writes `event` to the outbox
-    /// in the same write; false if there is no live record (the event is
-    /// written all the same).
+    /// Appends to a live record's history, and writes `event` to the outbox
+    /// and `audit` to the audit log, in the same write; false if there is
+    /// no live record (the event and the audit entry are written all the
+    /// same).
     ///
     /// # Errors
     /// [`RepoError`].
@@ -206,11 +207,13 @@ pub trait LabRepository: Send + Sync {
         entry: HistoryEntry,
         history_limit: usize,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError>;
 
     /// Replaces the lab's record, if any, with a tombstone (creating one if
-    /// there was no record) and writes `event` to the outbox in the same
-    /// write. Returns whether a live record was there.
+    /// there was no record), and writes `event` to the outbox and `audit` to
+    /// the audit log, in the same write. Returns whether a live record was
+    /// there.
     ///
     /// # Errors
     /// [`RepoError`].
@@ -220,6 +223,7 @@ pub trait LabRepository: Send + Sync {
         lab: &LabId,
         tombstone: Tombstone,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError>;
 
     /// Removes every record and tombstone of the worker; returns how many.

@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use labsync_application::domain::{
     Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabState, WorkerId,
 };
-use labsync_application::ports::{ApplyOutcome, LabQuery, LabRepository, RecordChanges, Tombstone};
+use labsync_application::ports::{
+    ApplyOutcome, AuditEntry, LabQuery, LabRepository, RecordChanges, Tombstone,
+};
 use labsync_application::{AppError, DeleteOutcomeKind, LabEvent, RepoError, RunStatus};
 use serde_json::json;
 
@@ -252,8 +254,9 @@ impl LabRepository for TombstoneFailsOnce {
         e: HistoryEntry,
         limit: usize,
         ev: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
-        self.inner.add_history(w, l, e, limit, ev).await
+        self.inner.add_history(w, l, e, limit, ev, audit).await
     }
     async fn tombstone(
         &self,
@@ -261,13 +264,14 @@ impl LabRepository for TombstoneFailsOnce {
         l: &LabId,
         t: Tombstone,
         ev: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
         if !self.failed.swap(true, Ordering::SeqCst) {
             return Err(RepoError::Unavailable(
                 "injected: database went away".into(),
             ));
         }
-        self.inner.tombstone(w, l, t, ev).await
+        self.inner.tombstone(w, l, t, ev, audit).await
     }
     async fn remove_worker(&self, w: &WorkerId) -> Result<u64, RepoError> {
         self.inner.remove_worker(w).await

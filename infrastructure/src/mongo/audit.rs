@@ -12,6 +12,29 @@ use serde::{Deserialize, Serialize};
 use super::convert::date;
 use super::{collections, map_error};
 
+/// The stored audit entry as a document, for writes that carry their audit
+/// entry with them.
+///
+/// # Errors
+/// [`RepoError::Other`] if it cannot be encoded.
+pub(crate) fn audit_document(e: &AuditEntry) -> Result<mongodb::bson::Document, RepoError> {
+    bson::to_document(&AuditDoc::from(e.clone())).map_err(|e| RepoError::Other(e.to_string()))
+}
+
+impl From<AuditEntry> for AuditDoc {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            at: date(e.at),
+            actor: e.actor,
+            action: e.action,
+            worker_id: e.worker_id,
+            lab_id: e.lab_id,
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct AuditDoc {
     at: bson::DateTime,
@@ -42,15 +65,7 @@ impl AuditLog for MongoAuditLog {
         if entries.is_empty() {
             return Ok(());
         }
-        let docs = entries.into_iter().map(|e| AuditDoc {
-            at: date(e.at),
-            actor: e.actor,
-            action: e.action,
-            worker_id: e.worker_id,
-            lab_id: e.lab_id,
-            outcome: e.outcome,
-            detail: e.detail,
-        });
+        let docs = entries.into_iter().map(AuditDoc::from);
         self.entries.insert_many(docs).await.map_err(map_error)?;
         Ok(())
     }

@@ -14,7 +14,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use labsync_application::ports::{ApplyOutcome, LabQuery, LabRepository, RecordChanges, Tombstone};
+use labsync_application::ports::{
+    ApplyOutcome, AuditEntry, LabQuery, LabRepository, RecordChanges, Tombstone,
+};
 use labsync_application::{LabEvent, RepoError};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
 use mongodb::bson::{Document, doc};
@@ -23,6 +25,7 @@ use mongodb::options::{
 };
 use mongodb::{Collection, Database};
 
+use super::audit::audit_document;
 use super::convert::{LabDoc, date, history_bson, parse_hash, snapshot_fields, to_i64};
 use super::{DUPLICATE_KEY, collections, map_error, outbox};
 
@@ -33,6 +36,7 @@ pub struct MongoLabRepository {
     records: Collection<LabDoc>,
     /// How long outbox events are kept.
     retention: std::time::Duration,
+    audit_ns: mongodb::Namespace,
 }
 
 impl MongoLabRepository {
@@ -42,6 +46,7 @@ impl MongoLabRepository {
             docs: db.collection(collections::LABS),
             records: db.collection(collections::LABS),
             retention: event_retention,
+            audit_ns: db.collection::<Document>(collections::AUDIT).namespace(),
         }
     }
 }
@@ -205,12 +210,12 @@ impl LabRepository for MongoLabRepository {
         for record in &changes.create {
             let full = mongodb::bson::to_document(&LabDoc::from_record(record))
                 .map_err(|e| RepoError::Other(e.to_string()))?;
+            // A plain insert: the unique index refuses it when a tombstone
+            // (or, after a race, a live record) holds the key.
             models.push(
-                UpdateOneModel::builder()
+                InsertOneModel::builder()
                     .namespace(ns.clone())
-                    .filter(live(worker, &record.lab_id))
-                    .update(doc! {"$setOnInsert": full})
-                    .upsert(true)
+                    .document(full)
                     .build()
                     .into(),
             );
@@ -284,24 +289,48 @@ impl LabRepository for MongoLabRepository {
                 _ => return Err(map_error(e)),
             },
         };
+        let mut refused: Vec<LabId> = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             let Some((lab, is_create)) = target else {
                 continue;
             };
             if errors.contains_key(&i) {
-                outcome.suppressed.push(*lab);
+                refused.push(*lab);
+                continue;
+            }
+            if *is_create {
+                if results
+                    .as_ref()
+                    .is_none_or(|r| r.insert_results.contains_key(&i))
+                {
+                    outcome.created += 1;
+                }
                 continue;
             }
             let Some(r) = results.as_ref().and_then(|r| r.update_results.get(&i)) else {
                 continue;
             };
-            if *is_create {
-                if r.upserted_id.is_some() {
-                    outcome.created += 1;
-                }
-            } else if r.matched_count > 0 || r.upserted_id.is_some() {
+            if r.matched_count > 0 || r.upserted_id.is_some() {
                 outcome.updated += 1;
             }
+        }
+        if !refused.is_empty() {
+            // Refused by the unique key: a tombstone (suppressed), or a live
+            // record another writer created meanwhile (nothing to do).
+            let ids: Vec<&str> = refused.iter().map(LabId::as_str).collect();
+            let tombstoned: Vec<Document> = self
+                .docs
+                .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": true}})
+                .projection(doc! {"_id": 0, "lab_id": 1})
+                .await
+                .map_err(map_error)?
+                .try_collect()
+                .await
+                .map_err(map_error)?;
+            outcome.suppressed = tombstoned
+                .iter()
+                .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
+                .collect();
         }
         if let Some(r) = &results {
             outcome.pruned = r.delete_results.values().map(|d| d.deleted_count).sum();
@@ -330,6 +359,7 @@ impl LabRepository for MongoLabRepository {
         entry: HistoryEntry,
         history_limit: usize,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
         let models: Vec<WriteModel> = vec![
             UpdateOneModel::builder()
@@ -341,6 +371,11 @@ impl LabRepository for MongoLabRepository {
             InsertOneModel::builder()
                 .namespace(outbox::namespace(&self.db))
                 .document(outbox::outbox_doc(&event, self.retention)?)
+                .build()
+                .into(),
+            InsertOneModel::builder()
+                .namespace(self.audit_ns.clone())
+                .document(audit_document(&audit)?)
                 .build()
                 .into(),
         ];
@@ -360,6 +395,7 @@ impl LabRepository for MongoLabRepository {
         lab: &LabId,
         t: Tombstone,
         event: LabEvent,
+        audit: AuditEntry,
     ) -> Result<bool, RepoError> {
         let mut replacement = key(worker, lab);
         replacement.insert(
@@ -384,6 +420,11 @@ impl LabRepository for MongoLabRepository {
             InsertOneModel::builder()
                 .namespace(outbox::namespace(&self.db))
                 .document(outbox::outbox_doc(&event, self.retention)?)
+                .build()
+                .into(),
+            InsertOneModel::builder()
+                .namespace(self.audit_ns.clone())
+                .document(audit_document(&audit)?)
                 .build()
                 .into(),
         ];
