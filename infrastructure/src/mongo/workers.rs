@@ -2,6 +2,10 @@
 //! the CML password is stored sealed with AES-256-GCM (see
 //! [`crate::crypto`]) and only decrypted for the CML gateway.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::RepoError;
@@ -60,10 +64,18 @@ fn binary(bytes: Vec<u8>) -> Binary {
     }
 }
 
+/// How long a worker read from the database is reused. Deletes and
+/// refreshes read their worker on every call; a change made through another
+/// process is seen within this time (changes made here are seen at once).
+pub const WORKER_CACHE_TTL: Duration = Duration::from_secs(5);
+
+type Cache = Arc<Mutex<HashMap<WorkerId, (Instant, WorkerAccess)>>>;
+
 #[derive(Debug, Clone)]
 pub struct MongoWorkerRepository {
     workers: Collection<WorkerDoc>,
     cipher: Option<PasswordCipher>,
+    cache: Cache,
 }
 
 impl MongoWorkerRepository {
@@ -73,7 +85,15 @@ impl MongoWorkerRepository {
         Self {
             workers: db.collection(collections::WORKERS),
             cipher,
+            cache: Arc::default(),
         }
+    }
+
+    fn forget(&self, id: &WorkerId) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn cipher(&self) -> Result<&PasswordCipher, RepoError> {
@@ -91,6 +111,7 @@ impl MongoWorkerRepository {
     /// # Errors
     /// [`RepoError`].
     pub async fn set_enabled(&self, id: &WorkerId, enabled: bool) -> Result<bool, RepoError> {
+        self.forget(id);
         let r = self
             .workers
             .update_one(
@@ -129,6 +150,11 @@ impl WorkerRepository for MongoWorkerRepository {
     }
 
     async fn get(&self, id: &WorkerId) -> Result<Option<WorkerAccess>, RepoError> {
+        if let Some((at, access)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(id)
+            && at.elapsed() < WORKER_CACHE_TTL
+        {
+            return Ok(Some(access.clone()));
+        }
         let Some(doc) = self
             .workers
             .find_one(doc! {"_id": id.as_str()})
@@ -145,10 +171,15 @@ impl WorkerRepository for MongoWorkerRepository {
             .cipher()?
             .open(&sealed, id.as_str())
             .map_err(|e| RepoError::Corrupt(format!("worker {id}: {e}")))?;
-        Ok(Some(WorkerAccess {
+        let access = WorkerAccess {
             worker: doc.worker()?,
             password,
-        }))
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), (Instant::now(), access.clone()));
+        Ok(Some(access))
     }
 
     async fn list(&self) -> Result<Vec<Worker>, RepoError> {
@@ -169,6 +200,7 @@ impl WorkerRepository for MongoWorkerRepository {
         worker: &Worker,
         password: Option<&SecretString>,
     ) -> Result<bool, RepoError> {
+        self.forget(&worker.id);
         let mut set = doc! {
             "name": &worker.name,
             "base_url": &worker.base_url,
@@ -196,6 +228,7 @@ impl WorkerRepository for MongoWorkerRepository {
     }
 
     async fn remove(&self, id: &WorkerId) -> Result<bool, RepoError> {
+        self.forget(id);
         let r = self
             .workers
             .delete_one(doc! {"_id": id.as_str()})
