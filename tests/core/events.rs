@@ -195,8 +195,13 @@ async fn a_failing_sink_is_retried_until_it_accepts() {
     let wiped = t.add_lab("DEFINED_ON_CORE");
     let api = TestApi::start(&t).await;
     t.delete(&wiped, false).await.unwrap();
-    eventually("the event to get through", || async {
-        !sink.of_type("io.labsync.lab.deleted").is_empty()
+    // The relay marks it delivered after the sink has answered.
+    eventually("the event to be delivered and marked so", || async {
+        outbox::list(&t.app.db, doc! {"kind": "deleted", "status": "delivered"})
+            .await
+            .unwrap()
+            .len()
+            == 1
     })
     .await;
     assert_eq!(sink.of_type("io.labsync.lab.deleted").len(), 1);
