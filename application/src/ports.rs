@@ -83,6 +83,11 @@ pub trait CmlGateway: Send + Sync {
     /// [`CmlError::NotFound`] if it was already gone; [`CmlError::Refused`]
     /// (CML's 400) if it is not stopped and wiped.
     async fn delete_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError>;
+
+    /// Says that the caller is done with this worker for a while (a refresh
+    /// ended): adapters MAY close its pooled connections. The next call
+    /// reconnects (and may log in again).
+    fn release(&self, _access: &WorkerAccess) {}
 }
 
 /// The record of a lab deleted through labsync: it hides the lab from every

@@ -201,6 +201,7 @@ impl RefreshWorkerLabs {
             return Ok(self.finish(report, clock_start).await);
         }
         let result = self.reconcile(&access, options, &mut report).await;
+        s.cml.release(&access);
         if let Err(e) = s.lease.release(&worker_id, &holder).await {
             // The lease expires on its own; a failed release only delays the next run.
             warn!(error = %e, "could not release the refresh lease");

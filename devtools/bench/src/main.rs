@@ -68,6 +68,9 @@ struct Args {
     /// Where to write the JSON figures.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Internal: run one scaling step in this process and print its rows.
+    #[arg(long, hide = true)]
+    scaling_child: Option<usize>,
 }
 
 impl Args {
@@ -230,7 +233,7 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     pub scenario: String,
     pub labs: usize,
@@ -382,6 +385,40 @@ impl Harness {
     }
 }
 
+/// Cold and steady refresh of a fresh fleet of `size` labs, 200 per worker.
+async fn scaling_step(args: &Args, mongo_uri: &str, size: usize) -> anyhow::Result<Vec<Row>> {
+    let per = size.min(200);
+    let workers = size.div_ceil(per);
+    let fleet = SimFleet::start(workers, per, 11).await?;
+    fleet.set_latency(args.latency_ms).await?;
+    let h = Harness::new(args, mongo_uri, fleet).await?;
+    let floor = floor_s(
+        workers,
+        per,
+        args.latency_ms,
+        args.fleet_concurrency,
+        args.lab_concurrency,
+    );
+    let mut rows = Vec::new();
+    for scenario in ["cold", "steady"] {
+        let (mut row, note) = h
+            .measure(
+                &format!("scaling {scenario} {size}"),
+                workers * per,
+                args.latency_ms,
+                || h.refresh(),
+            )
+            .await?;
+        row.floor_s = Some(floor);
+        row.efficiency = Some(floor / row.wall_s);
+        // A fresh process: its peak so far is this step's peak.
+        row.peak_rss_mib = peak_rss_mib();
+        row.notes = note;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -440,6 +477,11 @@ async fn main() -> anyhow::Result<()> {
             uri
         }
     };
+    if let Some(size) = args.scaling_child {
+        let rows = scaling_step(&args, &mongo_uri, size).await?;
+        println!("ROWS {}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
     let mut rows: Vec<Row> = Vec::new();
     let total = args.workers * args.labs;
     eprintln!(
@@ -530,6 +572,45 @@ async fn main() -> anyhow::Result<()> {
     );
     let delete_overhead = (p50 - cml_ms, p99 - cml_ms);
 
+    // The same deletes one at a time: the overhead without queueing.
+    let serial_n = (args.deletes / 10).max(10);
+    let targets: Vec<(WorkerId, LabId)> = h.fleet.add_wiped_labs(serial_n).await?;
+    let (mut serial, latencies) = h
+        .measure(
+            "deletes one at a time",
+            serial_n,
+            args.latency_ms,
+            || async {
+                let mut lat = Vec::with_capacity(targets.len());
+                for (w, l) in targets {
+                    let t = Instant::now();
+                    let out = DeleteLab {
+                        worker_id: w,
+                        lab_id: l,
+                        force: false,
+                        requested_by: "bench".into(),
+                    }
+                    .execute(&services)
+                    .await?;
+                    anyhow::ensure!(out.lab_gone, "delete failed: {out:?}");
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                Ok(lat)
+            },
+        )
+        .await?;
+    let mut sorted = latencies;
+    sorted.sort_by(f64::total_cmp);
+    let (s50, s99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+    serial.notes = format!(
+        "concurrency 1: p50 {:.1} ms, p99 {:.1} ms; overhead above {:.0} ms of CML: p50 {:.1} ms, p99 {:.1} ms",
+        s50,
+        s99,
+        cml_ms,
+        s50 - cml_ms,
+        s99 - cml_ms
+    );
+
     // The baseline, on the same fleet freshly reset.
     if !args.no_baseline {
         h.fleet.reset_all().await?;
@@ -550,40 +631,31 @@ async fn main() -> anyhow::Result<()> {
             "old algorithm: {n} labs, one request at a time per worker, 5 workers at a time"
         );
         cold.vs_baseline = Some(base.wall_s / cold.wall_s);
-        rows.extend([cold, steady, churn, deletes, base]);
+        rows.extend([cold, steady, churn, deletes, serial, base]);
     } else {
-        rows.extend([cold, steady, churn, deletes]);
+        rows.extend([cold, steady, churn, deletes, serial]);
     }
     drop(h);
 
-    // Scaling: cold and steady at each size, 200 labs per worker.
+    // Scaling: cold and steady at each size, each in a fresh process so
+    // that its peak RSS is its own.
     for size in &args.scaling {
-        let per = (*size).min(200);
-        let workers = size.div_ceil(per);
-        let fleet = SimFleet::start(workers, per, 11).await?;
-        fleet.set_latency(args.latency_ms).await?;
-        let h = Harness::new(&args, &mongo_uri, fleet).await?;
-        let floor = floor_s(
-            workers,
-            per,
-            args.latency_ms,
-            args.fleet_concurrency,
-            args.lab_concurrency,
-        );
-        for scenario in ["cold", "steady"] {
-            let (mut row, note) = h
-                .measure(
-                    &format!("scaling {scenario} {size}"),
-                    workers * per,
-                    args.latency_ms,
-                    || h.refresh(),
-                )
-                .await?;
-            row.floor_s = Some(floor);
-            row.efficiency = Some(floor / row.wall_s);
-            row.notes = note;
-            rows.push(row);
-        }
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--scaling-child", &size.to_string()])
+            .args(["--latency-ms", &args.latency_ms.to_string()])
+            .args(["--fleet-concurrency", &args.fleet_concurrency.to_string()])
+            .args(["--lab-concurrency", &args.lab_concurrency.to_string()])
+            .env("LABSYNC_BENCH_MONGODB_URI", &mongo_uri)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "scaling step {size} failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ROWS "))
+            .context("scaling step printed no rows")?;
+        rows.extend(serde_json::from_str::<Vec<Row>>(line)?);
     }
 
     print_table(&rows);

@@ -2,7 +2,8 @@
 //! [`CmlGateway`] port over reqwest (rustls).
 //!
 //! One pooled, authenticated client per worker, created on first use and
-//! reused until the worker's URL, user or TLS settings change. The token is
+//! reused until the worker's URL, user or TLS settings change, or until a
+//! refresh of the worker ends ([`CmlGateway::release`]). The token is
 //! cached until CML answers 401; then the client logs in once more and
 //! retries once. Lab ids go into URL paths as they are: they are validated
 //! [`LabId`]s (lowercase hex and dashes), so nothing needs escaping.
@@ -30,7 +31,25 @@ pub use wire::{parse_lab_details, parse_lab_ids};
 pub struct CmlHttpGateway {
     settings: CmlSettings,
     clients: Mutex<HashMap<WorkerId, Arc<CmlClient>>>,
+    /// Tokens of released clients, so that a new client of the same worker
+    /// (same settings) does not log in again.
+    saved_tokens: Mutex<HashMap<WorkerId, (Fingerprint, String)>>,
     metrics: Metrics,
+}
+
+fn http_builder(settings: &CmlSettings) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(settings.connect_timeout())
+        .timeout(settings.request_timeout())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .user_agent(concat!("labsync/", env!("CARGO_PKG_VERSION")))
+}
+
+fn build(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, CmlError> {
+    builder
+        .build()
+        .map_err(|e| CmlError::Unreachable(format!("cannot build the HTTP client: {e}")))
 }
 
 impl CmlHttpGateway {
@@ -38,8 +57,33 @@ impl CmlHttpGateway {
         Self {
             settings,
             clients: Mutex::new(HashMap::new()),
+            saved_tokens: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    /// The HTTP client for a worker's TLS settings.
+    fn http_for(&self, access: &WorkerAccess) -> Result<reqwest::Client, CmlError> {
+        let w = &access.worker;
+        let mut builder = http_builder(&self.settings);
+        if let Some(pem) = &w.tls.ca_cert_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+                CmlError::Unreachable(format!("worker {}: invalid CA bundle: {e}", w.id))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if w.tls.insecure {
+            warn!(
+                worker_id = %w.id,
+                base_url = %w.base_url,
+                "TLS certificate verification is DISABLED for this worker (insecure = true): \
+                 anyone on the path can impersonate it and read its password"
+            );
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        build(builder)
     }
 
     fn client(&self, access: &WorkerAccess) -> Result<Arc<CmlClient>, CmlError> {
@@ -50,12 +94,20 @@ impl CmlHttpGateway {
         {
             return Ok(c.clone());
         }
+        let saved = self
+            .saved_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&access.worker.id)
+            .filter(|(f, _)| *f == fingerprint)
+            .map(|(_, t)| t);
         let client = Arc::new(CmlClient::new(
             access,
             fingerprint,
-            &self.settings,
+            self.http_for(access)?,
             self.metrics.clone(),
-        )?);
+            saved,
+        ));
         clients.insert(access.worker.id.clone(), client.clone());
         Ok(client)
     }
@@ -203,46 +255,21 @@ impl CmlClient {
     fn new(
         access: &WorkerAccess,
         fingerprint: Fingerprint,
-        settings: &CmlSettings,
+        http: reqwest::Client,
         metrics: Metrics,
-    ) -> Result<Self, CmlError> {
+        token: Option<String>,
+    ) -> Self {
         let w = &access.worker;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(settings.connect_timeout())
-            .timeout(settings.request_timeout())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .user_agent(concat!("labsync/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &w.tls.ca_cert_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
-                CmlError::Unreachable(format!("worker {}: invalid CA bundle: {e}", w.id))
-            })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if w.tls.insecure {
-            warn!(
-                worker_id = %w.id,
-                base_url = %w.base_url,
-                "TLS certificate verification is DISABLED for this worker (insecure = true): \
-                 anyone on the path can impersonate it and read its password"
-            );
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| CmlError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self {
+        Self {
             fingerprint,
             http,
             api: format!("{}/api/v0", w.base_url.trim_end_matches('/')),
             worker: w.id.clone(),
             username: w.username.clone(),
             password: access.password.clone(),
-            token: tokio::sync::Mutex::new(None),
+            token: tokio::sync::Mutex::new(token),
             metrics,
-        })
+        }
     }
 
     async fn send(
@@ -341,6 +368,30 @@ fn json<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Cm
 
 #[async_trait]
 impl CmlGateway for CmlHttpGateway {
+    fn release(&self, access: &WorkerAccess) {
+        // Dropping the client closes its idle connections (once requests in
+        // flight finish): a fleet of hundreds of workers would otherwise
+        // keep every worker's connections open between refreshes.
+        let removed = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&access.worker.id);
+        // Keep the token: it is good for a day, a connection is cheap.
+        if let Some(client) = removed
+            && let Ok(guard) = client.token.try_lock()
+            && let Some(token) = guard.clone()
+        {
+            self.saved_tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    access.worker.id.clone(),
+                    (client.fingerprint.clone(), token),
+                );
+        }
+    }
+
     async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<Vec<LabId>, CmlError> {
         let a = self
             .client(access)?
