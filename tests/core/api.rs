@@ -592,13 +592,7 @@ async fn a_refresh_in_progress_is_a_409_and_a_failed_one_a_502() {
         tokio::spawn(async move { req.send().await.unwrap().status() })
     };
     eventually("the first refresh to start", || async {
-        t.sim()
-            .stats()
-            .requests
-            .get(&cml_sim::Endpoint::ListLabs)
-            .copied()
-            .unwrap_or(0)
-            >= 1
+        t.cml_requests(cml_sim::Endpoint::ListLabs) >= 1
     })
     .await;
     let (s, body) = api

@@ -171,31 +171,10 @@ async fn a_refresh_that_listed_a_lab_before_its_delete_does_not_bring_it_back() 
     // Details one at a time, slowly, in list order: the victim (first id)
     // is fetched first, then the run spends a while on the others.
     t.faults(json!({"latency_ms": {"lab_details": 30}}));
-    let run = tokio::spawn({
-        let s = t.services().clone();
-        let w = t.worker_id();
-        async move {
-            labsync_application::RefreshWorkerLabs::new(s)
-                .execute(
-                    &w,
-                    labsync_application::Trigger::Schedule,
-                    Default::default(),
-                )
-                .await
-                .unwrap()
-        }
-    });
+    let run = t.spawn_refresh();
     eventually(
         "the refresh to have fetched the victim's details",
-        || async {
-            t.sim()
-                .stats()
-                .requests
-                .get(&cml_sim::Endpoint::LabDetails)
-                .copied()
-                .unwrap_or(0)
-                >= 2
-        },
+        || async { t.cml_requests(cml_sim::Endpoint::LabDetails) >= 2 },
     )
     .await;
     let out = t.delete(&victim, false).await.unwrap();

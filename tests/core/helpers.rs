@@ -204,6 +204,28 @@ impl TestApp {
         ids
     }
 
+    /// A refresh of cml-1 running in the background.
+    pub fn spawn_refresh(&self) -> tokio::task::JoinHandle<RunReport> {
+        let services = self.services().clone();
+        let worker = self.worker_id();
+        tokio::spawn(async move {
+            RefreshWorkerLabs::new(services)
+                .execute(&worker, Trigger::Schedule, RefreshOptions::default())
+                .await
+                .expect("refresh runs")
+        })
+    }
+
+    /// How many requests cml-1 has served on `endpoint`.
+    pub fn cml_requests(&self, endpoint: cml_sim::Endpoint) -> u64 {
+        self.sim()
+            .stats()
+            .requests
+            .get(&endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn env(&self) -> Vec<(String, String)> {
         self.overrides.clone()
     }

@@ -233,29 +233,10 @@ async fn a_drop_of_more_than_half_is_held_and_reported_then_applied_with_force()
 async fn two_concurrent_refreshes_of_a_worker_run_once() {
     let t = TestApp::spawn().await;
     t.faults(json!({"latency_ms": {"lab_details": 40}}));
-    let first = tokio::spawn({
-        let s = t.services().clone();
-        let w = t.worker_id();
-        async move {
-            labsync_application::RefreshWorkerLabs::new(s)
-                .execute(
-                    &w,
-                    labsync_application::Trigger::Schedule,
-                    RefreshOptions::default(),
-                )
-                .await
-                .unwrap()
-        }
-    });
+    let first = t.spawn_refresh();
     // Once the first has listed the labs it holds the lease.
     eventually("the first refresh to list the labs", || async {
-        t.sim()
-            .stats()
-            .requests
-            .get(&cml_sim::Endpoint::ListLabs)
-            .copied()
-            .unwrap_or(0)
-            >= 1
+        t.cml_requests(cml_sim::Endpoint::ListLabs) >= 1
     })
     .await;
     let second = t.refresh().await;
@@ -295,28 +276,9 @@ async fn an_expired_token_mid_run_is_renewed_once_and_the_run_succeeds() {
     assert_eq!(t.sim().stats().logins, 1);
     // Expire every token while the details of a run are being fetched.
     t.faults(json!({"latency_ms": {"lab_details": 20}}));
-    let run = tokio::spawn({
-        let s = t.services().clone();
-        let w = t.worker_id();
-        async move {
-            labsync_application::RefreshWorkerLabs::new(s)
-                .execute(
-                    &w,
-                    labsync_application::Trigger::Admin,
-                    RefreshOptions::default(),
-                )
-                .await
-                .unwrap()
-        }
-    });
+    let run = t.spawn_refresh();
     eventually("detail fetches to start", || async {
-        t.sim()
-            .stats()
-            .requests
-            .get(&cml_sim::Endpoint::LabDetails)
-            .copied()
-            .unwrap_or(0)
-            > 2 * SEEDED_LABS as u64
+        t.cml_requests(cml_sim::Endpoint::LabDetails) > 2 * SEEDED_LABS as u64
     })
     .await;
     t.sim().expire_tokens();

@@ -58,13 +58,7 @@ async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm
     // SIGTERM while a run is in flight: it finishes, then the process exits 0.
     let in_flight = scheduled(&t).await.len();
     eventually("the next run to list the labs", || async {
-        t.sim()
-            .stats()
-            .requests
-            .get(&cml_sim::Endpoint::ListLabs)
-            .copied()
-            .unwrap_or(0)
-            > in_flight as u64
+        t.cml_requests(cml_sim::Endpoint::ListLabs) > in_flight as u64
     })
     .await;
     let pid = child.id().expect("running").to_string();
@@ -172,13 +166,7 @@ async fn sigterm_lets_a_delete_in_flight_complete_and_no_secret_reaches_the_logs
         .send(),
     );
     eventually("the delete to reach CML", || async {
-        t.sim()
-            .stats()
-            .requests
-            .get(&cml_sim::Endpoint::DeleteLab)
-            .copied()
-            .unwrap_or(0)
-            >= 1
+        t.cml_requests(cml_sim::Endpoint::DeleteLab) >= 1
     })
     .await;
     let pid = child.id().expect("running").to_string();

@@ -51,6 +51,29 @@ impl MongoLabRepository {
     }
 }
 
+impl MongoLabRepository {
+    /// The outbox event and the audit entry that travel with a delete's
+    /// write.
+    fn event_and_audit(
+        &self,
+        event: &LabEvent,
+        audit: &AuditEntry,
+    ) -> Result<[WriteModel; 2], RepoError> {
+        Ok([
+            InsertOneModel::builder()
+                .namespace(outbox::namespace(&self.db))
+                .document(outbox::outbox_doc(event, self.retention)?)
+                .build()
+                .into(),
+            InsertOneModel::builder()
+                .namespace(self.audit_ns.clone())
+                .document(audit_document(audit)?)
+                .build()
+                .into(),
+        ])
+    }
+}
+
 /// Escapes a user's search text for a MongoDB regular expression, so that
 /// it matches literally (and cannot be a costly pattern).
 fn regex_escape(text: &str) -> String {
@@ -361,24 +384,15 @@ impl LabRepository for MongoLabRepository {
         event: LabEvent,
         audit: AuditEntry,
     ) -> Result<bool, RepoError> {
-        let models: Vec<WriteModel> = vec![
+        let mut models: Vec<WriteModel> = vec![
             UpdateOneModel::builder()
                 .namespace(self.docs.namespace())
                 .filter(live(worker, lab))
                 .update(doc! {"$push": history_push(&entry, history_limit)?})
                 .build()
                 .into(),
-            InsertOneModel::builder()
-                .namespace(outbox::namespace(&self.db))
-                .document(outbox::outbox_doc(&event, self.retention)?)
-                .build()
-                .into(),
-            InsertOneModel::builder()
-                .namespace(self.audit_ns.clone())
-                .document(audit_document(&audit)?)
-                .build()
-                .into(),
         ];
+        models.extend(self.event_and_audit(&event, &audit)?);
         let r = self
             .db
             .client()
@@ -404,7 +418,7 @@ impl LabRepository for MongoLabRepository {
         );
         // Deleting the live record first says whether there was one, in the
         // same command that writes the tombstone and the event.
-        let models: Vec<WriteModel> = vec![
+        let mut models: Vec<WriteModel> = vec![
             DeleteOneModel::builder()
                 .namespace(self.docs.namespace())
                 .filter(live(worker, lab))
@@ -417,17 +431,8 @@ impl LabRepository for MongoLabRepository {
                 .upsert(true)
                 .build()
                 .into(),
-            InsertOneModel::builder()
-                .namespace(outbox::namespace(&self.db))
-                .document(outbox::outbox_doc(&event, self.retention)?)
-                .build()
-                .into(),
-            InsertOneModel::builder()
-                .namespace(self.audit_ns.clone())
-                .document(audit_document(&audit)?)
-                .build()
-                .into(),
         ];
+        models.extend(self.event_and_audit(&event, &audit)?);
         let r = self
             .db
             .client()
