@@ -2,7 +2,7 @@
 //! shared MongoDB-wire test server and to an in-process CML simulator that
 //! it reaches over HTTP.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cml_sim::{Faults, LabSpec, SimConfig, Simulator, WorkerHandle, WorkerSpec};
 use labsync::wiring::App;
@@ -13,6 +13,7 @@ use labsync_application::{
     Trigger,
 };
 use labsync_infrastructure::configuration::Settings;
+pub use labsync_test_support::eventually;
 use labsync_test_support::{shared_server, unique_database_name};
 use secrecy::SecretString;
 
@@ -233,19 +234,6 @@ impl TestApp {
 
 pub fn ids(records: &[LabRecord]) -> Vec<LabId> {
     records.iter().map(|r| r.lab_id).collect()
-}
-
-/// Polls `f` until it is true, failing after 15 s.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The HTTP API of a [`TestApp`], served in-process on a free port.

@@ -124,43 +124,43 @@ impl SimFleet {
             .collect()
     }
 
-    pub async fn set_latency(&self, ms: u64) -> anyhow::Result<()> {
-        self.each(|http, w| async move {
-            let faults = json!({"latency_ms": {"all": ms}});
-            http.put(format!("{}/_sim/faults", w.url))
-                .json(&faults)
-                .send()
-                .await?
-                .error_for_status()?;
-            Ok(json!(null))
+    /// Sends one control request to every worker.
+    async fn control(
+        &self,
+        method: reqwest::Method,
+        path: &'static str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        self.each(|http, w| {
+            let (method, body) = (method.clone(), body.clone());
+            async move {
+                let mut req = http.request(method, format!("{}{path}", w.url));
+                if let Some(b) = body {
+                    req = req.json(&b);
+                }
+                req.send().await?.error_for_status()?;
+                Ok(json!(null))
+            }
         })
         .await?;
         Ok(())
     }
 
+    pub async fn set_latency(&self, ms: u64) -> anyhow::Result<()> {
+        let faults = json!({"latency_ms": {"all": ms}});
+        self.control(reqwest::Method::PUT, "/_sim/faults", Some(faults))
+            .await
+    }
+
     pub async fn reset_stats(&self) -> anyhow::Result<()> {
-        self.each(|http, w| async move {
-            http.delete(format!("{}/_sim/stats", w.url))
-                .send()
-                .await?
-                .error_for_status()?;
-            Ok(json!(null))
-        })
-        .await?;
-        Ok(())
+        self.control(reqwest::Method::DELETE, "/_sim/stats", None)
+            .await
     }
 
     /// Back to the seeded labs on every worker (faults and tokens cleared).
     pub async fn reset_all(&self) -> anyhow::Result<()> {
-        self.each(|http, w| async move {
-            http.post(format!("{}/_sim/reset", w.url))
-                .send()
-                .await?
-                .error_for_status()?;
-            Ok(json!(null))
-        })
-        .await?;
-        Ok(())
+        self.control(reqwest::Method::POST, "/_sim/reset", None)
+            .await
     }
 
     pub async fn total_requests(&self) -> anyhow::Result<u64> {

@@ -131,19 +131,7 @@ fn claims(token: &str) -> Value {
     decode(parts[1])
 }
 
-/// Polls until `f` is true or the deadline passes.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use labsync_test_support::eventually;
 
 #[tokio::test]
 async fn authenticate_returns_a_bare_hs256_jwt_with_the_cml_claims() {

@@ -5,7 +5,8 @@
 //! GPL-2.0, installed by `scripts/install-tools.sh`; it is only ever executed,
 //! never linked) on a free port with its storage in a temporary directory,
 //! and [`shared_server`], one such server per test binary, handing each test
-//! its own database. `LABSYNC_TEST_MONGODB_URI` points everything at an
+//! its own database, and [`eventually`], how tests wait for a condition.
+//! `LABSYNC_TEST_MONGODB_URI` points everything at an
 //! external server (a real mongod) instead.
 //!
 //! What it may depend on: the MongoDB driver and std. Only tests, benchmarks
@@ -213,6 +214,23 @@ pub async fn test_database() -> mongodb::Database {
         .await
         .unwrap_or_else(|e| panic!("connecting to the test MongoDB: {e}"));
     client.database(&unique_database_name())
+}
+
+/// Polls `f` every 10 ms until it is true; panics naming `what` after
+/// 15 s. Tests wait for conditions with this, never with a fixed sleep.
+///
+/// # Panics
+/// When the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// `test_` and 32 hex digits: unique per call, valid on every MongoDB.

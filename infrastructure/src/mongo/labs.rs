@@ -52,6 +52,19 @@ impl MongoLabRepository {
 }
 
 impl MongoLabRepository {
+    /// One command that writes `models` in order, stopping at the first error.
+    async fn write_in_order(
+        &self,
+        models: Vec<WriteModel>,
+    ) -> Result<mongodb::results::SummaryBulkWriteResult, RepoError> {
+        self.db
+            .client()
+            .bulk_write(models)
+            .ordered(true)
+            .await
+            .map_err(map_error)
+    }
+
     /// The outbox event and the audit entry that travel with a delete's
     /// write.
     fn event_and_audit(
@@ -393,13 +406,7 @@ impl LabRepository for MongoLabRepository {
                 .into(),
         ];
         models.extend(self.event_and_audit(&event, &audit)?);
-        let r = self
-            .db
-            .client()
-            .bulk_write(models)
-            .ordered(true)
-            .await
-            .map_err(map_error)?;
+        let r = self.write_in_order(models).await?;
         Ok(r.matched_count > 0)
     }
 
@@ -433,13 +440,7 @@ impl LabRepository for MongoLabRepository {
                 .into(),
         ];
         models.extend(self.event_and_audit(&event, &audit)?);
-        let r = self
-            .db
-            .client()
-            .bulk_write(models)
-            .ordered(true)
-            .await
-            .map_err(map_error)?;
+        let r = self.write_in_order(models).await?;
         Ok(r.deleted_count > 0)
     }
 
