@@ -64,7 +64,7 @@ pub enum DeleteOutcomeKind {
     /// CML could not be reached (connection, timeout, gateway errors).
     CmlUnreachable { error: String },
     /// CML answered with an error; its description is kept. `retryable`
-    /// when CML failed (5xx) rather than refused.
+    /// when CML failed (5xx) or garbled its answer, rather than refused.
     CmlRefused { error: String, retryable: bool },
     /// A forced delete's stop or wipe did not converge in time.
     NotConverged { step: String },
@@ -103,7 +103,10 @@ impl DeleteOutcomeKind {
                 error: e.to_string(),
             },
             other => Self::CmlRefused {
-                retryable: matches!(other, CmlError::Server { .. }),
+                // A 5xx, or a garbled answer (a body cut short by a proxy or
+                // a restarting controller), may well succeed later; a 4xx
+                // or refused credentials will not until someone acts.
+                retryable: matches!(other, CmlError::Server { .. } | CmlError::Protocol(_)),
                 error: other.to_string(),
             },
         }
@@ -453,6 +456,25 @@ mod tests {
             .insert("state", CmlError::Unreachable("refused".into()));
         let out = cmd(id, false).execute(&f.services).await.unwrap();
         assert!(matches!(out.kind, DeleteOutcomeKind::CmlUnreachable { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_garbled_answer_is_worth_retrying_and_a_refusal_is_not() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        let mut retryable = Vec::new();
+        for e in [
+            CmlError::Protocol("EOF while parsing".into()),
+            CmlError::Refused {
+                status: 400,
+                description: "bad".into(),
+            },
+        ] {
+            f.cml.fail.lock().unwrap().insert("state", e);
+            let out = cmd(id, false).execute(&f.services).await.unwrap();
+            assert!(!out.lab_gone);
+            retryable.push(out.kind.is_retryable());
+        }
+        assert_eq!(retryable, [true, false]);
     }
 
     #[tokio::test]

@@ -205,6 +205,46 @@ impl TestApp {
         ids
     }
 
+    /// Compares cml-1's records with what CML holds: the same labs, each
+    /// with CML's title, state and counts. Returns how many records were
+    /// checked; panics naming every difference.
+    pub async fn assert_matches_truth(&self, context: &str) -> usize {
+        let records = self.records().await;
+        let labs = self.sim().labs();
+        let mut problems = Vec::new();
+        for lab in &labs {
+            match records.iter().find(|r| r.lab_id.as_str() == lab.id) {
+                None => problems.push(format!("lost: {} is in CML, not in MongoDB", lab.id)),
+                Some(r) => {
+                    let s = &r.snapshot;
+                    let seen = (s.title.as_str(), s.state.as_str(), s.node_count);
+                    let truth = (
+                        lab.lab_title.as_str(),
+                        lab.state.as_str(),
+                        u64::from(lab.node_count),
+                    );
+                    if seen != truth {
+                        problems.push(format!("stale: {}: {seen:?} != CML {truth:?}", lab.id));
+                    }
+                }
+            }
+        }
+        for r in &records {
+            if !labs.iter().any(|l| l.id == r.lab_id.as_str()) {
+                problems.push(format!(
+                    "resurrected: {} is in MongoDB, not in CML",
+                    r.lab_id
+                ));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "{context}: MongoDB differs from CML:\n{}",
+            problems.join("\n")
+        );
+        records.len()
+    }
+
     /// A refresh of cml-1 running in the background.
     pub fn spawn_refresh(&self) -> tokio::task::JoinHandle<RunReport> {
         let services = self.services().clone();
@@ -230,6 +270,16 @@ impl TestApp {
     pub fn env(&self) -> Vec<(String, String)> {
         self.overrides.clone()
     }
+}
+
+/// Prints a reliability test's figures and keeps them in
+/// `target/tmp/reliability/NAME.txt`, where `scripts/test.sh` shows them
+/// after the run and docs/RELIABILITY.md takes them from.
+pub fn report(name: &str, text: &str) {
+    println!("{text}");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability");
+    std::fs::create_dir_all(&dir).expect("report directory");
+    std::fs::write(dir.join(format!("{name}.txt")), text).expect("report written");
 }
 
 pub fn ids(records: &[LabRecord]) -> Vec<LabId> {

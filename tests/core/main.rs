@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod delete;
 mod events;
+mod faults;
 mod helpers;
 mod openapi;
 mod refresh;
