@@ -12,3 +12,4 @@ mod helpers;
 mod openapi;
 mod refresh;
 mod serve;
+mod tls;

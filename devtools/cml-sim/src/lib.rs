@@ -1,17 +1,18 @@
 //! `cml-sim`: a simulator of the Cisco Modeling Labs 2.x REST API, for
 //! labsync's integration tests, benchmarks and local demo.
 //!
-//! What lives here: one HTTP listener per simulated CML server ("worker"),
-//! each answering the subset of `/api/v0` that labsync uses, in the shapes of
-//! the official CML 2.9 OpenAPI document and of responses recorded from real
-//! servers (`shared/reference/`), field for field; deterministic seeded labs
-//! and users; and a control API under `/_sim/` to change labs behind a
-//! client's back and to inject faults (latency, 500s, 502 while booting,
-//! hangs, truncated or mistyped JSON, empty lists, token expiry).
+//! What lives here: one HTTP listener (HTTPS on request, with a generated
+//! CA) per simulated CML server ("worker"), each answering the subset of
+//! `/api/v0` that labsync uses, in the shapes of the official CML 2.9
+//! OpenAPI document and of responses recorded from real servers
+//! (`shared/reference/`), field for field; deterministic seeded labs and
+//! users; and a control API under `/_sim/` to change labs behind a client's
+//! back and to inject faults (latency, 500s, 502 while booting, hangs,
+//! truncated or mistyped JSON, empty lists, token expiry).
 //!
-//! What it may depend on: HTTP and serialization crates only. It shares no
-//! code with labsync on purpose: a simulator that reused labsync's parsing
-//! would agree with labsync's bugs.
+//! What it may depend on: HTTP, TLS and serialization crates only. It shares
+//! no code with labsync on purpose: a simulator that reused labsync's
+//! parsing would agree with labsync's bugs.
 
 mod api;
 mod auth;
@@ -20,6 +21,7 @@ mod faults;
 mod model;
 mod seed;
 mod server;
+mod tls;
 
 pub use faults::{Endpoint, Faults};
 pub use model::{Lab, LabGroup, LabSpec, SimUser};

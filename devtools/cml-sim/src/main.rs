@@ -19,6 +19,9 @@ use cml_sim::{Lab, SimConfig, Simulator, WorkerSpec};
 ///   hang, truncate_json, wrong_types, empty_list, hide_from_list),
 ///   POST /_sim/expire_tokens, GET|DELETE /_sim/stats, GET /_sim/users,
 ///   POST /_sim/reset.
+///
+/// With --tls both are served over HTTPS; clients trust the generated CA
+/// (--ca-cert-file) or skip verification.
 #[derive(Debug, Parser)]
 #[command(name = "cml-sim", version, verbatim_doc_comment)]
 struct Args {
@@ -62,6 +65,14 @@ struct Args {
     /// Also write the workers' names and URLs as JSON to this file.
     #[arg(long)]
     addresses_file: Option<PathBuf>,
+    /// Serve HTTPS, API and control API alike, with a certificate for
+    /// localhost, 127.0.0.1, ::1 and --host signed by a CA generated at start.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls, write the CA certificate (PEM) here, for clients to
+    /// trust (default: cml-sim-ca.pem beside --addresses-file, else printed).
+    #[arg(long, requires = "tls")]
+    ca_cert_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -110,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         version: args.cml_version,
         admin_password: args.admin_password,
         user_password: args.user_password,
+        tls: args.tls,
     })
     .await?;
     let mut addresses = Vec::new();
@@ -125,6 +137,20 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.addresses_file {
         std::fs::write(path, serde_json::to_vec_pretty(&addresses)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(pem) = sim.ca_cert_pem() {
+        let beside_addresses = args
+            .addresses_file
+            .as_ref()
+            .map(|a| a.with_file_name("cml-sim-ca.pem"));
+        match args.ca_cert_file.or(beside_addresses) {
+            Some(path) => {
+                std::fs::write(&path, pem)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("cml-sim: CA certificate written to {}", path.display());
+            }
+            None => println!("cml-sim: CA certificate:\n{pem}"),
+        }
     }
     println!("cml-sim: users admin (administrator) and student; Ctrl-C stops");
     shutdown_signal().await?;

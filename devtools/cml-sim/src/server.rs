@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::serve::Listener;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use regex::Regex;
@@ -18,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::auth::TokenIssuer;
 use crate::faults::{Endpoint, Faults};
 use crate::model::{Inventory, Lab, LabSpec, STATES, SimUser, timestamp};
+use crate::tls::{Certificates, TlsListener};
 use crate::{UUID4_PATTERN, api, control, faults, seed};
 
 /// How to run the simulator.
@@ -34,6 +36,9 @@ pub struct SimConfig {
     pub version: String,
     pub admin_password: String,
     pub user_password: String,
+    /// Serve HTTPS (API and control API alike) with a certificate signed by
+    /// a CA generated at start; see [`Simulator::ca_cert_pem`].
+    pub tls: bool,
 }
 
 /// One simulated CML server.
@@ -70,6 +75,7 @@ impl Default for SimConfig {
             version: "2.9.1+build.7".to_owned(),
             admin_password: "cml-sim-admin".to_owned(),
             user_password: "cml-sim-student".to_owned(),
+            tls: false,
         }
     }
 }
@@ -295,13 +301,17 @@ fn apply(lab: &mut Lab, spec: LabSpec) -> Result<(), String> {
 pub struct WorkerHandle {
     pub name: String,
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub https: bool,
     pub state: Arc<WorkerState>,
 }
 
 impl WorkerHandle {
-    /// `http://host:port`, without the `/api/v0` suffix.
+    /// `http://host:port` or `https://host:port`, without the `/api/v0`
+    /// suffix.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 
@@ -316,6 +326,7 @@ impl std::ops::Deref for WorkerHandle {
 #[derive(Debug)]
 pub struct Simulator {
     workers: Vec<WorkerHandle>,
+    ca_cert_pem: Option<String>,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -328,8 +339,14 @@ impl Simulator {
     pub async fn start(config: SimConfig) -> anyhow::Result<Self> {
         let users = seed::users(config.seed, &config.admin_password, &config.user_password);
         let lab_id = Regex::new(UUID4_PATTERN)?;
+        let certificates = if config.tls {
+            Some(Certificates::generate(config.host)?)
+        } else {
+            None
+        };
         let mut sim = Self {
             workers: Vec::new(),
+            ca_cert_pem: certificates.as_ref().map(|c| c.ca_cert_pem.clone()),
             shutdown: Vec::new(),
             tasks: Vec::new(),
         };
@@ -366,23 +383,26 @@ impl Simulator {
             let addr = listener.local_addr()?;
             let app = router(state.clone());
             let (tx, rx) = oneshot::channel::<()>();
-            let task = tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                    let _ = rx.await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "cml-sim listener failed");
-                }
-            });
+            let task = match &certificates {
+                Some(c) => spawn_serve(TlsListener::new(listener, c.acceptor.clone()), app, rx),
+                None => spawn_serve(listener, app, rx),
+            };
             sim.workers.push(WorkerHandle {
                 name: spec.name.clone(),
                 addr,
+                https: certificates.is_some(),
                 state,
             });
             sim.shutdown.push(tx);
             sim.tasks.push(task);
         }
         Ok(sim)
+    }
+
+    /// The PEM certificate of the CA that signed the workers' certificate,
+    /// when they serve HTTPS: what a client needs to trust them.
+    pub fn ca_cert_pem(&self) -> Option<&str> {
+        self.ca_cert_pem.as_deref()
     }
 
     pub fn workers(&self) -> &[WorkerHandle] {
@@ -411,6 +431,22 @@ impl Drop for Simulator {
             task.abort();
         }
     }
+}
+
+/// Serves `app` on `listener` until `stop` fires or is dropped.
+fn spawn_serve<L>(listener: L, app: Router, stop: oneshot::Receiver<()>) -> JoinHandle<()>
+where
+    L: Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stop.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "cml-sim listener failed");
+        }
+    })
 }
 
 fn router(state: Arc<WorkerState>) -> Router {

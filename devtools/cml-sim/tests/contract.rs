@@ -958,3 +958,63 @@ async fn seeds_are_deterministic_and_workers_are_separate() {
     assert!(a.workers()[0].remove_lab(&id));
     assert!(b.workers()[0].lab(&id).is_some());
 }
+
+#[tokio::test]
+async fn tls_mode_serves_api_and_control_over_https_trusted_only_through_its_ca() {
+    let sim = sim_with(SimConfig {
+        tls: true,
+        workers: vec![
+            WorkerSpec::seeded("cml-1", 3),
+            WorkerSpec::seeded("cml-2", 2),
+        ],
+        ..SimConfig::default()
+    })
+    .await;
+    let pem = sim.ca_cert_pem().expect("a CA in TLS mode").to_owned();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for w in sim.workers() {
+        assert!(
+            w.base_url().starts_with("https://127.0.0.1:"),
+            "{}",
+            w.base_url()
+        );
+        // Without the CA a client refuses the certificate...
+        let refused = reqwest::get(format!("{}/api/v0/system_information", w.base_url()))
+            .await
+            .expect_err("an untrusted certificate is refused");
+        let chain = std::iter::successors(Some(&refused as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(chain.contains("certificate"), "{chain}");
+        // ...with it, the API, logins and the control API answer.
+        let api = Api {
+            http: trusting.clone(),
+            base: w.base_url(),
+        };
+        let token = api.login(ADMIN).await;
+        let (s, labs) = api.get("/api/v0/labs?show_all=true", &token).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(labs.as_array().unwrap().len(), w.labs().len());
+        let (s, stats) = api.call(reqwest::Method::GET, "/_sim/stats", None).await;
+        assert_eq!(s, StatusCode::OK, "{stats}");
+        assert_eq!(w.stats().logins, 1);
+        // By name too: the certificate names localhost.
+        let by_name = w.base_url().replace("127.0.0.1", "localhost");
+        let r = trusting
+            .get(format!("{by_name}/api/v0/system_information"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // Plain HTTP stays the default, with no CA.
+    let plain = sim_with(SimConfig::default()).await;
+    assert!(plain.ca_cert_pem().is_none());
+    assert!(plain.workers()[0].base_url().starts_with("http://"));
+}

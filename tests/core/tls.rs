@@ -1,0 +1,180 @@
+//! TLS towards CML: a worker serving HTTPS with a self-signed CA (the
+//! simulator in TLS mode, over TCP) is refused by default, refreshed when
+//! its CA bundle is trusted, and refreshed with a logged warning when
+//! verification is turned off.
+
+use std::process::Output;
+
+use cml_sim::{SimConfig, Simulator, WorkerSpec};
+use labsync_application::RunStatus;
+use labsync_application::domain::{TlsSettings, Worker};
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio::process::Command;
+
+use crate::helpers::{
+    ADMIN_PASSWORD, ADMIN_TOKEN, OPERATOR_TOKEN, SEEDED_LABS, TEST_KEY, TestApp, VIEWER_TOKEN, ids,
+};
+
+/// What labsync logs when it skips certificate verification.
+const INSECURE_WARNING: &str = "TLS certificate verification is DISABLED";
+
+/// A test app whose simulated fleet is one HTTPS worker, cml-1 (not yet
+/// registered), with [`SEEDED_LABS`] labs.
+async fn https_app() -> TestApp {
+    let mut t = TestApp::spawn_with(0, &[]).await;
+    t.sim = Simulator::start(SimConfig {
+        tls: true,
+        workers: vec![WorkerSpec::seeded("cml-1", SEEDED_LABS)],
+        ..SimConfig::default()
+    })
+    .await
+    .expect("HTTPS simulator starts");
+    assert!(t.sim().base_url().starts_with("https://"));
+    t
+}
+
+/// Registers cml-1 with these TLS settings.
+async fn register(t: &TestApp, tls: TlsSettings) {
+    t.services()
+        .workers
+        .add(
+            &Worker {
+                id: t.worker_id(),
+                name: "cml-1".into(),
+                base_url: t.sim().base_url(),
+                username: "admin".into(),
+                tls,
+                enabled: true,
+            },
+            &SecretString::from(ADMIN_PASSWORD),
+        )
+        .await
+        .expect("register worker");
+}
+
+fn ca_pem(t: &TestApp) -> String {
+    t.sim.ca_cert_pem().expect("a CA in TLS mode").to_owned()
+}
+
+#[tokio::test]
+async fn a_self_signed_worker_is_refused_by_default_with_a_clear_error_and_nothing_written() {
+    let t = https_app().await;
+    register(&t, TlsSettings::default()).await;
+
+    let r = t.refresh().await;
+    assert_eq!(r.status, RunStatus::Failed, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("certificate") && error.contains("UnknownIssuer"),
+        "the error should say the certificate's issuer is unknown: {error}"
+    );
+    assert_eq!((r.listed, r.created), (0, 0), "{r:?}");
+    assert!(t.records().await.is_empty());
+    // Not one HTTP request reached CML: the password never left labsync
+    // over a connection it could not verify.
+    assert_eq!(t.sim().stats().total, 0);
+}
+
+#[tokio::test]
+async fn a_self_signed_worker_is_refreshed_when_its_ca_bundle_is_trusted() {
+    let t = https_app().await;
+    register(
+        &t,
+        TlsSettings {
+            ca_cert_pem: Some(ca_pem(&t)),
+            insecure: false,
+        },
+    )
+    .await;
+
+    let r = t.refresh().await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(
+        (r.listed, r.created),
+        (SEEDED_LABS as u64, SEEDED_LABS as u64)
+    );
+    assert_eq!(ids(&t.records().await), t.truth());
+}
+
+/// Runs the binary without blocking the runtime: the simulator serves on
+/// this test's runtime.
+async fn labsync(t: &TestApp, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_labsync"))
+        .args(args)
+        .envs(t.env())
+        .env("CML_PASSWORD", ADMIN_PASSWORD)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("labsync runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn add_args<'a>(id: &'a str, url: &'a str) -> Vec<&'a str> {
+    vec![
+        "workers",
+        "add",
+        "--id",
+        id,
+        "--url",
+        url,
+        "--username",
+        "admin",
+        "--password-env",
+        "CML_PASSWORD",
+    ]
+}
+
+#[tokio::test]
+async fn an_insecure_worker_is_refreshed_with_a_logged_warning_that_reveals_no_secret() {
+    let t = https_app().await;
+    let url = t.sim().base_url();
+
+    let mut add = add_args("tls-insecure", &url);
+    add.push("--insecure");
+    let o = labsync(&t, &add).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = labsync(&t, &add_args("tls-verified", &url)).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = labsync(&t, &["refresh", "--worker", "tls-insecure", "--json"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let reports: Value = serde_json::from_slice(&o.stdout).expect("JSON reports on stdout");
+    assert_eq!(reports[0]["status"], "succeeded", "{reports}");
+    assert_eq!(reports[0]["created"], SEEDED_LABS, "{reports}");
+    let logs = String::from_utf8_lossy(&o.stderr);
+    let warning = logs
+        .lines()
+        .find(|l| l.contains(INSECURE_WARNING))
+        .unwrap_or_else(|| panic!("no warning logged:\n{}", text(&o)));
+    assert!(
+        warning.contains("WARN") && warning.contains("tls-insecure"),
+        "{warning}"
+    );
+    let all = text(&o);
+    for secret in [
+        ADMIN_PASSWORD,
+        TEST_KEY,
+        ADMIN_TOKEN,
+        OPERATOR_TOKEN,
+        VIEWER_TOKEN,
+        // Every CML token is a JWT, whose header starts so in base64.
+        "eyJ",
+    ] {
+        assert!(!all.contains(secret), "{secret:?} in the output:\n{all}");
+    }
+
+    // The same server without --insecure is refused, and nothing warns.
+    let o = labsync(&t, &["refresh", "--worker", "tls-verified"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("certificate"), "{}", text(&o));
+    assert!(!text(&o).contains(INSECURE_WARNING), "{}", text(&o));
+}
