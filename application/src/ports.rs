@@ -292,7 +292,10 @@ pub trait RefreshLease: Send + Sync {
         ttl: Duration,
     ) -> Result<bool, RepoError>;
 
-    /// Frees the lease if `holder` holds it.
+    /// Frees the lease if `holder` holds it. When that fails, the holder's
+    /// run is over all the same: the next `try_acquire` for the worker in
+    /// this process SHOULD take the lease over rather than wait for it to
+    /// expire.
     ///
     /// # Errors
     /// [`RepoError`].

@@ -368,25 +368,34 @@ pub async fn healthz() -> Json<Health> {
 }
 
 #[utoipa::path(get, path = "/api/v1/readyz", tag = "operations",
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
-pub async fn readyz(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
+    responses((status = 200, body = Readiness),
+        (status = 503, body = Problem, content_type = "application/problem+json",
+         description = "Not ready: a problem carrying the readiness fields")))]
+pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiError> {
     let mongodb = s.ping().await;
     let scheduler = s
         .scheduler_running
         .load(std::sync::atomic::Ordering::Relaxed);
     let ready = mongodb && scheduler;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(Readiness {
+    if ready {
+        return Ok(Json(Readiness {
             ready,
             mongodb,
             scheduler,
-        }),
+        }));
+    }
+    // An error like every other: a problem, with the readiness fields as
+    // extension members so that probes and people read the same answer.
+    let detail = match (mongodb, scheduler) {
+        (false, false) => "MongoDB does not answer and the scheduler is not running",
+        (false, true) => "MongoDB does not answer",
+        _ => "the scheduler is not running",
+    };
+    Err(
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", detail)
+            .with("ready", false)
+            .with("mongodb", mongodb)
+            .with("scheduler", scheduler),
     )
 }
 

@@ -10,6 +10,7 @@ mod events;
 mod faults;
 mod helpers;
 mod openapi;
+mod outage;
 mod refresh;
 mod serve;
 mod tls;

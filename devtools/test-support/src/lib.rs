@@ -65,9 +65,10 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
 #[derive(Debug)]
 pub struct MongoServer {
     uri: String,
-    child: Child,
-    guard: Option<ChildStdin>,
-    _storage: tempfile::TempDir,
+    addr: String,
+    /// None while stopped.
+    running: Option<(Child, ChildStdin)>,
+    storage: tempfile::TempDir,
 }
 
 impl MongoServer {
@@ -77,11 +78,53 @@ impl MongoServer {
     /// When the binary is missing or the server does not report its address
     /// within 60 seconds.
     pub fn start() -> anyhow::Result<Self> {
-        let bin = server_binary()?;
         let storage = tempfile::Builder::new()
             .prefix("labsync-mongo-")
             .tempdir()
             .context("creating the server's storage directory")?;
+        let (child, guard, addr) = spawn(storage.path(), "0")?;
+        Ok(Self {
+            uri: format!("mongodb://{addr}/?directConnection=true"),
+            addr,
+            running: Some((child, guard)),
+            storage,
+        })
+    }
+
+    /// A connection string for the server.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Stops the server, as an outage would; its data stays on disk.
+    pub fn stop(&mut self) {
+        if let Some((mut child, guard)) = self.running.take() {
+            // Closing the pipe makes the guard stop the server; then reap it.
+            drop(guard);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped server again on the same address and storage, so
+    /// that clients connected before the outage find it where it was.
+    ///
+    /// # Errors
+    /// As [`MongoServer::start`], or when the port was taken meanwhile.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let port = self.addr.rsplit_once(':').map_or("0", |(_, p)| p);
+        let (child, guard, addr) = spawn(self.storage.path(), port)?;
+        anyhow::ensure!(addr == self.addr, "restarted on {addr}, not {}", self.addr);
+        self.running = Some((child, guard));
+        Ok(())
+    }
+}
+
+/// Starts `secantusd-rs` on `port` (0: a free one) under the guard, and
+/// waits for the address it reports.
+fn spawn(storage: &std::path::Path, port: &str) -> anyhow::Result<(Child, ChildStdin, String)> {
+    let bin = server_binary()?;
+    {
         // The guard: start the server in the background, print its output,
         // and kill it when stdin (our pipe) reaches end of file.
         let script = r#""$0" "$@" & server=$!
@@ -97,20 +140,20 @@ wait $server 2>/dev/null"#;
             // test binary has its own store.
             .args([
                 "--port",
-                "0",
+                port,
                 "--log-file-max",
                 "16MB",
                 "--cache-size",
                 "256M",
             ])
             .args(["--log-level", "WARNING", "--storage-path"])
-            .arg(storage.path())
+            .arg(storage)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let guard = child.stdin.take();
+        let guard = child.stdin.take().context("server stdin")?;
         let stdout = child.stdout.take().context("server stdout")?;
         let stderr = child.stderr.take().context("server stderr")?;
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -147,17 +190,7 @@ wait $server 2>/dev/null"#;
                 }
             }
         };
-        Ok(Self {
-            uri: format!("mongodb://{addr}/?directConnection=true"),
-            child,
-            guard,
-            _storage: storage,
-        })
-    }
-
-    /// A connection string for the server.
-    pub fn uri(&self) -> &str {
-        &self.uri
+        Ok((child, guard, addr))
     }
 }
 
@@ -173,9 +206,7 @@ fn parse_listening(line: &str) -> Option<String> {
 
 impl Drop for MongoServer {
     fn drop(&mut self) {
-        // Closing the pipe makes the guard stop the server; then reap it.
-        drop(self.guard.take());
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
