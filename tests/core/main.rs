@@ -12,5 +12,6 @@ mod helpers;
 mod openapi;
 mod outage;
 mod refresh;
+mod replicas;
 mod serve;
 mod tls;

@@ -252,12 +252,25 @@ pub async fn test_database() -> mongodb::Database {
 ///
 /// # Panics
 /// When the deadline passes.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+pub async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    eventually_within(Duration::from_secs(15), what, f).await;
+}
+
+/// [`eventually`] with a deadline of its own, for conditions that take
+/// several ticks of a schedule.
+///
+/// # Panics
+/// When the deadline passes.
+pub async fn eventually_within<F, Fut>(within: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
     while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
