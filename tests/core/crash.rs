@@ -22,7 +22,7 @@ use crate::helpers::{TestApp, report};
 const ITERATIONS: usize = 60;
 const DEFAULT_SEED: u64 = 0x1ab5_c4a5;
 
-fn labsync(t: &TestApp, args: &[&str]) -> Command {
+pub(crate) fn labsync(t: &TestApp, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_labsync"));
     c.args(args)
         .envs(t.env())
@@ -34,7 +34,7 @@ fn labsync(t: &TestApp, args: &[&str]) -> Command {
 
 /// Kills `child` with SIGKILL once CML has served `after` more requests than
 /// `base`, or reports that it exited first. Returns whether it was killed.
-async fn kill_after(t: &TestApp, child: &mut Child, base: u64, after: u64) -> bool {
+pub(crate) async fn kill_after(t: &TestApp, child: &mut Child, base: u64, after: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if child.try_wait().expect("child status").is_some() {
@@ -56,7 +56,7 @@ async fn kill_after(t: &TestApp, child: &mut Child, base: u64, after: u64) -> bo
 
 /// One refresh by a new process that goes through; counts the runs skipped
 /// because a killed process's lease had not expired yet.
-async fn restart_and_refresh(t: &TestApp) -> u32 {
+pub(crate) async fn restart_and_refresh(t: &TestApp) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut skipped = 0;
     loop {
