@@ -179,8 +179,10 @@ pub trait LabRepository: Send + Sync {
     /// [`RepoError`].
     async fn page(&self, worker: &WorkerId, query: &LabQuery) -> Result<Vec<LabRecord>, RepoError>;
 
-    /// Writes a refresh's changes in bulk: creates and updates in one batch,
-    /// every prune in one delete.
+    /// Writes a refresh's changes in bulk: its events first, then the
+    /// creates, the updates and every prune, each in as few commands as the
+    /// store allows. A failure after the events leaves events whose change
+    /// the next refresh makes (and announces) again.
     ///
     /// MUST NOT write over a tombstone: a create or update of a tombstoned
     /// lab is skipped and reported in [`ApplyOutcome::suppressed`], atomically
@@ -198,10 +200,9 @@ pub trait LabRepository: Send + Sync {
         history_limit: usize,
     ) -> Result<ApplyOutcome, RepoError>;
 
-    /// Appends to a live record's history, and writes `event` to the outbox
-    /// and `audit` to the audit log, in the same write; false if there is
-    /// no live record (the event and the audit entry are written all the
-    /// same).
+    /// Writes `event` to the outbox and `audit` to the audit log, then
+    /// appends to a live record's history; false if there is no live record
+    /// (the event and the audit entry are written all the same).
     ///
     /// # Errors
     /// [`RepoError`].
@@ -215,10 +216,11 @@ pub trait LabRepository: Send + Sync {
         audit: AuditEntry,
     ) -> Result<bool, RepoError>;
 
-    /// Replaces the lab's record, if any, with a tombstone (creating one if
-    /// there was no record), and writes `event` to the outbox and `audit` to
-    /// the audit log, in the same write. Returns whether a live record was
-    /// there.
+    /// Writes `event` to the outbox and `audit` to the audit log, then
+    /// replaces the lab's record, if any, with a tombstone (creating one if
+    /// there was no record) in one atomic step. Returns whether a live
+    /// record was there. The event and the entry come first so that a
+    /// failure in between never hides what CML did.
     ///
     /// # Errors
     /// [`RepoError`].

@@ -1,9 +1,10 @@
-//! The event outbox: lab events stored as CloudEvents in the same write as
-//! the change they describe, and the relay that delivers them at least once
-//! to an HTTP sink.
+//! The event outbox: lab events stored as CloudEvents just before the change
+//! they describe, and the relay that delivers them at least once to an HTTP
+//! sink.
 //!
 //! # Expected flow
-//! 1. A repository write adds `pending` outbox documents beside its change.
+//! 1. A repository write adds `pending` outbox documents, then makes its
+//!    change.
 //! 2. The relay claims a due document (moving `next_attempt_at` forward, so
 //!    that a second replica does not take it too), POSTs the CloudEvent, and
 //!    marks it `delivered`, or schedules the next attempt with capped
@@ -16,10 +17,13 @@
 //! without a sink the outbox does not grow without bound.
 //!
 //! # Caveats
-//! MongoDB writes the change and its events in one command, not one
-//! transaction. When a refresh's upsert is refused by a tombstone, its
-//! events are removed right after the write; a crash in that instant leaves
-//! a `discovered` event for a lab that stays deleted.
+//! The events and the change are separate commands, not one transaction.
+//! A crash between them leaves events whose change is not written yet: the
+//! next refresh makes the change and sends its events again (a consumer
+//! sees the same fact twice, under two ids, never a change without its
+//! event). When a refresh's write is refused by a tombstone, its events are
+//! removed right after; a crash in that instant leaves a `discovered` event
+//! for a lab that stays deleted.
 
 use std::time::Duration;
 
