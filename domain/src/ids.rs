@@ -145,6 +145,11 @@ string_id_impls!(LabId);
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
+    use proptest::prelude::*;
+    use regex::Regex;
+
     use super::*;
 
     #[test]
@@ -202,5 +207,121 @@ mod tests {
         );
         assert!(serde_json::from_str::<LabId>("\"nope\"").is_err());
         assert!(serde_json::from_str::<WorkerId>("\"Bad Worker\"").is_err());
+    }
+
+    // The grammars again, written independently of the parsers (as the
+    // regular expressions the docs state), so that the property tests below
+    // compare two implementations instead of one with itself.
+    static WORKER_GRAMMAR: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"^[a-z0-9][a-z0-9-]{0,62}$").unwrap());
+    static LAB_GRAMMAR: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+            .unwrap()
+    });
+
+    /// Pieces hostile ids are made of: traversal, percent escapes (which
+    /// must arrive here still escaped or already decoded, both refused),
+    /// separators, control characters, lookalike and wide unicode, and the
+    /// characters valid ids are made of, so that concatenations land near
+    /// the grammar's edges too.
+    const FRAGMENTS: &[&str] = &[
+        "../",
+        "..",
+        "%2F",
+        "%2f",
+        "%00",
+        "%",
+        "/",
+        "\\",
+        "\0",
+        "\n",
+        " ",
+        "é",
+        "☃",
+        "💥",
+        "\u{202e}",
+        "\u{feff}",
+        "Ａ",
+        "-",
+        "4",
+        "8",
+        "a",
+        "f",
+        "g",
+        "A",
+        "0",
+        "{",
+        "a6a334de-b497-47ae-bbff-44a83f890114",
+        "cml-1",
+    ];
+
+    fn valid_lab_id() -> impl Strategy<Value = String> {
+        "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    }
+
+    fn hostile() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            prop::collection::vec(prop::sample::select(FRAGMENTS), 0..24).prop_map(|v| v.concat()),
+            // A valid lab id with one character replaced: one step off.
+            (valid_lab_id(), 0usize..36, any::<char>()).prop_map(|(id, at, c)| {
+                id.chars()
+                    .enumerate()
+                    .map(|(i, x)| if i == at { c } else { x })
+                    .collect()
+            }),
+            valid_lab_id(),
+            // Around the worker id's length limit.
+            "[a-z0-9-]{0,70}",
+            // Oversized: the error must still quote only an excerpt.
+            (0usize..20_000, any::<char>()).prop_map(|(n, c)| std::iter::repeat_n(c, n).collect()),
+        ]
+    }
+
+    /// What an error may grow to: an 80-byte excerpt, quoted with escapes
+    /// (a control character becomes six, `\u{7f}`), plus the rule.
+    const MAX_ERROR: usize = 1024;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn worker_ids_are_exactly_the_documented_slugs(s in hostile()) {
+            match WorkerId::parse(&s) {
+                Ok(id) => {
+                    prop_assert!(WORKER_GRAMMAR.is_match(&s), "accepted {:?}", s);
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                    prop_assert_eq!(WorkerId::parse(&format!("{id}")), Ok(id.clone()));
+                    let json = serde_json::to_string(&id).unwrap();
+                    prop_assert_eq!(serde_json::from_str::<WorkerId>(&json).unwrap(), id);
+                }
+                Err(e) => {
+                    prop_assert!(!WORKER_GRAMMAR.is_match(&s), "refused {:?}", s);
+                    prop_assert!(e.to_string().len() < MAX_ERROR);
+                    let json = serde_json::to_string(&s).unwrap();
+                    prop_assert!(serde_json::from_str::<WorkerId>(&json).is_err());
+                }
+            }
+        }
+
+        #[test]
+        fn lab_ids_are_exactly_the_documented_uuid4s(s in hostile()) {
+            prop_assert_eq!(is_uuid4(s.as_bytes()), LAB_GRAMMAR.is_match(&s));
+            match LabId::parse(&s) {
+                Ok(id) => {
+                    prop_assert!(LAB_GRAMMAR.is_match(&s), "accepted {:?}", s);
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                    prop_assert_eq!(LabId::parse(&format!("{id}")), Ok(id));
+                    let json = serde_json::to_string(&id).unwrap();
+                    prop_assert_eq!(serde_json::from_str::<LabId>(&json).unwrap(), id);
+                }
+                Err(e) => {
+                    prop_assert!(!LAB_GRAMMAR.is_match(&s), "refused {:?}", s);
+                    prop_assert!(e.to_string().len() < MAX_ERROR);
+                    let json = serde_json::to_string(&s).unwrap();
+                    prop_assert!(serde_json::from_str::<LabId>(&json).is_err());
+                }
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@ mod delete;
 mod events;
 mod faults;
 mod helpers;
+mod hostile;
 mod model;
 mod openapi;
 mod outage;
