@@ -29,6 +29,7 @@ use mongodb::{Collection, Database};
 
 use super::audit::audit_document;
 use super::convert::{LabDoc, date, history_bson, parse_hash, snapshot_fields, to_i64};
+use super::tombstones::{TombstoneJob, TombstoneWriter};
 use super::{DUPLICATE_KEY, collections, map_error, outbox};
 
 #[derive(Debug, Clone)]
@@ -40,9 +41,12 @@ pub struct MongoLabRepository {
     audit: Collection<Document>,
     /// How long outbox events are kept.
     retention: std::time::Duration,
+    tombstones: TombstoneWriter,
 }
 
 impl MongoLabRepository {
+    /// The repository, and the task that writes the tombstones of
+    /// concurrent deletes together: call it inside a Tokio runtime.
     pub fn new(db: &Database, event_retention: std::time::Duration) -> Self {
         Self {
             db: db.clone(),
@@ -51,6 +55,7 @@ impl MongoLabRepository {
             outbox: db.collection(collections::OUTBOX),
             audit: db.collection(collections::AUDIT),
             retention: event_retention,
+            tombstones: TombstoneWriter::start(db),
         }
     }
 }
@@ -410,17 +415,18 @@ impl LabRepository for MongoLabRepository {
             "tombstone",
             doc! {"deleted_at": date(t.deleted_at), "deleted_by": t.deleted_by, "expires_at": date(t.expires_at)},
         );
-        self.insert_event_and_audit(&event, &audit).await?;
-        // One command replaces the record (or an older tombstone, or
-        // nothing) and says what was there before.
-        let before = self
-            .docs
-            .find_one_and_replace(key(worker, lab), replacement)
-            .upsert(true)
-            .projection(doc! {"_id": 0, "tombstone": 1})
+        // Written with the tombstones of concurrent deletes (see
+        // `super::tombstones`): events and audit entries first, then the
+        // record swapped for its tombstone.
+        self.tombstones
+            .write(TombstoneJob {
+                worker: worker.clone(),
+                lab: *lab,
+                replacement,
+                event: outbox::outbox_doc(&event, self.retention)?,
+                audit: audit_document(&audit)?,
+            })
             .await
-            .map_err(map_error)?;
-        Ok(before.is_some_and(|d| !d.contains_key("tombstone")))
     }
 
     async fn remove_worker(&self, worker: &WorkerId) -> Result<u64, RepoError> {

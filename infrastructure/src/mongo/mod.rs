@@ -21,6 +21,7 @@ mod labs;
 mod lease;
 pub mod outbox;
 mod reports;
+mod tombstones;
 mod workers;
 
 pub use audit::MongoAuditLog;
