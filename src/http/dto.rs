@@ -247,7 +247,8 @@ pub struct LabPageView {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LabListParams {
-    /// Exact state, e.g. `STARTED`.
+    /// Exact state, e.g. `STARTED`. Text filters have at most 200
+    /// characters and no control characters.
     pub state: Option<String>,
     /// Exact owner username.
     pub owner: Option<String>,

@@ -29,6 +29,7 @@ use mongodb::bson::doc;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use self::problem::{ApiError, PROBLEM_JSON};
@@ -131,6 +132,32 @@ async fn problems(State(state): State<ApiState>, request: Request, next: Next) -
     )
 }
 
+/// How long a client may take to send a request body: a slow or missing
+/// body must not hold a connection open for ever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Refuses a body whose declared length is over the limit before any of it
+/// arrives; the body limit alone would wait for the bytes first.
+async fn declared_length(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("the body may be at most {limit} bytes"),
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
 async fn fallback() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
 }
@@ -172,6 +199,11 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/metrics", get(routes::metrics))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            declared_length,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn_with_state(state.clone(), problems))
         .layer(

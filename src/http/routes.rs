@@ -153,9 +153,9 @@ pub async fn list_labs(
         None => None,
     };
     let query = LabQuery {
-        state: p.state,
-        owner: p.owner,
-        title_contains: p.q.filter(|q| !q.is_empty()),
+        state: text_filter("state", p.state)?,
+        owner: text_filter("owner", p.owner)?,
+        title_contains: text_filter("q", p.q)?,
         after,
         limit: p
             .limit
@@ -166,6 +166,29 @@ pub async fn list_labs(
         items: page.items.iter().map(LabView::from).collect(),
         next_cursor: page.next_cursor.map(|c| c.to_string()),
     }))
+}
+
+/// Longest text a lab filter may have, in characters.
+pub const MAX_FILTER_CHARS: usize = 200;
+
+/// A text filter from the query string: empty means none; control
+/// characters (MongoDB refuses a NUL in a pattern) and very long text are
+/// refused here rather than by the database.
+fn text_filter(name: &str, value: Option<String>) -> ApiResult<Option<String>> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "{name} must not contain control characters"
+        )));
+    }
+    if v.chars().count() > MAX_FILTER_CHARS {
+        return Err(ApiError::bad_request(format!(
+            "{name} may be at most {MAX_FILTER_CHARS} characters"
+        )));
+    }
+    Ok(Some(v))
 }
 
 #[utoipa::path(get, path = "/api/v1/workers/{worker_id}/labs/{lab_id}", tag = "labs",

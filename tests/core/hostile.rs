@@ -572,8 +572,16 @@ fn expected_for_query(params: Params, pairs: &[(String, String)]) -> u16 {
             .is_ok_and(|n| (1..=1000).contains(&n))
     };
     let bool_ok = |k: &str| get(k).is_none_or(|v| v.parse::<bool>().is_ok());
+    // Text filters: no control characters, at most 200 characters.
+    let text_ok = |k: &str| {
+        get(k).is_none_or(|v| !v.chars().any(char::is_control) && v.chars().count() <= 200)
+    };
     let ok = match params {
-        Params::Labs => limit_ok(100) && get("cursor").is_none_or(is_lab_id),
+        Params::Labs => {
+            limit_ok(100)
+                && get("cursor").is_none_or(is_lab_id)
+                && ["q", "state", "owner"].into_iter().all(text_ok)
+        }
         Params::Runs => limit_ok(50) && get("worker_id").is_none_or(is_worker_id),
         Params::Refresh => bool_ok("dry_run") && bool_ok("force_prune"),
         Params::Delete => bool_ok("force") && matches!(get("mode"), None | Some("sync" | "async")),
@@ -776,10 +784,11 @@ fn body_case(rng: &mut StdRng, limit: usize, created: &mut HashSet<String>) -> (
         }
     };
     let value = value.or_else(|| serde_json::from_slice(&request.body).ok());
-    let expect = if !json_type {
-        415
-    } else if request.body.len() > limit {
+    // The declared length is checked before anything else about the body.
+    let expect = if request.body.len() > limit {
         413
+    } else if !json_type {
+        415
     } else {
         match value {
             Some(v) if body_shape_ok(create, &v) => expected_for_body(create, &v, created),
@@ -840,11 +849,14 @@ async fn hostile_requests_get_4xx_problems_never_a_5xx_or_silence() {
     // Still serving.
     let (s, _) = api.get("/api/v1/workers/cml-1", ADMIN_TOKEN).await;
     assert_eq!(s, reqwest::StatusCode::OK);
-    println!(
-        "hostile API input: {} requests (seed {seed:#x}), statuses {statuses:?}, \
-         {refused_by_the_parser} refused by the HTTP parser, {} failures",
-        cases.len(),
-        failures.len()
+    crate::helpers::report(
+        "hostile",
+        &format!(
+            "hostile API input: {} requests (seed {seed:#x}), statuses {statuses:?}, \
+             {refused_by_the_parser} refused by the HTTP parser, {} failures",
+            cases.len(),
+            failures.len()
+        ),
     );
     assert!(
         failures.is_empty(),
@@ -858,5 +870,45 @@ async fn hostile_requests_get_4xx_problems_never_a_5xx_or_silence() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    api.stop().await;
+}
+
+/// A body declared larger than the limit is refused at once, before any of
+/// it is sent; text filters the database would choke on are refused too.
+#[tokio::test]
+async fn a_declared_oversized_body_and_unusable_filters_are_refused_at_once() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let addr: SocketAddr = api.base.trim_start_matches("http://").parse().unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/workers HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 1099511627776\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut raw))
+        .await
+        .expect("an answer without waiting for the body")
+        .unwrap();
+    let answer = parse_answer(&raw[..n]).unwrap();
+    assert_eq!(answer.status, 413, "{answer:?}");
+    check_problem(&answer).unwrap();
+
+    let long = "x".repeat(201);
+    for q in ["%00", "a%0Ab", long.as_str()] {
+        let (s, body) = api
+            .get(&format!("/api/v1/workers/cml-1/labs?q={q}"), ADMIN_TOKEN)
+            .await;
+        assert_eq!(s.as_u16(), 400, "q={q}: {body}");
+        assert!(body["detail"].as_str().unwrap().starts_with("q "), "{body}");
+    }
+    let (s, _) = api
+        .get(
+            &format!("/api/v1/workers/cml-1/labs?q={}", "x".repeat(200)),
+            ADMIN_TOKEN,
+        )
+        .await;
+    assert_eq!(s.as_u16(), 200);
     api.stop().await;
 }
