@@ -2,7 +2,8 @@
 # The full test suite: unit tests, the CML simulator's contract tests and the
 # integration tests against a real MongoDB-wire server and the simulator.
 # Installs the MongoDB-wire server first if this machine lacks it. Extra
-# arguments go to `cargo test` (e.g. a test name filter).
+# arguments go to `cargo test` (e.g. a test name filter). Afterwards it
+# prints the figures the reliability tests reported (docs/RELIABILITY.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,4 +11,13 @@ if [[ -z "${LABSYNC_TEST_MONGODB_URI:-}" ]]; then
   LABSYNC_SECANTUSD="$(bash scripts/install-tools.sh | tail -n 1)"
   export LABSYNC_SECANTUSD
 fi
-exec cargo test --workspace --locked "$@"
+reports=target/tmp/reliability
+rm -rf "$reports"
+status=0
+cargo test --workspace --locked "$@" || status=$?
+if compgen -G "$reports/*.txt" >/dev/null; then
+  echo
+  echo "reliability figures (from $reports):"
+  cat "$reports"/*.txt
+fi
+exit "$status"

@@ -279,6 +279,7 @@ pub fn report(name: &str, text: &str) {
     println!("{text}");
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability");
     std::fs::create_dir_all(&dir).expect("report directory");
+    let text = format!("{}\n", text.trim_end());
     std::fs::write(dir.join(format!("{name}.txt")), text).expect("report written");
 }
 

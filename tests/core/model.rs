@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::crash::{kill_after, labsync, restart_and_refresh};
-use crate::helpers::{TestApp, report};
+use crate::helpers::{TestApp, eventually, report};
 
 const STEPS: usize = 200;
 const DEFAULT_SEED: u64 = 0x0de1_5eed;
@@ -200,6 +200,12 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                 t.faults(json!({"latency_ms": {"all": 2}}));
                 kill_after(&t, &mut child, base, rng.random_range(1..=4)).await;
                 t.faults(json!({}));
+                // A forced delete killed after its stop leaves CML mid-way;
+                // the model reads CML once it has settled.
+                eventually("CML's transitions to settle", || async {
+                    t.sim().labs().iter().all(cml_sim::Lab::converged)
+                })
+                .await;
                 restart_and_refresh(&t).await;
                 model.cml = cml_labs(&t);
                 model.refreshed();
