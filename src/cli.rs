@@ -168,6 +168,10 @@ pub struct AddWorkerArgs {
     /// Register it disabled: refreshes skip it.
     #[arg(long)]
     pub disabled: bool,
+    /// Fetch lab details with CML's one `populate_lab_tiles` request
+    /// (labs it misses, or its failure, fall back to one request per lab).
+    #[arg(long)]
+    pub lab_tiles: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -400,6 +404,7 @@ async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
             insecure: a.insecure,
         },
         enabled: !a.disabled,
+        lab_tiles: a.lab_tiles,
     };
     app.inventory
         .register(worker.clone(), SecretString::from(password), &cli_actor())

@@ -28,6 +28,8 @@ pub struct FakeCml {
     pub labs: Mutex<HashMap<LabId, LabSnapshot>>,
     pub fail: Mutex<HashMap<&'static str, CmlError>>,
     pub calls: Mutex<Vec<String>>,
+    /// Labs that `lab_tiles` leaves out.
+    pub missing_from_tiles: Mutex<Vec<LabId>>,
 }
 
 impl FakeCml {
@@ -69,6 +71,18 @@ impl CmlGateway for FakeCml {
     async fn lab_details(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabSnapshot, CmlError> {
         self.call("details", Some(lab))?;
         self.with_lab(lab, |s| s.clone())
+    }
+    async fn lab_tiles(
+        &self,
+        _: &WorkerAccess,
+    ) -> Result<std::collections::HashMap<LabId, LabSnapshot>, CmlError> {
+        self.call("tiles", None)?;
+        let hidden = lock(&self.missing_from_tiles).clone();
+        Ok(lock(&self.labs)
+            .iter()
+            .filter(|(id, _)| !hidden.contains(id))
+            .map(|(id, s)| (*id, s.clone()))
+            .collect())
     }
     async fn lab_state(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabState, CmlError> {
         self.call("state", Some(lab))?;
@@ -319,17 +333,32 @@ pub fn snapshot(title: &str, state: LabState) -> LabSnapshot {
     }
 }
 
-pub fn fixture() -> Fixture {
-    let cml = Arc::new(FakeCml::default());
-    let store = Arc::new(FakeStore::default());
-    let worker = Worker {
+/// A fixture whose worker has `lab_tiles` on.
+pub fn fixture_with_lab_tiles() -> Fixture {
+    let mut f = fixture();
+    f.services.workers = Arc::new(FakeWorkers(Worker {
+        lab_tiles: true,
+        ..test_worker()
+    }));
+    f
+}
+
+fn test_worker() -> Worker {
+    Worker {
         id: worker_id(),
         name: "cml-1".into(),
         base_url: "https://cml.invalid".into(),
         username: "admin".into(),
         tls: Default::default(),
         enabled: true,
-    };
+        lab_tiles: false,
+    }
+}
+
+pub fn fixture() -> Fixture {
+    let cml = Arc::new(FakeCml::default());
+    let store = Arc::new(FakeStore::default());
+    let worker = test_worker();
     let services = Services {
         workers: Arc::new(FakeWorkers(worker)),
         labs: store.clone(),

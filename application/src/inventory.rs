@@ -58,6 +58,7 @@ pub struct WorkerChanges {
     pub ca_cert_pem: Option<Option<String>>,
     pub insecure: Option<bool>,
     pub enabled: Option<bool>,
+    pub lab_tiles: Option<bool>,
 }
 
 /// Queries and admin commands over the inventory.
@@ -209,6 +210,10 @@ impl Inventory {
         if let Some(v) = changes.enabled {
             worker.enabled = v;
             changed.push("enabled");
+        }
+        if let Some(v) = changes.lab_tiles {
+            worker.lab_tiles = v;
+            changed.push("lab_tiles");
         }
         if changes.password.is_some() {
             changed.push("password");

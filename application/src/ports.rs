@@ -53,6 +53,19 @@ pub trait CmlGateway: Send + Sync {
         lab: &LabId,
     ) -> Result<LabSnapshot, CmlError>;
 
+    /// The details of every lab the account sees, in one request (CML's
+    /// `populate_lab_tiles`), keyed by lab id. MAY miss labs that
+    /// [`CmlGateway::list_lab_ids`] returns (servers differ in what their
+    /// tiles carry): a tile that is not a complete lab MUST be left out,
+    /// never guessed, and callers fetch the missing labs one by one.
+    ///
+    /// # Errors
+    /// Any [`CmlError`]; callers fall back to [`CmlGateway::lab_details`].
+    async fn lab_tiles(
+        &self,
+        access: &WorkerAccess,
+    ) -> Result<std::collections::HashMap<LabId, LabSnapshot>, CmlError>;
+
     /// The lab's overall state.
     ///
     /// # Errors

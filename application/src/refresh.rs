@@ -236,17 +236,46 @@ impl RefreshWorkerLabs {
     }
 
     async fn fetch(&self, access: &WorkerAccess) -> Result<Fetched, CmlError> {
+        // The list is the truth about which labs exist, whichever way the
+        // details come.
         let ids = self.services.cml.list_lab_ids(access).await?;
+        let mut tiles = if access.worker.lab_tiles {
+            match self.services.cml.lab_tiles(access).await {
+                Ok(tiles) => {
+                    let missing = ids.iter().filter(|id| !tiles.contains_key(id)).count();
+                    if missing > 0 {
+                        info!(
+                            missing,
+                            "labs missing from the lab tiles are fetched one by one"
+                        );
+                    }
+                    tiles
+                }
+                Err(e) => {
+                    warn!(error = %e, "lab tiles failed; fetching every lab one by one");
+                    HashMap::new()
+                }
+            }
+        } else {
+            HashMap::new()
+        };
         let concurrency = self.services.settings.max_concurrent_labs_per_worker.max(1);
         let cml = &self.services.cml;
         let labs: Vec<(LabId, Detail)> = futures::stream::iter(ids)
-            .map(|id| async move {
-                let detail = match cml.lab_details(access, &id).await {
-                    Ok(snapshot) => Detail::Found(Box::new(snapshot.normalized())),
-                    Err(CmlError::NotFound) => Detail::Gone,
-                    Err(e) => Detail::Failed(e.to_string()),
-                };
-                (id, detail)
+            .map(|id| {
+                let tile = tiles.remove(&id);
+                async move {
+                    let fetched = match tile {
+                        Some(snapshot) => Ok(snapshot),
+                        None => cml.lab_details(access, &id).await,
+                    };
+                    let detail = match fetched {
+                        Ok(snapshot) => Detail::Found(Box::new(snapshot.normalized())),
+                        Err(CmlError::NotFound) => Detail::Gone,
+                        Err(e) => Detail::Failed(e.to_string()),
+                    };
+                    (id, detail)
+                }
             })
             .buffered(concurrency)
             .collect()
@@ -442,10 +471,76 @@ mod tests {
     use labsync_domain::LabState;
 
     use super::*;
-    use crate::fakes::{fixture, lab, snapshot, worker_id};
+    use crate::fakes::{fixture, fixture_with_lab_tiles, lab, snapshot, worker_id};
 
     fn refresh(f: &crate::fakes::Fixture) -> RefreshWorkerLabs {
         RefreshWorkerLabs::new(f.services.clone())
+    }
+
+    fn with_four_labs(f: &crate::fakes::Fixture) {
+        for n in 1..=4 {
+            f.cml
+                .labs
+                .lock()
+                .unwrap()
+                .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
+        }
+    }
+
+    fn detail_calls(f: &crate::fakes::Fixture) -> usize {
+        f.cml
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("details"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn lab_tiles_replace_the_per_lab_requests_and_the_labs_they_miss_are_fetched_alone() {
+        let f = fixture_with_lab_tiles();
+        with_four_labs(&f);
+        f.cml.missing_from_tiles.lock().unwrap().push(lab(3));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.created), (RunStatus::Succeeded, 4), "{r:?}");
+        assert_eq!(
+            detail_calls(&f),
+            1,
+            "only the lab the tiles missed: {:?}",
+            f.cml.calls()
+        );
+        assert!(f.cml.calls().iter().any(|c| c == "tiles"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_lab_tiles_request_falls_back_to_one_request_per_lab() {
+        let f = fixture_with_lab_tiles();
+        with_four_labs(&f);
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("tiles", CmlError::NotFound);
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.created), (RunStatus::Succeeded, 4), "{r:?}");
+        assert_eq!(detail_calls(&f), 4);
+    }
+
+    #[tokio::test]
+    async fn without_lab_tiles_the_tiles_are_never_asked_for() {
+        let f = fixture();
+        with_four_labs(&f);
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert!(!f.cml.calls().iter().any(|c| c == "tiles"));
+        assert_eq!(detail_calls(&f), 4);
     }
 
     #[tokio::test]

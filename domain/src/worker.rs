@@ -26,6 +26,12 @@ pub struct Worker {
     pub username: String,
     pub tls: TlsSettings,
     pub enabled: bool,
+    /// Fetch every lab's details with CML's one `populate_lab_tiles`
+    /// request (internal in the API spec, used by CML's own clients)
+    /// instead of one request per lab; labs it misses, or any failure of
+    /// it, fall back to the per-lab requests. Off by default.
+    #[serde(default)]
+    pub lab_tiles: bool,
 }
 
 /// Checks a worker's base URL: `http` or `https`, a host, an optional port,

@@ -26,6 +26,9 @@ pub struct WorkerView {
     pub username: String,
     pub tls: TlsView,
     pub enabled: bool,
+    /// Lab details come from CML's one `populate_lab_tiles` request, with
+    /// one request per lab for what it misses or when it fails.
+    pub lab_tiles: bool,
     /// `disabled`, `never_synced`, `synced` or `failing`.
     pub sync_state: String,
     pub last_run: Option<RunReportView>,
@@ -44,6 +47,7 @@ impl From<WorkerOverview> for WorkerView {
                 insecure: w.tls.insecure,
             },
             enabled: w.enabled,
+            lab_tiles: w.lab_tiles,
             sync_state: serde_json::to_value(o.sync_state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -72,6 +76,10 @@ pub struct WorkerCreate {
     pub insecure: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Fetch lab details with CML's one `populate_lab_tiles` request
+    /// (falls back to one request per lab). Default false.
+    #[serde(default)]
+    pub lab_tiles: bool,
 }
 
 fn yes() -> bool {
@@ -91,6 +99,7 @@ pub struct WorkerPatch {
     pub ca_cert_pem: Option<String>,
     pub insecure: Option<bool>,
     pub enabled: Option<bool>,
+    pub lab_tiles: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -70,6 +70,7 @@ pub async fn create_worker(
             insecure: body.insecure,
         },
         enabled: body.enabled,
+        lab_tiles: body.lab_tiles,
     };
     let view = s
         .inventory
@@ -112,6 +113,7 @@ pub async fn patch_worker(
         ca_cert_pem: body.ca_cert_pem.map(|p| (!p.is_empty()).then_some(p)),
         insecure: body.insecure,
         enabled: body.enabled,
+        lab_tiles: body.lab_tiles,
     };
     Ok(Json(
         s.inventory

@@ -213,7 +213,7 @@ async fn workers_are_registered_changed_and_removed_with_write_only_credentials(
                 "/api/v1/workers/api-worker",
                 Some(ADMIN_TOKEN),
             )
-            .json(&json!({"enabled": false, "name": "Renamed"})),
+            .json(&json!({"enabled": false, "name": "Renamed", "lab_tiles": true})),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -221,9 +221,10 @@ async fn workers_are_registered_changed_and_removed_with_write_only_credentials(
         (
             body["enabled"].as_bool(),
             body["name"].as_str(),
-            body["sync_state"].as_str()
+            body["sync_state"].as_str(),
+            body["lab_tiles"].as_bool()
         ),
-        (Some(false), Some("Renamed"), Some("disabled"))
+        (Some(false), Some("Renamed"), Some("disabled"), Some(true))
     );
     let (s, body) = api
         .send(

@@ -103,6 +103,7 @@ impl TestApp {
                         username: "admin".into(),
                         tls: TlsSettings::default(),
                         enabled: true,
+                        lab_tiles: false,
                     },
                     &SecretString::from(ADMIN_PASSWORD),
                 )

@@ -324,3 +324,67 @@ async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[0].worker_id, cml3, "newest first");
 }
+
+async fn set_lab_tiles(t: &TestApp, on: bool) {
+    let mut worker = t
+        .services()
+        .workers
+        .get(&t.worker_id())
+        .await
+        .unwrap()
+        .expect("registered")
+        .worker;
+    worker.lab_tiles = on;
+    assert!(t.services().workers.update(&worker, None).await.unwrap());
+}
+
+#[tokio::test]
+async fn lab_tiles_bring_every_labs_details_in_one_request_and_fall_back_when_they_fail() {
+    let t = TestApp::spawn().await;
+    set_lab_tiles(&t, true).await;
+    let r = t.refresh().await;
+    assert_eq!(
+        (r.status, r.created),
+        (RunStatus::Succeeded, SEEDED_LABS as u64)
+    );
+    assert_eq!(t.cml_requests(cml_sim::Endpoint::LabTiles), 1);
+    assert_eq!(t.cml_requests(cml_sim::Endpoint::LabDetails), 0);
+    t.assert_matches_truth("after a refresh from the tiles")
+        .await;
+
+    // The tiles and the per-lab details give the same records.
+    set_lab_tiles(&t, false).await;
+    let r = t.refresh().await;
+    assert_eq!((r.unchanged, r.updated), (SEEDED_LABS as u64, 0), "{r:?}");
+    assert_eq!(
+        t.cml_requests(cml_sim::Endpoint::LabDetails),
+        SEEDED_LABS as u64
+    );
+    assert_eq!(t.cml_requests(cml_sim::Endpoint::LabTiles), 1);
+
+    // Tiles failing: the run fetches every lab on its own and succeeds.
+    set_lab_tiles(&t, true).await;
+    let changed = t.records().await[0].lab_id;
+    t.sim()
+        .update_lab(
+            changed.as_str(),
+            cml_sim::LabSpec {
+                lab_title: Some("changed while the tiles fail".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    t.faults(json!({"error_rate": {"lab_tiles": 1.0}}));
+    let r = t.refresh().await;
+    assert_eq!(
+        (r.status, r.updated, r.failed),
+        (RunStatus::Succeeded, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(t.cml_requests(cml_sim::Endpoint::LabTiles), 2);
+    assert_eq!(
+        t.cml_requests(cml_sim::Endpoint::LabDetails),
+        2 * SEEDED_LABS as u64
+    );
+    t.assert_matches_truth("after the fallback").await;
+}

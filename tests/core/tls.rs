@@ -46,6 +46,7 @@ async fn register(t: &TestApp, tls: TlsSettings) {
                 username: "admin".into(),
                 tls,
                 enabled: true,
+                lab_tiles: false,
             },
             &SecretString::from(ADMIN_PASSWORD),
         )

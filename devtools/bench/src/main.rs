@@ -307,6 +307,7 @@ impl Harness {
                         username: "admin".into(),
                         tls: TlsSettings::default(),
                         enabled: true,
+                        lab_tiles: false,
                     },
                     &SecretString::from(fleet::ADMIN_PASSWORD),
                 )
@@ -358,6 +359,36 @@ impl Harness {
             notes: String::new(),
         };
         Ok((row, out))
+    }
+
+    /// Turns CML's `populate_lab_tiles` on or off for every worker.
+    async fn use_lab_tiles(&self, on: bool) -> anyhow::Result<()> {
+        for w in &self.fleet.workers {
+            let id = WorkerId::parse(&w.name)?;
+            let mut worker = self
+                .app
+                .services
+                .workers
+                .get(&id)
+                .await?
+                .context("a registered worker")?
+                .worker;
+            worker.lab_tiles = on;
+            self.app.services.workers.update(&worker, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every lab record, so that the next refresh is a cold one.
+    async fn forget_records(&self) -> anyhow::Result<()> {
+        for w in &self.fleet.workers {
+            self.app
+                .services
+                .labs
+                .remove_worker(&WorkerId::parse(&w.name)?)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn refresh(&self) -> anyhow::Result<String> {
@@ -611,6 +642,39 @@ async fn main() -> anyhow::Result<()> {
         s99 - cml_ms
     );
 
+    // The same fleet with CML's lab tiles: one request per worker for every
+    // lab's details. Its floor: per worker a login, the list and the tiles.
+    h.use_lab_tiles(true).await?;
+    h.forget_records().await?;
+    let tiles_floor = floor_s(
+        args.workers,
+        args.lab_concurrency,
+        args.latency_ms,
+        args.fleet_concurrency,
+        args.lab_concurrency,
+    );
+    let mut tiles_rows = Vec::new();
+    for (name, what) in [
+        ("cold refresh, lab tiles", "cold"),
+        ("steady refresh, lab tiles", "steady"),
+    ] {
+        let (mut row, note) = h
+            .measure(name, total, args.latency_ms, || h.refresh())
+            .await?;
+        row.floor_s = Some(tiles_floor);
+        row.efficiency = Some(tiles_floor / row.wall_s);
+        let vs = match what {
+            "cold" => cold.wall_s,
+            _ => steady.wall_s,
+        };
+        row.notes = format!(
+            "{note}; {:.1}x faster than per-lab requests",
+            vs / row.wall_s
+        );
+        tiles_rows.push(row);
+    }
+    h.use_lab_tiles(false).await?;
+
     // The baseline, on the same fleet freshly reset.
     if !args.no_baseline {
         h.fleet.reset_all().await?;
@@ -631,9 +695,12 @@ async fn main() -> anyhow::Result<()> {
             "old algorithm: {n} labs, one request at a time per worker, 5 workers at a time"
         );
         cold.vs_baseline = Some(base.wall_s / cold.wall_s);
-        rows.extend([cold, steady, churn, deletes, serial, base]);
+        rows.extend([cold, steady, churn, deletes, serial]);
+        rows.extend(tiles_rows);
+        rows.push(base);
     } else {
         rows.extend([cold, steady, churn, deletes, serial]);
+        rows.extend(tiles_rows);
     }
     drop(h);
 

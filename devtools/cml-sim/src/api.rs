@@ -33,6 +33,7 @@ pub(crate) fn routes() -> Router<Arc<WorkerState>> {
         .route("/api/v0/labs/{lab_id}/state", get(lab_state))
         .route("/api/v0/labs/{lab_id}/check_if_converged", get(converged))
         .route("/api/v0/labs/{lab_id}/{action}", put(lab_action))
+        .route("/api/v0/populate_lab_tiles", get(lab_tiles))
         .fallback(not_found)
 }
 
@@ -203,6 +204,28 @@ async fn list_labs(
         .map(|lab| lab.id.as_str())
         .collect();
     Ok(axum::Json(ids).into_response())
+}
+
+/// `GET /populate_lab_tiles`: every lab the caller may see, keyed by id,
+/// each as its details plus a `topology` (as a CML 2.4 server answered;
+/// the simulator's labs have no nodes, so the topology is empty).
+async fn lab_tiles(State(worker): Worker, headers: HeaderMap) -> ApiResult {
+    let (user, _) = caller(&worker, &headers)?;
+    let g = worker.lock();
+    let tiles: serde_json::Map<String, serde_json::Value> = g
+        .inventory
+        .labs
+        .values()
+        .filter_map(|lab| {
+            let perms = lab.permissions_for(&user)?;
+            let mut tile = lab.to_response(&perms);
+            if let Some(obj) = tile.as_object_mut() {
+                obj.insert("topology".into(), json!({"nodes": [], "links": []}));
+            }
+            Some((lab.id.clone(), tile))
+        })
+        .collect();
+    Ok(axum::Json(json!({ "lab_tiles": tiles })).into_response())
 }
 
 /// Resolves the caller, validates the id and returns what the caller may do

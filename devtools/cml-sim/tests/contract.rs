@@ -1018,3 +1018,44 @@ async fn tls_mode_serves_api_and_control_over_https_trusted_only_through_its_ca(
     assert!(plain.ca_cert_pem().is_none());
     assert!(plain.workers()[0].base_url().starts_with("http://"));
 }
+
+#[tokio::test]
+async fn lab_tiles_hold_every_visible_lab_as_its_details_plus_a_topology() {
+    let sim = sim().await;
+    let api = Api::new(&sim.workers()[0]);
+    let token = api.login(ADMIN).await;
+    let (s, body) = api.get("/api/v0/populate_lab_tiles", &token).await;
+    assert_eq!(s, StatusCode::OK);
+    let obj = body.as_object().unwrap();
+    assert_eq!(
+        obj.keys().collect::<Vec<_>>(),
+        ["lab_tiles"],
+        "one key, as recorded"
+    );
+    let tiles = body["lab_tiles"].as_object().unwrap();
+    let mut listed = ids(&api.get("/api/v0/labs?show_all=true", &token).await.1);
+    listed.sort();
+    let mut keys: Vec<String> = tiles.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, listed, "an admin's tiles are every lab");
+    // The recorded 2.4 tile's keys are all there (2.4 lacked owner_fullname
+    // and effective_permissions, which 2.9 details carry).
+    let recorded = read_json("cml-recorded/cml24-populate-lab-tiles.json");
+    let recorded_tile = recorded["lab_tiles"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap();
+    for (id, tile) in tiles {
+        for k in recorded_tile.as_object().unwrap().keys() {
+            assert!(tile.get(k).is_some(), "{id}: no {k}");
+        }
+        let (_, details) = api.get(&format!("/api/v0/labs/{id}"), &token).await;
+        for (k, v) in details.as_object().unwrap() {
+            assert_eq!(&tile[k], v, "{id}.{k} differs from the lab's details");
+        }
+    }
+    let (s, _) = api.get("/api/v0/populate_lab_tiles", "not-a-token").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}

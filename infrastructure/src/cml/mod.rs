@@ -24,7 +24,7 @@ use tracing::warn;
 use crate::configuration::CmlSettings;
 use crate::metrics::Metrics;
 
-pub use wire::{parse_lab_details, parse_lab_ids};
+pub use wire::{parse_lab_details, parse_lab_ids, parse_lab_tiles};
 
 /// CML clients for every worker, keyed by worker id.
 #[derive(Debug)]
@@ -226,6 +226,7 @@ fn endpoint_label(method: &Method, path: &str) -> &'static str {
         ("DELETE", ["labs", _]) => "delete_lab",
         ("GET", ["labs", _, "state"]) => "lab_state",
         ("GET", ["labs", _, "check_if_converged"]) => "converged",
+        ("GET", ["populate_lab_tiles"]) => "lab_tiles",
         ("PUT", ["labs", _, _]) => "lab_action",
         _ => "other",
     }
@@ -410,6 +411,17 @@ impl CmlGateway for CmlHttpGateway {
             .call(Method::GET, &format!("/labs/{lab}"))
             .await?;
         parse_lab_details(lab, &a.body)
+    }
+
+    async fn lab_tiles(
+        &self,
+        access: &WorkerAccess,
+    ) -> Result<std::collections::HashMap<LabId, LabSnapshot>, CmlError> {
+        let a = self
+            .client(access)?
+            .call(Method::GET, "/populate_lab_tiles")
+            .await?;
+        parse_lab_tiles(&a.body)
     }
 
     async fn lab_state(&self, access: &WorkerAccess, lab: &LabId) -> Result<LabState, CmlError> {

@@ -98,6 +98,38 @@ pub fn parse_lab_ids(body: &[u8]) -> Result<Vec<LabId>, CmlError> {
 pub fn parse_lab_details(expected: &LabId, body: &[u8]) -> Result<LabSnapshot, CmlError> {
     let r: LabResponse = serde_json::from_slice(body)
         .map_err(|e| CmlError::Protocol(format!("lab {expected}: {}", clipped(&e))))?;
+    snapshot(expected, r)
+}
+
+/// `GET /populate_lab_tiles`: `{"lab_tiles": {lab id: tile}}`.
+#[derive(Debug, Deserialize)]
+struct LabTilesResponse {
+    lab_tiles: std::collections::HashMap<String, serde_json::Value>,
+}
+
+/// Parses `GET /populate_lab_tiles`: each tile that is a complete lab (as
+/// [`parse_lab_details`] requires, under its own key) becomes a snapshot;
+/// any other tile is left out, for the caller to fetch on its own (CML 2.9
+/// documents tiles without the lab's fields).
+///
+/// # Errors
+/// [`CmlError::Protocol`] when the body is not `{"lab_tiles": {...}}`.
+pub fn parse_lab_tiles(
+    body: &[u8],
+) -> Result<std::collections::HashMap<LabId, LabSnapshot>, CmlError> {
+    let r: LabTilesResponse = serde_json::from_slice(body)
+        .map_err(|e| CmlError::Protocol(format!("lab tiles: {}", clipped(&e))))?;
+    Ok(r.lab_tiles
+        .into_iter()
+        .filter_map(|(key, tile)| {
+            let id = LabId::parse(&key).ok()?;
+            let lab = serde_json::from_value::<LabResponse>(tile).ok()?;
+            Some((id, snapshot(&id, lab).ok()?))
+        })
+        .collect())
+}
+
+fn snapshot(expected: &LabId, r: LabResponse) -> Result<LabSnapshot, CmlError> {
     if r.id != expected.as_str() {
         return Err(CmlError::Protocol(format!(
             "asked for lab {expected}, CML answered with lab {:?}",
@@ -199,6 +231,36 @@ mod tests {
             let s = parse(tile).unwrap();
             assert_eq!(s.owner_fullname, None);
             assert_eq!(s.title, tile["lab_title"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn tiles_give_the_same_snapshots_as_details_and_leave_out_what_is_not_a_lab() {
+        let tiles = recorded("cml24-populate-lab-tiles.json");
+        let parsed = parse_lab_tiles(tiles.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.len(), 4);
+        for (id, snapshot) in &parsed {
+            let one = parse(&tiles["lab_tiles"][id.as_str()]).unwrap();
+            assert_eq!(snapshot, &one, "{id}");
+        }
+        let id = "a6a334de-b497-47ae-bbff-44a83f890114";
+        let other = "b6a334de-b497-47ae-bbff-44a83f890114";
+        let mixed = json!({"lab_tiles": {
+            id: {"id": id, "state": "STARTED", "lab_title": "kept"},
+            // A 2.9-style tile without the lab's fields, a tile under
+            // another lab's key, and a key that is not a lab id.
+            other: {"health": {}, "effective_permissions": []},
+            "c6a334de-b497-47ae-bbff-44a83f890114": {"id": id, "state": "STARTED"},
+            "../x": {"id": "../x", "state": "STARTED"},
+        }});
+        let parsed = parse_lab_tiles(mixed.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[&LabId::parse(id).unwrap()].title, "kept");
+        for bad in [json!([]), json!({"tiles": {}}), json!({"lab_tiles": []})] {
+            assert!(matches!(
+                parse_lab_tiles(bad.to_string().as_bytes()),
+                Err(CmlError::Protocol(_))
+            ));
         }
     }
 

@@ -38,6 +38,9 @@ struct WorkerDoc {
     ca_cert_pem: Option<String>,
     insecure: bool,
     enabled: bool,
+    /// Absent in documents written before the option existed.
+    #[serde(default)]
+    lab_tiles: bool,
     created_at: mongodb::bson::DateTime,
 }
 
@@ -53,6 +56,7 @@ impl WorkerDoc {
                 insecure: self.insecure,
             },
             enabled: self.enabled,
+            lab_tiles: self.lab_tiles,
         })
     }
 }
@@ -143,6 +147,7 @@ impl WorkerRepository for MongoWorkerRepository {
             ca_cert_pem: worker.tls.ca_cert_pem.clone(),
             insecure: worker.tls.insecure,
             enabled: worker.enabled,
+            lab_tiles: worker.lab_tiles,
             created_at: date(chrono::Utc::now()),
         };
         self.workers.insert_one(doc).await.map_err(map_error)?;
@@ -208,6 +213,7 @@ impl WorkerRepository for MongoWorkerRepository {
             "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
             "insecure": worker.tls.insecure,
             "enabled": worker.enabled,
+            "lab_tiles": worker.lab_tiles,
         };
         if let Some(password) = password {
             let sealed = self
