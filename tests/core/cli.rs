@@ -1,33 +1,9 @@
 //! The CLI, run as a process against the simulator and the test server.
 
-use std::process::Output;
-
+use serde_json::Value;
 use tokio::process::Command;
 
-use serde_json::Value;
-
-use crate::helpers::{ADMIN_PASSWORD, SEEDED_LABS, TestApp};
-
-/// Runs the binary without blocking the runtime: the simulator serves on
-/// this test's runtime.
-async fn labsync(t: &TestApp, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_labsync"))
-        .args(args)
-        .envs(t.env())
-        .env("CML_PASSWORD", ADMIN_PASSWORD)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("labsync runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::helpers::{ADMIN_PASSWORD, SEEDED_LABS, TestApp, output_text};
 
 #[tokio::test]
 async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
@@ -46,15 +22,18 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
         "--password-env",
         "CML_PASSWORD",
     ];
-    let o = labsync(&t, &add).await;
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("registered worker cli-worker"));
-    let o = labsync(&t, &add).await;
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("already registered"), "{}", text(&o));
-    let o = labsync(
-        &t,
-        &[
+    let o = t.cli(&add).await;
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(output_text(&o).contains("registered worker cli-worker"));
+    let o = t.cli(&add).await;
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("already registered"),
+        "{}",
+        output_text(&o)
+    );
+    let o = t
+        .cli(&[
             "workers",
             "add",
             "--id",
@@ -65,14 +44,12 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
             "admin",
             "--password-env",
             "CML_PASSWORD",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("worker id"), "{}", text(&o));
-    let o = labsync(
-        &t,
-        &[
+    assert!(output_text(&o).contains("worker id"), "{}", output_text(&o));
+    let o = t
+        .cli(&[
             "workers",
             "add",
             "--id",
@@ -83,36 +60,43 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
             "admin",
             "--password-env",
             "LABSYNC_UNSET_VAR",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("LABSYNC_UNSET_VAR"), "{}", text(&o));
+    assert!(
+        output_text(&o).contains("LABSYNC_UNSET_VAR"),
+        "{}",
+        output_text(&o)
+    );
 
-    let o = labsync(&t, &["workers", "list"]).await;
+    let o = t.cli(&["workers", "list"]).await;
     assert!(o.status.success());
-    assert!(text(&o).contains("cli-worker") && text(&o).contains("cml-1"));
-    assert!(!text(&o).contains(ADMIN_PASSWORD));
+    assert!(output_text(&o).contains("cli-worker") && output_text(&o).contains("cml-1"));
+    assert!(!output_text(&o).contains(ADMIN_PASSWORD));
 
-    let o = labsync(&t, &["refresh", "--worker", "cli-worker", "--json"]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = t
+        .cli(&["refresh", "--worker", "cli-worker", "--json"])
+        .await;
+    assert!(o.status.success(), "{}", output_text(&o));
     let reports: Value = serde_json::from_slice(&o.stdout).expect("JSON reports on stdout");
     assert_eq!(reports[0]["status"], "succeeded");
     assert_eq!(reports[0]["created"], SEEDED_LABS);
 
-    let o = labsync(&t, &["refresh"]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = t.cli(&["refresh"]).await;
+    assert!(o.status.success(), "{}", output_text(&o));
     assert!(
-        text(&o).contains("cml-1") && text(&o).contains("cli-worker"),
+        output_text(&o).contains("cml-1") && output_text(&o).contains("cli-worker"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
 
-    let o = labsync(&t, &["refresh", "--worker", "no-such-worker"]).await;
+    let o = t.cli(&["refresh", "--worker", "no-such-worker"]).await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("unknown worker"));
+    assert!(output_text(&o).contains("unknown worker"));
 
-    let o = labsync(&t, &["labs", "list", "--worker", "cli-worker", "--json"]).await;
+    let o = t
+        .cli(&["labs", "list", "--worker", "cli-worker", "--json"])
+        .await;
     let labs: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(labs.as_array().unwrap().len(), SEEDED_LABS);
 
@@ -131,16 +115,13 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
         .unwrap()
         .id;
 
-    let o = labsync(
-        &t,
-        &["delete-lab", "--worker", "cli-worker", "--lab", &running],
-    )
-    .await;
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("STARTED"), "{}", text(&o));
-    let o = labsync(
-        &t,
-        &[
+    let o = t
+        .cli(&["delete-lab", "--worker", "cli-worker", "--lab", &running])
+        .await;
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    assert!(output_text(&o).contains("STARTED"), "{}", output_text(&o));
+    let o = t
+        .cli(&[
             "delete-lab",
             "--worker",
             "cli-worker",
@@ -148,46 +129,41 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
             &running,
             "--force",
             "--json",
-        ],
-    )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
+        ])
+        .await;
+    assert!(o.status.success(), "{}", output_text(&o));
     let outcome: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         (outcome["kind"].as_str(), outcome["lab_gone"].as_bool()),
         (Some("deleted"), Some(true))
     );
-    let o = labsync(
-        &t,
-        &["delete-lab", "--worker", "cli-worker", "--lab", &wiped],
-    )
-    .await;
-    assert!(o.status.success(), "{}", text(&o));
-    let o = labsync(
-        &t,
-        &["delete-lab", "--worker", "cli-worker", "--lab", "../../etc"],
-    )
-    .await;
+    let o = t
+        .cli(&["delete-lab", "--worker", "cli-worker", "--lab", &wiped])
+        .await;
+    assert!(o.status.success(), "{}", output_text(&o));
+    let o = t
+        .cli(&["delete-lab", "--worker", "cli-worker", "--lab", "../../etc"])
+        .await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("UUID4"), "{}", text(&o));
+    assert!(output_text(&o).contains("UUID4"), "{}", output_text(&o));
 
     t.faults(serde_json::json!({"error_rate": {"list_labs": 1.0}}));
-    let o = labsync(&t, &["refresh", "--worker", "cli-worker"]).await;
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let o = t.cli(&["refresh", "--worker", "cli-worker"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
     assert!(
-        text(&o).contains("FAILED") && text(&o).contains("500"),
+        output_text(&o).contains("FAILED") && output_text(&o).contains("500"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
 
-    let o = labsync(&t, &["workers", "remove", "cli-worker"]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = t.cli(&["workers", "remove", "cli-worker"]).await;
+    assert!(o.status.success(), "{}", output_text(&o));
     assert!(
-        text(&o).contains(&format!("{} lab records", SEEDED_LABS)),
+        output_text(&o).contains(&format!("{} lab records", SEEDED_LABS)),
         "{}",
-        text(&o)
+        output_text(&o)
     );
-    let o = labsync(&t, &["workers", "remove", "cli-worker"]).await;
+    let o = t.cli(&["workers", "remove", "cli-worker"]).await;
     assert_eq!(o.status.code(), Some(1));
 }
 
@@ -202,5 +178,9 @@ async fn a_bad_configuration_fails_at_start_naming_the_key() {
         .await
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("refresh.cron"), "{}", text(&o));
+    assert!(
+        output_text(&o).contains("refresh.cron"),
+        "{}",
+        output_text(&o)
+    );
 }

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{TestApp, report};
+use crate::helpers::{TestApp, report, seed};
 
 const ITERATIONS: usize = 60;
 const DEFAULT_SEED: u64 = 0x1ab5_c4a5;
@@ -114,10 +114,7 @@ fn change_cml(t: &TestApp, rng: &mut ChaCha8Rng) {
 
 #[tokio::test]
 async fn sigkill_mid_refresh_and_mid_delete_loses_and_resurrects_nothing() {
-    let seed = std::env::var("LABSYNC_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
+    let seed = seed("LABSYNC_CRASH_SEED", DEFAULT_SEED);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let t = TestApp::spawn_with(
         1,

@@ -271,6 +271,52 @@ impl TestApp {
     pub fn env(&self) -> Vec<(String, String)> {
         self.overrides.clone()
     }
+
+    /// Every scheduled run's report, oldest first.
+    pub async fn scheduled_runs(&self) -> Vec<RunReport> {
+        let mut runs: Vec<RunReport> = self
+            .services()
+            .reports
+            .recent(None, 1000)
+            .await
+            .expect("run reports")
+            .into_iter()
+            .filter(|r| r.trigger == Trigger::Schedule)
+            .collect();
+        runs.sort_by_key(|r| r.started_at);
+        runs
+    }
+
+    /// Runs the `labsync` binary to completion without blocking the
+    /// runtime (the simulator serves on this test's runtime).
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_labsync"))
+            .args(args)
+            .envs(self.env())
+            .env("CML_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .expect("labsync runs")
+    }
+}
+
+/// A process's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A seeded test's seed: the environment variable `var` when set (to replay
+/// a sequence), else `default`.
+pub fn seed(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Prints a reliability test's figures and keeps them in

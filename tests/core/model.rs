@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::crash::{kill_after, labsync, restart_and_refresh};
-use crate::helpers::{TestApp, eventually, report};
+use crate::helpers::{TestApp, eventually, report, seed};
 
 const STEPS: usize = 200;
 const DEFAULT_SEED: u64 = 0x0de1_5eed;
@@ -73,10 +73,7 @@ fn pick<'a>(rng: &mut ChaCha8Rng, map: &'a BTreeMap<LabId, Lab>) -> Option<(&'a 
 
 #[tokio::test]
 async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() {
-    let seed = std::env::var("LABSYNC_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
+    let seed = seed("LABSYNC_MODEL_SEED", DEFAULT_SEED);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let t = TestApp::spawn_with(1, &[("LABSYNC__REFRESH__LEASE_TTL_SECS", "1")]).await;
     let mut model = Model {

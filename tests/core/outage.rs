@@ -6,7 +6,7 @@
 //! other tests).
 
 use labsync_application::{
-    AppError, DeleteLab, RefreshOptions, RefreshWorkerLabs, RunStatus, Trigger,
+    AppError, DeleteLab, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
 };
 use labsync_test_support::MongoServer;
 use reqwest::{Method, StatusCode};
@@ -16,6 +16,18 @@ use crate::helpers::{TestApi, TestApp, VIEWER_TOKEN, eventually, report};
 
 async fn ready(api: &TestApi) -> (StatusCode, serde_json::Value) {
     api.send(api.req(Method::GET, "/readyz", None)).await
+}
+
+/// Starts the server again, waits for `/readyz`, clears CML's faults and
+/// refreshes: labsync itself is never restarted.
+async fn back_up(t: &TestApp, api: &TestApi, mongo: &mut MongoServer) -> RunReport {
+    mongo.restart().expect("the server comes back");
+    eventually("/readyz to pass", || async {
+        ready(api).await.0 == StatusCode::OK
+    })
+    .await;
+    t.faults(json!({}));
+    t.refresh().await
 }
 
 #[tokio::test]
@@ -81,13 +93,7 @@ async fn an_outage_mid_refresh_and_mid_delete_is_reported_and_repaired_without_a
 
     // 2. Back on the same address: no restart of labsync, and the next
     //    refresh is not held up by the lease the failed run could not free.
-    mongo.restart().expect("the server comes back");
-    eventually("/readyz to pass", || async {
-        ready(&api).await.0 == StatusCode::OK
-    })
-    .await;
-    t.faults(json!({}));
-    let r = t.refresh().await;
+    let r = back_up(&t, &api, &mut mongo).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     let mut checked = t.assert_matches_truth("after the outage mid-refresh").await;
     assert!(t.record(&added).await.is_some());
@@ -122,13 +128,7 @@ async fn an_outage_mid_refresh_and_mid_delete_is_reported_and_repaired_without_a
     assert!(err.to_string().contains("next refresh"), "{err}");
     assert!(t.sim().lab(victim.as_str()).is_none(), "CML deleted it");
 
-    mongo.restart().expect("the server comes back");
-    eventually("/readyz to pass", || async {
-        ready(&api).await.0 == StatusCode::OK
-    })
-    .await;
-    t.faults(json!({}));
-    let r = t.refresh().await;
+    let r = back_up(&t, &api, &mut mongo).await;
     assert_eq!((r.status, r.pruned), (RunStatus::Succeeded, 1), "{r:?}");
     checked += t.assert_matches_truth("after the outage mid-delete").await;
     assert!(t.record(&victim).await.is_none());

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use chrono::{DateTime, Utc};
-use labsync_application::{RunReport, RunStatus, Trigger};
+use labsync_application::{RunReport, RunStatus};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
@@ -31,20 +31,6 @@ fn replica(t: &TestApp) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("labsync serve starts")
-}
-
-async fn scheduled(t: &TestApp) -> Vec<RunReport> {
-    let mut runs: Vec<RunReport> = t
-        .services()
-        .reports
-        .recent(None, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.trigger == Trigger::Schedule)
-        .collect();
-    runs.sort_by_key(|r| r.started_at);
-    runs
 }
 
 fn tick(at: DateTime<Utc>) -> i64 {
@@ -110,13 +96,13 @@ async fn two_replicas_refresh_each_worker_once_per_tick_and_one_carries_on_alone
     let mut b = replica(&t);
     let patience = std::time::Duration::from_secs(40);
     eventually_within(patience, "five ticks with both replicas", || async {
-        let runs = scheduled(&t).await;
+        let runs = t.scheduled_runs().await;
         let ticks: std::collections::BTreeSet<i64> =
             runs.iter().map(|r| tick(r.started_at)).collect();
         ticks.len() >= 5
     })
     .await;
-    let (ticks, worked, skipped) = check_once_per_tick(&scheduled(&t).await, start);
+    let (ticks, worked, skipped) = check_once_per_tick(&t.scheduled_runs().await, start);
     assert!(ticks >= 4, "{ticks}");
     assert!(
         skipped > 0,
@@ -139,7 +125,7 @@ async fn two_replicas_refresh_each_worker_once_per_tick_and_one_carries_on_alone
         patience,
         "the survivor to refresh every worker three times",
         || async {
-            let runs = scheduled(&t).await;
+            let runs = t.scheduled_runs().await;
             (1..=WORKERS).all(|w| {
                 runs.iter()
                     .filter(|r| {
@@ -153,7 +139,7 @@ async fn two_replicas_refresh_each_worker_once_per_tick_and_one_carries_on_alone
         },
     )
     .await;
-    let after = scheduled(&t).await;
+    let after = t.scheduled_runs().await;
     let (ticks_alone, worked_alone, _) = check_once_per_tick(&after, resumed);
     assert!(ticks_alone >= 2);
     assert!(

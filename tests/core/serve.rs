@@ -3,25 +3,10 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use labsync_application::{RunReport, Trigger};
 use serde_json::json;
 use tokio::process::Command;
 
 use crate::helpers::{SEEDED_LABS, TestApp, eventually};
-
-async fn scheduled(t: &TestApp) -> Vec<RunReport> {
-    let mut runs: Vec<RunReport> = t
-        .services()
-        .reports
-        .recent(None, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.trigger == Trigger::Schedule)
-        .collect();
-    runs.sort_by_key(|r| r.started_at);
-    runs
-}
 
 #[tokio::test]
 async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm() {
@@ -41,10 +26,10 @@ async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm
         .expect("labsync serve starts");
 
     eventually("two scheduled runs", || async {
-        scheduled(&t).await.len() >= 2
+        t.scheduled_runs().await.len() >= 2
     })
     .await;
-    let runs = scheduled(&t).await;
+    let runs = t.scheduled_runs().await;
     assert_eq!(runs[0].created, SEEDED_LABS as u64);
     for pair in runs.windows(2) {
         assert!(
@@ -56,7 +41,7 @@ async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm
     }
 
     // SIGTERM while a run is in flight: it finishes, then the process exits 0.
-    let in_flight = scheduled(&t).await.len();
+    let in_flight = t.scheduled_runs().await.len();
     eventually("the next run to list the labs", || async {
         t.cml_requests(cml_sim::Endpoint::ListLabs) > in_flight as u64
     })
@@ -75,7 +60,7 @@ async fn serve_refreshes_on_schedule_never_overlaps_and_stops_cleanly_on_sigterm
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert_eq!(
-        scheduled(&t).await.len(),
+        t.scheduled_runs().await.len(),
         in_flight + 1,
         "the run in flight was completed and reported"
     );

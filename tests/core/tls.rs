@@ -3,17 +3,15 @@
 //! its CA bundle is trusted, and refreshed with a logged warning when
 //! verification is turned off.
 
-use std::process::Output;
-
 use cml_sim::{SimConfig, Simulator, WorkerSpec};
 use labsync_application::RunStatus;
 use labsync_application::domain::{TlsSettings, Worker};
 use secrecy::SecretString;
 use serde_json::Value;
-use tokio::process::Command;
 
 use crate::helpers::{
     ADMIN_PASSWORD, ADMIN_TOKEN, OPERATOR_TOKEN, SEEDED_LABS, TEST_KEY, TestApp, VIEWER_TOKEN, ids,
+    output_text,
 };
 
 /// What labsync logs when it skips certificate verification.
@@ -98,27 +96,6 @@ async fn a_self_signed_worker_is_refreshed_when_its_ca_bundle_is_trusted() {
     assert_eq!(ids(&t.records().await), t.truth());
 }
 
-/// Runs the binary without blocking the runtime: the simulator serves on
-/// this test's runtime.
-async fn labsync(t: &TestApp, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_labsync"))
-        .args(args)
-        .envs(t.env())
-        .env("CML_PASSWORD", ADMIN_PASSWORD)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("labsync runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn add_args<'a>(id: &'a str, url: &'a str) -> Vec<&'a str> {
     vec![
         "workers",
@@ -141,13 +118,15 @@ async fn an_insecure_worker_is_refreshed_with_a_logged_warning_that_reveals_no_s
 
     let mut add = add_args("tls-insecure", &url);
     add.push("--insecure");
-    let o = labsync(&t, &add).await;
-    assert!(o.status.success(), "{}", text(&o));
-    let o = labsync(&t, &add_args("tls-verified", &url)).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = t.cli(&add).await;
+    assert!(o.status.success(), "{}", output_text(&o));
+    let o = t.cli(&add_args("tls-verified", &url)).await;
+    assert!(o.status.success(), "{}", output_text(&o));
 
-    let o = labsync(&t, &["refresh", "--worker", "tls-insecure", "--json"]).await;
-    assert!(o.status.success(), "{}", text(&o));
+    let o = t
+        .cli(&["refresh", "--worker", "tls-insecure", "--json"])
+        .await;
+    assert!(o.status.success(), "{}", output_text(&o));
     let reports: Value = serde_json::from_slice(&o.stdout).expect("JSON reports on stdout");
     assert_eq!(reports[0]["status"], "succeeded", "{reports}");
     assert_eq!(reports[0]["created"], SEEDED_LABS, "{reports}");
@@ -155,12 +134,12 @@ async fn an_insecure_worker_is_refreshed_with_a_logged_warning_that_reveals_no_s
     let warning = logs
         .lines()
         .find(|l| l.contains(INSECURE_WARNING))
-        .unwrap_or_else(|| panic!("no warning logged:\n{}", text(&o)));
+        .unwrap_or_else(|| panic!("no warning logged:\n{}", output_text(&o)));
     assert!(
         warning.contains("WARN") && warning.contains("tls-insecure"),
         "{warning}"
     );
-    let all = text(&o);
+    let all = output_text(&o);
     for secret in [
         ADMIN_PASSWORD,
         TEST_KEY,
@@ -174,8 +153,16 @@ async fn an_insecure_worker_is_refreshed_with_a_logged_warning_that_reveals_no_s
     }
 
     // The same server without --insecure is refused, and nothing warns.
-    let o = labsync(&t, &["refresh", "--worker", "tls-verified"]).await;
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("certificate"), "{}", text(&o));
-    assert!(!text(&o).contains(INSECURE_WARNING), "{}", text(&o));
+    let o = t.cli(&["refresh", "--worker", "tls-verified"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("certificate"),
+        "{}",
+        output_text(&o)
+    );
+    assert!(
+        !output_text(&o).contains(INSECURE_WARNING),
+        "{}",
+        output_text(&o)
+    );
 }

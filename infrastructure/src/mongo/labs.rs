@@ -30,7 +30,7 @@ use mongodb::{Collection, Database};
 use super::audit::audit_document;
 use super::convert::{LabDoc, date, history_bson, parse_hash, snapshot_fields, to_i64};
 use super::tombstones::{TombstoneJob, TombstoneWriter};
-use super::{DUPLICATE_KEY, collections, map_error, outbox};
+use super::{DUPLICATE_KEY, collections, map_error, outbox, update_labs};
 
 #[derive(Debug, Clone)]
 pub struct MongoLabRepository {
@@ -98,45 +98,24 @@ impl MongoLabRepository {
         Ok(())
     }
 
-    /// Runs one `update` command of `statements`, unordered. Returns how
-    /// many matched or were upserted, and the positions the unique index
-    /// refused; any other write error fails the call.
+    /// Runs one `update` command of `statements`. Returns how many matched
+    /// or were upserted, and the positions the unique index refused; any
+    /// other write error fails the call.
     async fn update_many_statements(
         &self,
         statements: Vec<Document>,
     ) -> Result<(u64, Vec<usize>), RepoError> {
-        let reply = self
-            .db
-            .run_command(
-                doc! {"update": collections::LABS, "updates": statements, "ordered": false},
-            )
-            .await
-            .map_err(map_error)?;
-        let number = |d: &Document, k: &str| {
-            d.get_i32(k)
-                .map(i64::from)
-                .or_else(|_| d.get_i64(k))
-                .unwrap_or(0)
-        };
+        let reply = update_labs(&self.db, statements).await?;
         let mut duplicates = Vec::new();
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for e in errors.iter().filter_map(|e| e.as_document()) {
-                if number(e, "code") != i64::from(DUPLICATE_KEY) {
-                    return Err(RepoError::Other(format!(
-                        "update of lab records failed: {}",
-                        e.get_str("errmsg").unwrap_or("unknown write error")
-                    )));
-                }
-                duplicates.push(usize::try_from(number(e, "index")).unwrap_or(usize::MAX));
+        for (i, code, msg) in reply.errors {
+            if code != DUPLICATE_KEY {
+                return Err(RepoError::Other(format!(
+                    "update of lab records failed: {msg}"
+                )));
             }
+            duplicates.push(i);
         }
-        if let Ok(wc) = reply.get_document("writeConcernError") {
-            return Err(RepoError::Other(format!(
-                "update of lab records not acknowledged: {}",
-                wc.get_str("errmsg").unwrap_or("write concern error")
-            )));
-        }
-        Ok((u64::try_from(number(&reply, "n")).unwrap_or(0), duplicates))
+        Ok((reply.n, duplicates))
     }
 }
 

@@ -165,6 +165,66 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
 /// MongoDB's duplicate key error code.
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// What an `update` command answered, statement by statement.
+#[derive(Debug, Default)]
+pub(crate) struct UpdateReply {
+    /// Statements that matched a document or upserted one.
+    pub n: u64,
+    /// Positions of the statements that inserted a document.
+    pub upserted: Vec<usize>,
+    /// (position, code, message) of each statement the server refused.
+    pub errors: Vec<(usize, i32, String)>,
+}
+
+/// Runs one unordered `update` command of `statements` on the labs
+/// collection: the driver has no multi-statement update with per-statement
+/// results outside the client `bulkWrite`, which the test server runs about
+/// three times slower per document.
+///
+/// # Errors
+/// [`RepoError`] when the command fails or the write is not acknowledged;
+/// per-statement errors are in the reply.
+pub(crate) async fn update_labs(
+    db: &Database,
+    statements: Vec<mongodb::bson::Document>,
+) -> Result<UpdateReply, RepoError> {
+    use mongodb::bson::{Bson, Document, doc};
+    let reply = db
+        .run_command(doc! {"update": collections::LABS, "updates": statements, "ordered": false})
+        .await
+        .map_err(map_error)?;
+    if let Ok(wc) = reply.get_document("writeConcernError") {
+        return Err(RepoError::Other(format!(
+            "write not acknowledged: {}",
+            wc.get_str("errmsg").unwrap_or("write concern error")
+        )));
+    }
+    let number = |d: &Document, k: &str| d.get_i32(k).map(i64::from).or_else(|_| d.get_i64(k)).ok();
+    let position = |d: &Document| number(d, "index").and_then(|i| usize::try_from(i).ok());
+    let entries = |field: &str| -> Vec<Document> {
+        reply
+            .get_array(field)
+            .map(|a| a.iter().filter_map(Bson::as_document).cloned().collect())
+            .unwrap_or_default()
+    };
+    Ok(UpdateReply {
+        n: number(&reply, "n")
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0),
+        upserted: entries("upserted").iter().filter_map(position).collect(),
+        errors: entries("writeErrors")
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    position(e)?,
+                    i32::try_from(number(e, "code")?).ok()?,
+                    e.get_str("errmsg").unwrap_or("write error").to_owned(),
+                ))
+            })
+            .collect(),
+    })
+}
+
 /// The server error code of a write or command error, if any.
 pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     use mongodb::error::{ErrorKind, WriteFailure};

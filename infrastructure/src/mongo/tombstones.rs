@@ -33,11 +33,11 @@ use std::collections::{HashMap, HashSet};
 
 use labsync_application::RepoError;
 use labsync_domain::{LabId, WorkerId};
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Document, doc};
 use mongodb::{Collection, Database};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{DUPLICATE_KEY, collections, map_error};
+use super::{DUPLICATE_KEY, collections, map_error, update_labs};
 
 /// Deletes per batch: the commands stay small, and a batch is written in a
 /// few milliseconds.
@@ -169,13 +169,13 @@ impl Store {
             .iter()
             .map(|j| doc! {"q": live_key(j), "u": j.replacement.clone(), "upsert": true})
             .collect();
-        let reply = self.update(statements).await?;
-        let upserted: HashSet<usize> = indexes(&reply, "upserted").into_iter().collect();
+        let reply = update_labs(&self.db, statements).await?;
+        let upserted: HashSet<usize> = reply.upserted.into_iter().collect();
         let mut outcome: Vec<Result<bool, RepoError>> = (0..jobs.len())
             .map(|i| Ok(!upserted.contains(&i)))
             .collect();
         let mut buried = Vec::new();
-        for (i, code, msg) in write_errors(&reply) {
+        for (i, code, msg) in reply.errors {
             if code == DUPLICATE_KEY {
                 buried.push(i);
             } else if let Some(slot) = outcome.get_mut(i) {
@@ -190,8 +190,9 @@ impl Store {
                     doc! {"q": key(&j.worker, &j.lab), "u": j.replacement.clone(), "upsert": true}
                 })
                 .collect();
-            let reply = self.update(statements).await?;
-            let failed: HashMap<usize, String> = write_errors(&reply)
+            let reply = update_labs(&self.db, statements).await?;
+            let failed: HashMap<usize, String> = reply
+                .errors
                 .into_iter()
                 .map(|(i, _, msg)| (i, msg))
                 .collect();
@@ -204,60 +205,6 @@ impl Store {
         }
         Ok(outcome)
     }
-
-    /// One unordered `update` command.
-    async fn update(&self, statements: Vec<Document>) -> Result<Document, RepoError> {
-        let reply = self
-            .db
-            .run_command(
-                doc! {"update": collections::LABS, "updates": statements, "ordered": false},
-            )
-            .await
-            .map_err(map_error)?;
-        if let Ok(wc) = reply.get_document("writeConcernError") {
-            return Err(RepoError::Other(format!(
-                "tombstones not acknowledged: {}",
-                wc.get_str("errmsg").unwrap_or("write concern error")
-            )));
-        }
-        Ok(reply)
-    }
-}
-
-fn number(d: &Document, k: &str) -> Option<i64> {
-    d.get_i32(k).map(i64::from).or_else(|_| d.get_i64(k)).ok()
-}
-
-/// The `index` of each entry of the reply's array `field`.
-fn indexes(reply: &Document, field: &str) -> Vec<usize> {
-    reply
-        .get_array(field)
-        .map(|a| {
-            a.iter()
-                .filter_map(Bson::as_document)
-                .filter_map(|d| usize::try_from(number(d, "index")?).ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// (index, code, message) of each write error in an `update` reply.
-fn write_errors(reply: &Document) -> Vec<(usize, i32, String)> {
-    reply
-        .get_array("writeErrors")
-        .map(|a| {
-            a.iter()
-                .filter_map(Bson::as_document)
-                .filter_map(|d| {
-                    Some((
-                        usize::try_from(number(d, "index")?).ok()?,
-                        i32::try_from(number(d, "code")?).ok()?,
-                        d.get_str("errmsg").unwrap_or("write error").to_owned(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn live_key(j: &TombstoneJob) -> Document {
