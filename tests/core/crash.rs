@@ -9,7 +9,7 @@
 //! and MongoDB must equal CML: no lost record, no resurrected one.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use labsync_application::domain::LabId;
 use rand::{Rng, SeedableRng};
@@ -17,7 +17,9 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{TestApp, report, seed};
+use labsync_test_support::poll_until;
+
+use crate::helpers::{TestApp, eventually, report, seed};
 
 const ITERATIONS: usize = 60;
 const DEFAULT_SEED: u64 = 0x1ab5_c4a5;
@@ -35,31 +37,29 @@ pub(crate) fn labsync(t: &TestApp, args: &[&str]) -> Command {
 /// Kills `child` with SIGKILL once CML has served `after` more requests than
 /// `base`, or reports that it exited first. Returns whether it was killed.
 pub(crate) async fn kill_after(t: &TestApp, child: &mut Child, base: u64, after: u64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().expect("child status").is_some() {
-            return false;
-        }
-        if t.sim().stats().total >= base + after {
-            child.start_kill().expect("SIGKILL sent");
-            let status = child.wait().await.expect("reaped");
-            // A process that finished in the same instant exits 0 or 2.
-            return status.code().is_none();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the process neither progressed nor exited"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut exited = false;
+    // Checked every millisecond, so that the kill lands close to the chosen
+    // request.
+    poll_until(Duration::from_millis(1), Duration::from_secs(30), || {
+        exited = child.try_wait().expect("child status").is_some();
+        std::future::ready(exited || t.sim().stats().total >= base + after)
+    })
+    .await
+    .expect("the process neither progressed nor exited");
+    if exited {
+        return false;
     }
+    child.start_kill().expect("SIGKILL sent");
+    let status = child.wait().await.expect("reaped");
+    // A process that finished in the same instant exits 0 or 2.
+    status.code().is_none()
 }
 
 /// One refresh by a new process that goes through; counts the runs skipped
 /// because a killed process's lease had not expired yet.
 pub(crate) async fn restart_and_refresh(t: &TestApp) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut skipped = 0;
-    loop {
+    let skipped = std::cell::Cell::new(0);
+    eventually("the lease of a killed process to expire", || async {
         let out = labsync(t, &["refresh", "--worker", "cml-1", "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -74,16 +74,16 @@ pub(crate) async fn restart_and_refresh(t: &TestApp) -> u32 {
             )
         });
         match reports[0]["status"].as_str() {
-            Some("succeeded") => return skipped,
-            Some("skipped") => skipped += 1,
+            Some("succeeded") => true,
+            Some("skipped") => {
+                skipped.set(skipped.get() + 1);
+                false
+            }
             other => panic!("refresh after a crash: {other:?}: {reports}"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the lease of a killed process never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    skipped.get()
 }
 
 /// Changes CML behind labsync's back: a lab added, one removed, one changed.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -86,19 +86,20 @@ impl SimFleet {
             .kill_on_drop(true)
             .spawn()
             .context("starting cml-sim")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let workers: Vec<SimWorker> = loop {
-            if let Ok(text) = std::fs::read_to_string(&addresses)
-                && let Ok(w) = serde_json::from_str(&text)
-            {
-                break w;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "cml-sim did not start within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let mut workers: Option<Vec<SimWorker>> = None;
+        labsync_test_support::poll_until(
+            Duration::from_millis(20),
+            Duration::from_secs(60),
+            || {
+                workers = std::fs::read_to_string(&addresses)
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok());
+                std::future::ready(workers.is_some())
+            },
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("cml-sim did not start within 60 s"))?;
+        let workers = workers.context("cml-sim's addresses")?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(4)
             .build()?;

@@ -265,16 +265,52 @@ where
 ///
 /// # Panics
 /// When the deadline passes.
-pub async fn eventually_within<F, Fut>(within: Duration, what: &str, mut f: F)
+pub async fn eventually_within<F, Fut>(within: Duration, what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    if poll_until(Duration::from_millis(10), within, f)
+        .await
+        .is_err()
+    {
+        panic!("timed out waiting for {what}");
+    }
+}
+
+/// The deadline of [`poll_until`] passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut;
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the condition did not hold within the deadline")
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// Checks `f` every `every` until it is true or `within` has passed: the one
+/// place where tests, the benchmark and the devtools wait. For callers that
+/// need another pace than [`eventually`] (a crash test that must kill a
+/// process within a millisecond of a request) or an error instead of a
+/// panic (the benchmark).
+///
+/// # Errors
+/// [`TimedOut`] when the deadline passes first.
+pub async fn poll_until<F, Fut>(every: Duration, within: Duration, mut f: F) -> Result<(), TimedOut>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = Instant::now() + within;
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        if Instant::now() >= deadline {
+            return Err(TimedOut);
+        }
+        tokio::time::sleep(every).await;
     }
+    Ok(())
 }
 
 /// `test_` and 32 hex digits: unique per call, valid on every MongoDB.

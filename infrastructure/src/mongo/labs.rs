@@ -29,7 +29,7 @@ use mongodb::{Collection, Database};
 
 use super::audit::audit_document;
 use super::convert::{LabDoc, date, history_bson, parse_hash, snapshot_fields, to_i64};
-use super::tombstones::{TombstoneJob, TombstoneWriter};
+use super::tombstones::{TombstoneJob, TombstoneWriter, insert_events_and_audits};
 use super::{DUPLICATE_KEY, collections, map_error, outbox, update_labs};
 
 #[derive(Debug, Clone)]
@@ -81,21 +81,20 @@ impl MongoLabRepository {
         Ok(())
     }
 
-    /// The outbox event and the audit entry of a delete or a delete
-    /// attempt, written (side by side) before the record changes: a crash
-    /// in between leaves an event and an entry that tell what CML did,
-    /// never a change that nobody hears of.
+    /// The outbox event and the audit entry of a failed delete attempt,
+    /// written as a delete's are (see [`insert_events_and_audits`]).
     async fn insert_event_and_audit(
         &self,
         event: &LabEvent,
         audit: &AuditEntry,
     ) -> Result<(), RepoError> {
-        let event = outbox::outbox_doc(event, self.retention)?;
-        let audit = audit_document(audit)?;
-        let (e, a) = tokio::join!(self.outbox.insert_one(event), self.audit.insert_one(audit));
-        e.map_err(map_error)?;
-        a.map_err(map_error)?;
-        Ok(())
+        insert_events_and_audits(
+            &self.outbox,
+            &self.audit,
+            vec![outbox::outbox_doc(event, self.retention)?],
+            vec![audit_document(audit)?],
+        )
+        .await
     }
 
     /// Runs one `update` command of `statements`. Returns how many matched

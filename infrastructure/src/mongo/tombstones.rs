@@ -124,15 +124,13 @@ async fn run(store: Store, mut rx: mpsc::Receiver<(TombstoneJob, Reply)>) {
 
 impl Store {
     async fn insert_side_writes(&self, jobs: &[TombstoneJob]) -> Result<(), RepoError> {
-        let events: Vec<Document> = jobs.iter().map(|j| j.event.clone()).collect();
-        let audits: Vec<Document> = jobs.iter().map(|j| j.audit.clone()).collect();
-        let (e, a) = tokio::join!(
-            self.outbox.insert_many(events).ordered(false),
-            self.audit.insert_many(audits).ordered(false)
-        );
-        e.map_err(map_error)?;
-        a.map_err(map_error)?;
-        Ok(())
+        insert_events_and_audits(
+            &self.outbox,
+            &self.audit,
+            jobs.iter().map(|j| j.event.clone()).collect(),
+            jobs.iter().map(|j| j.audit.clone()).collect(),
+        )
+        .await
     }
 
     async fn write_one(&self, job: &TombstoneJob) -> Result<bool, RepoError> {
@@ -205,6 +203,27 @@ impl Store {
         }
         Ok(outcome)
     }
+}
+
+/// Writes outbox events and audit entries side by side, before the record
+/// changes they describe: a crash in between leaves an event and an entry
+/// that tell what CML did, never a change that nobody hears of.
+///
+/// # Errors
+/// [`RepoError`] from either insert.
+pub(super) async fn insert_events_and_audits(
+    outbox: &Collection<Document>,
+    audit: &Collection<Document>,
+    events: Vec<Document>,
+    audits: Vec<Document>,
+) -> Result<(), RepoError> {
+    let (e, a) = tokio::join!(
+        outbox.insert_many(events).ordered(false),
+        audit.insert_many(audits).ordered(false)
+    );
+    e.map_err(map_error)?;
+    a.map_err(map_error)?;
+    Ok(())
 }
 
 fn live_key(j: &TombstoneJob) -> Document {
