@@ -59,7 +59,7 @@ done
 
 for n in 1 2; do
   out=$("$LABSYNC" workers add --id "cml-$n" --url "http://127.0.0.1:$((SIM_PORT + n - 1))" \
-    --username admin --password-env CML_SIM_ADMIN_PASSWORD 2>&1) \
+    --username admin --password-env CML_SIM_ADMIN_PASSWORD --allow-http 2>&1) \
     || grep -q "already registered" <<<"$out" || { echo "$out" >&2; exit 1; }
 done
 echo "demo: first refresh"

@@ -165,6 +165,10 @@ pub struct AddWorkerArgs {
     /// Do not verify the server's certificate (logged as a warning).
     #[arg(long)]
     pub insecure: bool,
+    /// Accept a plain http:// URL: the password then crosses the network
+    /// unencrypted (shown as a warning in `workers list`).
+    #[arg(long)]
+    pub allow_http: bool,
     /// Register it disabled: refreshes skip it.
     #[arg(long)]
     pub disabled: bool,
@@ -320,9 +324,12 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 print_json(&workers)?;
             } else {
                 for w in &workers {
-                    let tls = match (&w.tls.ca_cert_pem, w.tls.insecure) {
-                        (_, true) => "tls=INSECURE",
-                        (Some(_), _) => "tls=ca-bundle",
+                    let tls = match (w.plain_http(), &w.tls.ca_cert_pem, w.tls.insecure) {
+                        (true, ..) => {
+                            "tls=NONE (plain http: the password crosses the network unencrypted)"
+                        }
+                        (_, _, true) => "tls=INSECURE",
+                        (_, Some(_), _) => "tls=ca-bundle",
                         _ => "tls=system",
                     };
                     println!(
@@ -402,6 +409,7 @@ async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
         tls: TlsSettings {
             ca_cert_pem,
             insecure: a.insecure,
+            allow_http: a.allow_http,
         },
         enabled: !a.disabled,
         lab_tiles: a.lab_tiles,

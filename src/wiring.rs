@@ -43,6 +43,7 @@ pub fn core_settings(settings: &Settings) -> CoreSettings {
             force: false,
         },
         lease_ttl: Duration::from_secs(r.lease_ttl_secs),
+        run_deadline: Duration::from_secs(r.run_deadline_secs),
         history_limit: r.history_limit,
         tombstone_ttl: Duration::from_secs(d.tombstone_ttl_secs),
         converge_timeout: Duration::from_secs(d.converge_timeout_secs),

@@ -5,13 +5,19 @@
 //! is gone in CML and never writes over a tombstone.
 //!
 //! # Expected flow
-//! 1. Ask CML for the lab's state. 404: the lab is already gone (step 4).
+//! 0. Refuse if labsync's CML account is not an admin: CML answers 404 for
+//!    the labs such an account cannot see, so "already gone" would be a lie.
+//! 1. Ask CML for the lab's state. 404: the lab is already gone (step 4),
+//!    once a fresh login confirms the account is still an admin.
 //! 2. Not stopped and wiped (`DEFINED_ON_CORE`): refuse, unless `force`, in
 //!    which case stop, wait until converged, wipe, wait until converged.
+//!    Before asking CML to change anything, audit the attempt (`started`):
+//!    who asked, what, when, so that a crash after CML acted still leaves a
+//!    trace of who deleted the lab.
 //! 3. `DELETE` the lab in CML; a 404 here also means "already gone".
 //! 4. Replace the record with a tombstone (hidden from every list, and a
 //!    refresh that listed the lab before the delete cannot bring it back).
-//! 5. Audit who deleted what, when, and how it ended.
+//! 5. Audit how it ended.
 //!
 //! # Guarantees
 //! - Success means CML no longer has the lab and no list shows it.
@@ -20,8 +26,9 @@
 //! - Idempotent: deleting a lab CML does not have succeeds and says so.
 //!
 //! # Assumptions
-//! CML deletes only labs in `DEFINED_ON_CORE`, and answers 404 for a lab
-//! that does not exist.
+//! CML deletes only labs in `DEFINED_ON_CORE`, and answers its own JSON 404
+//! for a lab that does not exist (the gateway never reports another 404,
+//! such as a proxy's page, as [`CmlError::NotFound`]).
 //!
 //! # Caveats
 //! If the process dies (or the database fails) between steps 3 and 4, the
@@ -68,6 +75,9 @@ pub enum DeleteOutcomeKind {
     CmlRefused { error: String, retryable: bool },
     /// A forced delete's stop or wipe did not converge in time.
     NotConverged { step: String },
+    /// labsync's CML account is not an administrator: it cannot see every
+    /// lab, so it cannot tell "gone" from "hidden". Nothing was asked.
+    AccountNotAdmin { username: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -94,6 +104,7 @@ impl DeleteOutcomeKind {
             Self::CmlUnreachable { .. } => "cml_unreachable",
             Self::CmlRefused { .. } => "cml_refused",
             Self::NotConverged { .. } => "not_converged",
+            Self::AccountNotAdmin { .. } => "account_not_admin",
         }
     }
 
@@ -117,7 +128,10 @@ impl DeleteOutcomeKind {
         match self {
             Self::CmlUnreachable { .. } | Self::NotConverged { .. } => true,
             Self::CmlRefused { retryable, .. } => *retryable,
-            Self::Deleted | Self::AlreadyAbsent | Self::RefusedRunning { .. } => false,
+            Self::Deleted
+            | Self::AlreadyAbsent
+            | Self::RefusedRunning { .. }
+            | Self::AccountNotAdmin { .. } => false,
         }
     }
 }
@@ -149,25 +163,43 @@ impl DeleteLab {
             .get(&self.worker_id)
             .await?
             .ok_or_else(|| AppError::UnknownWorker(self.worker_id.clone()))?;
-        let kind = match self.make_deletable(s, &access).await {
-            Stop::Absent => DeleteOutcomeKind::AlreadyAbsent,
-            Stop::Failed(kind) => return Ok(self.failed(s, kind).await),
+        match s.cml.account(&access).await {
+            Ok(a) if a.admin => {}
+            Ok(a) => {
+                let kind = DeleteOutcomeKind::AccountNotAdmin {
+                    username: a.username,
+                };
+                return Ok(self.failed(s, kind).await);
+            }
+            Err(e) => return Ok(self.failed(s, DeleteOutcomeKind::from_cml(e)).await),
+        }
+        let stop = match self.make_deletable(s, &access).await {
             Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
-                Ok(()) => DeleteOutcomeKind::Deleted,
-                Err(CmlError::NotFound) => DeleteOutcomeKind::AlreadyAbsent,
-                Err(e) => {
-                    let kind = DeleteOutcomeKind::from_cml(e);
-                    return Ok(self.failed(s, kind).await);
-                }
+                Ok(()) => Stop::Ready,
+                Err(CmlError::NotFound) => Stop::Absent,
+                Err(e) => Stop::Failed(DeleteOutcomeKind::from_cml(e)),
             },
+            other => other,
+        };
+        let kind = match stop {
+            Stop::Ready => DeleteOutcomeKind::Deleted,
+            Stop::Absent => match self.confirm_absent(s, &access).await {
+                Ok(()) => DeleteOutcomeKind::AlreadyAbsent,
+                Err(kind) => return Ok(self.failed(s, kind).await),
+            },
+            Stop::Failed(kind) => return Ok(self.failed(s, kind).await),
         };
         let now = s.clock.now();
-        let ttl = chrono::Duration::from_std(s.settings.tombstone_ttl)
-            .unwrap_or_else(|_| chrono::Duration::days(7));
+        // Checked: a TTL that overflows (configuration bounds it) must not
+        // panic after CML already deleted the lab.
+        let expires_at = chrono::Duration::from_std(s.settings.tombstone_ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add_signed(ttl))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
         let tombstone = Tombstone {
             deleted_at: now,
             deleted_by: self.requested_by.clone(),
-            expires_at: now + ttl,
+            expires_at,
         };
         let event = LabEvent::new(
             LabEventKind::Deleted,
@@ -193,7 +225,7 @@ impl DeleteLab {
             Ok(present) => present,
             Err(e) => {
                 warn!(error = %e, "deleted in CML but the record could not be removed");
-                self.audit(s, &kind, format!("record removal failed: {e}"))
+                self.audit(s, kind.word(), format!("record removal failed: {e}"))
                     .await;
                 s.observer.delete_finished("record_cleanup_pending");
                 return Err(AppError::RecordCleanupPending(e));
@@ -216,6 +248,22 @@ impl DeleteLab {
         })
     }
 
+    /// A 404 says "gone" only to an admin: a fresh login (a token outlives
+    /// a change of rights) must confirm that the account still is one.
+    async fn confirm_absent(
+        &self,
+        s: &Services,
+        access: &WorkerAccess,
+    ) -> Result<(), DeleteOutcomeKind> {
+        match s.cml.relogin(access).await {
+            Ok(a) if a.admin => Ok(()),
+            Ok(a) => Err(DeleteOutcomeKind::AccountNotAdmin {
+                username: a.username,
+            }),
+            Err(e) => Err(DeleteOutcomeKind::from_cml(e)),
+        }
+    }
+
     /// Gets the lab to `DEFINED_ON_CORE`, or says why not.
     async fn make_deletable(&self, s: &Services, access: &WorkerAccess) -> Stop {
         let cml = &s.cml;
@@ -224,11 +272,22 @@ impl DeleteLab {
             Err(CmlError::NotFound) => return Stop::Absent,
             Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
         };
+        if !state.is_deletable() && !self.force {
+            return Stop::Failed(DeleteOutcomeKind::RefusedRunning { state });
+        }
+        // CML is about to change: who asked, for what, when, is stored
+        // first, so that a crash after CML acted still names the person.
+        self.audit(
+            s,
+            "started",
+            format!(
+                "asking CML to delete the lab (state {state}, force {})",
+                self.force
+            ),
+        )
+        .await;
         if state.is_deletable() {
             return Stop::Ready;
-        }
-        if !self.force {
-            return Stop::Failed(DeleteOutcomeKind::RefusedRunning { state });
         }
         let steps: &[&str] = match state {
             LabState::Stopped => &["wipe"],
@@ -286,6 +345,11 @@ impl DeleteLab {
                 "the lab's {step} did not converge within {} s",
                 s.settings.converge_timeout.as_secs()
             ),
+            DeleteOutcomeKind::AccountNotAdmin { username } => format!(
+                "labsync's CML account {username:?} on this worker is not an administrator: \
+                 it cannot see every lab, so no delete is attempted. Give it admin rights in \
+                 CML, or register an admin account"
+            ),
             _ => String::new(),
         };
         warn!(outcome = kind.word(), %detail, "delete failed");
@@ -325,7 +389,7 @@ impl DeleteLab {
             Ok(present) => present,
             Err(e) => {
                 warn!(error = %e, "could not record the failed delete in the lab's history");
-                self.audit(s, &kind, detail.clone()).await;
+                self.audit(s, kind.word(), detail.clone()).await;
                 false
             }
         };
@@ -341,20 +405,25 @@ impl DeleteLab {
     }
 
     fn audit_entry(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) -> AuditEntry {
+        self.audit_word(s, kind.word(), detail)
+    }
+
+    fn audit_word(&self, s: &Services, outcome: &str, detail: String) -> AuditEntry {
         AuditEntry {
             at: s.clock.now(),
             actor: self.requested_by.clone(),
             action: AuditAction::Delete,
             worker_id: self.worker_id.clone(),
             lab_id: Some(self.lab_id),
-            outcome: kind.word().to_owned(),
+            outcome: outcome.to_owned(),
             detail,
         }
     }
 
-    /// An audit entry on its own, for when the write it belongs with failed.
-    async fn audit(&self, s: &Services, kind: &DeleteOutcomeKind, detail: String) {
-        let entry = self.audit_entry(s, kind, detail);
+    /// An audit entry on its own: the attempt's start, or the end of one
+    /// whose own write failed.
+    async fn audit(&self, s: &Services, outcome: &str, detail: String) {
+        let entry = self.audit_word(s, outcome, detail);
         if let Err(e) = s.audit.record(vec![entry]).await {
             warn!(error = %e, "could not write the audit entry");
         }
@@ -429,7 +498,67 @@ mod tests {
         );
         assert!(f.store.tombstones.lock().unwrap().contains_key(&id));
         assert!(f.store.live.lock().unwrap().is_empty());
-        assert_eq!(f.store.audit.lock().unwrap()[0].outcome, "deleted");
+        let outcomes: Vec<String> = f
+            .store
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.outcome.clone())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["started", "deleted"],
+            "who asked is stored before CML acts"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_non_admin_account_is_refused_before_cml_is_asked_anything() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        *f.cml.not_admin.lock().unwrap() = true;
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(
+            matches!(out.kind, DeleteOutcomeKind::AccountNotAdmin { .. }),
+            "{out:?}"
+        );
+        assert!(!out.lab_gone && !out.kind.is_retryable());
+        assert!(
+            out.message.contains("not an administrator"),
+            "{}",
+            out.message
+        );
+        assert!(f.cml.calls().is_empty(), "{:?}", f.cml.calls());
+        assert!(f.store.tombstones.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_404_is_already_absent_only_after_a_fresh_login_says_admin() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.labs.lock().unwrap().clear();
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::AlreadyAbsent);
+        assert!(
+            f.cml.calls().iter().any(|c| c == "login"),
+            "{:?}",
+            f.cml.calls()
+        );
+
+        // The session still says admin; the next login will not.
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.labs.lock().unwrap().clear();
+        *f.cml.demoted.lock().unwrap() = true;
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(
+            matches!(out.kind, DeleteOutcomeKind::AccountNotAdmin { .. }),
+            "{out:?}"
+        );
+        assert!(!out.lab_gone);
+        assert!(
+            f.store.tombstones.lock().unwrap().is_empty(),
+            "a hidden lab is not tombstoned"
+        );
+        assert!(f.store.live.lock().unwrap().contains_key(&id));
     }
 
     #[tokio::test]

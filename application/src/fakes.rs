@@ -30,6 +30,13 @@ pub struct FakeCml {
     pub calls: Mutex<Vec<String>>,
     /// Labs that `lab_tiles` leaves out.
     pub missing_from_tiles: Mutex<Vec<LabId>>,
+    /// Whether the account is not a CML admin.
+    pub not_admin: Mutex<bool>,
+    /// The account loses admin at its next login (the cached session
+    /// still says admin until then).
+    pub demoted: Mutex<bool>,
+    /// Entries of the list that are not lab ids.
+    pub invalid_in_list: Mutex<usize>,
 }
 
 impl FakeCml {
@@ -60,13 +67,37 @@ impl FakeCml {
     }
 }
 
+impl FakeCml {
+    fn whoami(&self) -> CmlAccount {
+        CmlAccount {
+            username: "admin".into(),
+            admin: !*lock(&self.not_admin),
+        }
+    }
+}
+
 #[async_trait]
 impl CmlGateway for FakeCml {
-    async fn list_lab_ids(&self, _: &WorkerAccess) -> Result<Vec<LabId>, CmlError> {
+    async fn account(&self, _: &WorkerAccess) -> Result<CmlAccount, CmlError> {
+        Ok(self.whoami())
+    }
+    async fn relogin(&self, _: &WorkerAccess) -> Result<CmlAccount, CmlError> {
+        self.call("login", None)?;
+        if *lock(&self.demoted) {
+            *lock(&self.not_admin) = true;
+        }
+        Ok(self.whoami())
+    }
+    async fn list_lab_ids(&self, _: &WorkerAccess) -> Result<LabList, CmlError> {
         self.call("list", None)?;
         let mut ids: Vec<LabId> = lock(&self.labs).keys().copied().collect();
         ids.sort();
-        Ok(ids)
+        let invalid = *lock(&self.invalid_in_list);
+        Ok(LabList {
+            ids,
+            invalid,
+            first_invalid: (invalid > 0).then(|| "\"not-a-lab\"".to_owned()),
+        })
     }
     async fn lab_details(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabSnapshot, CmlError> {
         self.call("details", Some(lab))?;
@@ -125,6 +156,10 @@ pub struct FakeStore {
     pub audit: Mutex<Vec<AuditEntry>>,
     pub reports: Mutex<Vec<RunReport>>,
     pub lease: Mutex<Option<String>>,
+    /// Grants so far: each is the next fencing token.
+    pub grants: Mutex<u64>,
+    /// Every renewal says the lease is someone else's now.
+    pub lease_lost: Mutex<bool>,
     pub applies: Mutex<usize>,
     pub events: Mutex<Vec<LabEvent>>,
 }
@@ -234,13 +269,22 @@ impl RefreshLease for FakeStore {
         _: &WorkerId,
         holder: &str,
         _: Duration,
-    ) -> Result<bool, RepoError> {
+    ) -> Result<Option<u64>, RepoError> {
         let mut l = lock(&self.lease);
         if l.as_deref().is_some_and(|h| h != holder) {
-            return Ok(false);
+            return Ok(None);
         }
         *l = Some(holder.to_owned());
-        Ok(true)
+        let mut grants = lock(&self.grants);
+        *grants += 1;
+        Ok(Some(*grants))
+    }
+    async fn renew(&self, _: &WorkerId, holder: &str, _: Duration) -> Result<bool, RepoError> {
+        Ok(!*lock(&self.lease_lost) && lock(&self.lease).as_deref() == Some(holder))
+    }
+    async fn revoke(&self, _: &WorkerId, _: Duration) -> Result<(), RepoError> {
+        *lock(&self.lease) = Some("revoked".into());
+        Ok(())
     }
     async fn release(&self, _: &WorkerId, holder: &str) -> Result<(), RepoError> {
         let mut l = lock(&self.lease);

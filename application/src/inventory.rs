@@ -57,6 +57,7 @@ pub struct WorkerChanges {
     /// `Some(None)` removes the CA bundle.
     pub ca_cert_pem: Option<Option<String>>,
     pub insecure: Option<bool>,
+    pub allow_http: Option<bool>,
     pub enabled: Option<bool>,
     pub lab_tiles: Option<bool>,
 }
@@ -162,6 +163,7 @@ impl Inventory {
         password: SecretString,
         actor: &str,
     ) -> Result<WorkerOverview, AppError> {
+        worker.check_transport().map_err(AppError::Invalid)?;
         match self.services.workers.add(&worker, &password).await {
             Ok(()) => {}
             Err(RepoError::Duplicate(_)) => return Err(AppError::WorkerExists(worker.id)),
@@ -186,6 +188,7 @@ impl Inventory {
         actor: &str,
     ) -> Result<WorkerOverview, AppError> {
         let mut worker = self.require_worker(id).await?;
+        let before = worker.clone();
         let mut changed: Vec<&str> = Vec::new();
         if let Some(v) = changes.name {
             worker.name = v;
@@ -207,6 +210,10 @@ impl Inventory {
             worker.tls.insecure = v;
             changed.push("insecure");
         }
+        if let Some(v) = changes.allow_http {
+            worker.tls.allow_http = v;
+            changed.push("allow_http");
+        }
         if let Some(v) = changes.enabled {
             worker.enabled = v;
             changed.push("enabled");
@@ -223,6 +230,16 @@ impl Inventory {
                 "a worker has a CA bundle or is insecure, not both".into(),
             ));
         }
+        // Whoever may change the URL must not thereby learn the password:
+        // it goes to a new place (or as a new user) only when given again.
+        if (worker.base_url != before.base_url || worker.username != before.username)
+            && changes.password.is_none()
+        {
+            return Err(AppError::Invalid(
+                "changing a worker's URL or username needs its password again".into(),
+            ));
+        }
+        worker.check_transport().map_err(AppError::Invalid)?;
         if !self
             .services
             .workers
@@ -247,6 +264,13 @@ impl Inventory {
     /// # Errors
     /// [`AppError::UnknownWorker`], [`AppError::Repository`].
     pub async fn remove(&self, id: &WorkerId, actor: &str) -> Result<u64, AppError> {
+        // A refresh of the worker in progress loses its lease first, so
+        // that it writes nothing after the records are gone (and a worker
+        // registered again under this id starts empty).
+        self.services
+            .lease
+            .revoke(id, self.services.settings.run_deadline)
+            .await?;
         if !self.services.workers.remove(id).await? {
             return Err(AppError::UnknownWorker(id.clone()));
         }

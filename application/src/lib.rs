@@ -13,6 +13,7 @@ pub mod delete_queue;
 pub mod errors;
 pub mod events;
 pub mod inventory;
+pub mod lease;
 pub mod ports;
 pub mod refresh;
 mod services;

@@ -25,22 +25,62 @@ pub struct WorkerAccess {
     pub password: SecretString,
 }
 
+/// Who labsync is on a CML server, as its last login said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmlAccount {
+    pub username: String,
+    /// A CML administrator sees every lab. Any other account sees only its
+    /// own and shared labs, and CML answers 404 for the rest: its list is
+    /// not the server's inventory, and its 404 does not mean "gone".
+    pub admin: bool,
+}
+
+/// CML's lab list as labsync could read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabList {
+    /// The valid lab ids, in CML's order.
+    pub ids: Vec<LabId>,
+    /// Entries that are not lab ids (not a UUID4 string): left out and
+    /// counted. A list with any of them is incomplete, so nothing is pruned
+    /// on its account.
+    pub invalid: usize,
+    /// The first invalid entry, clipped, for the run report.
+    pub first_invalid: Option<String>,
+}
+
 /// Talks to CML servers.
 ///
 /// Adapters MUST authenticate as the worker's user, reuse a connection pool
 /// and a token per worker, and re-authenticate once on a 401 before giving
-/// up with [`CmlError::Auth`].
+/// up with [`CmlError::Auth`]. Every login MUST learn whether the account is
+/// a CML administrator ([`CmlGateway::account`]). [`CmlError::NotFound`]
+/// MUST mean CML's own JSON answer that the lab does not exist, never any
+/// 404 (a reverse proxy's page, a wrong base path). Response bodies MUST be
+/// read with a size limit.
 #[async_trait]
 pub trait CmlGateway: Send + Sync {
+    /// The account of the current session, logging in if there is none.
+    ///
+    /// # Errors
+    /// Any [`CmlError`] of the login.
+    async fn account(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError>;
+
+    /// Logs in afresh and returns the account: what a caller asks before
+    /// trusting a list or a 404, since a token outlives a change of rights.
+    ///
+    /// # Errors
+    /// Any [`CmlError`] of the login.
+    async fn relogin(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError>;
+
     /// Every lab id on the server.
     ///
     /// MUST ask for all labs (`show_all=true`): a partial list would make the
     /// refresh prune what it cannot see.
     ///
     /// # Errors
-    /// Any [`CmlError`]; a list that does not parse is [`CmlError::Protocol`],
-    /// never an empty list.
-    async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<Vec<LabId>, CmlError>;
+    /// Any [`CmlError`]; a body that is not a JSON array of strings is
+    /// [`CmlError::Protocol`], never an empty list.
+    async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<LabList, CmlError>;
 
     /// The details of one lab.
     ///
@@ -124,6 +164,9 @@ pub struct RecordUpdate {
 /// The writes of one refresh, and the events that describe them.
 #[derive(Debug, Clone, Default)]
 pub struct RecordChanges {
+    /// The run's fencing token: records written by a run with a greater
+    /// token are neither updated nor pruned by this one.
+    pub fence: u64,
     pub create: Vec<LabRecord>,
     pub update: Vec<RecordUpdate>,
     pub prune: Vec<LabId>,
@@ -154,6 +197,8 @@ pub struct ApplyOutcome {
     pub pruned: u64,
     /// Creates and updates refused because the lab was tombstoned meanwhile.
     pub suppressed: Vec<LabId>,
+    /// Records too large for the store, left as they were, with the reason.
+    pub too_large: Vec<(LabId, String)>,
 }
 
 /// The stored inventory: live records and tombstones, keyed by
@@ -201,7 +246,11 @@ pub trait LabRepository: Send + Sync {
     /// lab is skipped and reported in [`ApplyOutcome::suppressed`], atomically
     /// with respect to a concurrent [`LabRepository::tombstone`]. MUST keep
     /// at most `history_limit` history entries per record. Prunes remove
-    /// live records only.
+    /// live records only. MUST NOT update or prune a record last written
+    /// under a greater [`RecordChanges::fence`] (a newer run's), atomically
+    /// per record. MUST NOT send a command or write a document larger than
+    /// the store allows: a record that cannot be written is reported in
+    /// [`ApplyOutcome::too_large`] and the rest is written.
     ///
     /// # Errors
     /// [`RepoError`] if the batch could not be written; part of it may have
@@ -290,17 +339,35 @@ pub trait WorkerRepository: Send + Sync {
     async fn remove(&self, id: &WorkerId) -> Result<bool, RepoError>;
 }
 
-/// At most one refresh per worker at a time, across processes.
+/// At most one refresh per worker at a time, across processes, and a
+/// fencing token that orders the runs (see [`crate::lease`]).
 #[async_trait]
 pub trait RefreshLease: Send + Sync {
     /// Takes the worker's lease for `ttl` if it is free, expired, or already
-    /// held by `holder`. Returns false if someone else holds it.
+    /// held by `holder`. Returns the run's fencing token, or `None` if
+    /// someone else holds the lease.
     ///
-    /// MUST be atomic across processes sharing the store.
+    /// MUST be atomic across processes sharing the store. MUST judge expiry
+    /// by the store's clock, not the caller's. Every grant MUST carry a
+    /// token greater than any earlier grant's for the worker, even after
+    /// the lease document was lost.
     ///
     /// # Errors
     /// [`RepoError`].
     async fn try_acquire(
+        &self,
+        worker: &WorkerId,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, RepoError>;
+
+    /// Extends `holder`'s lease by `ttl` from now (the store's now).
+    /// Returns false when `holder` no longer holds it (it expired and was
+    /// taken, or was revoked): the run MUST then write nothing more.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn renew(
         &self,
         worker: &WorkerId,
         holder: &str,
@@ -315,6 +382,14 @@ pub trait RefreshLease: Send + Sync {
     /// # Errors
     /// [`RepoError`].
     async fn release(&self, worker: &WorkerId, holder: &str) -> Result<(), RepoError>;
+
+    /// Takes the lease from whoever holds it, for `ttl` (a worker being
+    /// removed): a run in progress fails its next renewal and writes
+    /// nothing more.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn revoke(&self, worker: &WorkerId, ttl: Duration) -> Result<(), RepoError>;
 }
 
 /// What labsync did, for the audit trail.

@@ -2,25 +2,37 @@
 //! CLI.
 //!
 //! # Expected flow (per worker)
-//! 1. Skip a disabled worker; take the worker's lease or report `skipped`.
-//! 2. Fetch the complete lab list, then every lab's details with bounded
-//!    concurrency. A failed list ends the run with nothing written.
-//! 3. Read the worker's index (hashes and tombstones) in one read and
+//! 1. Skip a disabled worker; take the worker's lease (with a fencing
+//!    token) or report `skipped`; keep it renewed while the run works
+//!    ([`crate::lease`]).
+//! 2. Log in afresh and learn whether the account is a CML admin; if not,
+//!    fail the run: a non-admin's list holds only its own and shared labs.
+//! 3. Fetch the lab list, then every lab's details with bounded concurrency
+//!    in whatever order they answer, within `run_deadline`. A failed list
+//!    ends the run with nothing written.
+//! 4. Read the worker's index (hashes and tombstones) in one read and
 //!    [`plan`] create / update / unchanged / prune / held as a pure function.
-//! 4. Apply in bulk (nothing for unchanged labs), audit the prunes, store and
-//!    return the run report, release the lease.
+//! 5. Confirm the lease, apply in bulk (nothing for unchanged labs), audit
+//!    the prunes, store and return the run report, release the lease.
 //!
 //! # Guarantees
-//! - Never prunes on a failed, empty or suspiciously short list (see
-//!   [`labsync_domain::plan`]); `force_prune` overrides the last two only.
+//! - Never prunes on a failed, empty, incomplete (an entry that is not a lab
+//!   id) or suspiciously short list, nor with a non-admin account (see
+//!   [`labsync_domain::plan`]); `force_prune` overrides the last guard only.
 //! - Never brings back a lab deleted through labsync: the repository refuses
 //!   to write over a tombstone, even one written after this run's list.
+//! - A run that lost its lease writes nothing more, and cannot update or
+//!   prune what a newer run wrote (fencing).
+//! - Every attempt is a stored report, failures included, even one that
+//!   failed before it could start (a password that does not decrypt).
+//! - One lab that cannot be stored (too large) is that lab's failure; the
+//!   rest of the run, prunes included, still applies.
 //! - A dry run plans and reports but writes nothing (not even its report's
 //!   effects; the report itself is stored, marked `dry_run`).
 //!
 //! # Caveats
 //! A process that dies mid-run leaves its lease until it expires
-//! (`lease_ttl`); the next run after that converges.
+//! (`lease_ttl`, short because it is renewed); the next run converges.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -33,10 +45,37 @@ use labsync_domain::{
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::errors::{AppError, CmlError};
+use crate::errors::{AppError, CmlError, RepoError};
 use crate::events::{LabEvent, LabEventKind};
+use crate::lease::LeaseKeeper;
 use crate::ports::{AuditAction, AuditEntry, RecordChanges, RecordUpdate, WorkerAccess};
 use crate::services::Services;
+
+/// Why a run failed, in words for its report.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error(transparent)]
+    Cml(#[from] CmlError),
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    #[error(
+        "the CML account {username:?} is not an administrator: it sees only its own and shared \
+         labs, so labsync cannot tell a deleted lab from a hidden one; nothing was written. \
+         Give the account admin rights in CML, or register an admin account"
+    )]
+    NotAdmin { username: String },
+    #[error(
+        "the run lost its refresh lease (it could not renew it, or the worker was removed); \
+         it wrote nothing more"
+    )]
+    LeaseLost,
+    #[error(
+        "the run did not finish fetching within refresh.run_deadline_secs ({0} s); nothing was written"
+    )]
+    Deadline(u64),
+}
 
 /// Who started a refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +124,10 @@ pub struct RunReport {
     pub failed: u64,
     /// Listed by CML but deleted through labsync: not brought back.
     pub suppressed: u64,
+    /// Entries of CML's list that are not lab ids: left out, and the list
+    /// counted as incomplete (nothing pruned).
+    #[serde(default)]
+    pub invalid_ids: u64,
     pub hold_reason: Option<String>,
     pub skip_reason: Option<String>,
     pub error: Option<String>,
@@ -125,6 +168,7 @@ impl RunReport {
             held: 0,
             failed: 0,
             suppressed: 0,
+            invalid_ids: 0,
             hold_reason: None,
             skip_reason: None,
             error: None,
@@ -150,26 +194,37 @@ impl RefreshWorkerLabs {
     }
 
     /// Runs the refresh and returns its report, which is also stored. A
-    /// failure to talk to CML is a `Failed` report, not an error.
+    /// failure at any step, before the run could start included (the
+    /// stored password does not decrypt, the lease cannot be read), is a
+    /// stored `Failed` report, not an error.
     ///
     /// # Errors
-    /// [`AppError::UnknownWorker`], or [`AppError::Repository`] when the
-    /// database fails before the run could start.
+    /// [`AppError::UnknownWorker`] only.
     pub async fn execute(
         &self,
         worker_id: &WorkerId,
         trigger: Trigger,
         options: RefreshOptions,
     ) -> Result<RunReport, AppError> {
-        let access = self
-            .services
-            .workers
-            .get(worker_id)
-            .await?
-            .ok_or_else(|| AppError::UnknownWorker(worker_id.clone()))?;
         let span =
             info_span!("refresh", worker_id = %worker_id, ?trigger, dry_run = options.dry_run);
-        self.run(access, trigger, options).instrument(span).await
+        async {
+            let access = match self.services.workers.get(worker_id).await {
+                Ok(Some(access)) => access,
+                Ok(None) => return Err(AppError::UnknownWorker(worker_id.clone())),
+                Err(e) => {
+                    let started = Instant::now();
+                    let mut report =
+                        RunReport::new(worker_id, trigger, options, self.services.clock.now());
+                    report.status = RunStatus::Failed;
+                    report.error = Some(format!("the run could not start: {e}"));
+                    return Ok(self.finish(report, started).await);
+                }
+            };
+            Ok(self.run(access, trigger, options).await)
+        }
+        .instrument(span)
+        .await
     }
 
     async fn run(
@@ -177,7 +232,7 @@ impl RefreshWorkerLabs {
         access: WorkerAccess,
         trigger: Trigger,
         options: RefreshOptions,
-    ) -> Result<RunReport, AppError> {
+    ) -> RunReport {
         let s = &self.services;
         let worker_id = access.worker.id.clone();
         let clock_start = Instant::now();
@@ -185,22 +240,39 @@ impl RefreshWorkerLabs {
         if !access.worker.enabled {
             report.status = RunStatus::Skipped;
             report.skip_reason = Some("worker is disabled".into());
-            return Ok(self.finish(report, clock_start).await);
+            return self.finish(report, clock_start).await;
         }
         // Per run, not per process: two runs in one process exclude each
         // other just as runs in two processes do.
         let holder = format!("{}/{}", s.settings.instance_id, report.run_id);
-        if !s
+        let fence = match s
             .lease
             .try_acquire(&worker_id, &holder, s.settings.lease_ttl)
-            .await?
+            .await
         {
-            report.status = RunStatus::Skipped;
-            report.skip_reason = Some("another refresh of this worker is running".into());
-            info!("refresh skipped: lease held elsewhere");
-            return Ok(self.finish(report, clock_start).await);
-        }
-        let result = self.reconcile(&access, options, &mut report).await;
+            Ok(Some(fence)) => fence,
+            Ok(None) => {
+                report.status = RunStatus::Skipped;
+                report.skip_reason = Some("another refresh of this worker is running".into());
+                info!("refresh skipped: lease held elsewhere");
+                return self.finish(report, clock_start).await;
+            }
+            Err(e) => {
+                report.status = RunStatus::Failed;
+                report.error = Some(format!("could not take the refresh lease: {e}"));
+                return self.finish(report, clock_start).await;
+            }
+        };
+        let keeper = LeaseKeeper::start(
+            s.lease.clone(),
+            worker_id.clone(),
+            holder.clone(),
+            s.settings.lease_ttl,
+        );
+        let result = self
+            .reconcile(&access, options, &mut report, &keeper, fence)
+            .await;
+        keeper.stop().await;
         s.cml.release(&access);
         if let Err(e) = s.lease.release(&worker_id, &holder).await {
             // The lease expires on its own; a failed release only delays the next run.
@@ -210,7 +282,7 @@ impl RefreshWorkerLabs {
             report.status = RunStatus::Failed;
             report.error = Some(e.to_string());
         }
-        Ok(self.finish(report, clock_start).await)
+        self.finish(report, clock_start).await
     }
 
     async fn finish(&self, mut report: RunReport, started: Instant) -> RunReport {
@@ -235,10 +307,23 @@ impl RefreshWorkerLabs {
         report
     }
 
-    async fn fetch(&self, access: &WorkerAccess) -> Result<Fetched, CmlError> {
+    async fn fetch(
+        &self,
+        access: &WorkerAccess,
+        report: &mut RunReport,
+    ) -> Result<Fetched, CmlError> {
         // The list is the truth about which labs exist, whichever way the
         // details come.
-        let ids = self.services.cml.list_lab_ids(access).await?;
+        let list = self.services.cml.list_lab_ids(access).await?;
+        report.invalid_ids = list.invalid as u64;
+        if let Some(first) = &list.first_invalid {
+            warn!(
+                invalid = list.invalid,
+                first = %first,
+                "CML's lab list has entries that are not lab ids: left out, nothing is pruned"
+            );
+        }
+        let ids = list.ids;
         let mut tiles = if access.worker.lab_tiles {
             match self.services.cml.lab_tiles(access).await {
                 Ok(tiles) => {
@@ -261,6 +346,7 @@ impl RefreshWorkerLabs {
         };
         let concurrency = self.services.settings.max_concurrent_labs_per_worker.max(1);
         let cml = &self.services.cml;
+        // Unordered: one slow lab must not hold back the others behind it.
         let labs: Vec<(LabId, Detail)> = futures::stream::iter(ids)
             .map(|id| {
                 let tile = tiles.remove(&id);
@@ -277,13 +363,30 @@ impl RefreshWorkerLabs {
                     (id, detail)
                 }
             })
-            .buffered(concurrency)
+            .buffer_unordered(concurrency)
             .collect()
             .await;
         Ok(Fetched {
-            list_complete: true,
+            list_complete: list.invalid == 0,
             labs,
         })
+    }
+
+    /// The account's admin flag as its last login said, or why not.
+    async fn require_admin(&self, access: &WorkerAccess, fresh: bool) -> Result<(), RunError> {
+        let cml = &self.services.cml;
+        let account = if fresh {
+            cml.relogin(access).await?
+        } else {
+            cml.account(access).await?
+        };
+        if account.admin {
+            Ok(())
+        } else {
+            Err(RunError::NotAdmin {
+                username: account.username,
+            })
+        }
     }
 
     async fn reconcile(
@@ -291,10 +394,20 @@ impl RefreshWorkerLabs {
         access: &WorkerAccess,
         options: RefreshOptions,
         report: &mut RunReport,
-    ) -> Result<(), AppError> {
+        keeper: &LeaseKeeper,
+        fence: u64,
+    ) -> Result<(), RunError> {
         let s = &self.services;
         let worker_id = &access.worker.id;
-        let fetched = self.fetch(access).await?;
+        // A token outlives a change of rights: log in afresh, so that what
+        // the list means is known before it is read.
+        self.require_admin(access, true).await?;
+        let deadline = s.settings.run_deadline;
+        let fetched = tokio::time::timeout(deadline, self.fetch(access, report))
+            .await
+            .map_err(|_| RunError::Deadline(deadline.as_secs()))??;
+        // A 401 mid-run logged in again: what did that login say?
+        self.require_admin(access, false).await?;
         report.listed = fetched.labs.len() as u64;
         let index = s.labs.index(worker_id).await?;
         let policy = PrunePolicy {
@@ -343,6 +456,7 @@ impl RefreshWorkerLabs {
                 .collect()
         };
         let mut changes = RecordChanges {
+            fence,
             prune: plan.prune.clone(),
             ..RecordChanges::default()
         };
@@ -395,11 +509,21 @@ impl RefreshWorkerLabs {
             changes.events.push(event(LabEventKind::Pruned, *id, data));
         }
         let pruned = changes.prune.clone();
+        if !keeper.confirm().await? {
+            return Err(RunError::LeaseLost);
+        }
         let outcome = s.labs.apply(worker_id, changes, limit).await?;
         report.created = outcome.created;
         report.updated = outcome.updated;
         report.pruned = outcome.pruned;
         report.suppressed += outcome.suppressed.len() as u64;
+        report.failed += outcome.too_large.len() as u64;
+        for (lab_id, error) in outcome.too_large {
+            warn!(lab_id = %lab_id, %error, "lab record too large to store; left as it was");
+            if report.failures.len() < MAX_REPORTED_FAILURES {
+                report.failures.push(LabFailure { lab_id, error });
+            }
+        }
         if !pruned.is_empty() {
             let entries = pruned
                 .iter()
@@ -641,5 +765,94 @@ mod tests {
         assert_eq!((r.failed, r.pruned, r.status), (1, 0, RunStatus::Succeeded));
         assert_eq!(r.failures[0].lab_id, lab(1));
         assert!(f.store.live.lock().unwrap().contains_key(&lab(1)));
+    }
+
+    #[tokio::test]
+    async fn a_non_admin_account_fails_the_run_and_writes_nothing() {
+        let f = fixture();
+        with_four_labs(&f);
+        *f.cml.not_admin.lock().unwrap() = true;
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, RunStatus::Failed);
+        assert!(
+            r.error.as_deref().unwrap().contains("not an administrator"),
+            "{r:?}"
+        );
+        assert_eq!(*f.store.applies.lock().unwrap(), 0);
+        assert!(
+            !f.cml.calls().iter().any(|c| c == "list"),
+            "{:?}",
+            f.cml.calls()
+        );
+        assert!(f.store.lease.lock().unwrap().is_none(), "lease released");
+    }
+
+    #[tokio::test]
+    async fn an_account_demoted_since_its_last_login_is_caught_by_the_runs_fresh_login() {
+        let f = fixture();
+        with_four_labs(&f);
+        // The cached session says admin; a new login would not.
+        *f.cml.demoted.lock().unwrap() = true;
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, RunStatus::Failed, "{r:?}");
+        assert_eq!(*f.store.applies.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_list_with_entries_that_are_not_lab_ids_is_read_but_never_pruned_from() {
+        let f = fixture();
+        with_four_labs(&f);
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        f.cml.labs.lock().unwrap().remove(&lab(1));
+        *f.cml.invalid_in_list.lock().unwrap() = 2;
+        let r = refresh(&f)
+            .execute(
+                &worker_id(),
+                Trigger::Cli,
+                RefreshOptions {
+                    dry_run: false,
+                    force_prune: true,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.invalid_ids, r.pruned, r.held),
+            (RunStatus::Succeeded, 2, 0, 1),
+            "{r:?}"
+        );
+        assert!(r.hold_reason.as_deref().unwrap().contains("not lab ids"));
+        assert!(f.store.live.lock().unwrap().contains_key(&lab(1)));
+    }
+
+    #[tokio::test]
+    async fn a_run_that_lost_its_lease_writes_nothing() {
+        let f = fixture();
+        with_four_labs(&f);
+        // Another holder took the lease once this run had it: every renewal
+        // says "not yours".
+        *f.store.lease_lost.lock().unwrap() = true;
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.status, RunStatus::Failed, "{r:?}");
+        assert!(
+            r.error
+                .as_deref()
+                .unwrap()
+                .contains("lost its refresh lease"),
+            "{r:?}"
+        );
+        assert_eq!(*f.store.applies.lock().unwrap(), 0);
     }
 }

@@ -16,7 +16,10 @@ pub struct CoreSettings {
     pub max_concurrent_workers: usize,
     pub max_concurrent_labs_per_worker: usize,
     pub prune: PrunePolicy,
+    /// The refresh lease's lifetime; runs renew it every third of it.
     pub lease_ttl: Duration,
+    /// How long a refresh may spend fetching from CML before it gives up.
+    pub run_deadline: Duration,
     pub history_limit: usize,
     /// How long a deleted lab stays hidden from refreshes.
     pub tombstone_ttl: Duration,
@@ -33,7 +36,8 @@ impl Default for CoreSettings {
             max_concurrent_workers: 8,
             max_concurrent_labs_per_worker: 16,
             prune: PrunePolicy::default(),
-            lease_ttl: Duration::from_secs(600),
+            lease_ttl: Duration::from_secs(60),
+            run_deadline: Duration::from_secs(1500),
             history_limit: DEFAULT_HISTORY_LIMIT,
             tombstone_ttl: Duration::from_secs(7 * 24 * 3600),
             converge_timeout: Duration::from_secs(120),

@@ -19,6 +19,6 @@ mod worker;
 pub use ids::{IdError, LabId, WorkerId, is_uuid4};
 pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan, plan};
 pub use record::{DEFAULT_HISTORY_LIMIT, HistoryEntry, HistoryEvent, LabRecord};
-pub use snapshot::{ContentHash, FieldChange, LabGroup, LabSnapshot};
+pub use snapshot::{ContentHash, FieldChange, LabGroup, LabSnapshot, MAX_CHANGE_TEXT, excerpt};
 pub use state::LabState;
 pub use worker::{TlsSettings, Worker, parse_base_url};

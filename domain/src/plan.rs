@@ -10,7 +10,9 @@
 //! - prunes are held, not applied, when the list is incomplete, when CML
 //!   answered an empty list while records exist, or when they would remove
 //!   more than `max_prune_share` of the worker's records while more than
-//!   `prune_floor` exist. `force` releases the last two, never the first.
+//!   `prune_floor` exist. `force` releases the last one only: an empty
+//!   answer is far more often a broken CML than an empty one, and a lab
+//!   that really is gone can still be deleted through labsync one by one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -79,10 +81,13 @@ pub enum HoldReason {
 impl std::fmt::Display for HoldReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::IncompleteList => f.write_str("the lab list was incomplete"),
+            Self::IncompleteList => f.write_str(
+                "CML's lab list had entries that are not lab ids, so it may be incomplete; nothing is pruned",
+            ),
             Self::EmptyList { records } => write!(
                 f,
-                "CML listed no labs while {records} are recorded; force to prune"
+                "CML listed no labs while {records} are recorded; an empty list is never pruned from, \
+                 even forced (delete the labs through labsync if they really are gone)"
             ),
             Self::TooManyPrunes {
                 would_prune,
@@ -168,10 +173,10 @@ pub fn plan(
         None
     } else if !fetched.list_complete {
         Some(HoldReason::IncompleteList)
-    } else if policy.force {
-        None
     } else if listed == 0 {
         Some(HoldReason::EmptyList { records: live })
+    } else if policy.force {
+        None
     } else if live > policy.prune_floor
         && candidates.len() as f64 > policy.max_prune_share * live as f64
     {
@@ -317,21 +322,21 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_list_never_prunes_unless_forced() {
+    fn an_empty_list_never_prunes_not_even_forced() {
         let existing = HashMap::from([(lab(1), live("a")), (lab(2), live("b"))]);
-        let p = plan(&existing, complete(vec![]), PrunePolicy::default());
-        assert!(p.prune.is_empty());
-        assert_eq!(p.held.len(), 2);
-        assert_eq!(p.hold_reason, Some(HoldReason::EmptyList { records: 2 }));
-        let forced = plan(
-            &existing,
-            complete(vec![]),
-            PrunePolicy {
-                force: true,
-                ..PrunePolicy::default()
-            },
-        );
-        assert_eq!(forced.prune.len(), 2);
+        for force in [false, true] {
+            let p = plan(
+                &existing,
+                complete(vec![]),
+                PrunePolicy {
+                    force,
+                    ..PrunePolicy::default()
+                },
+            );
+            assert!(p.prune.is_empty(), "force {force}");
+            assert_eq!(p.held.len(), 2);
+            assert_eq!(p.hold_reason, Some(HoldReason::EmptyList { records: 2 }));
+        }
     }
 
     #[test]
@@ -455,8 +460,8 @@ mod tests {
             // The guards.
             prop_assert!(p.prune.is_empty() || p.held.is_empty());
             if !complete_list { prop_assert!(p.prune.is_empty()); }
+            if listed.is_empty() { prop_assert!(p.prune.is_empty()); }
             if !force {
-                if listed.is_empty() { prop_assert!(p.prune.is_empty()); }
                 prop_assert!(live.len() <= floor || p.prune.len() as f64 <= share * live.len() as f64);
             }
             prop_assert_eq!(p.hold_reason.is_some(), !p.held.is_empty());

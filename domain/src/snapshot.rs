@@ -129,8 +129,8 @@ impl LabSnapshot {
             if old != new {
                 out.push(FieldChange {
                     field: field.to_owned(),
-                    old,
-                    new,
+                    old: excerpt(&old),
+                    new: excerpt(&new),
                 });
             }
         };
@@ -188,12 +188,39 @@ impl LabSnapshot {
     }
 }
 
-/// One field of a lab that changed between two refreshes.
+/// One field of a lab that changed between two refreshes. A long value
+/// (a lab's notes can be megabytes) is kept as an [`excerpt`]: the history
+/// keeps 50 entries of two values each, and a record must stay far below
+/// MongoDB's 16 MiB document limit whatever CML sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldChange {
     pub field: String,
     pub old: String,
     pub new: String,
+}
+
+/// The longest value a [`FieldChange`] keeps whole, in bytes.
+pub const MAX_CHANGE_TEXT: usize = 512;
+
+/// `text` itself when it is at most [`MAX_CHANGE_TEXT`] bytes; otherwise
+/// its first 256 bytes (at a character boundary), its length and its
+/// FNV-1a hash, so that two long values still differ when they differ.
+pub fn excerpt(text: &str) -> String {
+    if text.len() <= MAX_CHANGE_TEXT {
+        return text.to_owned();
+    }
+    let mut end = 256;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    h.bytes(text.as_bytes());
+    format!(
+        "{}... ({} bytes, fnv1a {:016x})",
+        &text[..end],
+        text.len(),
+        h.0
+    )
 }
 
 #[cfg(test)]
@@ -273,6 +300,30 @@ pub(crate) mod tests {
         let mut b = snapshot("x");
         b.groups = vec![g("2"), g("1")];
         assert_eq!(a.normalized().content_hash(), b.normalized().content_hash());
+    }
+
+    #[test]
+    fn long_values_are_kept_as_bounded_excerpts_that_still_differ() {
+        let old = {
+            let mut s = snapshot("x");
+            s.notes = "é".repeat(1_000_000);
+            s
+        };
+        let mut new = old.clone();
+        new.notes.push('!');
+        let changes = new.changes_from(&old);
+        assert_eq!(changes.len(), 1);
+        let c = &changes[0];
+        assert!(
+            c.old.len() < 400 && c.new.len() < 400,
+            "{} {}",
+            c.old.len(),
+            c.new.len()
+        );
+        assert_ne!(c.old, c.new);
+        assert!(c.old.contains("2000000 bytes"), "{}", c.old);
+        assert_eq!(excerpt("short"), "short");
+        assert_eq!(excerpt(&"a".repeat(MAX_CHANGE_TEXT)).len(), MAX_CHANGE_TEXT);
     }
 
     #[test]

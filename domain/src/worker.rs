@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::WorkerId;
 
-/// How labsync trusts a worker's TLS certificate.
+/// How labsync trusts a worker's TLS certificate, or goes without TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsSettings {
     /// A PEM bundle of CAs to trust for this worker, in addition to the
@@ -12,6 +12,12 @@ pub struct TlsSettings {
     pub ca_cert_pem: Option<String>,
     /// Skips certificate verification. Logged as a warning on every use.
     pub insecure: bool,
+    /// Accepts a plain `http://` URL, whose traffic (the CML password
+    /// included) anyone on the path can read. Never implied: an `http://`
+    /// URL without it is refused, and a worker with it is shown with a
+    /// warning wherever it is listed.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 /// A registered worker, without its password (which only the CML adapter
@@ -32,6 +38,36 @@ pub struct Worker {
     /// it, fall back to the per-lab requests. Off by default.
     #[serde(default)]
     pub lab_tiles: bool,
+}
+
+impl Worker {
+    /// Whether the worker is reached over plain HTTP.
+    pub fn plain_http(&self) -> bool {
+        self.base_url.starts_with("http://")
+    }
+
+    /// Refuses an `http://` URL that was not explicitly accepted.
+    ///
+    /// # Errors
+    /// A message saying what to do.
+    pub fn check_transport(&self) -> Result<(), String> {
+        if self.plain_http() && !self.tls.allow_http {
+            return Err(format!(
+                "{} is plain http://: the CML password would cross the network unencrypted; \
+                 use https://, or accept it explicitly (API \"allow_http\": true, CLI --allow-http)",
+                self.base_url
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the password is sealed to: a ciphertext opens only for the
+    /// same worker id, URL and user, so that changing where the password
+    /// goes needs the password again, and a ciphertext copied to another
+    /// worker's document does not open.
+    pub fn credential_binding(&self) -> String {
+        format!("{}\n{}\n{}", self.id, self.base_url, self.username)
+    }
 }
 
 /// Checks a worker's base URL: `http` or `https`, a host, an optional port,
@@ -63,6 +99,28 @@ pub fn parse_base_url(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_needs_an_explicit_yes() {
+        let mut w = Worker {
+            id: WorkerId::parse("cml-1").unwrap(),
+            name: "cml-1".into(),
+            base_url: "http://cml1:80".into(),
+            username: "admin".into(),
+            tls: TlsSettings::default(),
+            enabled: true,
+            lab_tiles: false,
+        };
+        assert!(w.check_transport().unwrap_err().contains("--allow-http"));
+        w.tls.allow_http = true;
+        assert!(w.check_transport().is_ok());
+        w.base_url = "https://cml1".into();
+        w.tls.allow_http = false;
+        assert!(w.check_transport().is_ok() && !w.plain_http());
+        let mut other = w.clone();
+        other.base_url = "https://elsewhere".into();
+        assert_ne!(w.credential_binding(), other.credential_binding());
+    }
 
     #[test]
     fn base_urls_are_scheme_host_and_port_only() {

@@ -28,10 +28,11 @@ fn bounded<T>(r: &Result<T, CmlError>) {
 fuzz_target!(|data: &[u8]| {
     let list = parse_lab_ids(data);
     bounded(&list);
-    if let Ok(ids) = &list {
-        for id in ids {
+    if let Ok(list) = &list {
+        for id in &list.ids {
             assert_eq!(LabId::parse(id.as_str()), Ok(*id));
         }
+        assert!(list.first_invalid.as_ref().is_none_or(|t| t.len() <= 83));
     }
 
     // A fixed lab, as most bodies will not name it...

@@ -170,6 +170,7 @@ pub struct RefreshSettings {
     pub max_prune_share: f64,
     pub prune_floor: usize,
     pub lease_ttl_secs: u64,
+    pub run_deadline_secs: u64,
     pub history_limit: usize,
 }
 
@@ -196,6 +197,7 @@ pub struct SecuritySettings {
 pub struct CmlSettings {
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    pub max_response_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,29 +305,140 @@ impl Settings {
                 reason: e,
             });
         }
-        if self.refresh.max_concurrent_workers == 0 {
-            return invalid("refresh.max_concurrent_workers", "must be at least 1");
-        }
-        if self.refresh.max_concurrent_labs_per_worker == 0 {
-            return invalid(
-                "refresh.max_concurrent_labs_per_worker",
-                "must be at least 1",
-            );
-        }
         if !(self.refresh.max_prune_share > 0.0 && self.refresh.max_prune_share <= 1.0) {
             return invalid("refresh.max_prune_share", "must be in (0, 1]");
         }
-        if self.refresh.lease_ttl_secs == 0 {
-            return invalid("refresh.lease_ttl_secs", "must be at least 1");
-        }
-        if self.refresh.history_limit == 0 {
-            return invalid("refresh.history_limit", "must be at least 1");
-        }
-        if self.delete.tombstone_ttl_secs == 0 {
-            return invalid("delete.tombstone_ttl_secs", "must be at least 1");
-        }
-        if self.delete.converge_poll_ms == 0 {
-            return invalid("delete.converge_poll_ms", "must be at least 1");
+        // Every duration and size is bounded on both sides, so that no
+        // value can make time arithmetic overflow later (a tombstone's
+        // expiry computed after CML already deleted the lab must not panic).
+        const DAY: u64 = 24 * 3600;
+        let ten_years = 3650 * DAY;
+        for (key, v, min, max) in [
+            (
+                "refresh.lease_ttl_secs",
+                self.refresh.lease_ttl_secs,
+                1,
+                DAY,
+            ),
+            (
+                "refresh.run_deadline_secs",
+                self.refresh.run_deadline_secs,
+                1,
+                7 * DAY,
+            ),
+            (
+                "refresh.history_limit",
+                self.refresh.history_limit as u64,
+                1,
+                10_000,
+            ),
+            (
+                "refresh.max_concurrent_workers",
+                self.refresh.max_concurrent_workers as u64,
+                1,
+                1024,
+            ),
+            (
+                "refresh.max_concurrent_labs_per_worker",
+                self.refresh.max_concurrent_labs_per_worker as u64,
+                1,
+                1024,
+            ),
+            (
+                "delete.tombstone_ttl_secs",
+                self.delete.tombstone_ttl_secs,
+                1,
+                ten_years,
+            ),
+            (
+                "delete.converge_timeout_secs",
+                self.delete.converge_timeout_secs,
+                1,
+                DAY,
+            ),
+            (
+                "delete.converge_poll_ms",
+                self.delete.converge_poll_ms,
+                1,
+                60_000,
+            ),
+            (
+                "delete.async_retry_base_ms",
+                self.delete.async_retry_base_ms,
+                1,
+                DAY * 1000,
+            ),
+            (
+                "delete.async_max_backoff_secs",
+                self.delete.async_max_backoff_secs,
+                1,
+                DAY,
+            ),
+            ("delete.async_poll_ms", self.delete.async_poll_ms, 1, 60_000),
+            (
+                "events.retention_secs",
+                self.events.retention_secs,
+                1,
+                ten_years,
+            ),
+            (
+                "events.poll_interval_ms",
+                self.events.poll_interval_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "events.request_timeout_ms",
+                self.events.request_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "events.max_backoff_secs",
+                self.events.max_backoff_secs,
+                1,
+                DAY,
+            ),
+            (
+                "api.shutdown_grace_secs",
+                self.api.shutdown_grace_secs,
+                0,
+                3600,
+            ),
+            (
+                "mongodb.server_selection_timeout_ms",
+                self.mongodb.server_selection_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "mongodb.connect_timeout_ms",
+                self.mongodb.connect_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "cml.connect_timeout_ms",
+                self.cml.connect_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "cml.request_timeout_ms",
+                self.cml.request_timeout_ms,
+                1,
+                3_600_000,
+            ),
+            (
+                "cml.max_response_bytes",
+                self.cml.max_response_bytes as u64,
+                1024,
+                1 << 30,
+            ),
+        ] {
+            if !(min..=max).contains(&v) {
+                return invalid(key, &format!("must be between {min} and {max}, not {v}"));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for entry in &self.api.tokens {
@@ -346,20 +459,6 @@ impl Settings {
         if self.api.body_limit_bytes < 1024 {
             return invalid("api.body_limit_bytes", "must be at least 1024");
         }
-        for (key, v) in [
-            ("events.poll_interval_ms", self.events.poll_interval_ms),
-            ("events.request_timeout_ms", self.events.request_timeout_ms),
-            ("events.retention_secs", self.events.retention_secs),
-            (
-                "delete.async_retry_base_ms",
-                self.delete.async_retry_base_ms,
-            ),
-            ("delete.async_poll_ms", self.delete.async_poll_ms),
-        ] {
-            if v == 0 {
-                return invalid(key, "must be at least 1");
-            }
-        }
         let sink = self.events.sink_url.expose_secret();
         if !(sink.is_empty() || sink.starts_with("http://") || sink.starts_with("https://")) {
             return invalid(
@@ -374,22 +473,6 @@ impl Settings {
                 key: "security.encryption_key",
                 reason,
             });
-        }
-        for (key, ms) in [
-            (
-                "mongodb.server_selection_timeout_ms",
-                self.mongodb.server_selection_timeout_ms,
-            ),
-            (
-                "mongodb.connect_timeout_ms",
-                self.mongodb.connect_timeout_ms,
-            ),
-            ("cml.connect_timeout_ms", self.cml.connect_timeout_ms),
-            ("cml.request_timeout_ms", self.cml.request_timeout_ms),
-        ] {
-            if ms == 0 {
-                return invalid(key, "must be at least 1 ms");
-            }
         }
         if self.mongodb.database.is_empty()
             || self
@@ -519,6 +602,32 @@ mod tests {
                 "LABSYNC__SECURITY__ENCRYPTION_KEY",
                 "not base64!",
                 "security.encryption_key",
+            ),
+            // Values that would overflow time arithmetic later.
+            (
+                "LABSYNC__DELETE__TOMBSTONE_TTL_SECS",
+                "18446744073709551615",
+                "delete.tombstone_ttl_secs",
+            ),
+            (
+                "LABSYNC__REFRESH__LEASE_TTL_SECS",
+                "9223372036854775807",
+                "refresh.lease_ttl_secs",
+            ),
+            (
+                "LABSYNC__DELETE__ASYNC_MAX_BACKOFF_SECS",
+                "99999999999",
+                "delete.async_max_backoff_secs",
+            ),
+            (
+                "LABSYNC__EVENTS__RETENTION_SECS",
+                "99999999999999",
+                "events.retention_secs",
+            ),
+            (
+                "LABSYNC__CML__MAX_RESPONSE_BYTES",
+                "10",
+                "cml.max_response_bytes",
             ),
         ];
         for (key, value, named) in cases {

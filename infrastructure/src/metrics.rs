@@ -246,6 +246,7 @@ impl Observer for Metrics {
             | "cml_unreachable"
             | "cml_refused"
             | "not_converged"
+            | "account_not_admin"
             | "record_cleanup_pending" => outcome,
             _ => "other",
         };

@@ -15,6 +15,8 @@ pub struct TlsView {
     pub ca_bundle: bool,
     /// Certificate verification is off.
     pub insecure: bool,
+    /// Plain `http://` was explicitly accepted for this worker.
+    pub allow_http: bool,
 }
 
 /// A worker; credentials are write-only and never returned.
@@ -25,6 +27,9 @@ pub struct WorkerView {
     pub base_url: String,
     pub username: String,
     pub tls: TlsView,
+    /// What is unsafe about how labsync reaches this worker (plain HTTP,
+    /// certificate verification off); empty when nothing is.
+    pub warnings: Vec<String>,
     pub enabled: bool,
     /// Lab details come from CML's one `populate_lab_tiles` request, with
     /// one request per lab for what it misses or when it fails.
@@ -37,6 +42,7 @@ pub struct WorkerView {
 impl From<WorkerOverview> for WorkerView {
     fn from(o: WorkerOverview) -> Self {
         let w = o.worker;
+        let warnings = warnings(&w);
         Self {
             id: w.id.to_string(),
             name: w.name,
@@ -45,7 +51,9 @@ impl From<WorkerOverview> for WorkerView {
             tls: TlsView {
                 ca_bundle: w.tls.ca_cert_pem.is_some(),
                 insecure: w.tls.insecure,
+                allow_http: w.tls.allow_http,
             },
+            warnings,
             enabled: w.enabled,
             lab_tiles: w.lab_tiles,
             sync_state: serde_json::to_value(o.sync_state)
@@ -55,6 +63,17 @@ impl From<WorkerOverview> for WorkerView {
             last_run: o.last_run.map(RunReportView::from),
         }
     }
+}
+
+fn warnings(w: &labsync_application::domain::Worker) -> Vec<String> {
+    let mut out = Vec::new();
+    if w.plain_http() {
+        out.push("plain http: the CML password crosses the network unencrypted".to_owned());
+    }
+    if w.tls.insecure {
+        out.push("certificate verification is off".to_owned());
+    }
+    out
 }
 
 /// Registers a worker.
@@ -74,6 +93,10 @@ pub struct WorkerCreate {
     pub ca_cert_pem: Option<String>,
     #[serde(default)]
     pub insecure: bool,
+    /// Accept a plain `http://` URL (the password then crosses the network
+    /// unencrypted). Default false: an `http://` URL is refused.
+    #[serde(default)]
+    pub allow_http: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Fetch lab details with CML's one `populate_lab_tiles` request
@@ -93,11 +116,12 @@ pub struct WorkerPatch {
     pub name: Option<String>,
     pub base_url: Option<String>,
     pub username: Option<String>,
-    /// Write-only.
+    /// Write-only. Required when `base_url` or `username` changes.
     pub password: Option<String>,
     /// An empty string removes the CA bundle.
     pub ca_cert_pem: Option<String>,
     pub insecure: Option<bool>,
+    pub allow_http: Option<bool>,
     pub enabled: Option<bool>,
     pub lab_tiles: Option<bool>,
 }
@@ -356,7 +380,7 @@ pub struct DeleteOutcomeView {
     pub worker_id: String,
     pub lab_id: String,
     /// `deleted`, `already_absent`, `refused_running`, `cml_unreachable`,
-    /// `cml_refused` or `not_converged`.
+    /// `cml_refused`, `not_converged` or `account_not_admin`.
     pub kind: String,
     /// For `refused_running`: the lab's state.
     #[serde(skip_serializing_if = "Option::is_none")]

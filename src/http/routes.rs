@@ -68,6 +68,7 @@ pub async fn create_worker(
         tls: TlsSettings {
             ca_cert_pem: body.ca_cert_pem,
             insecure: body.insecure,
+            allow_http: body.allow_http,
         },
         enabled: body.enabled,
         lab_tiles: body.lab_tiles,
@@ -112,6 +113,7 @@ pub async fn patch_worker(
         password: body.password.map(SecretString::from),
         ca_cert_pem: body.ca_cert_pem.map(|p| (!p.is_empty()).then_some(p)),
         insecure: body.insecure,
+        allow_http: body.allow_http,
         enabled: body.enabled,
         lab_tiles: body.lab_tiles,
     };
@@ -212,7 +214,7 @@ pub async fn get_lab(
         (status = 202, description = "Accepted (mode=async)", body = AcceptedDelete),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 409, description = "The lab is running and force was not given", body = Problem),
-        (status = 502, description = "CML failed or could not be reached", body = Problem),
+        (status = 502, description = "CML failed or could not be reached, or labsync's CML account is not an admin", body = Problem),
         (status = 503, body = Problem)),
     security(("token" = [])))]
 pub async fn delete_lab(
@@ -261,6 +263,9 @@ pub async fn delete_lab(
     let (status, kind) = match outcome.kind {
         labsync_application::DeleteOutcomeKind::RefusedRunning { .. } => {
             (StatusCode::CONFLICT, "lab-running")
+        }
+        labsync_application::DeleteOutcomeKind::AccountNotAdmin { .. } => {
+            (StatusCode::BAD_GATEWAY, "cml-account-not-admin")
         }
         _ => (StatusCode::BAD_GATEWAY, "cml-failed"),
     };

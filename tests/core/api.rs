@@ -150,7 +150,7 @@ async fn workers_are_registered_changed_and_removed_with_write_only_credentials(
     let t = TestApp::spawn().await;
     let api = TestApi::start(&t).await;
     let url = t.sim().base_url();
-    let create = json!({"id": "api-worker", "base_url": url, "username": "admin", "password": ADMIN_PASSWORD});
+    let create = json!({"id": "api-worker", "base_url": url, "username": "admin", "password": ADMIN_PASSWORD, "allow_http": true});
     let (s, body) = api
         .send(
             api.req(Method::POST, "/api/v1/workers", Some(ADMIN_TOKEN))

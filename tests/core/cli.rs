@@ -21,6 +21,7 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
         "admin",
         "--password-env",
         "CML_PASSWORD",
+        "--allow-http",
     ];
     let o = t.cli(&add).await;
     assert!(o.status.success(), "{}", output_text(&o));

@@ -101,7 +101,10 @@ impl TestApp {
                         name: w.name.clone(),
                         base_url: w.base_url(),
                         username: "admin".into(),
-                        tls: TlsSettings::default(),
+                        tls: TlsSettings {
+                            allow_http: true,
+                            ..TlsSettings::default()
+                        },
                         enabled: true,
                         lab_tiles: false,
                     },

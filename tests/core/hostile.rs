@@ -602,6 +602,7 @@ const CREATE_FIELDS: &[&str] = &[
     "ca_cert_pem",
     "insecure",
     "enabled",
+    "allow_http",
 ];
 
 const STRINGS: &[&str] = &[
@@ -647,7 +648,7 @@ fn field_value(rng: &mut StdRng, field: &str) -> Value {
     }
     let pick = |rng: &mut StdRng, from: &[&str]| json!(from.choose(rng).unwrap());
     match field {
-        "insecure" | "enabled" => json!(rng.random_bool(0.5)),
+        "insecure" | "enabled" | "allow_http" => json!(rng.random_bool(0.5)),
         "id" if rng.random_bool(0.6) => json!(format!("hostile-{}", rng.random_range(0..1000))),
         "base_url" => pick(rng, URLS),
         "ca_cert_pem" => pick(rng, PEMS),
@@ -660,6 +661,7 @@ fn field_value(rng: &mut StdRng, field: &str) -> Value {
 fn presence(create: bool, field: &str) -> f64 {
     match (create, field) {
         (true, "ca_cert_pem" | "insecure") => 0.2,
+        (true, "allow_http") => 0.5,
         (true, _) => 0.9,
         (false, _) => 0.4,
     }
@@ -675,7 +677,7 @@ fn body_shape_ok(create: bool, v: &Value) -> bool {
     o.keys()
         .all(|k| CREATE_FIELDS[1..].contains(&k.as_str()) || (create && k == "id"))
         && o.iter().all(|(k, v)| match k.as_str() {
-            "insecure" | "enabled" => v.is_boolean() || (!create && v.is_null()),
+            "insecure" | "enabled" | "allow_http" => v.is_boolean() || (!create && v.is_null()),
             "name" | "ca_cert_pem" => v.is_string() || v.is_null(),
             _ => v.is_string() || (!create && v.is_null()),
         })
@@ -699,7 +701,10 @@ fn expected_for_body(create: bool, v: &Value, created: &mut HashSet<String>) -> 
         || s("password") == Some("")
         || s("username") == Some("")
         || (v.get("insecure") == Some(&json!(true)) && pem.is_some())
-        || pem.is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"));
+        || pem.is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
+        // Plain http:// only with an explicit yes.
+        || (s("base_url").is_some_and(|u| u.trim().starts_with("http://"))
+            && v.get("allow_http") != Some(&json!(true)));
     if invalid {
         400
     } else if id == "cml-1" || !created.insert(id.to_owned()) {

@@ -17,3 +17,4 @@ mod refresh;
 mod replicas;
 mod serve;
 mod tls;
+mod trust;

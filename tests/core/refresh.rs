@@ -270,10 +270,14 @@ async fn an_expired_token_mid_run_is_renewed_once_and_the_run_succeeds() {
     assert_eq!(
         t.sim().stats().logins,
         1,
-        "the token is reused within and across runs"
+        "one login per run: it says whether the account is still an admin"
     );
     t.refresh().await;
-    assert_eq!(t.sim().stats().logins, 1);
+    assert_eq!(
+        t.sim().stats().logins,
+        2,
+        "and the token serves the whole run"
+    );
     // Expire every token while the details of a run are being fetched.
     t.faults(json!({"latency_ms": {"lab_details": 20}}));
     let run = t.spawn_refresh();
@@ -288,7 +292,11 @@ async fn an_expired_token_mid_run_is_renewed_once_and_the_run_succeeds() {
         (RunStatus::Succeeded, 0, SEEDED_LABS as u64),
         "{r:?}"
     );
-    assert_eq!(t.sim().stats().logins, 2, "exactly one re-authentication");
+    assert_eq!(
+        t.sim().stats().logins,
+        4,
+        "the run's own login and exactly one re-authentication"
+    );
 }
 
 #[tokio::test]

@@ -102,7 +102,7 @@ async fn sigterm_lets_a_delete_in_flight_complete_and_no_secret_reaches_the_logs
     // A story with secrets in it: a worker registered with a password, refreshes, listings.
     let secret_password = "s3cret-password-via-api";
     let r = call(reqwest::Method::POST, "/api/v1/workers", crate::helpers::ADMIN_TOKEN)
-        .json(&json!({"id": "cml-extra", "base_url": t.sim().base_url(), "username": "admin", "password": secret_password}))
+        .json(&json!({"id": "cml-extra", "base_url": t.sim().base_url(), "username": "admin", "password": secret_password, "allow_http": true}))
         .send()
         .await
         .unwrap();

@@ -83,6 +83,7 @@ async fn a_self_signed_worker_is_refreshed_when_its_ca_bundle_is_trusted() {
         TlsSettings {
             ca_cert_pem: Some(ca_pem(&t)),
             insecure: false,
+            allow_http: false,
         },
     )
     .await;

@@ -305,7 +305,10 @@ impl Harness {
                         name: w.name.clone(),
                         base_url: w.url.clone(),
                         username: "admin".into(),
-                        tls: TlsSettings::default(),
+                        tls: TlsSettings {
+                            allow_http: true,
+                            ..TlsSettings::default()
+                        },
                         enabled: true,
                         lab_tiles: false,
                     },

@@ -189,7 +189,7 @@ async fn list_labs(
     if g.faults.empty_list {
         return Ok(axum::Json(Vec::<String>::new()).into_response());
     }
-    let ids: Vec<&str> = g
+    let ids: Vec<serde_json::Value> = g
         .inventory
         .labs
         .values()
@@ -201,7 +201,8 @@ async fn list_labs(
             }
         })
         .filter(|lab| !g.faults.hide_from_list.contains(&lab.id))
-        .map(|lab| lab.id.as_str())
+        .map(|lab| serde_json::Value::from(lab.id.as_str()))
+        .chain(g.faults.invalid_list_entries.iter().cloned())
         .collect();
     Ok(axum::Json(ids).into_response())
 }
@@ -374,5 +375,6 @@ async fn delete_lab(
         ));
     }
     g.inventory.labs.remove(&lab_id);
+    g.stats.deleted += 1;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -33,6 +33,7 @@ pub(crate) fn routes() -> Router<Arc<WorkerState>> {
         .route("/_sim/expire_tokens", post(expire_tokens))
         .route("/_sim/stats", get(stats).delete(reset_stats))
         .route("/_sim/users", get(users))
+        .route("/_sim/users/{username}", axum::routing::patch(patch_user))
         .route("/_sim/reset", post(reset))
 }
 
@@ -137,6 +138,22 @@ async fn reset_stats(State(w): Worker) -> StatusCode {
 /// The simulated users and their passwords (the simulator's own, for tests).
 async fn users(State(w): Worker) -> Response {
     axum::Json(w.users()).into_response()
+}
+
+/// `{"admin": bool}`: gives a user admin rights or takes them away.
+async fn patch_user(
+    State(w): Worker,
+    Path(username): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, BadRequest> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Patch {
+        admin: bool,
+    }
+    let p: Patch = parse(&body)?;
+    w.set_admin(&username, p.admin).map_err(BadRequest)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn reset(State(w): Worker) -> StatusCode {

@@ -89,6 +89,25 @@ pub struct Faults {
     pub empty_list: bool,
     /// Lab ids left out of `GET /labs` although they exist.
     pub hide_from_list: Vec<String>,
+    /// Endpoints answered with the HTML 404 page of a reverse proxy that
+    /// does not route to CML (a wrong base path, a misconfigured proxy).
+    pub proxy_404: Vec<Endpoint>,
+    /// Endpoints whose request CML carries out, and whose answer is then
+    /// lost: `error_500` (a 500 after the fact), `hang` (no answer) or
+    /// `reset` (the connection drops mid-answer).
+    pub after_the_fact: HashMap<Endpoint, AfterTheFact>,
+    /// Entries added to `GET /labs` that are not lab ids.
+    pub invalid_list_entries: Vec<serde_json::Value>,
+}
+
+/// How an answer is lost after CML acted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterTheFact {
+    #[serde(rename = "error_500")]
+    Error500,
+    Hang,
+    Reset,
 }
 
 fn applies(list: &[Endpoint], e: Endpoint) -> bool {
@@ -121,7 +140,16 @@ impl Faults {
     pub fn mistypes(&self, e: Endpoint) -> bool {
         applies(&self.wrong_types, e)
     }
+    pub fn proxy_404s(&self, e: Endpoint) -> bool {
+        applies(&self.proxy_404, e)
+    }
+    pub fn after_the_fact(&self, e: Endpoint) -> Option<AfterTheFact> {
+        lookup(&self.after_the_fact, e)
+    }
 }
+
+/// The page nginx serves for a path it does not route.
+pub const PROXY_NOT_FOUND_PAGE: &str = "<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 
 /// The page nginx in front of a CML controller serves while the controller
 /// is not up yet.
@@ -184,15 +212,54 @@ pub(crate) async fn middleware(
         // Never answers; the client's timeout is what is being tested.
         std::future::pending::<()>().await;
         unreachable!("a pending future never completes")
+    } else if faults.proxy_404s(endpoint) {
+        (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/html")],
+            PROXY_NOT_FOUND_PAGE,
+        )
+            .into_response()
     } else if error_draw < faults.error_rate(endpoint) {
         crate::api::CmlError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error.")
             .into_response()
     } else {
         let response = next.run(request).await;
-        if faults.truncates(endpoint) || faults.mistypes(endpoint) {
-            corrupt(response, faults.truncates(endpoint)).await
-        } else {
-            response
+        match faults.after_the_fact(endpoint) {
+            // The handler has run: CML acted, and now the answer is lost.
+            Some(AfterTheFact::Error500) => {
+                worker.count_after_the_fact(endpoint);
+                crate::api::CmlError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal server error.",
+                )
+                .into_response()
+            }
+            Some(AfterTheFact::Hang) => {
+                worker.count_after_the_fact(endpoint);
+                std::future::pending::<()>().await;
+                unreachable!("a pending future never completes")
+            }
+            Some(AfterTheFact::Reset) => {
+                worker.count_after_the_fact(endpoint);
+                // Headers go out, then the body fails: the server drops the
+                // connection mid-answer.
+                let broken = futures::stream::once(async {
+                    Err::<axum::body::Bytes, std::io::Error>(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "cml-sim: connection reset after the fact",
+                    ))
+                });
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    Body::from_stream(broken),
+                )
+                    .into_response()
+            }
+            None if faults.truncates(endpoint) || faults.mistypes(endpoint) => {
+                corrupt(response, faults.truncates(endpoint)).await
+            }
+            None => response,
         }
     };
     worker.record(endpoint, response.status().as_u16());

@@ -87,11 +87,16 @@ pub struct Stats {
     pub requests: BTreeMap<Endpoint, u64>,
     pub statuses: BTreeMap<String, u64>,
     pub logins: u64,
+    /// Requests carried out whose answer an `after_the_fact` fault lost.
+    pub lost_answers: BTreeMap<Endpoint, u64>,
+    /// Labs deleted through the API (`DELETE /labs/{id}` that removed one).
+    pub deleted: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub users: Vec<SimUser>,
+    pub initial_users: Vec<SimUser>,
     pub inventory: Inventory,
     pub initial: Vec<Lab>,
     pub tokens: TokenIssuer,
@@ -129,6 +134,27 @@ impl WorkerState {
         if endpoint == Endpoint::Authenticate && status == 200 {
             g.stats.logins += 1;
         }
+    }
+
+    pub(crate) fn count_after_the_fact(&self, endpoint: Endpoint) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *g.stats.lost_answers.entry(endpoint).or_default() += 1;
+    }
+
+    /// Makes a user an admin or takes it away, as a CML admin would in the
+    /// user settings; tokens already issued stay valid, with the new rights.
+    ///
+    /// # Errors
+    /// A message when there is no such user.
+    pub fn set_admin(&self, username: &str, admin: bool) -> Result<(), String> {
+        let mut g = self.lock();
+        let user = g
+            .users
+            .iter_mut()
+            .find(|u| u.username == username)
+            .ok_or_else(|| format!("no such user {username:?}"))?;
+        user.admin = admin;
+        Ok(())
     }
 
     /// Counts a request and draws the random numbers its faults need.
@@ -250,11 +276,13 @@ impl WorkerState {
         self.lock().stats = Stats::default();
     }
 
-    /// Back to the labs the worker started with, no faults, no tokens, no stats.
+    /// Back to the labs and users the worker started with, no faults, no
+    /// tokens, no stats.
     pub fn reset(&self) {
         let mut g = self.lock();
         let initial = g.initial.clone();
         g.inventory.labs = initial.into_iter().map(|l| (l.id.clone(), l)).collect();
+        g.users = g.initial_users.clone();
         g.faults = Faults::default();
         g.stats = Stats::default();
         g.tokens.revoke_all();
@@ -366,6 +394,7 @@ impl Simulator {
                 lab_id: lab_id.clone(),
                 inner: Mutex::new(Inner {
                     users: users.clone(),
+                    initial_users: users.clone(),
                     inventory: Inventory {
                         labs: labs.iter().map(|l| (l.id.clone(), l.clone())).collect(),
                     },

@@ -3,10 +3,17 @@
 //!
 //! One pooled, authenticated client per worker, created on first use and
 //! reused until the worker's URL, user or TLS settings change, or until a
-//! refresh of the worker ends ([`CmlGateway::release`]). The token is
+//! refresh of the worker ends ([`CmlGateway::release`]). The session (token
+//! and whether the account is a CML admin, from `POST /auth_extended`) is
 //! cached until CML answers 401; then the client logs in once more and
 //! retries once. Lab ids go into URL paths as they are: they are validated
 //! [`LabId`]s (lowercase hex and dashes), so nothing needs escaping.
+//!
+//! Everything CML sends is untrusted: bodies are read up to
+//! `cml.max_response_bytes`, descriptions are clipped and escaped, and a
+//! 404 is "the lab is gone" only when it is CML's own JSON error naming a
+//! lab (see [`is_lab_not_found`]); a proxy's page or a wrong base path is
+//! an unreachable CML, never a deleted lab.
 
 mod wire;
 
@@ -15,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use labsync_application::CmlError;
-use labsync_application::ports::{CmlGateway, WorkerAccess};
+use labsync_application::ports::{CmlAccount, CmlGateway, LabList, WorkerAccess};
 use labsync_domain::{LabId, LabSnapshot, LabState, WorkerId};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
@@ -24,16 +31,16 @@ use tracing::warn;
 use crate::configuration::CmlSettings;
 use crate::metrics::Metrics;
 
-pub use wire::{parse_lab_details, parse_lab_ids, parse_lab_tiles};
+pub use wire::{clip_text, parse_lab_details, parse_lab_ids, parse_lab_tiles};
 
 /// CML clients for every worker, keyed by worker id.
 #[derive(Debug)]
 pub struct CmlHttpGateway {
     settings: CmlSettings,
     clients: Mutex<HashMap<WorkerId, Arc<CmlClient>>>,
-    /// Tokens of released clients, so that a new client of the same worker
-    /// (same settings) does not log in again.
-    saved_tokens: Mutex<HashMap<WorkerId, (Fingerprint, String)>>,
+    /// Sessions of released clients, so that a new client of the same
+    /// worker (same settings) does not log in again.
+    saved_tokens: Mutex<HashMap<WorkerId, (Fingerprint, Session)>>,
     metrics: Metrics,
 }
 
@@ -107,6 +114,7 @@ impl CmlHttpGateway {
             self.http_for(access)?,
             self.metrics.clone(),
             saved,
+            self.settings.max_response_bytes,
         ));
         clients.insert(access.worker.id.clone(), client.clone());
         Ok(client)
@@ -145,7 +153,23 @@ impl Fingerprint {
     }
 }
 
-/// One worker's connection pool and token.
+/// A login: the token and who it belongs to.
+#[derive(Clone)]
+struct Session {
+    token: String,
+    account: CmlAccount,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("token", &"[REDACTED]")
+            .field("account", &self.account)
+            .finish()
+    }
+}
+
+/// One worker's connection pool and session.
 struct CmlClient {
     fingerprint: Fingerprint,
     http: reqwest::Client,
@@ -154,8 +178,9 @@ struct CmlClient {
     username: String,
     password: SecretString,
     /// Held across a login so that concurrent requests log in once.
-    token: tokio::sync::Mutex<Option<String>>,
+    session: tokio::sync::Mutex<Option<Session>>,
     metrics: Metrics,
+    max_body: usize,
 }
 
 impl std::fmt::Debug for CmlClient {
@@ -192,27 +217,43 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
     }
 }
 
-/// CML's `{code, description}`, or the raw body (shortened) when the body is
-/// something else, such as a reverse proxy's HTML page.
+/// The most of CML's error description that reports and logs keep.
+const MAX_DESCRIPTION: usize = 200;
+
+/// CML's `{code, description}`, or the raw body when the body is something
+/// else, such as a reverse proxy's HTML page; clipped and escaped either way.
 fn describe(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
         description: String,
     }
     if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
-        return e.description;
+        return clip_text(&e.description, MAX_DESCRIPTION);
     }
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
-    let mut end = text.len().min(200);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
     if text.is_empty() {
         "(empty body)".to_owned()
     } else {
-        text[..end].to_owned()
+        clip_text(text, MAX_DESCRIPTION)
     }
+}
+
+/// Whether a 404's body is CML's own answer that a lab does not exist:
+/// CML's error shape (`{"code": 404, "description": ...}`) with a
+/// description about a lab (naming `lab`, or saying "lab not found").
+/// Anything else that answers 404 (a reverse proxy's page, a wrong base
+/// path, a route CML does not have) says nothing about the lab.
+pub fn is_lab_not_found(body: &[u8], lab: &LabId) -> bool {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        code: u16,
+        description: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body).is_ok_and(|e| {
+        let d = e.description.to_ascii_lowercase();
+        e.code == 404 && (d.contains(lab.as_str()) || d.contains("lab not found"))
+    })
 }
 
 /// A bounded metric label for a CML call.
@@ -220,7 +261,7 @@ fn endpoint_label(method: &Method, path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or(path);
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method.as_str(), parts.as_slice()) {
-        (_, ["authenticate"]) => "authenticate",
+        (_, ["authenticate" | "auth_extended"]) => "authenticate",
         ("GET", ["labs"]) => "list_labs",
         ("GET", ["labs", _]) => "lab_details",
         ("DELETE", ["labs", _]) => "delete_lab",
@@ -232,11 +273,18 @@ fn endpoint_label(method: &Method, path: &str) -> &'static str {
     }
 }
 
-fn status_error(a: &Answer) -> CmlError {
+/// The error for a non-success answer to a request about `lab` (none for
+/// requests about no lab, such as the list).
+fn status_error(a: &Answer, lab: Option<&LabId>) -> CmlError {
     let description = describe(&a.body);
     let status = a.status.as_u16();
     match a.status {
-        StatusCode::NOT_FOUND => CmlError::NotFound,
+        StatusCode::NOT_FOUND => match lab {
+            Some(lab) if is_lab_not_found(&a.body, lab) => CmlError::NotFound,
+            _ => CmlError::Unreachable(format!(
+                "HTTP 404 that is not CML's answer about a lab (a proxy or a wrong URL?): {description}"
+            )),
+        },
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
             CmlError::Unreachable(format!("HTTP {status}: {description}"))
         }
@@ -252,13 +300,45 @@ fn status_error(a: &Answer) -> CmlError {
     }
 }
 
+/// Reads a body of at most `max` bytes.
+async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<bytes::Bytes, CmlError> {
+    let too_large = |n: u64| {
+        CmlError::Protocol(format!(
+            "answer of {n} bytes or more is larger than cml.max_response_bytes ({max})"
+        ))
+    };
+    if let Some(n) = resp.content_length()
+        && n > max as u64
+    {
+        return Err(too_large(n));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large((body.len() + chunk.len()) as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// `POST /auth_extended` as CML 2.9 answers it.
+#[derive(serde::Deserialize)]
+struct AuthExtended {
+    token: String,
+    #[serde(default)]
+    username: Option<String>,
+    admin: bool,
+}
+
 impl CmlClient {
     fn new(
         access: &WorkerAccess,
         fingerprint: Fingerprint,
         http: reqwest::Client,
         metrics: Metrics,
-        token: Option<String>,
+        session: Option<Session>,
+        max_body: usize,
     ) -> Self {
         let w = &access.worker;
         Self {
@@ -268,8 +348,9 @@ impl CmlClient {
             worker: w.id.clone(),
             username: w.username.clone(),
             password: access.password.clone(),
-            token: tokio::sync::Mutex::new(token),
+            session: tokio::sync::Mutex::new(session),
             metrics,
+            max_body,
         }
     }
 
@@ -290,19 +371,21 @@ impl CmlClient {
         }
         let resp = req.send().await.map_err(|e| transport_error(&e))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| transport_error(&e))?;
         timer.status(status.as_u16());
+        let body = read_body(resp, self.max_body).await?;
         Ok(Answer { status, body })
     }
 
-    /// Logs in and returns the new token.
-    async fn login(&self) -> Result<String, CmlError> {
+    /// Logs in and returns the new session. `/auth_extended` rather than
+    /// `/authenticate`: it also says whether the account is an admin,
+    /// which decides whether CML's list and 404s can be trusted.
+    async fn login(&self) -> Result<Session, CmlError> {
         let creds = serde_json::json!({
             "username": self.username,
             "password": self.password.expose_secret(),
         });
         let a = self
-            .send(Method::POST, "/authenticate", None, Some(creds))
+            .send(Method::POST, "/auth_extended", None, Some(creds))
             .await?;
         if a.status == StatusCode::FORBIDDEN || a.status == StatusCode::UNAUTHORIZED {
             return Err(CmlError::Auth(format!(
@@ -312,45 +395,72 @@ impl CmlClient {
             )));
         }
         if !a.status.is_success() {
-            return Err(status_error(&a));
+            return Err(status_error(&a, None));
         }
-        let token: String = serde_json::from_slice(&a.body).map_err(|e| {
-            CmlError::Protocol(format!("authenticate did not return a token string: {e}"))
+        let auth: AuthExtended = serde_json::from_slice(&a.body).map_err(|e| {
+            CmlError::Protocol(format!(
+                "auth_extended did not return a token and an admin flag: {}",
+                clip_text(&e.to_string(), MAX_DESCRIPTION)
+            ))
         })?;
-        if token.split('.').count() != 3 {
+        if auth.token.split('.').count() != 3 {
             return Err(CmlError::Protocol(
-                "authenticate returned something that is not a JWT".into(),
+                "auth_extended returned a token that is not a JWT".into(),
             ));
         }
-        Ok(token)
+        Ok(Session {
+            token: auth.token,
+            account: CmlAccount {
+                username: clip_text(
+                    auth.username.as_deref().unwrap_or(&self.username),
+                    MAX_DESCRIPTION,
+                ),
+                admin: auth.admin,
+            },
+        })
     }
 
-    /// The cached token, logging in if there is none.
-    async fn token(&self) -> Result<String, CmlError> {
-        let mut guard = self.token.lock().await;
-        if let Some(t) = guard.as_ref() {
-            return Ok(t.clone());
+    /// The cached session, logging in if there is none.
+    async fn session(&self) -> Result<Session, CmlError> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
         }
-        let t = self.login().await?;
-        *guard = Some(t.clone());
-        Ok(t)
+        let s = self.login().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// A new session, whatever is cached.
+    async fn relogin(&self) -> Result<Session, CmlError> {
+        let mut guard = self.session.lock().await;
+        *guard = None;
+        let s = self.login().await?;
+        *guard = Some(s.clone());
+        Ok(s)
     }
 
     /// Forgets `stale` unless another request already replaced it.
     async fn forget(&self, stale: &str) {
-        let mut guard = self.token.lock().await;
-        if guard.as_deref() == Some(stale) {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref().is_some_and(|s| s.token == stale) {
             *guard = None;
         }
     }
 
-    /// An authenticated call: on 401, log in again once and retry once.
-    async fn call(&self, method: Method, path: &str) -> Result<Answer, CmlError> {
-        let token = self.token().await?;
+    /// An authenticated call about `lab` (if any): on 401, log in again
+    /// once and retry once.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        lab: Option<&LabId>,
+    ) -> Result<Answer, CmlError> {
+        let token = self.session().await?.token;
         let first = self.send(method.clone(), path, Some(&token), None).await?;
         let answer = if first.status == StatusCode::UNAUTHORIZED {
             self.forget(&token).await;
-            let token = self.token().await?;
+            let token = self.session().await?.token;
             self.send(method, path, Some(&token), None).await?
         } else {
             first
@@ -358,7 +468,7 @@ impl CmlClient {
         if answer.status.is_success() {
             Ok(answer)
         } else {
-            Err(status_error(&answer))
+            Err(status_error(&answer, lab))
         }
     }
 }
@@ -378,25 +488,34 @@ impl CmlGateway for CmlHttpGateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&access.worker.id);
-        // Keep the token: it is good for a day, a connection is cheap.
+        // Keep the session: its token is good for a day, a connection is
+        // cheap. (A refresh logs in afresh anyway, see `relogin`.)
         if let Some(client) = removed
-            && let Ok(guard) = client.token.try_lock()
-            && let Some(token) = guard.clone()
+            && let Ok(guard) = client.session.try_lock()
+            && let Some(session) = guard.clone()
         {
             self.saved_tokens
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(
                     access.worker.id.clone(),
-                    (client.fingerprint.clone(), token),
+                    (client.fingerprint.clone(), session),
                 );
         }
     }
 
-    async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<Vec<LabId>, CmlError> {
+    async fn account(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError> {
+        Ok(self.client(access)?.session().await?.account)
+    }
+
+    async fn relogin(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError> {
+        Ok(self.client(access)?.relogin().await?.account)
+    }
+
+    async fn list_lab_ids(&self, access: &WorkerAccess) -> Result<LabList, CmlError> {
         let a = self
             .client(access)?
-            .call(Method::GET, "/labs?show_all=true")
+            .call(Method::GET, "/labs?show_all=true", None)
             .await?;
         parse_lab_ids(&a.body)
     }
@@ -408,7 +527,7 @@ impl CmlGateway for CmlHttpGateway {
     ) -> Result<LabSnapshot, CmlError> {
         let a = self
             .client(access)?
-            .call(Method::GET, &format!("/labs/{lab}"))
+            .call(Method::GET, &format!("/labs/{lab}"), Some(lab))
             .await?;
         parse_lab_details(lab, &a.body)
     }
@@ -419,7 +538,7 @@ impl CmlGateway for CmlHttpGateway {
     ) -> Result<std::collections::HashMap<LabId, LabSnapshot>, CmlError> {
         let a = self
             .client(access)?
-            .call(Method::GET, "/populate_lab_tiles")
+            .call(Method::GET, "/populate_lab_tiles", None)
             .await?;
         parse_lab_tiles(&a.body)
     }
@@ -427,21 +546,21 @@ impl CmlGateway for CmlHttpGateway {
     async fn lab_state(&self, access: &WorkerAccess, lab: &LabId) -> Result<LabState, CmlError> {
         let a = self
             .client(access)?
-            .call(Method::GET, &format!("/labs/{lab}/state"))
+            .call(Method::GET, &format!("/labs/{lab}/state"), Some(lab))
             .await?;
         Ok(LabState::parse(&json::<String>("lab state", &a.body)?))
     }
 
     async fn stop_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
         self.client(access)?
-            .call(Method::PUT, &format!("/labs/{lab}/stop"))
+            .call(Method::PUT, &format!("/labs/{lab}/stop"), Some(lab))
             .await?;
         Ok(())
     }
 
     async fn wipe_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
         self.client(access)?
-            .call(Method::PUT, &format!("/labs/{lab}/wipe"))
+            .call(Method::PUT, &format!("/labs/{lab}/wipe"), Some(lab))
             .await?;
         Ok(())
     }
@@ -449,14 +568,18 @@ impl CmlGateway for CmlHttpGateway {
     async fn is_converged(&self, access: &WorkerAccess, lab: &LabId) -> Result<bool, CmlError> {
         let a = self
             .client(access)?
-            .call(Method::GET, &format!("/labs/{lab}/check_if_converged"))
+            .call(
+                Method::GET,
+                &format!("/labs/{lab}/check_if_converged"),
+                Some(lab),
+            )
             .await?;
         json("check_if_converged", &a.body)
     }
 
     async fn delete_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
         self.client(access)?
-            .call(Method::DELETE, &format!("/labs/{lab}"))
+            .call(Method::DELETE, &format!("/labs/{lab}"), Some(lab))
             .await?;
         Ok(())
     }
@@ -473,21 +596,66 @@ mod tests {
             body: bytes::Bytes::from(body.to_owned()),
         };
         assert_eq!(
-            status_error(&a(400, r#"{"code": 400, "description": "Lab is running"}"#)),
+            status_error(
+                &a(400, r#"{"code": 400, "description": "Lab is running"}"#),
+                None
+            ),
             CmlError::Refused {
                 status: 400,
                 description: "Lab is running".into()
             }
         );
-        assert_eq!(status_error(&a(404, "{}")), CmlError::NotFound);
         assert!(
-            matches!(status_error(&a(502, "<html>502 Bad Gateway</html>")), CmlError::Unreachable(m) if m.contains("502"))
+            matches!(status_error(&a(502, "<html>502 Bad Gateway</html>"), None), CmlError::Unreachable(m) if m.contains("502"))
         );
+        for body in [
+            &"x".repeat(5000),
+            &format!(r#"{{"code": 500, "description": "{}"}}"#, "y".repeat(5000)),
+        ] {
+            assert!(
+                matches!(status_error(&a(500, body), None), CmlError::Server { description, .. } if description.len() <= MAX_DESCRIPTION + 3)
+            );
+        }
         assert!(
-            matches!(status_error(&a(500, &"x".repeat(5000))), CmlError::Server { description, .. } if description.len() == 200)
+            matches!(status_error(&a(500, ""), None), CmlError::Server { description, .. } if description == "(empty body)")
         );
-        assert!(
-            matches!(status_error(&a(500, "")), CmlError::Server { description, .. } if description == "(empty body)")
-        );
+        let Some(CmlError::Server { description, .. }) = Some(status_error(
+            &a(500, r#"{"code": 500, "description": "\u001b[2Jgone"}"#),
+            None,
+        )) else {
+            unreachable!()
+        };
+        assert!(!description.chars().any(char::is_control), "{description}");
+    }
+
+    #[test]
+    fn only_cmls_own_404_about_a_lab_means_the_lab_is_gone() {
+        let lab = LabId::parse("a6a334de-b497-47ae-bbff-44a83f890114").unwrap();
+        let a = |body: &str| Answer {
+            status: StatusCode::NOT_FOUND,
+            body: bytes::Bytes::from(body.to_owned()),
+        };
+        for gone in [
+            format!(r#"{{"code": 404, "description": "Lab not found: {lab}"}}"#),
+            r#"{"code": 404, "description": "Lab not found"}"#.to_owned(),
+        ] {
+            assert_eq!(status_error(&a(&gone), Some(&lab)), CmlError::NotFound);
+            assert!(
+                matches!(status_error(&a(&gone), None), CmlError::Unreachable(_)),
+                "a 404 about no lab (the list) is never a gone lab"
+            );
+        }
+        for not_cml in [
+            "<html><center><h1>404 Not Found</h1></center><hr><center>nginx</center></html>",
+            r#"{"detail": "Not Found"}"#,
+            r#"{"code": 404, "description": "The requested URL was not found on the server."}"#,
+            r#"{"code": 400, "description": "Lab not found"}"#,
+            "",
+        ] {
+            assert!(
+                matches!(status_error(&a(not_cml), Some(&lab)), CmlError::Unreachable(ref m) if m.contains("404")),
+                "{not_cml}"
+            );
+        }
     }
 }

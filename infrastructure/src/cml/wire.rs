@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use labsync_application::CmlError;
+use labsync_application::ports::LabList;
 use labsync_domain::{LabGroup, LabId, LabSnapshot, LabState};
 use serde::Deserialize;
 
@@ -78,16 +79,53 @@ fn timestamp(s: Option<String>) -> Option<DateTime<Utc>> {
 
 /// Parses `GET /labs?show_all=true`: a JSON array of lab ids.
 ///
+/// An entry that is not a UUID4 string is left out and counted, never
+/// fatal: one odd entry must not stop a worker's refresh, and the caller
+/// treats a list with any such entry as incomplete (nothing is pruned).
+///
 /// # Errors
-/// [`CmlError::Protocol`] for anything but an array of UUID4 strings: a list
-/// labsync cannot fully read is not a list it may prune from.
-pub fn parse_lab_ids(body: &[u8]) -> Result<Vec<LabId>, CmlError> {
-    let raw: Vec<String> = serde_json::from_slice(body).map_err(|e| {
+/// [`CmlError::Protocol`] when the body is not a JSON array: a list
+/// labsync cannot read is not a list it may prune from.
+pub fn parse_lab_ids(body: &[u8]) -> Result<LabList, CmlError> {
+    let raw: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
         CmlError::Protocol(format!("lab list is not an array of ids: {}", clipped(&e)))
     })?;
-    raw.iter()
-        .map(|s| LabId::parse(s).map_err(|e| CmlError::Protocol(format!("lab list: {e}"))))
-        .collect()
+    let mut list = LabList {
+        ids: Vec::with_capacity(raw.len()),
+        ..LabList::default()
+    };
+    for entry in &raw {
+        match entry.as_str().map(LabId::parse) {
+            Some(Ok(id)) => list.ids.push(id),
+            _ => {
+                list.invalid += 1;
+                if list.first_invalid.is_none() {
+                    list.first_invalid = Some(clip_text(&entry.to_string(), 80));
+                }
+            }
+        }
+    }
+    Ok(list)
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), with
+/// control characters escaped, so that what CML sent is safe in a log line,
+/// a report and a terminal.
+pub fn clip_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 3);
+    for c in text.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > max {
+            out.push_str("...");
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
 }
 
 /// Parses `GET /labs/{id}` for the lab `expected`.
@@ -221,7 +259,7 @@ mod tests {
     #[test]
     fn parses_the_recorded_cml_24_list_and_tiles() {
         let list = recorded("cml24-labs.json");
-        let ids = parse_lab_ids(list.to_string().as_bytes()).unwrap();
+        let ids = parse_lab_ids(list.to_string().as_bytes()).unwrap().ids;
         assert_eq!(ids.len(), 4);
         let tiles = recorded("cml24-populate-lab-tiles.json");
         for id in &ids {
@@ -296,21 +334,24 @@ mod tests {
     }
 
     #[test]
-    fn a_list_is_all_valid_ids_or_an_error() {
-        assert_eq!(parse_lab_ids(b"[]").unwrap(), vec![]);
-        for bad in [
-            &b"{}"[..],
-            b"[1, 2]",
-            b"[\"../etc\"]",
-            b"[\"a6a334de-b497",
-            b"null",
-        ] {
+    fn a_list_is_an_array_and_entries_that_are_not_lab_ids_are_counted_not_fatal() {
+        assert_eq!(parse_lab_ids(b"[]").unwrap(), LabList::default());
+        for bad in [&b"{}"[..], b"[\"a6a334de-b497", b"null", b"\"x\""] {
             assert!(
                 matches!(parse_lab_ids(bad), Err(CmlError::Protocol(_))),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
+        let list =
+            parse_lab_ids(format!(r#"["{ID}", 1, "../etc", "\u001b[31mred", "{ID}"]"#).as_bytes())
+                .unwrap();
+        assert_eq!(list.ids.len(), 2);
+        assert_eq!(list.invalid, 3);
+        assert_eq!(list.first_invalid.as_deref(), Some("1"));
+        let escaped = clip_text("\u{1b}[31mred\n", 80);
+        assert!(!escaped.chars().any(char::is_control), "{escaped}");
+        assert!(clip_text(&"x".repeat(1000), 80).len() <= 83);
     }
 
     // Hostile input. Whatever a CML server (or whatever answers in its
@@ -420,12 +461,23 @@ mod tests {
         })
     }
 
+    /// A list is any JSON array; how many of its entries are lab ids.
     fn list_acceptable(v: &Value) -> bool {
-        v.as_array().is_some_and(|a| {
-            a.iter().all(|x| {
-                x.as_str()
-                    .is_some_and(|s| labsync_domain::is_uuid4(s.as_bytes()))
-            })
+        v.is_array()
+    }
+
+    fn entries_len(v: &Value) -> usize {
+        v.as_array().map_or(0, Vec::len)
+    }
+
+    fn valid_entries(v: &Value) -> usize {
+        v.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|x| {
+                    x.as_str()
+                        .is_some_and(|s| labsync_domain::is_uuid4(s.as_bytes()))
+                })
+                .count()
         })
     }
 
@@ -561,10 +613,12 @@ mod tests {
         ) {
             let r = parse_lab_ids(&body);
             bounded(&r)?;
-            if let Ok(ids) = r {
+            if let Ok(list) = r {
                 let v: Value = serde_json::from_slice(&body).unwrap();
                 prop_assert!(list_acceptable(&v));
-                prop_assert_eq!(ids.len(), v.as_array().unwrap().len());
+                prop_assert_eq!(list.ids.len(), valid_entries(&v));
+                prop_assert_eq!(list.ids.len() + list.invalid, v.as_array().unwrap().len());
+                prop_assert!(list.first_invalid.as_ref().is_none_or(|t| t.len() <= 83));
             }
             bounded(&parse_lab_details(&LabId::parse(ID).unwrap(), &body))?;
         }
@@ -575,6 +629,9 @@ mod tests {
             let r = parse_lab_ids(&serde_json::to_vec(&v).unwrap());
             bounded(&r)?;
             prop_assert_eq!(r.is_ok(), list_acceptable(&v), "{}", v);
+            if let Ok(list) = r {
+                prop_assert_eq!(list.ids.len(), valid_entries(&v));
+            }
         }
 
         #[test]
@@ -654,6 +711,8 @@ mod tests {
             let r = parse_lab_ids(&serde_json::to_vec(&list).unwrap());
             bounded(&r)?;
             prop_assert_eq!(r.is_ok(), list_acceptable(&list));
+            let r = r.unwrap();
+            prop_assert_eq!((r.ids.len(), r.ids.len() + r.invalid), (valid_entries(&list), entries_len(&list)));
         }
     }
 
@@ -724,15 +783,17 @@ mod tests {
             json!([big]),
             json!(["\u{1}".repeat(1000)]),
         ] {
-            for r in [
-                parse_lab_details(&id, bad.to_string().as_bytes()).map(|_| ()),
-                parse_lab_ids(bad.to_string().as_bytes()).map(|_| ()),
-            ] {
-                let Err(CmlError::Protocol(m)) = r else {
-                    panic!("{r:?}")
-                };
-                assert!(m.len() <= MAX_ERROR, "{} bytes", m.len());
-            }
+            let r = parse_lab_details(&id, bad.to_string().as_bytes()).map(|_| ());
+            let Err(CmlError::Protocol(m)) = r else {
+                panic!("{r:?}")
+            };
+            assert!(m.len() <= MAX_ERROR, "{} bytes", m.len());
+        }
+        // In a list, such entries are counted and clipped.
+        for bad in [json!([big]), json!(["\u{1}".repeat(1000)])] {
+            let list = parse_lab_ids(bad.to_string().as_bytes()).unwrap();
+            assert_eq!(list.invalid, 1);
+            assert!(list.first_invalid.unwrap().len() <= 83);
         }
         // The clipped message still says what was expected, and where.
         let Err(CmlError::Protocol(m)) = parse_lab_details(

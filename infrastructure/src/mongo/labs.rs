@@ -7,6 +7,20 @@
 //! the upsert tries to insert, and the unique index refuses it with E11000.
 //! That makes "never write over a tombstone" atomic without transactions.
 //!
+//! # Limits
+//! MongoDB refuses a document or a command over 16 MiB (`maxBsonObjectSize`;
+//! the test server accepts more, so the limit is enforced here, as the
+//! smaller of the documented limit and what the server's `hello` says). A
+//! record that would outgrow it is left as it was and reported as that
+//! lab's failure; updates go in commands bounded in bytes as well as in
+//! statements.
+//!
+//! # Fencing
+//! Every record a refresh writes carries the run's fencing token (`fence`,
+//! from the refresh lease); an update or a prune matches only records whose
+//! token is not greater than the run's, so a run that lost its lease cannot
+//! undo a newer run's work, atomically per record.
+//!
 //! Every write puts its lab events in the outbox first, then changes the
 //! records, each kind of write as one plain command (`insert`, `update`,
 //! `delete`, `findAndModify`): on the MongoDB-wire test server these are
@@ -35,6 +49,8 @@ use super::{DUPLICATE_KEY, collections, map_error, outbox, update_labs};
 #[derive(Debug, Clone)]
 pub struct MongoLabRepository {
     db: Database,
+    /// The largest document the server takes, read once from `hello`.
+    max_document: std::sync::Arc<tokio::sync::OnceCell<usize>>,
     docs: Collection<Document>,
     records: Collection<LabDoc>,
     outbox: Collection<Document>,
@@ -50,6 +66,7 @@ impl MongoLabRepository {
     pub fn new(db: &Database, event_retention: std::time::Duration) -> Self {
         Self {
             db: db.clone(),
+            max_document: std::sync::Arc::default(),
             docs: db.collection(collections::LABS),
             records: db.collection(collections::LABS),
             outbox: db.collection(collections::OUTBOX),
@@ -60,11 +77,75 @@ impl MongoLabRepository {
     }
 }
 
-/// Update statements per `update` command: far below the server's 16 MiB
-/// command limit even for records with a full history.
+/// Update statements per `update` command (the byte bound usually comes
+/// first for large records).
 const UPDATE_BATCH: usize = 500;
 
+/// MongoDB's documented `maxBsonObjectSize`: no document, and no command
+/// sent as one document, may be larger.
+pub const MAX_BSON_OBJECT: usize = 16 * 1024 * 1024;
+
+/// Room kept for what the server adds to a document (`_id`) or a command
+/// (its name, options, framing).
+const ENVELOPE: usize = 64 * 1024;
+
+fn bson_size(d: &Document) -> usize {
+    // Serializing a Document cannot fail; a failure would count as too large.
+    mongodb::bson::to_vec(d).map_or(usize::MAX, |v| v.len())
+}
+
+/// Groups `items` (with their sizes in bytes) into runs of at most
+/// `max_count` items and `max_bytes` bytes; an item larger than
+/// `max_bytes` goes alone.
+fn batches<T>(items: Vec<(T, usize)>, max_count: usize, max_bytes: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for (item, size) in items {
+        match out.last_mut() {
+            Some(last) if last.len() < max_count && bytes + size <= max_bytes => {
+                bytes += size;
+                last.push(item);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
+}
+
+/// A filter clause: records not written under a greater fence than `fence`
+/// (records from before fencing have none).
+fn not_newer_than(fence: u64) -> Document {
+    doc! {"$or": [{"fence": {"$lte": to_i64(fence)}}, {"fence": {"$exists": false}}]}
+}
+
 impl MongoLabRepository {
+    /// The largest document (and command) this server takes: the smaller
+    /// of MongoDB's documented limit and the server's own.
+    async fn max_document(&self) -> usize {
+        *self
+            .max_document
+            .get_or_init(|| async {
+                let reported = self
+                    .db
+                    .run_command(doc! {"hello": 1})
+                    .await
+                    .ok()
+                    .and_then(|h| {
+                        h.get_i32("maxBsonObjectSize")
+                            .map(i64::from)
+                            .or_else(|_| h.get_i64("maxBsonObjectSize"))
+                            .ok()
+                    })
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(MAX_BSON_OBJECT);
+                reported.min(MAX_BSON_OBJECT)
+            })
+            .await
+    }
+
     async fn insert_events(&self, events: &[LabEvent]) -> Result<(), RepoError> {
         if events.is_empty() {
             return Ok(());
@@ -133,12 +214,14 @@ fn duplicate_indexes(e: &mongodb::error::Error) -> Option<Vec<usize>> {
     }
 }
 
-/// An upsert of a changed record that only matches a live one: over a
-/// tombstone it tries to insert and the unique index refuses it.
+/// An upsert of a changed record that only matches a live one written
+/// under no greater fence: over a tombstone (or a newer run's record) it
+/// tries to insert and the unique index refuses it.
 fn update_statement(
     worker: &WorkerId,
     u: &RecordUpdate,
     history_limit: usize,
+    fence: u64,
 ) -> Result<Document, RepoError> {
     let r = &u.record;
     let mut set = snapshot_fields(&r.snapshot);
@@ -146,15 +229,31 @@ fn update_statement(
     set.insert("revision", to_i64(r.revision));
     set.insert("last_changed_at", date(r.last_changed_at));
     set.insert("last_seen_at", date(r.last_seen_at));
+    set.insert("fence", to_i64(fence));
     let mut update = doc! {"$set": set, "$setOnInsert": {"first_seen_at": date(r.first_seen_at)}};
     if let Some(entry) = &u.entry {
         update.insert("$push", history_push(entry, history_limit)?);
     }
-    Ok(doc! {"q": live(worker, &r.lab_id), "u": update, "upsert": true})
+    let mut q = live(worker, &r.lab_id);
+    q.extend(not_newer_than(fence));
+    Ok(doc! {"q": q, "u": update, "upsert": true})
+}
+
+/// The stored size of a record, as a whole document.
+fn record_size(r: &LabRecord) -> Result<usize, RepoError> {
+    let d = mongodb::bson::to_document(&LabDoc::from_record(r))
+        .map_err(|e| RepoError::Other(e.to_string()))?;
+    Ok(bson_size(&d))
 }
 
 /// Escapes a user's search text for a MongoDB regular expression, so that
 /// it matches literally (and cannot be a costly pattern).
+fn too_large(size: usize, max: usize) -> String {
+    format!(
+        "the record would be {size} bytes, more than the {max} a MongoDB document may hold; left as it was"
+    )
+}
+
 fn regex_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len() * 2);
     for c in text.chars() {
@@ -280,47 +379,76 @@ impl LabRepository for MongoLabRepository {
     async fn apply(
         &self,
         worker: &WorkerId,
-        changes: RecordChanges,
+        mut changes: RecordChanges,
         history_limit: usize,
     ) -> Result<ApplyOutcome, RepoError> {
         let mut outcome = ApplyOutcome::default();
+        let max_document = self.max_document().await.saturating_sub(ENVELOPE);
+        let fence = changes.fence;
+        // Records that would outgrow a document are left as they were, and
+        // so are their events: nothing announces a change not made.
+        let mut create_docs = Vec::with_capacity(changes.create.len());
+        for r in std::mem::take(&mut changes.create) {
+            let mut d = mongodb::bson::to_document(&LabDoc::from_record(&r))
+                .map_err(|e| RepoError::Other(e.to_string()))?;
+            d.insert("fence", to_i64(fence));
+            let size = bson_size(&d);
+            if size > max_document {
+                outcome
+                    .too_large
+                    .push((r.lab_id, too_large(size, max_document)));
+            } else {
+                changes.create.push(r);
+                create_docs.push(d);
+            }
+        }
+        let mut statements = Vec::with_capacity(changes.update.len());
+        for u in std::mem::take(&mut changes.update) {
+            let size = record_size(&u.record)?;
+            if size > max_document {
+                outcome
+                    .too_large
+                    .push((u.record.lab_id, too_large(size, max_document)));
+                continue;
+            }
+            let st = update_statement(worker, &u, history_limit, fence)?;
+            let st_size = bson_size(&st);
+            statements.push(((u.record.lab_id, st), st_size));
+        }
+        if !outcome.too_large.is_empty() {
+            let skipped: Vec<LabId> = outcome.too_large.iter().map(|(id, _)| *id).collect();
+            changes.events.retain(|e| !skipped.contains(&e.lab_id));
+        }
         // Events first: a crash after them repeats the change (and its
         // events) on the next refresh; a crash after the change would lose
         // them.
         self.insert_events(&changes.events).await?;
         let mut refused: Vec<LabId> = Vec::new();
-        if !changes.create.is_empty() {
+        if !create_docs.is_empty() {
             // Plain inserts: the unique index refuses one when a tombstone
-            // (or, after a race, a live record) holds the key.
-            let docs = changes
-                .create
-                .iter()
-                .map(|r| {
-                    mongodb::bson::to_document(&LabDoc::from_record(r))
-                        .map_err(|e| RepoError::Other(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let duplicates = match self.docs.insert_many(docs).ordered(false).await {
+            // (or, after a race, a live record) holds the key. The driver
+            // splits them into messages the server takes.
+            let duplicates = match self.docs.insert_many(create_docs).ordered(false).await {
                 Ok(_) => Vec::new(),
                 Err(e) => duplicate_indexes(&e).ok_or_else(|| map_error(e))?,
             };
             outcome.created = (changes.create.len() - duplicates.len()) as u64;
             refused.extend(duplicates.iter().map(|&i| changes.create[i].lab_id));
         }
-        for chunk in changes.update.chunks(UPDATE_BATCH) {
-            let statements = chunk
-                .iter()
-                .map(|u| update_statement(worker, u, history_limit))
-                .collect::<Result<Vec<_>, _>>()?;
+        // One `update` command is one document: bounded in bytes too.
+        for chunk in batches(statements, UPDATE_BATCH, max_document) {
+            let (ids, statements): (Vec<LabId>, Vec<Document>) = chunk.into_iter().unzip();
             let (matched, duplicates) = self.update_many_statements(statements).await?;
             outcome.updated += matched;
-            refused.extend(duplicates.iter().map(|&i| chunk[i].record.lab_id));
+            refused.extend(duplicates.iter().map(|&i| ids[i]));
         }
         if !changes.prune.is_empty() {
             let ids: Vec<&str> = changes.prune.iter().map(LabId::as_str).collect();
+            let mut filter = doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": false}};
+            filter.extend(not_newer_than(fence));
             outcome.pruned = self
                 .docs
-                .delete_many(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": false}})
+                .delete_many(filter)
                 .await
                 .map_err(map_error)?
                 .deleted_count;

@@ -129,10 +129,13 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
     ])
     .await
     .map_err(map_error)?;
-    db.collection::<Document>(collections::LEASES)
-        .create_index(ttl(doc! {"expires_at": 1}, "lease_ttl"))
-        .await
-        .map_err(map_error)?;
+    // Lease documents are kept (their epoch orders the runs): an index that
+    // expired them, made by earlier releases, goes.
+    let leases = db.collection::<Document>(collections::LEASES);
+    let names = leases.list_index_names().await.unwrap_or_default();
+    if names.iter().any(|n| n == "lease_ttl") {
+        leases.drop_index("lease_ttl").await.map_err(map_error)?;
+    }
     let outbox = db.collection::<Document>(collections::OUTBOX);
     outbox
         .create_indexes([

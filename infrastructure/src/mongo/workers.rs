@@ -1,6 +1,11 @@
 //! [`WorkerRepository`] on MongoDB. The worker id is the document `_id`;
 //! the CML password is stored sealed with AES-256-GCM (see
-//! [`crate::crypto`]) and only decrypted for the CML gateway.
+//! [`crate::crypto`]) and only decrypted for the CML gateway. It is sealed
+//! to the worker's id, URL and user ([`Worker::credential_binding`]): a
+//! change of URL or user without the password again is refused here too,
+//! and could not decrypt anyway. Documents sealed before the binding
+//! (no `sealed_to`) open with the id alone, until their password is next
+//! set.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +46,12 @@ struct WorkerDoc {
     /// Absent in documents written before the option existed.
     #[serde(default)]
     lab_tiles: bool,
+    #[serde(default)]
+    allow_http: bool,
+    /// What the password is sealed to: `id+url+user`, or absent for the id
+    /// alone (documents from before the binding).
+    #[serde(default)]
+    sealed_to: Option<String>,
     created_at: mongodb::bson::DateTime,
 }
 
@@ -54,6 +65,7 @@ impl WorkerDoc {
             tls: TlsSettings {
                 ca_cert_pem: self.ca_cert_pem.clone(),
                 insecure: self.insecure,
+                allow_http: self.allow_http,
             },
             enabled: self.enabled,
             lab_tiles: self.lab_tiles,
@@ -67,6 +79,9 @@ fn binary(bytes: Vec<u8>) -> Binary {
         bytes,
     }
 }
+
+/// The `sealed_to` of a password sealed to [`Worker::credential_binding`].
+const BINDING: &str = "id+url+user";
 
 /// How long a worker read from the database is reused. Deletes and
 /// refreshes read their worker on every call; a change made through another
@@ -133,7 +148,7 @@ impl WorkerRepository for MongoWorkerRepository {
     async fn add(&self, worker: &Worker, password: &SecretString) -> Result<(), RepoError> {
         let sealed = self
             .cipher()?
-            .seal(password, worker.id.as_str())
+            .seal(password, &worker.credential_binding())
             .map_err(RepoError::Other)?;
         let doc = WorkerDoc {
             id: worker.id.to_string(),
@@ -148,6 +163,8 @@ impl WorkerRepository for MongoWorkerRepository {
             insecure: worker.tls.insecure,
             enabled: worker.enabled,
             lab_tiles: worker.lab_tiles,
+            allow_http: worker.tls.allow_http,
+            sealed_to: Some(BINDING.to_owned()),
             created_at: date(chrono::Utc::now()),
         };
         self.workers.insert_one(doc).await.map_err(map_error)?;
@@ -172,14 +189,21 @@ impl WorkerRepository for MongoWorkerRepository {
             nonce: doc.password.nonce.bytes.clone(),
             ciphertext: doc.password.ciphertext.bytes.clone(),
         };
+        let worker = doc.worker()?;
+        let context = match doc.sealed_to.as_deref() {
+            Some(BINDING) => worker.credential_binding(),
+            None => id.to_string(),
+            Some(other) => {
+                return Err(RepoError::Corrupt(format!(
+                    "worker {id}: password sealed to an unknown binding {other:?}"
+                )));
+            }
+        };
         let password = self
             .cipher()?
-            .open(&sealed, id.as_str())
+            .open(&sealed, &context)
             .map_err(|e| RepoError::Corrupt(format!("worker {id}: {e}")))?;
-        let access = WorkerAccess {
-            worker: doc.worker()?,
-            password,
-        };
+        let access = WorkerAccess { worker, password };
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -212,24 +236,45 @@ impl WorkerRepository for MongoWorkerRepository {
             "username": &worker.username,
             "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
             "insecure": worker.tls.insecure,
+            "allow_http": worker.tls.allow_http,
             "enabled": worker.enabled,
             "lab_tiles": worker.lab_tiles,
         };
+        let mut filter = doc! {"_id": worker.id.as_str()};
         if let Some(password) = password {
             let sealed = self
                 .cipher()?
-                .seal(password, worker.id.as_str())
+                .seal(password, &worker.credential_binding())
                 .map_err(RepoError::Other)?;
             set.insert(
                 "password",
                 doc! {"nonce": binary(sealed.nonce), "ciphertext": binary(sealed.ciphertext)},
             );
+            set.insert("sealed_to", BINDING);
+        } else {
+            // Without the password, where it goes must not change.
+            filter.insert("base_url", &worker.base_url);
+            filter.insert("username", &worker.username);
         }
         let r = self
             .workers
-            .update_one(doc! {"_id": worker.id.as_str()}, doc! {"$set": set})
+            .update_one(filter, doc! {"$set": set})
             .await
             .map_err(map_error)?;
+        if r.matched_count == 0 && password.is_none() {
+            let exists = self
+                .workers
+                .find_one(doc! {"_id": worker.id.as_str()})
+                .await
+                .map_err(map_error)?
+                .is_some();
+            if exists {
+                return Err(RepoError::Other(format!(
+                    "worker {}: changing its URL or user needs its password again",
+                    worker.id
+                )));
+            }
+        }
         Ok(r.matched_count > 0)
     }
 
