@@ -16,9 +16,11 @@ use cml_sim::{Lab, SimConfig, Simulator, WorkerSpec};
 /// client's back and injects faults:
 ///   GET|POST /_sim/labs, GET|PATCH|DELETE /_sim/labs/{id},
 ///   GET|PUT|DELETE /_sim/faults (latency_ms, jitter_ms, error_rate, booting,
-///   hang, truncate_json, wrong_types, empty_list, hide_from_list),
+///   hang, truncate_json, wrong_types, empty_list, hide_from_list,
+///   proxy_404, after_the_fact {endpoint: error_500|hang|reset},
+///   invalid_list_entries),
 ///   POST /_sim/expire_tokens, GET|DELETE /_sim/stats, GET /_sim/users,
-///   POST /_sim/reset.
+///   PATCH /_sim/users/{username} {"admin": bool}, POST /_sim/reset.
 ///
 /// With --tls both are served over HTTPS; clients trust the generated CA
 /// (--ca-cert-file) or skip verification.
