@@ -241,3 +241,100 @@ fn tempfile_path(prefix: &str) -> std::path::PathBuf {
         uuid::Uuid::new_v4().simple()
     ))
 }
+
+/// Every form a secret could take in an output: as is, base64 (standard
+/// and URL-safe, padded or not), percent-encoded, and hex of its bytes.
+fn encodings(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let percent: String = secret
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut out = vec![
+        secret.to_owned(),
+        STANDARD.encode(secret),
+        STANDARD_NO_PAD.encode(secret),
+        URL_SAFE.encode(secret),
+        URL_SAFE_NO_PAD.encode(secret),
+        percent,
+        hex::encode(secret),
+    ];
+    // The encryption key is itself base64: its bytes must not show either.
+    if let Ok(raw) = STANDARD.decode(secret) {
+        out.push(hex::encode(&raw));
+        out.push(format!("{raw:?}"));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test]
+async fn labsync_config_help_and_error_paths_reveal_no_secret_in_any_encoding() {
+    let t = TestApp::spawn().await;
+    let mongo_password = "mongo-s3cret-pw";
+    let sink_token = "sink-s3cret-token";
+    let uri = format!(
+        "mongodb://labsync:{mongo_password}@127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=300"
+    );
+    let sink = format!("https://sink.invalid/hook?token={sink_token}");
+    let secrets = [
+        mongo_password,
+        sink_token,
+        crate::helpers::TEST_KEY,
+        crate::helpers::ADMIN_PASSWORD,
+    ];
+    let mut outputs = String::new();
+    // `labsync config` with every secret set, --help of every command, and
+    // a command that fails on the unreachable database (its error names
+    // the database, never the URI's password).
+    for args in [
+        vec!["config"],
+        vec!["--help"],
+        vec!["workers", "add", "--help"],
+        vec!["refresh", "--worker", "cml-1"],
+        vec!["workers", "list"],
+    ] {
+        let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_labsync"))
+            .args(&args)
+            .envs(t.env())
+            .env("LABSYNC__MONGODB__URI", &uri)
+            .env("LABSYNC__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "300")
+            .env("LABSYNC__EVENTS__SINK_URL", &sink)
+            .env("CML_PASSWORD", crate::helpers::ADMIN_PASSWORD)
+            .env("RUST_LOG", "debug")
+            .output()
+            .await
+            .unwrap();
+        outputs.push_str(&crate::helpers::output_text(&o));
+    }
+    assert!(
+        outputs.contains("encryption_key") && outputs.contains("[REDACTED]"),
+        "labsync config printed its settings: {outputs:.3000}"
+    );
+    let mut forms = 0;
+    for secret in secrets {
+        for form in encodings(secret) {
+            forms += 1;
+            assert!(
+                !outputs.contains(&form),
+                "a secret appears as {form:?} in: {outputs:.4000}"
+            );
+        }
+    }
+    crate::helpers::report(
+        "secrets-config",
+        &format!(
+            "secrets in labsync config, --help and error paths: {} secrets in {forms} encodings searched in {} bytes: 0 hits",
+            secrets.len(),
+            outputs.len()
+        ),
+    );
+}
