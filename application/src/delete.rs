@@ -182,7 +182,10 @@ impl DeleteLab {
             other => other,
         };
         let kind = match stop {
-            Stop::Ready => DeleteOutcomeKind::Deleted,
+            Stop::Ready => {
+                crate::crash::point(crate::crash::points::DELETE_AFTER_CML);
+                DeleteOutcomeKind::Deleted
+            }
             Stop::Absent => match self.confirm_absent(s, &access).await {
                 Ok(()) => DeleteOutcomeKind::AlreadyAbsent,
                 Err(kind) => return Ok(self.failed(s, kind).await),

@@ -8,6 +8,7 @@
 //! or web-framework types: adapters in `labsync-infrastructure` implement the
 //! ports defined here, and the binary wires them together.
 
+pub mod crash;
 pub mod delete;
 pub mod delete_queue;
 pub mod errors;

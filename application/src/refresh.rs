@@ -408,6 +408,7 @@ impl RefreshWorkerLabs {
             .map_err(|_| RunError::Deadline(deadline.as_secs()))??;
         // A 401 mid-run logged in again: what did that login say?
         self.require_admin(access, false).await?;
+        crate::crash::point(crate::crash::points::REFRESH_AFTER_FETCH);
         report.listed = fetched.labs.len() as u64;
         let index = s.labs.index(worker_id).await?;
         let policy = PrunePolicy {
@@ -525,6 +526,7 @@ impl RefreshWorkerLabs {
             }
         }
         if !pruned.is_empty() {
+            crate::crash::point(crate::crash::points::REFRESH_BEFORE_PRUNE_AUDIT);
             let entries = pruned
                 .iter()
                 .map(|lab| AuditEntry {

@@ -1,20 +1,30 @@
-//! Crash tests: `labsync` run as a process and killed with SIGKILL in the
-//! middle of refreshes and deletes, then started again.
+//! Crash tests: `labsync` run as a process that dies at a named moment of a
+//! refresh or a delete, then started again.
 //!
-//! Each iteration changes CML behind labsync's back, starts a refresh or a
-//! delete, and kills the process once CML has served a chosen number of its
-//! requests (the crash point, drawn from a seeded generator; set
-//! `LABSYNC_CRASH_SEED` to replay a sequence). Then a new process refreshes
-//! until a run goes through (a crashed run's lease must expire, never stick)
-//! and MongoDB must equal CML: no lost record, no resurrected one.
+//! A signal sent from outside lands wherever the process happens to be,
+//! which is almost never between two writes. Here the process aborts itself
+//! at a named crash point (`labsync_application::crash`, compiled only in
+//! test builds): after CML deleted a lab and before MongoDB was written;
+//! between a delete's event and its tombstone; after a refresh fetched and
+//! before it wrote; between its events and its records; between its
+//! inserts and its updates; after its prunes and before their audit
+//! entries. Each iteration sets up CML so that the point is reached with
+//! something at stake, checks that the process died there, classifies
+//! what MongoDB and CML look like before anything repairs it, then a new
+//! process refreshes until a run goes through (a dead run's lease must
+//! expire, never stick) and MongoDB must equal CML. Set
+//! `LABSYNC_CRASH_SEED` to replay the order.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use labsync_application::crash::{CRASH_AT_ENV, CRASH_MARKER, points};
 use labsync_application::domain::LabId;
+use mongodb::bson::{Document, doc};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::process::{Child, Command};
 
 use labsync_test_support::poll_until;
@@ -86,117 +96,215 @@ pub(crate) async fn restart_and_refresh(t: &TestApp) -> u32 {
     skipped.get()
 }
 
-/// Changes CML behind labsync's back: a lab added, one removed, one changed.
-fn change_cml(t: &TestApp, rng: &mut ChaCha8Rng) {
-    let labs = t.sim().labs();
-    match rng.random_range(0..4) {
-        0 if labs.len() > 16 => {
-            let lab = &labs[rng.random_range(0..labs.len())];
-            t.sim().remove_lab(&lab.id);
-        }
-        1 => {
-            let lab = &labs[rng.random_range(0..labs.len())];
-            t.sim()
-                .update_lab(
-                    &lab.id,
-                    cml_sim::LabSpec {
-                        lab_title: Some(format!("changed {}", rng.random::<u16>())),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-        }
-        _ => {
-            t.add_lab(["DEFINED_ON_CORE", "STOPPED", "STARTED"][rng.random_range(0..3)]);
-        }
+/// Where a process dies, and what it is doing then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Refresh,
+    Delete,
+}
+
+const SCENARIOS: [(&str, Op); 6] = [
+    (points::DELETE_AFTER_CML, Op::Delete),
+    (points::DELETE_BEFORE_TOMBSTONE, Op::Delete),
+    (points::REFRESH_AFTER_FETCH, Op::Refresh),
+    (points::REFRESH_AFTER_EVENTS, Op::Refresh),
+    (points::REFRESH_BETWEEN_BATCHES, Op::Refresh),
+    (points::REFRESH_BEFORE_PRUNE_AUDIT, Op::Refresh),
+];
+
+/// The least number of crashes each point must see.
+const MIN_PER_POINT: usize = 10;
+
+/// What a refresh has at stake: a lab new in CML, one changed, one gone.
+struct Stakes {
+    new: LabId,
+    changed: LabId,
+    changed_title: String,
+    gone: LabId,
+}
+
+fn stakes(t: &TestApp, records: &[LabId], rng: &mut ChaCha8Rng) -> Stakes {
+    let new = t.add_lab("STOPPED");
+    let mut pick = records.to_vec();
+    pick.shuffle(rng);
+    let (changed, gone) = (pick[0], pick[1]);
+    let changed_title = format!("changed {}", rng.random::<u32>());
+    t.sim()
+        .update_lab(
+            changed.as_str(),
+            cml_sim::LabSpec {
+                lab_title: Some(changed_title.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    t.sim().remove_lab(gone.as_str());
+    Stakes {
+        new,
+        changed,
+        changed_title,
+        gone,
     }
 }
 
+async fn count(t: &TestApp, collection: &str, filter: Document) -> u64 {
+    t.app
+        .db
+        .collection::<Document>(collection)
+        .count_documents(filter)
+        .await
+        .unwrap()
+}
+
+/// The state a refresh that died at `point` must have left, before any
+/// repair; panics naming what differs.
+async fn assert_refresh_state(t: &TestApp, point: &str, s: &Stakes) {
+    let new_recorded = t.record(&s.new).await.is_some();
+    let changed_written = t
+        .record(&s.changed)
+        .await
+        .is_some_and(|r| r.snapshot.title == s.changed_title);
+    let gone_pruned = t.record(&s.gone).await.is_none();
+    let new_event = count(
+        t,
+        "outbox",
+        doc! {"lab_id": s.new.as_str(), "kind": "discovered"},
+    )
+    .await
+        > 0;
+    let prune_audited = count(
+        t,
+        "audit",
+        doc! {"lab_id": s.gone.as_str(), "outcome": "pruned"},
+    )
+    .await
+        > 0;
+    let seen = (
+        new_event,
+        new_recorded,
+        changed_written,
+        gone_pruned,
+        prune_audited,
+    );
+    let expected = match point {
+        points::REFRESH_AFTER_FETCH => (false, false, false, false, false),
+        points::REFRESH_AFTER_EVENTS => (true, false, false, false, false),
+        points::REFRESH_BETWEEN_BATCHES => (true, true, false, false, false),
+        points::REFRESH_BEFORE_PRUNE_AUDIT => (true, true, true, true, false),
+        other => unreachable!("{other}"),
+    };
+    assert_eq!(
+        seen, expected,
+        "{point}: (event of the new lab, new lab recorded, change written, gone lab pruned, prune audited)"
+    );
+}
+
+/// Runs `labsync` until it aborts at `point`; panics if it died elsewhere
+/// or finished.
+async fn crash_at(t: &TestApp, point: &str, args: &[&str]) {
+    let out = labsync(t, args)
+        .env(CRASH_AT_ENV, point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_none() && stderr.contains(&format!("{CRASH_MARKER}{point}")),
+        "{args:?} did not die at {point}: {:?}\n{stderr}",
+        out.status
+    );
+}
+
 #[tokio::test]
-async fn sigkill_mid_refresh_and_mid_delete_loses_and_resurrects_nothing() {
+async fn a_process_that_dies_at_any_named_step_loses_and_resurrects_nothing() {
     let seed = seed("LABSYNC_CRASH_SEED", DEFAULT_SEED);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let t = TestApp::spawn_with(
-        1,
-        &[
-            ("LABSYNC__REFRESH__LEASE_TTL_SECS", "1"),
-            ("LABSYNC__REFRESH__MAX_CONCURRENT_LABS_PER_WORKER", "4"),
-        ],
-    )
-    .await;
+    let t = TestApp::spawn_with(1, &[("LABSYNC__REFRESH__LEASE_TTL_SECS", "1")]).await;
     t.refresh().await;
-    // Slow enough that a kill lands inside an operation, not after it.
-    t.faults(json!({"latency_ms": {"all": 2}, "jitter_ms": 2}));
-    let (mut killed, mut finished, mut leases_expired, mut checked) = (0, 0, 0, 0);
-    let (mut refreshes, mut deletes) = (0, 0);
-    for i in 0..ITERATIONS {
-        change_cml(&t, &mut rng);
-        let base = t.sim().stats().total;
-        let (mut child, crash_point, what) = if rng.random_bool(0.5) {
-            refreshes += 1;
-            let labs = t.sim().labs().len() as u64;
-            // A new process logs in, lists, then asks for each lab.
-            let point = rng.random_range(1..=labs + 2);
-            let child = labsync(&t, &["refresh", "--worker", "cml-1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            (child, point, "refresh".to_owned())
-        } else {
-            deletes += 1;
-            let recorded = t.records().await;
-            let deletable: Vec<LabId> = recorded
-                .iter()
-                .filter(|r| {
-                    t.sim()
-                        .lab(r.lab_id.as_str())
-                        .is_some_and(|l| l.state == "DEFINED_ON_CORE")
-                })
-                .map(|r| r.lab_id)
-                .collect();
-            let victim = match deletable.first() {
-                Some(v) => *v,
-                None => t.add_lab("DEFINED_ON_CORE"),
-            };
-            // Login, state, delete: a kill after the third lands between
-            // CML's delete and the record's removal.
-            let point = rng.random_range(1..=3);
-            let child = labsync(
-                &t,
-                &["delete-lab", "--worker", "cml-1", "--lab", victim.as_str()],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-            (child, point, format!("delete of {victim}"))
-        };
-        if kill_after(&t, &mut child, base, crash_point).await {
-            killed += 1;
-        } else {
-            finished += 1;
+    let mut order: Vec<usize> = (0..ITERATIONS).map(|i| i % SCENARIOS.len()).collect();
+    order.shuffle(&mut rng);
+    let mut landed = [0usize; SCENARIOS.len()];
+    let (mut leases_expired, mut checked) = (0, 0);
+    for (i, &n) in order.iter().enumerate() {
+        let (point, op) = SCENARIOS[n];
+        let records: Vec<LabId> = t.records().await.iter().map(|r| r.lab_id).collect();
+        match op {
+            Op::Delete => {
+                let victim = t.add_lab("DEFINED_ON_CORE");
+                t.refresh().await;
+                crash_at(
+                    &t,
+                    point,
+                    &["delete-lab", "--worker", "cml-1", "--lab", victim.as_str()],
+                )
+                .await;
+                // CML acted; MongoDB does not know yet.
+                assert!(
+                    t.sim().lab(victim.as_str()).is_none(),
+                    "{point}: gone in CML"
+                );
+                assert!(
+                    t.record(&victim).await.is_some(),
+                    "{point}: record still live"
+                );
+                let events = count(
+                    &t,
+                    "outbox",
+                    doc! {"lab_id": victim.as_str(), "kind": "deleted"},
+                )
+                .await;
+                assert_eq!(
+                    events,
+                    u64::from(point == points::DELETE_BEFORE_TOMBSTONE),
+                    "{point}: the delete's event"
+                );
+                let started = count(
+                    &t,
+                    "audit",
+                    doc! {"lab_id": victim.as_str(), "outcome": "started"},
+                )
+                .await;
+                assert_eq!(started, 1, "{point}: who asked is on record");
+                if restart_and_refresh(&t).await > 0 {
+                    leases_expired += 1;
+                }
+                assert!(t.record(&victim).await.is_none(), "{point}: repaired");
+            }
+            Op::Refresh => {
+                let s = stakes(&t, &records, &mut rng);
+                crash_at(&t, point, &["refresh", "--worker", "cml-1"]).await;
+                assert_refresh_state(&t, point, &s).await;
+                if restart_and_refresh(&t).await > 0 {
+                    leases_expired += 1;
+                }
+            }
         }
-        if restart_and_refresh(&t).await > 0 {
-            leases_expired += 1;
-        }
+        landed[n] += 1;
         checked += t
-            .assert_matches_truth(&format!(
-                "seed {seed}, iteration {i}: {what} killed after {crash_point} CML requests"
-            ))
+            .assert_matches_truth(&format!("seed {seed}, iteration {i}: died at {point}"))
             .await;
     }
-    assert!(
-        killed >= 50,
-        "only {killed} of {ITERATIONS} runs were killed mid-flight"
-    );
+    for (n, (point, _)) in SCENARIOS.iter().enumerate() {
+        assert!(
+            landed[n] >= MIN_PER_POINT,
+            "only {} crashes at {point}",
+            landed[n]
+        );
+    }
+    let per_point: Vec<String> = SCENARIOS
+        .iter()
+        .zip(landed)
+        .map(|((p, _), n)| format!("{p} {n}"))
+        .collect();
     report(
         "crash",
         &format!(
-            "crash test (seed {seed}): {ITERATIONS} iterations ({refreshes} refreshes, {deletes} deletes), \
-             {killed} killed with SIGKILL mid-operation, {finished} finished first; \
-             {leases_expired} left a refresh lease that expired on its own (TTL 1 s); \
-             {checked} records checked against CML: 0 lost, 0 resurrected"
+            "crash test (seed {seed}): {ITERATIONS} processes died at a named step, each in the state \
+             that step must leave ({}); {leases_expired} left a refresh lease that expired on its own \
+             (TTL 1 s); {checked} records checked against CML after the restart: 0 lost, 0 resurrected, 0 stale",
+            per_point.join(", ")
         ),
     );
 }

@@ -36,7 +36,7 @@ use futures::TryStreamExt;
 use labsync_application::ports::{
     ApplyOutcome, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, Tombstone,
 };
-use labsync_application::{LabEvent, RepoError};
+use labsync_application::{LabEvent, RepoError, crash};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
 use mongodb::bson::{Document, doc};
 use mongodb::{Collection, Database};
@@ -423,6 +423,7 @@ impl LabRepository for MongoLabRepository {
         // events) on the next refresh; a crash after the change would lose
         // them.
         self.insert_events(&changes.events).await?;
+        crash::point(crash::points::REFRESH_AFTER_EVENTS);
         let mut refused: Vec<LabId> = Vec::new();
         if !create_docs.is_empty() {
             // Plain inserts: the unique index refuses one when a tombstone
@@ -435,6 +436,7 @@ impl LabRepository for MongoLabRepository {
             outcome.created = (changes.create.len() - duplicates.len()) as u64;
             refused.extend(duplicates.iter().map(|&i| changes.create[i].lab_id));
         }
+        crash::point(crash::points::REFRESH_BETWEEN_BATCHES);
         // One `update` command is one document: bounded in bytes too.
         for chunk in batches(statements, UPDATE_BATCH, max_document) {
             let (ids, statements): (Vec<LabId>, Vec<Document>) = chunk.into_iter().unzip();

@@ -135,6 +135,9 @@ impl Store {
 
     async fn write_one(&self, job: &TombstoneJob) -> Result<bool, RepoError> {
         self.insert_side_writes(std::slice::from_ref(job)).await?;
+        labsync_application::crash::point(
+            labsync_application::crash::points::DELETE_BEFORE_TOMBSTONE,
+        );
         let before = self
             .labs
             .find_one_and_replace(key(&job.worker, &job.lab), job.replacement.clone())
@@ -159,6 +162,9 @@ impl Store {
         jobs: &[TombstoneJob],
     ) -> Result<Vec<Result<bool, RepoError>>, RepoError> {
         self.insert_side_writes(jobs).await?;
+        labsync_application::crash::point(
+            labsync_application::crash::points::DELETE_BEFORE_TOMBSTONE,
+        );
         // Each statement replaces a live record, or inserts the tombstone
         // where there is none; over an older tombstone the insert is refused
         // (E11000), and those few are replaced in a second command. So the
