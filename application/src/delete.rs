@@ -14,7 +14,9 @@
 //!    Before asking CML to change anything, audit the attempt (`started`):
 //!    who asked, what, when, so that a crash after CML acted still leaves a
 //!    trace of who deleted the lab.
-//! 3. `DELETE` the lab in CML; a 404 here also means "already gone".
+//! 3. `DELETE` the lab in CML; a 404 here also means "already gone". When
+//!    the `DELETE` fails, ask CML once more for the lab: its answer may have
+//!    been lost after CML acted (a 500, a timeout, a dropped connection).
 //! 4. Replace the record with a tombstone (hidden from every list, and a
 //!    refresh that listed the lab before the delete cannot bring it back).
 //! 5. Audit how it ended.
@@ -177,7 +179,7 @@ impl DeleteLab {
             Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
                 Ok(()) => Stop::Ready,
                 Err(CmlError::NotFound) => Stop::Absent,
-                Err(e) => Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+                Err(e) => self.after_a_lost_answer(s, &access, e).await,
             },
             other => other,
         };
@@ -249,6 +251,19 @@ impl DeleteLab {
             record_was_present,
             message,
         })
+    }
+
+    /// The `DELETE` failed, but CML may have carried it out before its
+    /// answer was lost (a 500 after the fact, a timeout, a dropped
+    /// connection): one look at the lab tells. Gone means gone (once the
+    /// 404 is confirmed like any other); anything else is the original
+    /// failure.
+    async fn after_a_lost_answer(&self, s: &Services, access: &WorkerAccess, e: CmlError) -> Stop {
+        warn!(error = %e, "the delete failed; asking CML whether the lab is still there");
+        match s.cml.lab_state(access, &self.lab_id).await {
+            Err(CmlError::NotFound) => Stop::Absent,
+            _ => Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+        }
     }
 
     /// A 404 says "gone" only to an admin: a fresh login (a token outlives
@@ -588,6 +603,36 @@ mod tests {
             .insert("state", CmlError::Unreachable("refused".into()));
         let out = cmd(id, false).execute(&f.services).await.unwrap();
         assert!(matches!(out.kind, DeleteOutcomeKind::CmlUnreachable { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_delete_whose_answer_was_lost_after_cml_acted_is_already_absent() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        // CML deletes the lab, and the answer never arrives.
+        f.cml
+            .lose_delete_answer
+            .lock()
+            .unwrap()
+            .replace(CmlError::Unreachable("timed out".into()));
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::AlreadyAbsent, "{out:?}");
+        assert!(out.lab_gone);
+        assert!(f.store.tombstones.lock().unwrap().contains_key(&id));
+        // A DELETE that failed without CML acting is the failure it was.
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.fail.lock().unwrap().insert(
+            "delete",
+            CmlError::Server {
+                status: 500,
+                description: "boom".into(),
+            },
+        );
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(
+            matches!(out.kind, DeleteOutcomeKind::CmlRefused { .. }),
+            "{out:?}"
+        );
+        assert!(f.cml.labs.lock().unwrap().contains_key(&id));
     }
 
     #[tokio::test]

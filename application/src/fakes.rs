@@ -37,6 +37,8 @@ pub struct FakeCml {
     pub demoted: Mutex<bool>,
     /// Entries of the list that are not lab ids.
     pub invalid_in_list: Mutex<usize>,
+    /// `delete_lab` deletes, then answers with this error.
+    pub lose_delete_answer: Mutex<Option<CmlError>>,
 }
 
 impl FakeCml {
@@ -142,7 +144,10 @@ impl CmlGateway for FakeCml {
             }),
             Some(_) => {
                 labs.remove(lab);
-                Ok(())
+                match lock(&self.lose_delete_answer).clone() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
             }
         }
     }
