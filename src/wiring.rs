@@ -58,7 +58,7 @@ fn retry_policy(settings: &Settings) -> RetryPolicy {
         base: Duration::from_millis(d.async_retry_base_ms),
         max_backoff: Duration::from_secs(d.async_max_backoff_secs),
         poll: Duration::from_millis(d.async_poll_ms),
-        ..RetryPolicy::default()
+        claim: Duration::from_secs(d.async_claim_secs),
     }
 }
 

@@ -2,14 +2,30 @@
 //! background worker that retries with capped exponential backoff until CML
 //! confirms (the lab is gone) or a permanent error ends it.
 //!
+//! # Expected flow
+//! 1. A worker claims one due request: it becomes `running` with a claim
+//!    token of its own and a short claim (`delete.async_claim_secs`).
+//! 2. While the delete runs (a forced one may take minutes), the claim is
+//!    renewed every third of its length.
+//! 3. The outcome is saved only if the claim is still this worker's: a run
+//!    that lost its claim writes nothing over whoever holds it now.
+//!
 //! # Guarantees
 //! - A request is `done` only when the lab is gone in CML and its record is
 //!   a tombstone; `failed` only for errors retrying cannot fix (the lab is
-//!   running and `force` was not asked, CML refused with a 4xx, the worker
-//!   is unknown).
+//!   running and `force` was not asked, CML refused with a 4xx, the account
+//!   is no CML admin, the worker is unknown, a stored record is corrupt).
+//! - One execution at a time per request, across processes: a live run
+//!   keeps its claim, and a stale run's `pending` or `failed` never
+//!   overwrites another's `done`.
 //! - A process that dies while running a request leaves it claimed until
 //!   the claim expires; another worker then takes it again. Deletes are
-//!   idempotent, so running one twice is harmless.
+//!   idempotent, so that second execution finds the lab gone.
+//!
+//! # Caveats
+//! A worker that cannot renew its claim (the database is away longer than
+//! the claim) may see another worker start the same delete; the delete is
+//! idempotent and the second finds the lab gone.
 
 use std::time::Duration;
 
@@ -63,7 +79,8 @@ pub trait DeleteRequests: Send + Sync {
     async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError>;
 
     /// Takes one due request (pending and due, or running with an expired
-    /// claim), marks it running, claimed for `hold`.
+    /// claim), marks it running, claimed for `hold` under `claim` (a token
+    /// unique to this attempt).
     ///
     /// MUST be atomic across processes: a request is claimed by one worker.
     ///
@@ -73,13 +90,28 @@ pub trait DeleteRequests: Send + Sync {
         &self,
         now: DateTime<Utc>,
         hold: Duration,
+        claim: &str,
     ) -> Result<Option<DeleteRequest>, RepoError>;
 
-    /// Stores the request's new state.
+    /// Extends `claim` to `now + hold`; false if the request is no longer
+    /// claimed under it.
     ///
     /// # Errors
     /// [`RepoError`].
-    async fn save(&self, request: &DeleteRequest) -> Result<(), RepoError>;
+    async fn renew_claim(
+        &self,
+        id: &str,
+        claim: &str,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<bool, RepoError>;
+
+    /// Stores the request's new state and ends the claim, only if it is
+    /// still claimed under `claim`; returns whether it was.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn save(&self, request: &DeleteRequest, claim: &str) -> Result<bool, RepoError>;
 }
 
 /// Tunables of the retry loop.
@@ -98,7 +130,7 @@ impl Default for RetryPolicy {
             base: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             poll: Duration::from_millis(500),
-            claim: Duration::from_secs(300),
+            claim: Duration::from_secs(60),
         }
     }
 }
@@ -181,16 +213,45 @@ impl DeleteQueue {
     /// [`AppError::Repository`] when the requests cannot be read or saved.
     pub async fn run_due(&self) -> Result<usize, AppError> {
         let mut n = 0;
-        while let Some(mut request) = self
-            .requests
-            .claim_due(self.services.clock.now(), self.policy.claim)
-            .await?
-        {
+        loop {
+            let claim = uuid::Uuid::new_v4().to_string();
+            let Some(mut request) = self
+                .requests
+                .claim_due(self.services.clock.now(), self.policy.claim, &claim)
+                .await?
+            else {
+                return Ok(n);
+            };
             n += 1;
+            let keeper = self.keep_claim(request.id.clone(), claim.clone());
             self.attempt(&mut request).await;
-            self.requests.save(&request).await?;
+            keeper.abort();
+            if !self.requests.save(&request, &claim).await? {
+                warn!(request_id = %request.id, "the claim on this async delete was lost; its outcome is not saved over the new holder's");
+            }
         }
-        Ok(n)
+    }
+
+    /// Renews the claim every third of its length until aborted.
+    fn keep_claim(&self, id: String, claim: String) -> tokio::task::JoinHandle<()> {
+        let requests = self.requests.clone();
+        let clock = self.services.clock.clone();
+        let hold = self.policy.claim;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep((hold / 3).max(Duration::from_millis(50))).await;
+                match requests.renew_claim(&id, &claim, clock.now(), hold).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(request_id = %id, "lost the claim on an async delete");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(request_id = %id, error = %e, "could not renew the claim on an async delete")
+                    }
+                }
+            }
+        })
     }
 
     async fn attempt(&self, r: &mut DeleteRequest) {
@@ -220,9 +281,13 @@ impl DeleteQueue {
             Err(e) => {
                 r.last_error = Some(e.to_string());
                 r.status = DeleteRequestStatus::Failed;
+                // A database that is away may come back; a stored record
+                // that does not decode (or a password that does not open)
+                // will not by waiting.
                 matches!(
                     e,
-                    AppError::Repository(_) | AppError::RecordCleanupPending(_)
+                    AppError::Repository(RepoError::Unavailable(_) | RepoError::Other(_))
+                        | AppError::RecordCleanupPending(_)
                 )
             }
         };

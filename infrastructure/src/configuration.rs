@@ -183,6 +183,7 @@ pub struct DeleteSettings {
     pub async_retry_base_ms: u64,
     pub async_max_backoff_secs: u64,
     pub async_poll_ms: u64,
+    pub async_claim_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +376,12 @@ impl Settings {
                 DAY,
             ),
             ("delete.async_poll_ms", self.delete.async_poll_ms, 1, 60_000),
+            (
+                "delete.async_claim_secs",
+                self.delete.async_claim_secs,
+                1,
+                DAY,
+            ),
             (
                 "events.retention_secs",
                 self.events.retention_secs,

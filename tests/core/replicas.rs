@@ -167,3 +167,85 @@ async fn two_replicas_refresh_each_worker_once_per_tick_and_one_carries_on_alone
         ),
     );
 }
+
+#[tokio::test]
+async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
+    let t = TestApp::spawn().await;
+    let lab = t.add_lab("STARTED");
+    t.refresh().await;
+    // Stop and wipe take 1.5 s each at CML: the delete outlives its 1 s
+    // claim several times over, so only renewing it keeps the other
+    // replica out.
+    t.faults(json!({"latency_ms": {"lab_action": 1500}}));
+    let replica = || {
+        Command::new(env!("CARGO_BIN_EXE_labsync"))
+            .arg("serve")
+            .envs(t.env())
+            .env("LABSYNC__DELETE__ASYNC_CLAIM_SECS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("labsync serve starts")
+    };
+    let (mut a, mut b) = (replica(), replica());
+    let request = t
+        .app
+        .delete_queue
+        .submit(&labsync_application::DeleteLab {
+            worker_id: t.worker_id(),
+            lab_id: lab,
+            force: true,
+            requested_by: "test:operator".into(),
+        })
+        .await
+        .unwrap();
+    eventually_within(
+        std::time::Duration::from_secs(60),
+        "the async delete to end",
+        || async {
+            t.app
+                .delete_queue
+                .get(&request.id)
+                .await
+                .unwrap()
+                .is_some_and(|r| {
+                    matches!(
+                        r.status,
+                        labsync_application::DeleteRequestStatus::Done
+                            | labsync_application::DeleteRequestStatus::Failed
+                    )
+                })
+        },
+    )
+    .await;
+    let done = t.app.delete_queue.get(&request.id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.status, done.attempts),
+        (labsync_application::DeleteRequestStatus::Done, 1),
+        "{done:?}"
+    );
+    assert_eq!(
+        done.outcome.as_ref().unwrap()["kind"],
+        "deleted",
+        "{done:?}"
+    );
+    let audit: Vec<String> = t.audit(&lab).await.into_iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        audit,
+        ["deleted", "started"],
+        "one execution's audit entries only (newest first)"
+    );
+    let events = t
+        .app
+        .db
+        .collection::<mongodb::bson::Document>("outbox")
+        .count_documents(mongodb::bson::doc! {"lab_id": lab.as_str()})
+        .await
+        .unwrap();
+    assert_eq!(events, 2, "discovered, then one deleted");
+    a.start_kill().unwrap();
+    b.start_kill().unwrap();
+    let _ = (a.wait().await, b.wait().await);
+}

@@ -1,6 +1,7 @@
 //! [`DeleteRequests`] on MongoDB: `_id` = request id. Claiming is one
-//! `find_one_and_update`, so two processes never run the same request at
-//! the same time.
+//! `find_one_and_update` that writes a claim token, so two processes never
+//! claim the same request at once; renewing and saving match that token, so
+//! a run that lost its claim changes nothing.
 
 use std::time::Duration;
 
@@ -27,6 +28,13 @@ impl MongoDeleteRequests {
     }
 }
 
+fn until(now: DateTime<Utc>, hold: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(hold)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 const DATE_FIELDS: [&str; 3] = ["created_at", "updated_at", "next_attempt_at"];
 
 fn to_doc(r: &DeleteRequest) -> Result<Document, RepoError> {
@@ -44,6 +52,7 @@ fn from_doc(mut d: Document) -> Result<DeleteRequest, RepoError> {
         d.insert("id", id);
     }
     d.remove("claimed_until");
+    d.remove("claim");
     for field in DATE_FIELDS {
         if let Some(Bson::DateTime(t)) = d.get(field) {
             let text = t.to_chrono().to_rfc3339();
@@ -76,15 +85,16 @@ impl DeleteRequests for MongoDeleteRequests {
         &self,
         now: DateTime<Utc>,
         hold: Duration,
+        claim: &str,
     ) -> Result<Option<DeleteRequest>, RepoError> {
-        let until = now + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::minutes(5));
+        let until = until(now, hold);
         self.requests
             .find_one_and_update(
                 doc! {"$or": [
                     {"status": "pending", "next_attempt_at": {"$lte": date(now)}},
                     {"status": "running", "claimed_until": {"$lte": date(now)}},
                 ]},
-                doc! {"$set": {"status": "running", "claimed_until": date(until)}},
+                doc! {"$set": {"status": "running", "claimed_until": date(until), "claim": claim}},
             )
             .sort(doc! {"next_attempt_at": 1})
             .return_document(ReturnDocument::After)
@@ -94,11 +104,30 @@ impl DeleteRequests for MongoDeleteRequests {
             .transpose()
     }
 
-    async fn save(&self, r: &DeleteRequest) -> Result<(), RepoError> {
-        self.requests
-            .replace_one(doc! {"_id": &r.id}, to_doc(r)?)
+    async fn renew_claim(
+        &self,
+        id: &str,
+        claim: &str,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<bool, RepoError> {
+        let r = self
+            .requests
+            .update_one(
+                doc! {"_id": id, "status": "running", "claim": claim},
+                doc! {"$set": {"claimed_until": date(until(now, hold))}},
+            )
             .await
             .map_err(map_error)?;
-        Ok(())
+        Ok(r.matched_count == 1)
+    }
+
+    async fn save(&self, r: &DeleteRequest, claim: &str) -> Result<bool, RepoError> {
+        let result = self
+            .requests
+            .replace_one(doc! {"_id": &r.id, "claim": claim}, to_doc(r)?)
+            .await
+            .map_err(map_error)?;
+        Ok(result.matched_count == 1)
     }
 }
