@@ -265,6 +265,9 @@ impl LabRepository for FakeStore {
     async fn remove_worker(&self, _: &WorkerId) -> Result<u64, RepoError> {
         Ok(0)
     }
+    async fn settle_staged_events(&self, _: &WorkerId) -> Result<(u64, u64), RepoError> {
+        Ok((0, 0))
+    }
 }
 
 #[async_trait]

@@ -237,10 +237,14 @@ pub trait LabRepository: Send + Sync {
     /// [`RepoError`].
     async fn page(&self, worker: &WorkerId, query: &LabQuery) -> Result<Vec<LabRecord>, RepoError>;
 
-    /// Writes a refresh's changes in bulk: its events first, then the
-    /// creates, the updates and every prune, each in as few commands as the
-    /// store allows. A failure after the events leaves events whose change
-    /// the next refresh makes (and announces) again.
+    /// Writes a refresh's changes in bulk: its events first, staged (never
+    /// delivered as they are), then the creates, the updates and every
+    /// prune, each in as few commands as the store allows, then releases
+    /// the events of the changes that were made and drops the others (a
+    /// write refused by a tombstone, a record too large). A failure in
+    /// between leaves staged events that the next run settles
+    /// ([`LabRepository::settle_staged_events`]): no event is delivered for
+    /// a change that did not happen, none is lost for one that did.
     ///
     /// MUST NOT write over a tombstone: a create or update of a tombstoned
     /// lab is skipped and reported in [`ApplyOutcome::suppressed`], atomically
@@ -261,6 +265,19 @@ pub trait LabRepository: Send + Sync {
         changes: RecordChanges,
         history_limit: usize,
     ) -> Result<ApplyOutcome, RepoError>;
+
+    /// Settles the events an earlier refresh of the worker staged but did
+    /// not live to release (it died between its writes and the release):
+    /// each is released for delivery if the change it describes is in the
+    /// store (the record has the content it announces; a pruned lab has no
+    /// record), and dropped otherwise. Returns (released, dropped).
+    ///
+    /// MUST be called under the worker's refresh lease, before the run's
+    /// own writes.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn settle_staged_events(&self, worker: &WorkerId) -> Result<(u64, u64), RepoError>;
 
     /// Writes `event` to the outbox and `audit` to the audit log, then
     /// appends to a live record's history; false if there is no live record

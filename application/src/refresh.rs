@@ -399,6 +399,17 @@ impl RefreshWorkerLabs {
     ) -> Result<(), RunError> {
         let s = &self.services;
         let worker_id = &access.worker.id;
+        if !options.dry_run {
+            // Events a dead run staged: delivered if their change is in
+            // the store, dropped if not.
+            let (released, dropped) = s.labs.settle_staged_events(worker_id).await?;
+            if released + dropped > 0 {
+                info!(
+                    released,
+                    dropped, "settled the events of an earlier run that died"
+                );
+            }
+        }
         // A token outlives a change of rights: log in afresh, so that what
         // the list means is known before it is read.
         self.require_admin(access, true).await?;

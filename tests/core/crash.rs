@@ -274,11 +274,56 @@ async fn a_process_that_dies_at_any_named_step_loses_and_resurrects_nothing() {
             }
             Op::Refresh => {
                 let s = stakes(&t, &records, &mut rng);
+                let deliverable = || {
+                    count(
+                        &t,
+                        "outbox",
+                        doc! {"lab_id": {"$in": [s.new.as_str(), s.changed.as_str(), s.gone.as_str()]}, "status": {"$ne": "staged"}},
+                    )
+                };
+                let before = deliverable().await;
                 crash_at(&t, point, &["refresh", "--worker", "cml-1"]).await;
                 assert_refresh_state(&t, point, &s).await;
+                if point != points::REFRESH_BEFORE_PRUNE_AUDIT {
+                    // Nothing is deliverable before the change it describes.
+                    assert_eq!(
+                        deliverable().await,
+                        before,
+                        "{point}: an event released before its change"
+                    );
+                }
                 if restart_and_refresh(&t).await > 0 {
                     leases_expired += 1;
                 }
+                // Each change announced once, deliverable; nothing left staged.
+                let announced = |lab: LabId, kind: &'static str, extra: Document| {
+                    let mut filter =
+                        doc! {"lab_id": lab.as_str(), "kind": kind, "status": {"$ne": "staged"}};
+                    filter.extend(extra);
+                    count(&t, "outbox", filter)
+                };
+                assert_eq!(
+                    announced(s.new, "discovered", doc! {}).await,
+                    1,
+                    "{point}: the new lab"
+                );
+                assert_eq!(
+                    announced(
+                        s.changed,
+                        "changed",
+                        doc! {"cloudevent.data.changes.new": &s.changed_title}
+                    )
+                    .await,
+                    1,
+                    "{point}: the change"
+                );
+                assert_eq!(
+                    announced(s.gone, "pruned", doc! {}).await,
+                    1,
+                    "{point}: the prune"
+                );
+                let staged = count(&t, "outbox", doc! {"status": "staged"}).await;
+                assert_eq!(staged, 0, "{point}: staged events left after the repair");
             }
         }
         landed[n] += 1;

@@ -255,6 +255,9 @@ impl LabRepository for TombstoneFailsOnce {
     async fn remove_worker(&self, w: &WorkerId) -> Result<u64, RepoError> {
         self.inner.remove_worker(w).await
     }
+    async fn settle_staged_events(&self, w: &WorkerId) -> Result<(u64, u64), RepoError> {
+        self.inner.settle_staged_events(w).await
+    }
 }
 
 #[tokio::test]

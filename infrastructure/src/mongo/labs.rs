@@ -146,13 +146,19 @@ impl MongoLabRepository {
             .await
     }
 
-    async fn insert_events(&self, events: &[LabEvent]) -> Result<(), RepoError> {
+    /// Stages a refresh's events: in the outbox, not yet deliverable.
+    /// `targets` holds the content hash each lab's record is about to have.
+    async fn stage_events(
+        &self,
+        events: &[LabEvent],
+        targets: &HashMap<LabId, String>,
+    ) -> Result<(), RepoError> {
         if events.is_empty() {
             return Ok(());
         }
         let docs = events
             .iter()
-            .map(|e| outbox::outbox_doc(e, self.retention))
+            .map(|e| outbox::staged_doc(e, self.retention, targets.get(&e.lab_id).cloned()))
             .collect::<Result<Vec<_>, _>>()?;
         self.outbox
             .insert_many(docs)
@@ -160,6 +166,35 @@ impl MongoLabRepository {
             .await
             .map_err(map_error)?;
         Ok(())
+    }
+
+    /// Makes staged events deliverable.
+    async fn release_events(&self, ids: Vec<&str>) -> Result<u64, RepoError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(self
+            .outbox
+            .update_many(
+                doc! {"_id": {"$in": ids}, "status": outbox::STAGED},
+                doc! {"$set": {"status": "pending"}},
+            )
+            .await
+            .map_err(map_error)?
+            .modified_count)
+    }
+
+    /// Drops staged events: their change was not made.
+    async fn drop_events(&self, ids: Vec<&str>) -> Result<u64, RepoError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(self
+            .outbox
+            .delete_many(doc! {"_id": {"$in": ids}, "status": outbox::STAGED})
+            .await
+            .map_err(map_error)?
+            .deleted_count)
     }
 
     /// The outbox event and the audit entry of a failed delete attempt,
@@ -419,10 +454,16 @@ impl LabRepository for MongoLabRepository {
             let skipped: Vec<LabId> = outcome.too_large.iter().map(|(id, _)| *id).collect();
             changes.events.retain(|e| !skipped.contains(&e.lab_id));
         }
-        // Events first: a crash after them repeats the change (and its
-        // events) on the next refresh; a crash after the change would lose
-        // them.
-        self.insert_events(&changes.events).await?;
+        // Events first, staged: a crash after them leaves events that the
+        // next run settles (released if their change was made, dropped if
+        // not); a crash after the change would lose them.
+        let targets: HashMap<LabId, String> = changes
+            .create
+            .iter()
+            .chain(changes.update.iter().map(|u| &u.record))
+            .map(|r| (r.lab_id, r.content_hash.to_string()))
+            .collect();
+        self.stage_events(&changes.events, &targets).await?;
         crash::point(crash::points::REFRESH_AFTER_EVENTS);
         let mut refused: Vec<LabId> = Vec::new();
         if !create_docs.is_empty() {
@@ -473,19 +514,16 @@ impl LabRepository for MongoLabRepository {
                 .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
                 .collect();
         }
-        if !outcome.suppressed.is_empty() {
-            // The lab stays deleted: so must its events (see outbox caveats).
-            let ids: Vec<&str> = changes
-                .events
-                .iter()
-                .filter(|e| outcome.suppressed.contains(&e.lab_id))
-                .map(|e| e.id.as_str())
-                .collect();
-            self.outbox
-                .delete_many(doc! {"_id": {"$in": ids}})
-                .await
-                .map_err(map_error)?;
-        }
+        // The changes refused by the unique key did not happen: their events
+        // go; every other event is released.
+        let (dropped, released): (Vec<&LabEvent>, Vec<&LabEvent>) = changes
+            .events
+            .iter()
+            .partition(|e| refused.contains(&e.lab_id));
+        self.release_events(released.iter().map(|e| e.id.as_str()).collect())
+            .await?;
+        self.drop_events(dropped.iter().map(|e| e.id.as_str()).collect())
+            .await?;
         Ok(outcome)
     }
 
@@ -535,6 +573,67 @@ impl LabRepository for MongoLabRepository {
                 audit: audit_document(&audit)?,
             })
             .await
+    }
+
+    async fn settle_staged_events(&self, worker: &WorkerId) -> Result<(u64, u64), RepoError> {
+        let staged: Vec<Document> = self
+            .outbox
+            .find(doc! {"worker_id": worker.as_str(), "status": outbox::STAGED})
+            .projection(doc! {"_id": 1, "lab_id": 1, "kind": 1, "target_hash": 1})
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        if staged.is_empty() {
+            return Ok((0, 0));
+        }
+        let labs: Vec<&str> = staged
+            .iter()
+            .filter_map(|d| d.get_str("lab_id").ok())
+            .collect();
+        // Per lab: the live record's hash, or "tombstone"; absent: nothing.
+        let stored: HashMap<String, String> = self
+            .docs
+            .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": labs}})
+            .projection(doc! {"_id": 0, "lab_id": 1, "content_hash": 1, "tombstone.deleted_at": 1})
+            .await
+            .map_err(map_error)?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(map_error)?
+            .into_iter()
+            .filter_map(|d| {
+                let lab = d.get_str("lab_id").ok()?.to_owned();
+                let state = if d.contains_key("tombstone") {
+                    "tombstone".to_owned()
+                } else {
+                    d.get_str("content_hash").ok()?.to_owned()
+                };
+                Some((lab, state))
+            })
+            .collect();
+        let (mut release, mut drop) = (Vec::new(), Vec::new());
+        for d in &staged {
+            let (Ok(id), Ok(lab)) = (d.get_str("_id"), d.get_str("lab_id")) else {
+                continue;
+            };
+            let made = match (d.get_str("kind"), d.get_str("target_hash")) {
+                // A prune was made if the record is gone (not replaced by
+                // a tombstone: that is a delete, with its own event).
+                (Ok("pruned"), _) => !stored.contains_key(lab),
+                (_, Ok(target)) => stored.get(lab).is_some_and(|h| h == target),
+                _ => false,
+            };
+            if made {
+                release.push(id);
+            } else {
+                drop.push(id);
+            }
+        }
+        let released = self.release_events(release).await?;
+        let dropped = self.drop_events(drop).await?;
+        Ok((released, dropped))
     }
 
     async fn remove_worker(&self, worker: &WorkerId) -> Result<u64, RepoError> {

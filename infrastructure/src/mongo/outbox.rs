@@ -3,8 +3,11 @@
 //! sink.
 //!
 //! # Expected flow
-//! 1. A repository write adds `pending` outbox documents, then makes its
-//!    change.
+//! 1. A repository write adds outbox documents, then makes its change. A
+//!    delete's events are `pending` at once (they describe what CML did,
+//!    which happened whatever MongoDB does next); a refresh's are `staged`
+//!    (see [`staged_doc`]) and become `pending` only once the change they
+//!    describe is written.
 //! 2. The relay claims a due document (moving `next_attempt_at` forward, so
 //!    that a second replica does not take it too), POSTs the CloudEvent, and
 //!    marks it `delivered`, or schedules the next attempt with capped
@@ -18,12 +21,12 @@
 //!
 //! # Caveats
 //! The events and the change are separate commands, not one transaction.
-//! A crash between them leaves events whose change is not written yet: the
-//! next refresh makes the change and sends its events again (a consumer
-//! sees the same fact twice, under two ids, never a change without its
-//! event). When a refresh's write is refused by a tombstone, its events are
-//! removed right after; a crash in that instant leaves a `discovered` event
-//! for a lab that stays deleted.
+//! A refresh that dies between them leaves `staged` events, never
+//! delivered as they are: the next refresh of the worker releases those
+//! whose change is in the store and drops the others (then makes the
+//! change and stages its own events). A write refused by a tombstone drops
+//! its staged events, so a sink never hears of a change that did not
+//! happen.
 
 use std::time::Duration;
 
@@ -40,6 +43,29 @@ use tracing::{debug, warn};
 use super::convert::date;
 use super::{collections, map_error};
 
+/// The outbox document of a refresh's event: `staged`, not delivered until
+/// the change is written. `target_hash` is the content hash the event
+/// announces for the lab (none for a prune), by which a later run can tell
+/// whether the change was made.
+///
+/// # Errors
+/// As [`outbox_doc`].
+pub fn staged_doc(
+    event: &LabEvent,
+    retention: Duration,
+    target_hash: Option<String>,
+) -> Result<Document, RepoError> {
+    let mut d = outbox_doc(event, retention)?;
+    d.insert("status", STAGED);
+    if let Some(h) = target_hash {
+        d.insert("target_hash", h);
+    }
+    Ok(d)
+}
+
+/// The status of a refresh's event until its change is written.
+pub const STAGED: &str = "staged";
+
 /// How long an event is kept, delivered or not.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -49,8 +75,10 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// [`RepoError::Other`] if the event's data cannot be encoded.
 pub fn outbox_doc(event: &LabEvent, retention: Duration) -> Result<Document, RepoError> {
     let ce = bson::to_bson(&event.to_cloudevent()).map_err(|e| RepoError::Other(e.to_string()))?;
-    let expires =
-        event.at + chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+    let expires = chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|d| event.at.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     Ok(doc! {
         "_id": &event.id,
         "kind": event.kind.as_str(),
