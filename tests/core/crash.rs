@@ -16,7 +16,6 @@
 //! `LABSYNC_CRASH_SEED` to replay the order.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use labsync_application::crash::{CRASH_AT_ENV, CRASH_MARKER, points};
 use labsync_application::domain::LabId;
@@ -25,9 +24,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-use tokio::process::{Child, Command};
-
-use labsync_test_support::poll_until;
+use tokio::process::Command;
 
 use crate::helpers::{TestApp, eventually, report, seed};
 
@@ -42,27 +39,6 @@ pub(crate) fn labsync(t: &TestApp, args: &[&str]) -> Command {
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
-}
-
-/// Kills `child` with SIGKILL once CML has served `after` more requests than
-/// `base`, or reports that it exited first. Returns whether it was killed.
-pub(crate) async fn kill_after(t: &TestApp, child: &mut Child, base: u64, after: u64) -> bool {
-    let mut exited = false;
-    // Checked every millisecond, so that the kill lands close to the chosen
-    // request.
-    poll_until(Duration::from_millis(1), Duration::from_secs(30), || {
-        exited = child.try_wait().expect("child status").is_some();
-        std::future::ready(exited || t.sim().stats().total >= base + after)
-    })
-    .await
-    .expect("the process neither progressed nor exited");
-    if exited {
-        return false;
-    }
-    child.start_kill().expect("SIGKILL sent");
-    let status = child.wait().await.expect("reaped");
-    // A process that finished in the same instant exits 0 or 2.
-    status.code().is_none()
 }
 
 /// One refresh by a new process that goes through; counts the runs skipped
@@ -129,11 +105,23 @@ fn stakes(t: &TestApp, records: &[LabId], rng: &mut ChaCha8Rng) -> Stakes {
     pick.shuffle(rng);
     let (changed, gone) = (pick[0], pick[1]);
     let changed_title = format!("changed {}", rng.random::<u32>());
+    // Every field but the state changes (the oracle compares them all).
+    let n: u32 = rng.random_range(0..30);
     t.sim()
         .update_lab(
             changed.as_str(),
             cml_sim::LabSpec {
                 lab_title: Some(changed_title.clone()),
+                lab_description: Some(format!("description {n}")),
+                lab_notes: Some("notes ".repeat(n as usize)),
+                owner_username: Some(["admin", "student"][rng.random_range(0..2)].to_owned()),
+                node_count: Some(n),
+                link_count: Some(n + 1),
+                groups: Some(vec![cml_sim::LabGroup {
+                    id: "0b1c62f1-8f5c-4f1e-9a53-3c8f3f0c8a11".into(),
+                    permission: "read_write".into(),
+                    name: Some(format!("group {n}")),
+                }]),
                 ..Default::default()
             },
         )
@@ -226,7 +214,7 @@ async fn a_process_that_dies_at_any_named_step_loses_and_resurrects_nothing() {
     let mut order: Vec<usize> = (0..ITERATIONS).map(|i| i % SCENARIOS.len()).collect();
     order.shuffle(&mut rng);
     let mut landed = [0usize; SCENARIOS.len()];
-    let (mut leases_expired, mut checked) = (0, 0);
+    let (mut leases_expired, mut diff) = (0, crate::helpers::Diff::default());
     for (i, &n) in order.iter().enumerate() {
         let (point, op) = SCENARIOS[n];
         let records: Vec<LabId> = t.records().await.iter().map(|r| r.lab_id).collect();
@@ -327,7 +315,7 @@ async fn a_process_that_dies_at_any_named_step_loses_and_resurrects_nothing() {
             }
         }
         landed[n] += 1;
-        checked += t
+        diff += t
             .assert_matches_truth(&format!("seed {seed}, iteration {i}: died at {point}"))
             .await;
     }
@@ -348,7 +336,7 @@ async fn a_process_that_dies_at_any_named_step_loses_and_resurrects_nothing() {
         &format!(
             "crash test (seed {seed}): {ITERATIONS} processes died at a named step, each in the state \
              that step must leave ({}); {leases_expired} left a refresh lease that expired on its own \
-             (TTL 1 s); {checked} records checked against CML after the restart: 0 lost, 0 resurrected, 0 stale",
+             (TTL 1 s); after the restarts, {diff}",
             per_point.join(", ")
         ),
     );

@@ -2,7 +2,11 @@
 //! shared MongoDB-wire test server and to an in-process CML simulator that
 //! it reaches over HTTP.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
 
 use cml_sim::{Faults, LabSpec, SimConfig, Simulator, WorkerHandle, WorkerSpec};
 use labsync::wiring::App;
@@ -209,44 +213,76 @@ impl TestApp {
         ids
     }
 
-    /// Compares cml-1's records with what CML holds: the same labs, each
-    /// with CML's title, state and counts. Returns how many records were
-    /// checked; panics naming every difference.
-    pub async fn assert_matches_truth(&self, context: &str) -> usize {
-        let records = self.records().await;
-        let labs = self.sim().labs();
-        let mut problems = Vec::new();
-        for lab in &labs {
-            match records.iter().find(|r| r.lab_id.as_str() == lab.id) {
-                None => problems.push(format!("lost: {} is in CML, not in MongoDB", lab.id)),
-                Some(r) => {
-                    let s = &r.snapshot;
-                    let seen = (s.title.as_str(), s.state.as_str(), s.node_count);
-                    let truth = (
-                        lab.lab_title.as_str(),
-                        lab.state.as_str(),
-                        u64::from(lab.node_count),
-                    );
-                    if seen != truth {
-                        problems.push(format!("stale: {}: {seen:?} != CML {truth:?}", lab.id));
+    /// Compares every worker's records, read from the raw collection (not
+    /// through the repository under test), with what CML holds, field by
+    /// field: the same labs, each with every field labsync stores.
+    pub async fn compare_with_truth(&self) -> Diff {
+        let mut diff = Diff::default();
+        for w in self.sim.workers() {
+            let raw: Vec<Document> = self
+                .app
+                .db
+                .collection::<Document>("labs")
+                .find(doc! {"worker_id": &w.name, "tombstone": {"$exists": false}})
+                .await
+                .expect("read the labs collection")
+                .try_collect()
+                .await
+                .expect("read the labs collection");
+            let stored: BTreeMap<String, Fields> = raw
+                .iter()
+                .map(|d| {
+                    (
+                        d.get_str("lab_id").unwrap_or_default().to_owned(),
+                        fields_in_mongodb(d),
+                    )
+                })
+                .collect();
+            let truth: BTreeMap<String, Fields> = w
+                .labs()
+                .iter()
+                .map(|l| (l.id.clone(), fields_in_cml(l)))
+                .collect();
+            for (id, fields) in &truth {
+                match stored.get(id) {
+                    None => diff.problem(
+                        Kind::Lost,
+                        format!("{}: {id} is in CML, not in MongoDB", w.name),
+                    ),
+                    Some(seen) if seen != fields => {
+                        let differs: Vec<String> = fields
+                            .iter()
+                            .filter(|(k, v)| seen.get(*k) != Some(v))
+                            .map(|(k, v)| format!("{k}: {:?} != CML {v:?}", seen.get(*k)))
+                            .collect();
+                        diff.problem(
+                            Kind::Stale,
+                            format!("{}: {id}: {}", w.name, differs.join("; ")),
+                        );
                     }
+                    Some(_) => {}
                 }
             }
-        }
-        for r in &records {
-            if !labs.iter().any(|l| l.id == r.lab_id.as_str()) {
-                problems.push(format!(
-                    "resurrected: {} is in MongoDB, not in CML",
-                    r.lab_id
-                ));
+            for id in stored.keys().filter(|id| !truth.contains_key(*id)) {
+                diff.problem(
+                    Kind::Resurrected,
+                    format!("{}: {id} is in MongoDB, not in CML", w.name),
+                );
             }
+            diff.checked += stored.len();
         }
+        diff
+    }
+
+    /// [`TestApp::compare_with_truth`], panicking naming every difference.
+    pub async fn assert_matches_truth(&self, context: &str) -> Diff {
+        let diff = self.compare_with_truth().await;
         assert!(
-            problems.is_empty(),
-            "{context}: MongoDB differs from CML:\n{}",
-            problems.join("\n")
+            diff.problems.is_empty(),
+            "{context}: MongoDB differs from CML ({diff}):\n{}",
+            diff.problems.join("\n")
         );
-        records.len()
+        diff
     }
 
     /// A refresh of cml-1 running in the background.
@@ -301,6 +337,148 @@ impl TestApp {
             .output()
             .await
             .expect("labsync runs")
+    }
+}
+
+/// Every field labsync stores of a lab, as text.
+pub type Fields = BTreeMap<&'static str, String>;
+
+fn millis_of_text(t: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|t| t.timestamp_millis().to_string())
+        .unwrap_or_else(|_| format!("unparsable {t:?}"))
+}
+
+/// A lab's stored fields as CML holds them.
+pub fn fields_in_cml(l: &cml_sim::Lab) -> Fields {
+    let mut groups: Vec<String> = l
+        .groups
+        .iter()
+        .map(|g| {
+            format!(
+                "{}:{}:{}",
+                g.id,
+                g.permission,
+                g.name.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    groups.sort();
+    groups.dedup();
+    BTreeMap::from([
+        ("title", l.lab_title.clone()),
+        ("description", l.lab_description.clone()),
+        ("notes", l.lab_notes.clone()),
+        ("owner_id", l.owner.clone()),
+        ("owner_username", l.owner_username.clone()),
+        ("owner_fullname", l.owner_fullname.clone()),
+        ("state", l.state.clone()),
+        ("node_count", l.node_count.to_string()),
+        ("link_count", l.link_count.to_string()),
+        ("groups", groups.join(",")),
+        ("created", millis_of_text(&l.created)),
+        ("modified", millis_of_text(&l.modified)),
+    ])
+}
+
+/// A lab's stored fields as the raw MongoDB document holds them.
+pub fn fields_in_mongodb(d: &Document) -> Fields {
+    let text = |k: &str| d.get_str(k).unwrap_or("(absent)").to_owned();
+    let number = |k: &str| {
+        d.get_i64(k)
+            .map(|n| n.to_string())
+            .or_else(|_| d.get_i32(k).map(|n| n.to_string()))
+            .unwrap_or_else(|_| "(absent)".to_owned())
+    };
+    let date = |k: &str| {
+        d.get_datetime(k)
+            .map(|t| t.timestamp_millis().to_string())
+            .unwrap_or_else(|_| "(absent)".to_owned())
+    };
+    let mut groups: Vec<String> = d
+        .get_array("groups")
+        .map(|a| {
+            a.iter()
+                .filter_map(|g| g.as_document())
+                .map(|g| {
+                    format!(
+                        "{}:{}:{}",
+                        g.get_str("id").unwrap_or_default(),
+                        g.get_str("permission").unwrap_or_default(),
+                        g.get_str("name").unwrap_or_default()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    groups.sort();
+    BTreeMap::from([
+        ("title", text("title")),
+        ("description", text("description")),
+        ("notes", text("notes")),
+        ("owner_id", text("owner_id")),
+        ("owner_username", text("owner_username")),
+        ("owner_fullname", text("owner_fullname")),
+        ("state", text("state")),
+        ("node_count", number("node_count")),
+        ("link_count", number("link_count")),
+        ("groups", groups.join(",")),
+        ("created", date("created")),
+        ("modified", date("modified")),
+    ])
+}
+
+/// How MongoDB differs from CML, counted.
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub checked: usize,
+    pub lost: usize,
+    pub resurrected: usize,
+    pub stale: usize,
+    problems: Vec<String>,
+}
+
+enum Kind {
+    Lost,
+    Resurrected,
+    Stale,
+}
+
+impl Diff {
+    fn problem(&mut self, kind: Kind, text: String) {
+        match kind {
+            Kind::Lost => self.lost += 1,
+            Kind::Resurrected => self.resurrected += 1,
+            Kind::Stale => self.stale += 1,
+        }
+        self.problems.push(format!(
+            "{}: {text}",
+            match kind {
+                Kind::Lost => "lost",
+                Kind::Resurrected => "resurrected",
+                Kind::Stale => "stale",
+            }
+        ));
+    }
+}
+
+impl std::ops::AddAssign for Diff {
+    fn add_assign(&mut self, other: Self) {
+        self.checked += other.checked;
+        self.lost += other.lost;
+        self.resurrected += other.resurrected;
+        self.stale += other.stale;
+        self.problems.extend(other.problems);
+    }
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records compared field by field with CML: {} lost, {} resurrected, {} stale",
+            self.checked, self.lost, self.resurrected, self.stale
+        )
     }
 }
 

@@ -1,28 +1,32 @@
 //! Model-based test: a seeded random sequence of operations (labs created,
-//! changed and deleted in CML behind labsync's back; deletes through
-//! labsync, with and without force; refreshes; crashes of labsync as a
-//! process) run against the real system and against a small model of what
-//! CML holds and what MongoDB must show. After every step both must agree
-//! with the model. `LABSYNC_MODEL_SEED` replays a sequence.
+//! changed in every field and deleted in CML behind labsync's back; deletes
+//! through labsync, with and without force; refreshes; labsync as a process
+//! dying at a named step) run against the real system and against a small
+//! model of what CML holds and what MongoDB must show, field by field.
+//! After every step, a crash included, both must agree with the model: the
+//! model predicts what a death at each step leaves, it does not copy it.
+//! Every step does something. `LABSYNC_MODEL_SEED` replays a sequence.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 
+use futures::TryStreamExt;
+use labsync_application::crash::{CRASH_AT_ENV, CRASH_MARKER, points};
 use labsync_application::domain::LabId;
 use labsync_application::{DeleteOutcomeKind, RunStatus};
+use mongodb::bson::{Document, doc};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::json;
 
-use crate::crash::{kill_after, labsync, restart_and_refresh};
-use crate::helpers::{TestApp, eventually, report, seed};
+use crate::crash::{labsync, restart_and_refresh};
+use crate::helpers::{Fields, TestApp, fields_in_cml, fields_in_mongodb, report, seed};
 
 const STEPS: usize = 200;
 const DEFAULT_SEED: u64 = 0x0de1_5eed;
 const STATES: [&str; 3] = ["DEFINED_ON_CORE", "STOPPED", "STARTED"];
 
-/// What a lab looks like, to the model: its title and state.
-type Lab = (String, String);
+/// What a lab looks like, to the model: every field labsync stores.
+type Lab = Fields;
 
 /// The model: CML's labs, and the records MongoDB must hold.
 #[derive(Debug, Default)]
@@ -43,26 +47,105 @@ impl Model {
 struct Counts {
     steps: BTreeMap<&'static str, usize>,
     checked: usize,
+    lost: usize,
+    resurrected: usize,
+    stale: usize,
+}
+
+/// CML and MongoDB both as the model says; returns how many records were
+/// compared, panics naming every difference.
+async fn check(t: &TestApp, model: &Model, seed: u64, step: usize, name: &str) -> usize {
+    assert_eq!(
+        cml_labs(t),
+        model.cml,
+        "seed {seed}, step {step} ({name}): CML"
+    );
+    let seen = mongodb_labs(t).await;
+    let lost: Vec<_> = model
+        .recorded
+        .keys()
+        .filter(|k| !seen.contains_key(k))
+        .collect();
+    let extra: Vec<_> = seen
+        .keys()
+        .filter(|k| !model.recorded.contains_key(k))
+        .collect();
+    let stale: Vec<_> = seen
+        .iter()
+        .filter(|(k, v)| model.recorded.get(k).is_some_and(|m| m != *v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        lost.is_empty() && extra.is_empty() && stale.is_empty(),
+        "seed {seed}, step {step} ({name}): MongoDB differs from the model: \
+         lost {lost:?}, resurrected or unknown {extra:?}, stale {stale:?}"
+    );
+    seen.len()
 }
 
 fn cml_labs(t: &TestApp) -> BTreeMap<LabId, Lab> {
     t.sim()
         .labs()
-        .into_iter()
-        .map(|l| (LabId::parse(&l.id).unwrap(), (l.lab_title, l.state)))
+        .iter()
+        .map(|l| (LabId::parse(&l.id).unwrap(), fields_in_cml(l)))
         .collect()
 }
 
+/// The live records, read from the raw collection.
 async fn mongodb_labs(t: &TestApp) -> BTreeMap<LabId, Lab> {
-    t.records()
+    let docs: Vec<Document> = t
+        .app
+        .db
+        .collection::<Document>("labs")
+        .find(doc! {"worker_id": "cml-1", "tombstone": {"$exists": false}})
         .await
-        .into_iter()
-        .map(|r| {
-            let s = r.snapshot;
-            (r.lab_id, (s.title, s.state.as_str().to_owned()))
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    docs.iter()
+        .map(|d| {
+            (
+                LabId::parse(d.get_str("lab_id").unwrap()).unwrap(),
+                fields_in_mongodb(d),
+            )
         })
         .collect()
 }
+
+/// A change of every field a lab has (the state too, at once).
+fn every_field(rng: &mut ChaCha8Rng) -> cml_sim::LabSpec {
+    let n: u32 = rng.random_range(0..40);
+    cml_sim::LabSpec {
+        lab_title: Some(format!("title {}", rng.random::<u32>())),
+        lab_description: Some(format!("description {}", rng.random::<u32>())),
+        lab_notes: Some("notes ".repeat(rng.random_range(0..50))),
+        owner_username: Some(["admin", "student"][rng.random_range(0..2)].to_owned()),
+        state: Some(STATES[rng.random_range(0..3)].to_owned()),
+        node_count: Some(n),
+        link_count: Some(n + rng.random_range(0..5)),
+        groups: Some(if rng.random_bool(0.5) {
+            vec![]
+        } else {
+            vec![cml_sim::LabGroup {
+                id: "0b1c62f1-8f5c-4f1e-9a53-3c8f3f0c8a11".into(),
+                permission: ["read_only", "read_write"][rng.random_range(0..2)].into(),
+                name: Some("Students".into()),
+            }]
+        }),
+        ..Default::default()
+    }
+}
+
+/// Crash points of a refresh, and of a delete, with what the model says a
+/// death there leaves.
+const REFRESH_POINTS: [&str; 4] = [
+    points::REFRESH_AFTER_FETCH,
+    points::REFRESH_AFTER_EVENTS,
+    points::REFRESH_BETWEEN_BATCHES,
+    points::REFRESH_BEFORE_PRUNE_AUDIT,
+];
+const DELETE_POINTS: [&str; 2] = [points::DELETE_AFTER_CML, points::DELETE_BEFORE_TOMBSTONE];
 
 fn pick<'a>(rng: &mut ChaCha8Rng, map: &'a BTreeMap<LabId, Lab>) -> Option<(&'a LabId, &'a Lab)> {
     if map.is_empty() {
@@ -84,14 +167,18 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
     // Labs removed behind labsync's back since the last refresh: kept well
     // under the share that would hold a prune.
     let mut removed_since_refresh = 0;
-    for step in 0..STEPS {
+    let mut step = 0;
+    while step < STEPS {
         let roll = rng.random_range(0..100);
+        // A roll that finds nothing to act on is rolled again: every
+        // counted step does something.
         let name = match roll {
             0..20 => {
                 let state = STATES[rng.random_range(0..3)];
                 let id = t.add_lab(state);
-                let lab = t.sim().lab(id.as_str()).unwrap();
-                model.cml.insert(id, (lab.lab_title, state.to_owned()));
+                model
+                    .cml
+                    .insert(id, fields_in_cml(&t.sim().lab(id.as_str()).unwrap()));
                 "create in CML"
             }
             20..35 => {
@@ -99,24 +186,12 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                     continue;
                 };
                 let id = *id;
-                let (title, state) = if rng.random_bool(0.5) {
-                    (Some(format!("title {}", rng.random::<u32>())), None)
-                } else {
-                    (None, Some(STATES[rng.random_range(0..3)].to_owned()))
-                };
                 let lab = t
                     .sim()
-                    .update_lab(
-                        id.as_str(),
-                        cml_sim::LabSpec {
-                            lab_title: title,
-                            state,
-                            ..Default::default()
-                        },
-                    )
+                    .update_lab(id.as_str(), every_field(&mut rng))
                     .unwrap();
-                model.cml.insert(id, (lab.lab_title, lab.state));
-                "change in CML"
+                model.cml.insert(id, fields_in_cml(&lab));
+                "change every field in CML"
             }
             35..45 => {
                 if removed_since_refresh * 4 >= model.recorded.len() {
@@ -143,7 +218,7 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                         assert_eq!(out.kind, DeleteOutcomeKind::AlreadyAbsent, "step {step}");
                         model.recorded.remove(&id);
                     }
-                    Some((_, state)) if force || state == "DEFINED_ON_CORE" => {
+                    Some(lab) if force || lab["state"] == "DEFINED_ON_CORE" => {
                         assert_eq!(out.kind, DeleteOutcomeKind::Deleted, "step {step}");
                         model.cml.remove(&id);
                         model.recorded.remove(&id);
@@ -169,80 +244,97 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                 "refresh"
             }
             _ => {
-                // A crash: labsync killed mid-refresh or mid-delete, then
-                // started again; its effect on CML is whatever CML shows.
-                let base = t.sim().stats().total;
-                let mut child = if rng.random_bool(0.5) {
-                    labsync(&t, &["refresh", "--worker", "cml-1"])
-                } else {
+                // labsync dies at a named step of a refresh or of a forced
+                // delete; the model predicts what that leaves.
+                let delete = rng.random_bool(0.5);
+                let (point, args): (&str, Vec<String>) = if delete {
                     let Some((id, _)) = pick(&mut rng, &model.recorded) else {
                         continue;
                     };
-                    labsync(
-                        &t,
-                        &[
-                            "delete-lab",
-                            "--worker",
-                            "cml-1",
-                            "--lab",
-                            id.as_str(),
-                            "--force",
-                        ],
-                    )
-                }
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-                t.faults(json!({"latency_ms": {"all": 2}}));
-                kill_after(&t, &mut child, base, rng.random_range(1..=4)).await;
-                t.faults(json!({}));
-                // A forced delete killed after its stop leaves CML mid-way;
-                // the model reads CML once it has settled.
-                eventually("CML's transitions to settle", || async {
-                    t.sim().labs().iter().all(cml_sim::Lab::converged)
-                })
-                .await;
+                    let id = *id;
+                    if !model.cml.contains_key(&id) {
+                        continue; // gone already: no CML step to die after
+                    }
+                    let point = DELETE_POINTS[rng.random_range(0..DELETE_POINTS.len())];
+                    // CML deletes it; the record stays until the repair.
+                    model.cml.remove(&id);
+                    let args = [
+                        "delete-lab",
+                        "--worker",
+                        "cml-1",
+                        "--lab",
+                        id.as_str(),
+                        "--force",
+                    ];
+                    (point, args.iter().map(|a| (*a).to_owned()).collect())
+                } else {
+                    let point = REFRESH_POINTS[rng.random_range(0..REFRESH_POINTS.len())];
+                    // Only a run with something to write reaches the write
+                    // steps, and only one with a prune the prunes' audit.
+                    let writes = model.cml != model.recorded;
+                    let prunes = model.recorded.keys().any(|k| !model.cml.contains_key(k));
+                    let reachable = match point {
+                        points::REFRESH_AFTER_FETCH => true,
+                        points::REFRESH_BEFORE_PRUNE_AUDIT => prunes,
+                        _ => writes,
+                    };
+                    if !reachable {
+                        continue;
+                    }
+                    match point {
+                        // Creates written, updates and prunes not.
+                        points::REFRESH_BETWEEN_BATCHES => {
+                            for (id, lab) in &model.cml {
+                                model.recorded.entry(*id).or_insert_with(|| lab.clone());
+                            }
+                        }
+                        // Every record written.
+                        points::REFRESH_BEFORE_PRUNE_AUDIT => model.refreshed(),
+                        _ => {}
+                    }
+                    let args = ["refresh", "--worker", "cml-1"];
+                    (point, args.iter().map(|a| (*a).to_owned()).collect())
+                };
+                let out = labsync(&t, &args.iter().map(String::as_str).collect::<Vec<_>>())
+                    .env(CRASH_AT_ENV, point)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .output()
+                    .await
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.code().is_none()
+                        && stderr.contains(&format!("{CRASH_MARKER}{point}")),
+                    "step {step}: {args:?} did not die at {point}: {:?} {stderr}",
+                    out.status
+                );
+                // The state the death left, checked before any repair.
+                check(&t, &model, seed, step, point).await;
                 restart_and_refresh(&t).await;
-                model.cml = cml_labs(&t);
                 model.refreshed();
                 removed_since_refresh = 0;
-                "crash and restart"
+                if delete {
+                    "die mid-delete and restart"
+                } else {
+                    "die mid-refresh and restart"
+                }
             }
         };
         *n.steps.entry(name).or_default() += 1;
-        // The check: CML and MongoDB both as the model says.
-        assert_eq!(
-            cml_labs(&t),
-            model.cml,
-            "seed {seed}, step {step} ({name}): CML"
-        );
-        let seen = mongodb_labs(&t).await;
-        if seen != model.recorded {
-            let lost: Vec<_> = model
-                .recorded
-                .keys()
-                .filter(|k| !seen.contains_key(k))
-                .collect();
-            let extra: Vec<_> = seen
-                .keys()
-                .filter(|k| !model.recorded.contains_key(k))
-                .collect();
-            panic!(
-                "seed {seed}, step {step} ({name}): MongoDB differs from the model: \
-                 lost {lost:?}, resurrected or unknown {extra:?}\nmodel {:?}\nseen {seen:?}",
-                model.recorded
-            );
-        }
-        n.checked += seen.len();
+        n.checked += check(&t, &model, seed, step, name).await;
+        step += 1;
     }
     let steps: Vec<String> = n.steps.iter().map(|(k, v)| format!("{v} {k}")).collect();
     report(
         "model",
         &format!(
-            "model-based test (seed {seed}): {STEPS} steps ({}), {} records checked against the model: 0 lost, 0 resurrected",
+            "model-based test (seed {seed}): {STEPS} steps, each doing something ({}); {} records compared field by field with the model after every step: {} lost, {} resurrected, {} stale",
             steps.join(", "),
-            n.checked
+            n.checked,
+            n.lost,
+            n.resurrected,
+            n.stale
         ),
     );
 }

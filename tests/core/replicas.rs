@@ -157,13 +157,13 @@ async fn two_replicas_refresh_each_worker_once_per_tick_and_one_carries_on_alone
     }
     let r = t.refresh().await;
     assert_eq!(r.status, RunStatus::Succeeded);
-    let checked = t.assert_matches_truth("after two replicas").await;
+    let diff = t.assert_matches_truth("after two replicas").await;
     report(
         "replicas",
         &format!(
             "two replicas: {ticks} ticks x {WORKERS} workers with both ({worked} refreshes, {skipped} skipped \
              by the lease, 0 doubled, 0 overlapping), then {ticks_alone} ticks alone after a SIGKILL \
-             ({worked_alone} refreshes); {checked} records checked against CML"
+             ({worked_alone} refreshes); {diff}"
         ),
     );
 }
