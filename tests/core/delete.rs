@@ -291,7 +291,7 @@ async fn a_crash_between_the_cml_delete_and_the_record_removal_is_repaired_by_th
 
 #[tokio::test]
 async fn the_tombstone_hides_a_lab_cml_still_lists_until_it_expires() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_with(1, &[("LABSYNC__DELETE__TOMBSTONE_TTL_SECS", "2")]).await;
     let id = recorded_lab(&t, "DEFINED_ON_CORE").await;
     t.delete(&id, false).await.unwrap();
     // CML lists it again (e.g. restored from a backup under the same id).
@@ -330,6 +330,23 @@ async fn the_tombstone_hides_a_lab_cml_still_lists_until_it_expires() {
             && indexes.contains(&"worker_lab_unique".to_owned()),
         "{indexes:?}"
     );
+    // Once it has expired, the lab CML still lists comes back with the
+    // next refresh, whether or not the TTL monitor has run.
+    let tomb_until = tomb.get_datetime("expires_at").unwrap().to_chrono();
+    eventually(
+        "the tombstone to expire and the lab to come back",
+        || async {
+            let r = t.refresh().await;
+            let back = r.created == 1;
+            assert!(
+                back || chrono::Utc::now() <= tomb_until + chrono::Duration::seconds(1),
+                "still hidden after its expiry: {r:?}"
+            );
+            back
+        },
+    )
+    .await;
+    assert!(t.record(&id).await.is_some());
 }
 
 #[tokio::test]

@@ -320,7 +320,7 @@ impl LabRepository for MongoLabRepository {
         let mut cursor = self
             .docs
             .find(doc! {"worker_id": worker.as_str()})
-            .projection(doc! {"_id": 0, "lab_id": 1, "content_hash": 1, "tombstone.deleted_at": 1})
+            .projection(doc! {"_id": 0, "lab_id": 1, "content_hash": 1, "tombstone.expires_at": 1})
             .await
             .map_err(map_error)?;
         let mut out = HashMap::new();
@@ -332,7 +332,14 @@ impl LabRepository for MongoLabRepository {
                 .ok_or_else(|| {
                     RepoError::Corrupt(format!("lab record without a valid lab_id: {d}"))
                 })?;
-            let existing = if d.contains_key("tombstone") {
+            let existing = if let Ok(t) = d.get_document("tombstone") {
+                // An expired tombstone hides nothing, whether or not the
+                // server's TTL monitor has removed it yet (`apply` does).
+                if t.get_datetime("expires_at")
+                    .is_ok_and(|e| e.to_chrono() <= chrono::Utc::now())
+                {
+                    continue;
+                }
                 Existing::Tombstoned
             } else {
                 let hash = d
@@ -467,6 +474,17 @@ impl LabRepository for MongoLabRepository {
         crash::point(crash::points::REFRESH_AFTER_EVENTS);
         let mut refused: Vec<LabId> = Vec::new();
         if !create_docs.is_empty() {
+            // Expired tombstones of labs about to come back go first: the
+            // TTL monitor removes them only every minute or so.
+            let ids: Vec<&str> = changes.create.iter().map(|r| r.lab_id.as_str()).collect();
+            self.docs
+                .delete_many(doc! {
+                    "worker_id": worker.as_str(),
+                    "lab_id": {"$in": ids},
+                    "tombstone.expires_at": {"$lte": date(chrono::Utc::now())},
+                })
+                .await
+                .map_err(map_error)?;
             // Plain inserts: the unique index refuses one when a tombstone
             // (or, after a race, a live record) holds the key. The driver
             // splits them into messages the server takes.
@@ -596,7 +614,7 @@ impl LabRepository for MongoLabRepository {
         let stored: HashMap<String, String> = self
             .docs
             .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": labs}})
-            .projection(doc! {"_id": 0, "lab_id": 1, "content_hash": 1, "tombstone.deleted_at": 1})
+            .projection(doc! {"_id": 0, "lab_id": 1, "content_hash": 1, "tombstone.expires_at": 1})
             .await
             .map_err(map_error)?
             .try_collect::<Vec<Document>>()
