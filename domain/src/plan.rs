@@ -262,6 +262,47 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_with_any_write_is_not_a_noop() {
+        let id = lab(1);
+        let one = |f: fn(&mut ReconcilePlan, LabId)| {
+            let mut p = ReconcilePlan::default();
+            f(&mut p, id);
+            p.is_noop()
+        };
+        assert!(ReconcilePlan::default().is_noop());
+        assert!(!one(|p, id| p.create.push((id, snapshot("a")))));
+        assert!(!one(|p, id| p.update.push((id, snapshot("a")))));
+        assert!(!one(|p, id| p.prune.push(id)));
+        // Held, failed, suppressed and unchanged labs write nothing.
+        assert!(one(|p, id| {
+            p.held.push(id);
+            p.unchanged.push(id);
+            p.suppressed.push(id);
+            p.failed.push((id, "x".into()));
+        }));
+    }
+
+    #[test]
+    fn hold_reasons_say_what_held_the_prune_and_what_to_do() {
+        let text = |r: HoldReason| r.to_string();
+        assert!(text(HoldReason::IncompleteList).contains("not lab ids"));
+        let empty = text(HoldReason::EmptyList { records: 7 });
+        assert!(
+            empty.contains("7 are recorded") && empty.contains("even forced"),
+            "{empty}"
+        );
+        let many = text(HoldReason::TooManyPrunes {
+            would_prune: 11,
+            records: 20,
+            max_share: 0.5,
+        });
+        assert!(
+            many.contains("11 of 20") && many.contains("50%") && many.contains("force"),
+            "{many}"
+        );
+    }
+
+    #[test]
     fn nothing_changed_means_nothing_to_do() {
         let existing = HashMap::from([(lab(1), live("a")), (lab(2), live("b"))]);
         let p = plan(
