@@ -684,4 +684,94 @@ mod tests {
         ));
         assert!(f.cml.calls().is_empty());
     }
+
+    #[tokio::test]
+    async fn a_stopped_lab_is_only_wiped_before_a_forced_delete() {
+        let (f, id) = with_lab(LabState::Stopped);
+        let out = cmd(id, true).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::Deleted);
+        let calls: Vec<String> = f
+            .cml
+            .calls()
+            .iter()
+            .map(|c| c.split(' ').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(calls, ["state", "wipe", "converged", "delete"]);
+    }
+
+    #[tokio::test]
+    async fn a_forced_delete_waits_for_convergence_until_its_deadline_and_no_longer() {
+        // Converges on the third poll, well within the deadline.
+        let (f, id) = with_lab(LabState::Started);
+        *f.cml.unconverged_polls.lock().unwrap() = 2;
+        let out = cmd(id, true).execute(&f.services).await.unwrap();
+        assert_eq!(out.kind, DeleteOutcomeKind::Deleted, "{out:?}");
+        // Never converges: the deadline ends the wait, with the step named.
+        let (mut f, id) = with_lab(LabState::Started);
+        f.services.settings.converge_timeout = Duration::from_millis(30);
+        *f.cml.unconverged_polls.lock().unwrap() = u32::MAX;
+        let out = cmd(id, true).execute(&f.services).await.unwrap();
+        assert_eq!(
+            out.kind,
+            DeleteOutcomeKind::NotConverged {
+                step: "stop".into()
+            }
+        );
+        assert!(
+            out.message.contains("did not converge within"),
+            "{}",
+            out.message
+        );
+    }
+
+    #[tokio::test]
+    async fn every_outcome_says_what_happened_in_the_audit_and_the_message() {
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        cmd(id, false).execute(&f.services).await.unwrap();
+        let details: Vec<String> = f
+            .store
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.detail.clone())
+            .collect();
+        assert_eq!(details.last().unwrap(), "deleted in CML", "{details:?}");
+
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.labs.lock().unwrap().clear();
+        cmd(id, false).execute(&f.services).await.unwrap();
+        let details: Vec<String> = f
+            .store
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.detail.clone())
+            .collect();
+        assert_eq!(
+            details.last().unwrap(),
+            "CML did not have the lab",
+            "{details:?}"
+        );
+
+        let (f, id) = with_lab(LabState::Started);
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(
+            out.message.contains("stop and wipe it first"),
+            "{}",
+            out.message
+        );
+
+        let (f, id) = with_lab(LabState::DefinedOnCore);
+        f.cml.fail.lock().unwrap().insert(
+            "state",
+            CmlError::Refused {
+                status: 400,
+                description: "CML says no".into(),
+            },
+        );
+        let out = cmd(id, false).execute(&f.services).await.unwrap();
+        assert!(out.message.contains("CML says no"), "{}", out.message);
+    }
 }

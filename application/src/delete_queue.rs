@@ -153,6 +153,8 @@ pub struct DeleteQueue {
     policy: RetryPolicy,
 }
 
+// Debug output only: no behaviour depends on it (mutants here are
+// equivalent).
 impl std::fmt::Debug for DeleteQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeleteQueue")
@@ -226,6 +228,8 @@ impl DeleteQueue {
             let keeper = self.keep_claim(request.id.clone(), claim.clone());
             self.attempt(&mut request).await;
             keeper.abort();
+            // Whether saved or not, the loop goes on; only the log differs
+            // (a mutant of this condition is equivalent).
             if !self.requests.save(&request, &claim).await? {
                 warn!(request_id = %request.id, "the claim on this async delete was lost; its outcome is not saved over the new holder's");
             }
@@ -319,7 +323,212 @@ impl DeleteQueue {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use labsync_domain::{LabRecord, LabState};
+
     use super::*;
+    use crate::fakes::{Fixture, fixture, lab, snapshot, worker_id};
+
+    /// Requests in memory, claims by token, as the port's contract says.
+    #[derive(Default)]
+    struct FakeRequests {
+        stored: Mutex<Vec<(DeleteRequest, Option<String>)>>,
+        /// Someone else takes every claim right after it is made.
+        steal: Mutex<bool>,
+        renewals: Mutex<usize>,
+    }
+
+    #[async_trait]
+    impl DeleteRequests for FakeRequests {
+        async fn create(&self, r: &DeleteRequest) -> Result<(), RepoError> {
+            self.stored.lock().unwrap().push((r.clone(), None));
+            Ok(())
+        }
+        async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError> {
+            Ok(self
+                .stored
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(r, _)| r.id == id)
+                .map(|(r, _)| r.clone()))
+        }
+        async fn claim_due(
+            &self,
+            now: DateTime<Utc>,
+            _: Duration,
+            claim: &str,
+        ) -> Result<Option<DeleteRequest>, RepoError> {
+            let steal = *self.steal.lock().unwrap();
+            let mut stored = self.stored.lock().unwrap();
+            let Some((r, c)) = stored.iter_mut().find(|(r, c)| {
+                r.status == DeleteRequestStatus::Pending && r.next_attempt_at <= now && c.is_none()
+            }) else {
+                return Ok(None);
+            };
+            r.status = DeleteRequestStatus::Running;
+            *c = Some(if steal {
+                "someone else".into()
+            } else {
+                claim.to_owned()
+            });
+            Ok(Some(r.clone()))
+        }
+        async fn renew_claim(
+            &self,
+            id: &str,
+            claim: &str,
+            _: DateTime<Utc>,
+            _: Duration,
+        ) -> Result<bool, RepoError> {
+            *self.renewals.lock().unwrap() += 1;
+            Ok(self
+                .stored
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(r, c)| r.id == id && c.as_deref() == Some(claim)))
+        }
+        async fn save(&self, request: &DeleteRequest, claim: &str) -> Result<bool, RepoError> {
+            let mut stored = self.stored.lock().unwrap();
+            match stored
+                .iter_mut()
+                .find(|(r, c)| r.id == request.id && c.as_deref() == Some(claim))
+            {
+                Some(entry) => {
+                    *entry = (request.clone(), None);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+    }
+
+    fn queue(f: &Fixture) -> (DeleteQueue, Arc<FakeRequests>) {
+        let requests = Arc::new(FakeRequests::default());
+        let policy = RetryPolicy {
+            base: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        (
+            DeleteQueue::new(f.services.clone(), requests.clone(), policy),
+            requests,
+        )
+    }
+
+    fn with_lab(f: &Fixture, state: LabState) {
+        let s = snapshot("x", state);
+        f.cml.labs.lock().unwrap().insert(lab(1), s.clone());
+        f.store.live.lock().unwrap().insert(
+            lab(1),
+            LabRecord::discovered(worker_id(), lab(1), s, chrono::Utc::now()),
+        );
+    }
+
+    fn cmd() -> DeleteLab {
+        DeleteLab {
+            worker_id: worker_id(),
+            lab_id: lab(1),
+            force: false,
+            requested_by: "unit".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_due_request_runs_once_and_ends_done_with_its_outcome() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let (q, _) = queue(&f);
+        let r = q.submit(&cmd()).await.unwrap();
+        assert_eq!(q.run_due().await.unwrap(), 1);
+        assert_eq!(q.run_due().await.unwrap(), 0, "nothing left");
+        let done = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!((done.status, done.attempts), (DeleteRequestStatus::Done, 1));
+        assert_eq!(done.outcome.unwrap()["kind"], "deleted");
+        assert!(done.last_error.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_after_the_backoff_and_a_refusal_is_final() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("state", crate::CmlError::Unreachable("down".into()));
+        let (q, _) = queue(&f);
+        let r = q.submit(&cmd()).await.unwrap();
+        q.run_due().await.unwrap();
+        let pending = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            (pending.status, pending.attempts),
+            (DeleteRequestStatus::Pending, 1)
+        );
+        let wait = pending.next_attempt_at - pending.updated_at;
+        assert_eq!(wait, chrono::Duration::seconds(10), "the base backoff");
+        assert!(pending.last_error.unwrap().contains("down"));
+
+        let f = fixture();
+        with_lab(&f, LabState::Started);
+        let (q, _) = queue(&f);
+        let r = q.submit(&cmd()).await.unwrap();
+        q.run_due().await.unwrap();
+        let failed = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            (failed.status, failed.attempts),
+            (DeleteRequestStatus::Failed, 1)
+        );
+        assert!(failed.last_error.unwrap().contains("STARTED"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_is_renewed_every_third_of_its_length() {
+        let f = fixture();
+        let requests = Arc::new(FakeRequests::default());
+        let q = DeleteQueue::new(
+            f.services.clone(),
+            requests.clone(),
+            RetryPolicy {
+                claim: Duration::from_secs(3),
+                ..RetryPolicy::default()
+            },
+        );
+        let r = q.submit(&cmd()).await.unwrap();
+        let claimed = requests
+            .claim_due(chrono::Utc::now(), Duration::from_secs(3), "mine")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claimed.id, r.id);
+        let keeper = q.keep_claim(r.id.clone(), "mine".into());
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert_eq!(
+            *requests.renewals.lock().unwrap(),
+            1,
+            "after a third of the claim"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*requests.renewals.lock().unwrap(), 2);
+        keeper.abort();
+    }
+
+    #[tokio::test]
+    async fn a_run_that_lost_its_claim_saves_nothing_over_the_new_holder() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let (q, requests) = queue(&f);
+        let r = q.submit(&cmd()).await.unwrap();
+        *requests.steal.lock().unwrap() = true;
+        assert_eq!(q.run_due().await.unwrap(), 1);
+        let seen = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            (seen.status, seen.attempts),
+            (DeleteRequestStatus::Running, 0),
+            "the holder's state, untouched"
+        );
+    }
 
     #[test]
     fn backoff_doubles_from_the_base_and_is_capped() {

@@ -39,6 +39,10 @@ pub struct FakeCml {
     pub invalid_in_list: Mutex<usize>,
     /// `delete_lab` deletes, then answers with this error.
     pub lose_delete_answer: Mutex<Option<CmlError>>,
+    /// `is_converged` answers false this many times first.
+    pub unconverged_polls: Mutex<u32>,
+    /// Labs whose details fail.
+    pub failing_labs: Mutex<Vec<LabId>>,
 }
 
 impl FakeCml {
@@ -103,6 +107,9 @@ impl CmlGateway for FakeCml {
     }
     async fn lab_details(&self, _: &WorkerAccess, lab: &LabId) -> Result<LabSnapshot, CmlError> {
         self.call("details", Some(lab))?;
+        if lock(&self.failing_labs).contains(lab) {
+            return Err(CmlError::Protocol("garbled".into()));
+        }
         self.with_lab(lab, |s| s.clone())
     }
     async fn lab_tiles(
@@ -131,6 +138,11 @@ impl CmlGateway for FakeCml {
     }
     async fn is_converged(&self, _: &WorkerAccess, lab: &LabId) -> Result<bool, CmlError> {
         self.call("converged", Some(lab))?;
+        let mut left = lock(&self.unconverged_polls);
+        if *left > 0 {
+            *left -= 1;
+            return Ok(false);
+        }
         Ok(true)
     }
     async fn delete_lab(&self, _: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
@@ -165,6 +177,12 @@ pub struct FakeStore {
     pub grants: Mutex<u64>,
     /// Every renewal says the lease is someone else's now.
     pub lease_lost: Mutex<bool>,
+    pub renewals: Mutex<usize>,
+    pub settles: Mutex<usize>,
+    /// The fencing token of the last `apply`.
+    pub last_fence: Mutex<Option<u64>>,
+    /// Labs `apply` reports as too large (and does not write).
+    pub too_large: Mutex<Vec<LabId>>,
     pub applies: Mutex<usize>,
     pub events: Mutex<Vec<LabEvent>>,
 }
@@ -202,8 +220,32 @@ impl LabRepository for FakeStore {
         _: usize,
     ) -> Result<ApplyOutcome, RepoError> {
         *lock(&self.applies) += 1;
-        lock(&self.events).extend(c.events);
+        *lock(&self.last_fence) = Some(c.fence);
         let mut out = ApplyOutcome::default();
+        let too_large = lock(&self.too_large).clone();
+        lock(&self.events).extend(
+            c.events
+                .iter()
+                .filter(|e| !too_large.contains(&e.lab_id))
+                .cloned(),
+        );
+        out.too_large = too_large
+            .iter()
+            .map(|id| (*id, "too large".to_owned()))
+            .collect();
+        let c = RecordChanges {
+            create: c
+                .create
+                .into_iter()
+                .filter(|r| !too_large.contains(&r.lab_id))
+                .collect(),
+            update: c
+                .update
+                .into_iter()
+                .filter(|u| !too_large.contains(&u.record.lab_id))
+                .collect(),
+            ..c
+        };
         let tombs = lock(&self.tombstones);
         let mut live = lock(&self.live);
         for r in c
@@ -266,6 +308,7 @@ impl LabRepository for FakeStore {
         Ok(0)
     }
     async fn settle_staged_events(&self, _: &WorkerId) -> Result<(u64, u64), RepoError> {
+        *lock(&self.settles) += 1;
         Ok((0, 0))
     }
 }
@@ -288,6 +331,7 @@ impl RefreshLease for FakeStore {
         Ok(Some(*grants))
     }
     async fn renew(&self, _: &WorkerId, holder: &str, _: Duration) -> Result<bool, RepoError> {
+        *lock(&self.renewals) += 1;
         Ok(!*lock(&self.lease_lost) && lock(&self.lease).as_deref() == Some(holder))
     }
     async fn revoke(&self, _: &WorkerId, _: Duration) -> Result<(), RepoError> {

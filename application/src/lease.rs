@@ -56,6 +56,8 @@ pub struct LeaseKeeper {
     task: Option<JoinHandle<()>>,
 }
 
+// Debug output only: no behaviour depends on it (mutants here are
+// equivalent).
 impl std::fmt::Debug for LeaseKeeper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeaseKeeper")
@@ -84,6 +86,7 @@ impl LeaseKeeper {
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(every) => {}
+                        // Stopped, or the keeper dropped (channel closed).
                         _ = stopped.wait_for(|s| *s) => return,
                     }
                     match lease.renew(&worker, &holder, ttl).await {
@@ -134,6 +137,8 @@ impl LeaseKeeper {
     }
 
     /// Stops the renewals and waits for the renewal in flight, if any.
+    /// (Dropping the keeper stops them too, without waiting: the renewal
+    /// task ends when the stop channel closes.)
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
@@ -142,8 +147,68 @@ impl LeaseKeeper {
     }
 }
 
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fakes::{FakeStore, worker_id};
+
+    fn held(store: &Arc<FakeStore>) {
+        *store.lease.lock().unwrap() = Some("run".into());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_renewed_every_third_of_its_life_until_stopped() {
+        let store = Arc::new(FakeStore::default());
+        held(&store);
+        let keeper = LeaseKeeper::start(
+            store.clone(),
+            worker_id(),
+            "run".into(),
+            Duration::from_secs(3),
+        );
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert_eq!(
+            *store.renewals.lock().unwrap(),
+            1,
+            "after a third of the TTL"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*store.renewals.lock().unwrap(), 2);
+        keeper.stop().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(*store.renewals.lock().unwrap(), 2, "none after stop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_keeper_stops_the_renewals() {
+        let store = Arc::new(FakeStore::default());
+        held(&store);
+        drop(LeaseKeeper::start(
+            store.clone(),
+            worker_id(),
+            "run".into(),
+            Duration::from_secs(3),
+        ));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(*store.renewals.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn confirm_says_yes_while_held_and_no_for_good_once_lost() {
+        let store = Arc::new(FakeStore::default());
+        held(&store);
+        let keeper = LeaseKeeper::start(
+            store.clone(),
+            worker_id(),
+            "run".into(),
+            Duration::from_secs(60),
+        );
+        assert!(keeper.confirm().await.unwrap());
+        assert!(keeper.confirm().await.unwrap(), "still held");
+        *store.lease.lock().unwrap() = Some("another run".into());
+        assert!(!keeper.confirm().await.unwrap());
+        *store.lease.lock().unwrap() = Some("run".into());
+        assert!(!keeper.confirm().await.unwrap(), "lost is lost");
+        keeper.stop().await;
     }
 }

@@ -328,6 +328,8 @@ impl RefreshWorkerLabs {
             match self.services.cml.lab_tiles(access).await {
                 Ok(tiles) => {
                     let missing = ids.iter().filter(|id| !tiles.contains_key(id)).count();
+                    // Only what is logged depends on this (a mutant here is
+                    // equivalent): the missing labs are fetched below either way.
                     if missing > 0 {
                         info!(
                             missing,
@@ -403,6 +405,7 @@ impl RefreshWorkerLabs {
             // Events a dead run staged: delivered if their change is in
             // the store, dropped if not.
             let (released, dropped) = s.labs.settle_staged_events(worker_id).await?;
+            // Only what is logged depends on this (a mutant here is equivalent).
             if released + dropped > 0 {
                 info!(
                     released,
@@ -867,5 +870,213 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(*f.store.applies.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn only_a_failed_run_is_a_failure() {
+        let mut r = RunReport::new(
+            &worker_id(),
+            Trigger::Cli,
+            RefreshOptions::default(),
+            chrono::Utc::now(),
+        );
+        for (status, failure) in [
+            (RunStatus::Succeeded, false),
+            (RunStatus::Skipped, false),
+            (RunStatus::Failed, true),
+        ] {
+            r.status = status;
+            assert_eq!(r.is_failure(), failure, "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_settles_a_dead_runs_events_first_and_a_dry_run_does_not() {
+        let f = fixture();
+        with_four_labs(&f);
+        let dry = RefreshOptions {
+            dry_run: true,
+            force_prune: false,
+        };
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, dry)
+            .await
+            .unwrap();
+        assert_eq!(*f.store.settles.lock().unwrap(), 0);
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(*f.store.settles.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn writes_carry_the_leases_fencing_token_and_prunes_reach_the_store() {
+        let f = fixture();
+        with_four_labs(&f);
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            *f.store.last_fence.lock().unwrap(),
+            Some(1),
+            "the first grant"
+        );
+        f.cml.labs.lock().unwrap().remove(&lab(1));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.pruned, r.held), (1, 0), "{r:?}");
+        assert_eq!(*f.store.last_fence.lock().unwrap(), Some(2));
+        assert!(!f.store.live.lock().unwrap().contains_key(&lab(1)));
+        let audit = f.store.audit.lock().unwrap().clone();
+        assert_eq!(audit.len(), 1, "one prune, one audit entry: {audit:?}");
+    }
+
+    #[tokio::test]
+    async fn force_prune_releases_a_held_mass_prune() {
+        let f = fixture();
+        for n in 1..=20 {
+            f.cml
+                .labs
+                .lock()
+                .unwrap()
+                .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
+        }
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        for n in 1..=15 {
+            f.cml.labs.lock().unwrap().remove(&lab(n));
+        }
+        let held = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((held.pruned, held.held), (0, 15));
+        let forced = refresh(&f)
+            .execute(
+                &worker_id(),
+                Trigger::Cli,
+                RefreshOptions {
+                    dry_run: false,
+                    force_prune: true,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((forced.pruned, forced.held), (15, 0));
+    }
+
+    #[tokio::test]
+    async fn a_state_change_is_announced_as_such_and_a_title_change_is_not() {
+        let f = fixture();
+        with_four_labs(&f);
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        f.cml.labs.lock().unwrap().get_mut(&lab(1)).unwrap().state = LabState::Started;
+        f.cml.labs.lock().unwrap().get_mut(&lab(2)).unwrap().title = "renamed".into();
+        refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        let kinds: Vec<(LabId, crate::LabEventKind)> = f
+            .store
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind != crate::LabEventKind::Discovered)
+            .map(|e| (e.lab_id, e.kind))
+            .collect();
+        assert!(
+            kinds.contains(&(lab(1), crate::LabEventKind::StateChanged)),
+            "{kinds:?}"
+        );
+        assert!(
+            !kinds.contains(&(lab(2), crate::LabEventKind::StateChanged)),
+            "{kinds:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_too_large_to_store_is_that_labs_failure_in_the_report() {
+        let f = fixture();
+        with_four_labs(&f);
+        f.store.too_large.lock().unwrap().push(lab(2));
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.created, r.failed),
+            (RunStatus::Succeeded, 3, 1),
+            "{r:?}"
+        );
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(r.failures[0].lab_id, lab(2));
+    }
+
+    #[tokio::test]
+    async fn refresh_all_reports_every_enabled_worker() {
+        let f = fixture();
+        with_four_labs(&f);
+        let reports = RefreshAll::new(f.services.clone())
+            .execute(Trigger::Schedule, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            (reports[0].status, reports[0].created),
+            (RunStatus::Succeeded, 4)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_report_keeps_at_most_twenty_failures_of_any_kind() {
+        let f = fixture();
+        for n in 1..=25 {
+            f.cml
+                .labs
+                .lock()
+                .unwrap()
+                .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
+        }
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("details", CmlError::Protocol("bad".into()));
+        // 25 failed details: 20 reported, 25 counted.
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((r.failed, r.failures.len()), (25, MAX_REPORTED_FAILURES));
+        // 19 failed details and 2 records too large: still 20 reported.
+        let f = fixture();
+        for n in 1..=21 {
+            f.cml
+                .labs
+                .lock()
+                .unwrap()
+                .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
+        }
+        f.cml.failing_labs.lock().unwrap().extend((3..=21).map(lab));
+        f.store.too_large.lock().unwrap().extend([lab(1), lab(2)]);
+        let r = refresh(&f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.failed, r.failures.len()),
+            (21, MAX_REPORTED_FAILURES),
+            "{r:?}"
+        );
     }
 }

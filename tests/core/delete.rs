@@ -181,6 +181,10 @@ async fn a_refresh_that_listed_a_lab_before_its_delete_does_not_bring_it_back() 
     assert_eq!(out.kind, DeleteOutcomeKind::Deleted);
     let r = run.await.unwrap();
     assert_eq!(r.status, RunStatus::Succeeded);
+    assert_eq!(
+        r.suppressed, 1,
+        "the late update refused over the tombstone is reported: {r:?}"
+    );
     assert!(
         t.record(&victim).await.is_none(),
         "resurrected by a refresh that listed it before the delete"

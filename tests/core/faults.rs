@@ -39,9 +39,10 @@ enum Fault {
     LostAnswer500,
     LostAnswerHang,
     LostAnswerReset,
+    HugeNotes,
 }
 
-const FAULTS: [Fault; 14] = [
+const FAULTS: [Fault; 15] = [
     Fault::Hang,
     Fault::ServerError,
     Fault::Booting,
@@ -56,6 +57,7 @@ const FAULTS: [Fault; 14] = [
     Fault::LostAnswer500,
     Fault::LostAnswerHang,
     Fault::LostAnswerReset,
+    Fault::HugeNotes,
 ];
 
 /// The one outcome each cell must have: a run's status, a delete's word,
@@ -68,13 +70,15 @@ fn expected(op: &str, fault: Fault) -> &'static str {
         (
             "refresh",
             TokenExpired | EmptyList | ListMissingLabs | SlowDetails | LostAnswer500
-            | LostAnswerHang | LostAnswerReset,
+            | LostAnswerHang | LostAnswerReset | HugeNotes,
         ) => "succeeded",
         ("refresh", _) => "failed",
-        (_, TokenExpired | EmptyList | ListMissingLabs | SlowDetails) if op != "async delete" => {
+        (_, TokenExpired | EmptyList | ListMissingLabs | SlowDetails | HugeNotes)
+            if op != "async delete" =>
+        {
             "deleted"
         }
-        ("async delete", TokenExpired | EmptyList | ListMissingLabs | SlowDetails) => {
+        ("async delete", TokenExpired | EmptyList | ListMissingLabs | SlowDetails | HugeNotes) => {
             "done after 1 attempts: deleted"
         }
         // CML carried out the DELETE and the answer was lost: one look
@@ -122,6 +126,9 @@ impl Fault {
             Self::LostAnswer500 => lost_answer("error_500"),
             Self::LostAnswerHang => lost_answer("hang"),
             Self::LostAnswerReset => lost_answer("reset"),
+            // Every lab's notes at 64 KB (the client's 300 ms timeout
+            // here bounds what one answer may take to build and read).
+            Self::HugeNotes => json!({"huge_notes_bytes": 65_536}),
         };
         t.faults(faults);
     }
@@ -231,6 +238,15 @@ async fn refresh_cell(t: &TestApp, fault: Fault, tally: &mut Tally) {
                 "{context}"
             );
             tally.diff += t.assert_matches_truth(&context).await;
+        }
+        Fault::HugeNotes => {
+            // Every lab changes (its notes): all written, in commands
+            // below MongoDB's limit, and the prune still applies.
+            assert_eq!(
+                (r.created, r.updated, r.pruned, r.failed),
+                (1, records.len() as u64 - 1, 1, 0),
+                "{context}"
+            );
         }
         Fault::EmptyList => {
             assert_eq!((r.pruned, r.held), (0, records.len() as u64), "{context}");

@@ -740,3 +740,54 @@ async fn a_delete_names_who_asked_before_cml_is_asked() {
     );
     assert!(!ids(&t.records().await).contains(&lab));
 }
+
+#[tokio::test]
+async fn a_run_three_times_slower_than_its_lease_keeps_it_and_every_other_run_is_skipped() {
+    // A 1 s lease, and a refresh of about 3 s (24 labs, 2 at a time, 250 ms
+    // each): without renewal a second run would start after 1 s.
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__REFRESH__LEASE_TTL_SECS", "1"),
+            ("LABSYNC__REFRESH__MAX_CONCURRENT_LABS_PER_WORKER", "2"),
+        ],
+    )
+    .await;
+    t.faults(json!({"latency_ms": {"lab_details": 250}}));
+    let started = std::time::Instant::now();
+    let first = t.spawn_refresh();
+    eventually("the slow run to hold the lease and fetch", || async {
+        t.cml_requests(cml_sim::Endpoint::LabDetails) > 0
+    })
+    .await;
+    let latest_skip = std::cell::Cell::new(std::time::Duration::ZERO);
+    eventually("the slow run to finish", || async {
+        if first.is_finished() {
+            return true;
+        }
+        let r = t.refresh().await;
+        assert_eq!(
+            r.status,
+            RunStatus::Skipped,
+            "a second run started while the first was still working: {r:?}"
+        );
+        latest_skip.set(started.elapsed());
+        false
+    })
+    .await;
+    let r = first.await.unwrap();
+    assert_eq!(
+        (r.status, r.created),
+        (RunStatus::Succeeded, SEEDED_LABS as u64),
+        "{r:?}"
+    );
+    assert!(
+        r.duration_ms > 2_000,
+        "the run outlived its lease twice: {r:?}"
+    );
+    assert!(
+        latest_skip.get() > std::time::Duration::from_millis(1_500),
+        "other runs were still kept out after the lease's first expiry: {:?}",
+        latest_skip.get()
+    );
+}

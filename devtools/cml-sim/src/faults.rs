@@ -98,6 +98,9 @@ pub struct Faults {
     pub after_the_fact: HashMap<Endpoint, AfterTheFact>,
     /// Entries added to `GET /labs` that are not lab ids.
     pub invalid_list_entries: Vec<serde_json::Value>,
+    /// When set, every lab's details (and tiles) carry this many bytes of
+    /// `lab_notes`, whatever the lab holds: a server with huge fields.
+    pub huge_notes_bytes: Option<usize>,
 }
 
 /// How an answer is lost after CML acted.
@@ -259,11 +262,31 @@ pub(crate) async fn middleware(
             None if faults.truncates(endpoint) || faults.mistypes(endpoint) => {
                 corrupt(response, faults.truncates(endpoint)).await
             }
-            None => response,
+            None => match faults.huge_notes_bytes {
+                Some(n) if endpoint == Endpoint::LabDetails => pad_notes(response, n).await,
+                _ => response,
+            },
         }
     };
     worker.record(endpoint, response.status().as_u16());
     response
+}
+
+/// Replaces a lab's `lab_notes` with `n` bytes of text.
+async fn pad_notes(response: Response, n: usize) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "body read failed").into_response();
+    };
+    let new_body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(mut v) if v.get("lab_notes").is_some() => {
+            v["lab_notes"] = "n".repeat(n).into();
+            serde_json::to_vec(&v).unwrap_or_default().into()
+        }
+        _ => bytes,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(new_body))
 }
 
 /// Cuts a JSON body in half, or rewrites it with the wrong types.

@@ -18,7 +18,7 @@ use cml_sim::{Lab, SimConfig, Simulator, WorkerSpec};
 ///   GET|PUT|DELETE /_sim/faults (latency_ms, jitter_ms, error_rate, booting,
 ///   hang, truncate_json, wrong_types, empty_list, hide_from_list,
 ///   proxy_404, after_the_fact {endpoint: error_500|hang|reset},
-///   invalid_list_entries),
+///   invalid_list_entries, huge_notes_bytes),
 ///   POST /_sim/expire_tokens, GET|DELETE /_sim/stats, GET /_sim/users,
 ///   PATCH /_sim/users/{username} {"admin": bool}, POST /_sim/reset.
 ///
