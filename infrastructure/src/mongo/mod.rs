@@ -129,6 +129,14 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
     ])
     .await
     .map_err(map_error)?;
+    // Records written before fencing get the lowest token, so that the
+    // fence is a plain range condition on every live record.
+    labs.update_many(
+        doc! {"fence": {"$exists": false}, "tombstone": {"$exists": false}},
+        doc! {"$set": {"fence": 0_i64}},
+    )
+    .await
+    .map_err(map_error)?;
     // Lease documents are kept (their epoch orders the runs): an index that
     // expired them, made by earlier releases, goes.
     let leases = db.collection::<Document>(collections::LEASES);
