@@ -249,3 +249,90 @@ async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
     b.start_kill().unwrap();
     let _ = (a.wait().await, b.wait().await);
 }
+
+#[tokio::test]
+async fn two_replicas_never_overlap_a_run_that_outlives_its_lease() {
+    // Runs of about 3 s (24 labs, 2 at a time, 250 ms each) on a 1 s lease,
+    // both replicas ticking every second: without renewal, a replica would
+    // start a second run of the worker a second into the first.
+    let t = TestApp::spawn_with(
+        1,
+        &[("LABSYNC__REFRESH__MAX_CONCURRENT_LABS_PER_WORKER", "2")],
+    )
+    .await;
+    t.faults(json!({"latency_ms": {"lab_details": 250}}));
+    let replica = || {
+        Command::new(env!("CARGO_BIN_EXE_labsync"))
+            .arg("serve")
+            .envs(t.env())
+            .env("LABSYNC__REFRESH__CRON", "* * * * * *")
+            .env("LABSYNC__REFRESH__LEASE_TTL_SECS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("labsync serve starts")
+    };
+    let (mut a, mut b) = (replica(), replica());
+    let worked = |runs: &[RunReport]| {
+        runs.iter()
+            .filter(|r| r.status != RunStatus::Skipped)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually_within(
+        std::time::Duration::from_secs(60),
+        "two slow runs to finish",
+        || async { worked(&t.scheduled_runs().await).len() >= 2 },
+    )
+    .await;
+    a.start_kill().unwrap();
+    b.start_kill().unwrap();
+    let _ = (a.wait().await, b.wait().await);
+    let runs = t.scheduled_runs().await;
+    let worked = worked(&runs);
+    assert!(
+        worked.iter().all(|r| r.status == RunStatus::Succeeded),
+        "{worked:?}"
+    );
+    assert!(
+        worked[0].duration_ms > 2_000,
+        "a run outlived its 1 s lease: {:?}",
+        worked[0]
+    );
+    // The lease is released just before the report is finished: a few
+    // milliseconds of apparent overlap are that, not a second run.
+    let slack = chrono::Duration::milliseconds(250);
+    for pair in worked.windows(2) {
+        assert!(
+            pair[1].started_at >= pair[0].finished_at - slack,
+            "two runs of the worker overlapped: {:?} then {:?}",
+            (pair[0].started_at, pair[0].finished_at),
+            (pair[1].started_at, pair[1].finished_at)
+        );
+    }
+    let first = &worked[0];
+    let late_skips = runs
+        .iter()
+        .filter(|r| {
+            r.status == RunStatus::Skipped
+                && r.started_at > first.started_at + chrono::Duration::milliseconds(1_200)
+                && r.started_at < first.finished_at
+        })
+        .count();
+    assert!(
+        late_skips > 0,
+        "no run was kept out after the lease's first expiry: {runs:?}"
+    );
+    report(
+        "replicas-slow",
+        &format!(
+            "two replicas, runs of {:.1} s on a 1 s lease: {} runs, {} skipped by the lease ({} after its first expiry), 0 overlapping",
+            first.duration_ms as f64 / 1000.0,
+            worked.len(),
+            runs.len() - worked.len(),
+            late_skips
+        ),
+    );
+}
