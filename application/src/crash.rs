@@ -29,6 +29,8 @@ pub mod points {
     pub const REFRESH_AFTER_EVENTS: &str = "refresh.after_events_before_records";
     /// New records are inserted; updates and prunes are not written yet.
     pub const REFRESH_BETWEEN_BATCHES: &str = "refresh.after_creates_before_updates";
+    /// Records are written and pruned; their events are still staged.
+    pub const REFRESH_BEFORE_RELEASE: &str = "refresh.after_records_before_release";
     /// Records are written and pruned; the prunes' audit entries are not.
     pub const REFRESH_BEFORE_PRUNE_AUDIT: &str = "refresh.before_prune_audit";
 }

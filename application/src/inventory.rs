@@ -232,11 +232,15 @@ impl Inventory {
         }
         // Whoever may change the URL must not thereby learn the password:
         // it goes to a new place (or as a new user) only when given again.
-        if (worker.base_url != before.base_url || worker.username != before.username)
+        // Nor by loosening how it is protected on the way (a CA of one's
+        // own, no verification, plain HTTP): a man in the middle reads it.
+        if (worker.base_url != before.base_url
+            || worker.username != before.username
+            || worker.tls != before.tls)
             && changes.password.is_none()
         {
             return Err(AppError::Invalid(
-                "changing a worker's URL or username needs its password again".into(),
+                "changing a worker's URL, username or TLS settings needs its password again".into(),
             ));
         }
         worker.check_transport().map_err(AppError::Invalid)?;

@@ -199,6 +199,9 @@ pub struct ApplyOutcome {
     pub suppressed: Vec<LabId>,
     /// Records too large for the store, left as they were, with the reason.
     pub too_large: Vec<(LabId, String)>,
+    /// Prunes that did not happen: the record was tombstoned meanwhile, or
+    /// written by a newer run. Neither audited nor announced.
+    pub not_pruned: Vec<LabId>,
 }
 
 /// The stored inventory: live records and tombstones, keyed by

@@ -539,6 +539,10 @@ impl RefreshWorkerLabs {
                 report.failures.push(LabFailure { lab_id, error });
             }
         }
+        let pruned: Vec<LabId> = pruned
+            .into_iter()
+            .filter(|id| !outcome.not_pruned.contains(id))
+            .collect();
         if !pruned.is_empty() {
             crate::crash::point(crate::crash::points::REFRESH_BEFORE_PRUNE_AUDIT);
             let entries = pruned

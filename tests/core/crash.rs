@@ -28,7 +28,7 @@ use tokio::process::Command;
 
 use crate::helpers::{TestApp, eventually, report, seed};
 
-const ITERATIONS: usize = 60;
+const ITERATIONS: usize = 70;
 const DEFAULT_SEED: u64 = 0x1ab5_c4a5;
 
 pub(crate) fn labsync(t: &TestApp, args: &[&str]) -> Command {
@@ -79,12 +79,13 @@ enum Op {
     Delete,
 }
 
-const SCENARIOS: [(&str, Op); 6] = [
+const SCENARIOS: [(&str, Op); 7] = [
     (points::DELETE_AFTER_CML, Op::Delete),
     (points::DELETE_BEFORE_TOMBSTONE, Op::Delete),
     (points::REFRESH_AFTER_FETCH, Op::Refresh),
     (points::REFRESH_AFTER_EVENTS, Op::Refresh),
     (points::REFRESH_BETWEEN_BATCHES, Op::Refresh),
+    (points::REFRESH_BEFORE_RELEASE, Op::Refresh),
     (points::REFRESH_BEFORE_PRUNE_AUDIT, Op::Refresh),
 ];
 
@@ -178,7 +179,9 @@ async fn assert_refresh_state(t: &TestApp, point: &str, s: &Stakes) {
         points::REFRESH_AFTER_FETCH => (false, false, false, false, false),
         points::REFRESH_AFTER_EVENTS => (true, false, false, false, false),
         points::REFRESH_BETWEEN_BATCHES => (true, true, false, false, false),
-        points::REFRESH_BEFORE_PRUNE_AUDIT => (true, true, true, true, false),
+        points::REFRESH_BEFORE_RELEASE | points::REFRESH_BEFORE_PRUNE_AUDIT => {
+            (true, true, true, true, false)
+        }
         other => unreachable!("{other}"),
     };
     assert_eq!(

@@ -153,10 +153,11 @@ fn every_field(rng: &mut ChaCha8Rng) -> cml_sim::LabSpec {
 
 /// Crash points of a refresh, and of a delete, with what the model says a
 /// death there leaves.
-const REFRESH_POINTS: [&str; 4] = [
+const REFRESH_POINTS: [&str; 5] = [
     points::REFRESH_AFTER_FETCH,
     points::REFRESH_AFTER_EVENTS,
     points::REFRESH_BETWEEN_BATCHES,
+    points::REFRESH_BEFORE_RELEASE,
     points::REFRESH_BEFORE_PRUNE_AUDIT,
 ];
 const DELETE_POINTS: [&str; 2] = [points::DELETE_AFTER_CML, points::DELETE_BEFORE_TOMBSTONE];
@@ -313,7 +314,9 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                             }
                         }
                         // Every record written.
-                        points::REFRESH_BEFORE_PRUNE_AUDIT => model.refreshed(),
+                        points::REFRESH_BEFORE_RELEASE | points::REFRESH_BEFORE_PRUNE_AUDIT => {
+                            model.refreshed()
+                        }
                         _ => {}
                     }
                     let args = ["refresh", "--worker", "cml-1"];

@@ -401,6 +401,18 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
             username: Some("student".into()),
             ..WorkerChanges::default()
         },
+        // Loosening how the password is protected on the way exposes it
+        // just as well.
+        WorkerChanges {
+            insecure: Some(true),
+            ..WorkerChanges::default()
+        },
+        WorkerChanges {
+            ca_cert_pem: Some(Some(
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            )),
+            ..WorkerChanges::default()
+        },
     ] {
         let err = inventory
             .update(&t.worker_id(), changes, "test:admin")
@@ -795,4 +807,63 @@ async fn a_run_three_times_slower_than_its_lease_keeps_it_and_every_other_run_is
         "other runs were still kept out after the lease's first expiry: {:?}",
         latest_skip.get()
     );
+}
+
+#[tokio::test]
+async fn a_prune_that_did_not_happen_is_neither_announced_nor_audited() {
+    // The lab was tombstoned between the run's index read and its prune:
+    // the prune removes nothing, and its staged event is dropped.
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let id = t.records().await[0].lab_id;
+    let now = chrono::Utc::now();
+    let labs = &t.services().labs;
+    labs.tombstone(
+        &t.worker_id(),
+        &id,
+        Tombstone {
+            deleted_at: now,
+            deleted_by: "test".into(),
+            expires_at: now + chrono::Duration::hours(1),
+        },
+        LabEvent::new(LabEventKind::Deleted, &t.worker_id(), id, now, json!({})),
+        labsync_application::ports::AuditEntry {
+            at: now,
+            actor: "test".into(),
+            action: labsync_application::ports::AuditAction::Delete,
+            worker_id: t.worker_id(),
+            lab_id: Some(id),
+            outcome: "deleted".into(),
+            detail: String::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let pruned = LabEvent::new(LabEventKind::Pruned, &t.worker_id(), id, now, json!({}));
+    let out = labs
+        .apply(
+            &t.worker_id(),
+            RecordChanges {
+                fence: u64::MAX / 2,
+                prune: vec![id],
+                events: vec![pruned.clone()],
+                ..RecordChanges::default()
+            },
+            50,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.pruned, out.not_pruned.clone()),
+        (0, vec![id]),
+        "{out:?}"
+    );
+    let left = t
+        .app
+        .db
+        .collection::<Document>("outbox")
+        .count_documents(doc! {"_id": pruned.id.as_str()})
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no event for a prune that did not happen");
 }

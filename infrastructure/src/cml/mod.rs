@@ -240,10 +240,11 @@ fn describe(body: &[u8]) -> String {
 }
 
 /// Whether a 404's body is CML's own answer that a lab does not exist:
-/// CML's error shape (`{"code": 404, "description": ...}`) with a
-/// description about a lab (naming `lab`, or saying "lab not found").
-/// Anything else that answers 404 (a reverse proxy's page, a wrong base
-/// path, a route CML does not have) says nothing about the lab.
+/// CML's error shape (`{"code": 404, "description": ...}`) saying "lab not
+/// found" (CML's words, `Lab not found: <id>`). Anything else that answers
+/// 404 (a reverse proxy's page, a wrong base path, a route CML does not
+/// have, a gateway echoing the path with the lab's id in it) says nothing
+/// about the lab.
 pub fn is_lab_not_found(body: &[u8], lab: &LabId) -> bool {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
@@ -252,7 +253,9 @@ pub fn is_lab_not_found(body: &[u8], lab: &LabId) -> bool {
     }
     serde_json::from_slice::<ErrorBody>(body).is_ok_and(|e| {
         let d = e.description.to_ascii_lowercase();
-        e.code == 404 && (d.contains(lab.as_str()) || d.contains("lab not found"))
+        // A description that names another lab is not about this one.
+        let other_lab = d.contains("lab not found:") && !d.contains(lab.as_str());
+        e.code == 404 && d.contains("lab not found") && !other_lab
     })
 }
 
@@ -650,6 +653,8 @@ mod tests {
             r#"{"detail": "Not Found"}"#,
             r#"{"code": 404, "description": "The requested URL was not found on the server."}"#,
             r#"{"code": 400, "description": "Lab not found"}"#,
+            &format!(r#"{{"code": 404, "description": "No route for /api/v0/labs/{lab}/state"}}"#),
+            r#"{"code": 404, "description": "Lab not found: a6a334de-b497-47ae-bbff-000000000000"}"#,
             "",
         ] {
             assert!(

@@ -447,6 +447,13 @@ impl LabRepository for MongoLabRepository {
             }
         }
         let mut statements = Vec::with_capacity(changes.update.len());
+        // What each written record's content will be: by this a later run
+        // tells whether a staged event's change was made.
+        let mut targets: HashMap<LabId, String> = changes
+            .create
+            .iter()
+            .map(|r| (r.lab_id, r.content_hash.to_string()))
+            .collect();
         for u in std::mem::take(&mut changes.update) {
             let size = record_size(&u.record)?;
             if size > max_document {
@@ -457,6 +464,7 @@ impl LabRepository for MongoLabRepository {
             }
             let st = update_statement(worker, &u, history_limit, fence)?;
             let st_size = bson_size(&st);
+            targets.insert(u.record.lab_id, u.record.content_hash.to_string());
             statements.push(((u.record.lab_id, st), st_size));
         }
         if !outcome.too_large.is_empty() {
@@ -466,13 +474,18 @@ impl LabRepository for MongoLabRepository {
         // Events first, staged: a crash after them leaves events that the
         // next run settles (released if their change was made, dropped if
         // not); a crash after the change would lose them.
-        let targets: HashMap<LabId, String> = changes
-            .create
-            .iter()
-            .chain(changes.update.iter().map(|u| &u.record))
-            .map(|r| (r.lab_id, r.content_hash.to_string()))
-            .collect();
         self.stage_events(&changes.events, &targets).await?;
+        if !statements.is_empty() || !changes.prune.is_empty() {
+            // Records an older labsync wrote (a rolling upgrade) have no
+            // fence; they get the lowest, so that the range below matches.
+            self.docs
+                .update_many(
+                    doc! {"worker_id": worker.as_str(), "fence": {"$exists": false}, "tombstone": {"$exists": false}},
+                    doc! {"$set": {"fence": 0_i64}},
+                )
+                .await
+                .map_err(map_error)?;
+        }
         crash::point(crash::points::REFRESH_AFTER_EVENTS);
         let mut refused: Vec<LabId> = Vec::new();
         if !create_docs.is_empty() {
@@ -503,7 +516,9 @@ impl LabRepository for MongoLabRepository {
             let (ids, statements): (Vec<LabId>, Vec<Document>) = chunk.into_iter().unzip();
             let (matched, duplicates) = self.update_many_statements(statements).await?;
             outcome.updated += matched;
-            refused.extend(duplicates.iter().map(|&i| ids[i]));
+            // A position outside the batch (a server answering nonsense)
+            // is ignored rather than trusted.
+            refused.extend(duplicates.iter().filter_map(|&i| ids.get(i).copied()));
         }
         if !changes.prune.is_empty() {
             let ids: Vec<&str> = changes.prune.iter().map(LabId::as_str).collect();
@@ -515,6 +530,25 @@ impl LabRepository for MongoLabRepository {
                 .await
                 .map_err(map_error)?
                 .deleted_count;
+            if outcome.pruned < changes.prune.len() as u64 {
+                // Some were not removed: tombstoned meanwhile (a delete
+                // announces itself), or rewritten by a newer run. Their
+                // prune did not happen, so neither does its event.
+                let ids: Vec<&str> = changes.prune.iter().map(LabId::as_str).collect();
+                let still: Vec<Document> = self
+                    .docs
+                    .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}})
+                    .projection(doc! {"_id": 0, "lab_id": 1})
+                    .await
+                    .map_err(map_error)?
+                    .try_collect()
+                    .await
+                    .map_err(map_error)?;
+                outcome.not_pruned = still
+                    .iter()
+                    .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
+                    .collect();
+            }
         }
         if !refused.is_empty() {
             // Refused by the unique key: a tombstone (suppressed), or a live
@@ -536,10 +570,13 @@ impl LabRepository for MongoLabRepository {
         }
         // The changes refused by the unique key did not happen: their events
         // go; every other event is released.
-        let (dropped, released): (Vec<&LabEvent>, Vec<&LabEvent>) = changes
-            .events
-            .iter()
-            .partition(|e| refused.contains(&e.lab_id));
+        let (dropped, released): (Vec<&LabEvent>, Vec<&LabEvent>) =
+            changes.events.iter().partition(|e| {
+                refused.contains(&e.lab_id)
+                    || (e.kind == labsync_application::LabEventKind::Pruned
+                        && outcome.not_pruned.contains(&e.lab_id))
+            });
+        crash::point(crash::points::REFRESH_BEFORE_RELEASE);
         self.release_events(released.iter().map(|e| e.id.as_str()).collect())
             .await?;
         self.drop_events(dropped.iter().map(|e| e.id.as_str()).collect())

@@ -137,6 +137,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
     )
     .await
     .map_err(map_error)?;
+    // Workers registered before plain HTTP needed an explicit yes get a
+    // no, so that an update's filter on the field matches them.
+    db.collection::<Document>(collections::WORKERS)
+        .update_many(
+            doc! {"allow_http": {"$exists": false}},
+            doc! {"$set": {"allow_http": false}},
+        )
+        .await
+        .map_err(map_error)?;
     // Lease documents are kept (their epoch orders the runs): an index that
     // expired them, made by earlier releases, goes.
     let leases = db.collection::<Document>(collections::LEASES);

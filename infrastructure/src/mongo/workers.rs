@@ -252,9 +252,13 @@ impl WorkerRepository for MongoWorkerRepository {
             );
             set.insert("sealed_to", BINDING);
         } else {
-            // Without the password, where it goes must not change.
+            // Without the password, where it goes and how it is protected
+            // on the way must not change.
             filter.insert("base_url", &worker.base_url);
             filter.insert("username", &worker.username);
+            filter.insert("insecure", worker.tls.insecure);
+            filter.insert("ca_cert_pem", worker.tls.ca_cert_pem.clone());
+            filter.insert("allow_http", worker.tls.allow_http);
         }
         let r = self
             .workers
@@ -270,7 +274,7 @@ impl WorkerRepository for MongoWorkerRepository {
                 .is_some();
             if exists {
                 return Err(RepoError::Other(format!(
-                    "worker {}: changing its URL or user needs its password again",
+                    "worker {}: changing its URL, user or TLS settings needs its password again",
                     worker.id
                 )));
             }
