@@ -1,6 +1,6 @@
 //! The ports: what the use cases need from the outside world, as traits the
 //! infrastructure implements. Each method documents its contract; an adapter
-//! that breaks a MUST breaks the invariants of DESIGN.md.
+//! that breaks a MUST breaks the invariants of docs/DESIGN.md.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The reconcile plan: what a refresh must do to make the stored inventory
 //! of one worker match what its CML server said, as a pure function.
 //!
-//! Rules (DESIGN.md, "The refresh"):
+//! Rules (docs/DESIGN.md, invariants 1 and 4):
 //! - an unchanged lab (same content hash) produces no work;
 //! - a lab whose detail fetch found it gone (404 between list and detail) is
 //!   gone: pruned if recorded, never created;

@@ -1,4 +1,4 @@
-//! The two-phase delete and its invariants (DESIGN.md 1-6).
+//! The two-phase delete and its invariants (docs/DESIGN.md 1-3).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

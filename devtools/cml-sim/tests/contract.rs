@@ -12,22 +12,16 @@ use serde_json::{Value, json};
 const ADMIN: (&str, &str) = ("admin", "cml-sim-admin");
 const STUDENT: (&str, &str) = ("student", "cml-sim-student");
 
+/// A file of `fixtures/cml/` (see its README: where each came from).
 fn reference(file: &str) -> PathBuf {
-    let shared = std::env::var_os("LABSYNC_SHARED_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
-        PathBuf::from,
-    );
-    shared.join("reference").join(file)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/cml")
+        .join(file)
 }
 
 fn read_json(file: &str) -> Value {
     let path = reference(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (is ../shared beside the checkout?)",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 

@@ -216,11 +216,9 @@ mod tests {
     use super::*;
 
     fn recorded(file: &str) -> Value {
-        let shared = std::env::var_os("LABSYNC_SHARED_DIR").map_or_else(
-            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
-            PathBuf::from,
-        );
-        let path = shared.join("reference/cml-recorded").join(file);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/cml/cml-recorded")
+            .join(file);
         serde_json::from_str(
             &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
         )
