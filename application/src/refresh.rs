@@ -621,6 +621,14 @@ mod tests {
         RefreshWorkerLabs::new(f.services.clone())
     }
 
+    /// One refresh of the fixture's worker with the default options.
+    async fn run(f: &crate::fakes::Fixture) -> RunReport {
+        refresh(f)
+            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .await
+            .unwrap()
+    }
+
     fn with_four_labs(f: &crate::fakes::Fixture) {
         for n in 1..=4 {
             f.cml
@@ -644,10 +652,7 @@ mod tests {
         let f = fixture_with_lab_tiles();
         with_four_labs(&f);
         f.cml.missing_from_tiles.lock().unwrap().push(lab(3));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.status, r.created), (RunStatus::Succeeded, 4), "{r:?}");
         assert_eq!(
             detail_calls(&f),
@@ -667,10 +672,7 @@ mod tests {
             .lock()
             .unwrap()
             .insert("tiles", CmlError::NotFound);
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.status, r.created), (RunStatus::Succeeded, 4), "{r:?}");
         assert_eq!(detail_calls(&f), 4);
     }
@@ -679,10 +681,7 @@ mod tests {
     async fn without_lab_tiles_the_tiles_are_never_asked_for() {
         let f = fixture();
         with_four_labs(&f);
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         assert!(!f.cml.calls().iter().any(|c| c == "tiles"));
         assert_eq!(detail_calls(&f), 4);
     }
@@ -695,10 +694,7 @@ mod tests {
             .lock()
             .unwrap()
             .insert("list", CmlError::Unreachable("down".into()));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(r.status, RunStatus::Failed);
         assert!(r.error.as_deref().unwrap().contains("down"));
         assert_eq!(*f.store.applies.lock().unwrap(), 0);
@@ -744,15 +740,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((dry.created, *f.store.applies.lock().unwrap()), (3, 0));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.created, r.unchanged), (3, 0));
-        let again = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let again = run(&f).await;
         assert_eq!((again.created, again.unchanged), (0, 3));
         assert_eq!(
             *f.store.applies.lock().unwrap(),
@@ -769,19 +759,13 @@ mod tests {
             .lock()
             .unwrap()
             .insert(lab(1), snapshot("a", LabState::Stopped));
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         f.cml
             .fail
             .lock()
             .unwrap()
             .insert("details", CmlError::Protocol("bad json".into()));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.failed, r.pruned, r.status), (1, 0, RunStatus::Succeeded));
         assert_eq!(r.failures[0].lab_id, lab(1));
         assert!(f.store.live.lock().unwrap().contains_key(&lab(1)));
@@ -792,10 +776,7 @@ mod tests {
         let f = fixture();
         with_four_labs(&f);
         *f.cml.not_admin.lock().unwrap() = true;
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(r.status, RunStatus::Failed);
         assert!(
             r.error.as_deref().unwrap().contains("not an administrator"),
@@ -816,10 +797,7 @@ mod tests {
         with_four_labs(&f);
         // The cached session says admin; a new login would not.
         *f.cml.demoted.lock().unwrap() = true;
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(r.status, RunStatus::Failed, "{r:?}");
         assert_eq!(*f.store.applies.lock().unwrap(), 0);
     }
@@ -828,10 +806,7 @@ mod tests {
     async fn a_list_with_entries_that_are_not_lab_ids_is_read_but_never_pruned_from() {
         let f = fixture();
         with_four_labs(&f);
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         f.cml.labs.lock().unwrap().remove(&lab(1));
         *f.cml.invalid_in_list.lock().unwrap() = 2;
         let r = refresh(&f)
@@ -861,10 +836,7 @@ mod tests {
         // Another holder took the lease once this run had it: every renewal
         // says "not yours".
         *f.store.lease_lost.lock().unwrap() = true;
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(r.status, RunStatus::Failed, "{r:?}");
         assert!(
             r.error
@@ -907,10 +879,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*f.store.settles.lock().unwrap(), 0);
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         assert_eq!(*f.store.settles.lock().unwrap(), 1);
     }
 
@@ -918,20 +887,14 @@ mod tests {
     async fn writes_carry_the_leases_fencing_token_and_prunes_reach_the_store() {
         let f = fixture();
         with_four_labs(&f);
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         assert_eq!(
             *f.store.last_fence.lock().unwrap(),
             Some(1),
             "the first grant"
         );
         f.cml.labs.lock().unwrap().remove(&lab(1));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.pruned, r.held), (1, 0), "{r:?}");
         assert_eq!(*f.store.last_fence.lock().unwrap(), Some(2));
         assert!(!f.store.live.lock().unwrap().contains_key(&lab(1)));
@@ -949,17 +912,11 @@ mod tests {
                 .unwrap()
                 .insert(lab(n), snapshot(&format!("lab {n}"), LabState::Stopped));
         }
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         for n in 1..=15 {
             f.cml.labs.lock().unwrap().remove(&lab(n));
         }
-        let held = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let held = run(&f).await;
         assert_eq!((held.pruned, held.held), (0, 15));
         let forced = refresh(&f)
             .execute(
@@ -979,16 +936,10 @@ mod tests {
     async fn a_state_change_is_announced_as_such_and_a_title_change_is_not() {
         let f = fixture();
         with_four_labs(&f);
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         f.cml.labs.lock().unwrap().get_mut(&lab(1)).unwrap().state = LabState::Started;
         f.cml.labs.lock().unwrap().get_mut(&lab(2)).unwrap().title = "renamed".into();
-        refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        run(&f).await;
         let kinds: Vec<(LabId, crate::LabEventKind)> = f
             .store
             .events
@@ -1013,10 +964,7 @@ mod tests {
         let f = fixture();
         with_four_labs(&f);
         f.store.too_large.lock().unwrap().push(lab(2));
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(
             (r.status, r.created, r.failed),
             (RunStatus::Succeeded, 3, 1),
@@ -1057,10 +1005,7 @@ mod tests {
             .unwrap()
             .insert("details", CmlError::Protocol("bad".into()));
         // 25 failed details: 20 reported, 25 counted.
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!((r.failed, r.failures.len()), (25, MAX_REPORTED_FAILURES));
         // 19 failed details and 2 records too large: still 20 reported.
         let f = fixture();
@@ -1073,10 +1018,7 @@ mod tests {
         }
         f.cml.failing_labs.lock().unwrap().extend((3..=21).map(lab));
         f.store.too_large.lock().unwrap().extend([lab(1), lab(2)]);
-        let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
-            .await
-            .unwrap();
+        let r = run(&f).await;
         assert_eq!(
             (r.failed, r.failures.len()),
             (21, MAX_REPORTED_FAILURES),

@@ -192,7 +192,7 @@ async fn assert_refresh_state(t: &TestApp, point: &str, s: &Stakes) {
 
 /// Runs `labsync` until it aborts at `point`; panics if it died elsewhere
 /// or finished.
-async fn crash_at(t: &TestApp, point: &str, args: &[&str]) {
+pub(crate) async fn crash_at(t: &TestApp, point: &str, args: &[&str]) {
     let out = labsync(t, args)
         .env(CRASH_AT_ENV, point)
         .stdout(Stdio::null())

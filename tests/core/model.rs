@@ -8,17 +8,16 @@
 //! Every step does something. `LABSYNC_MODEL_SEED` replays a sequence.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 
 use futures::TryStreamExt;
-use labsync_application::crash::{CRASH_AT_ENV, CRASH_MARKER, points};
+use labsync_application::crash::points;
 use labsync_application::domain::LabId;
 use labsync_application::{DeleteOutcomeKind, RunStatus};
 use mongodb::bson::{Document, doc};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::crash::{labsync, restart_and_refresh};
+use crate::crash::{crash_at, restart_and_refresh};
 use crate::helpers::{Fields, TestApp, fields_in_cml, fields_in_mongodb, report, seed};
 
 const STEPS: usize = 200;
@@ -322,20 +321,12 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                     let args = ["refresh", "--worker", "cml-1"];
                     (point, args.iter().map(|a| (*a).to_owned()).collect())
                 };
-                let out = labsync(&t, &args.iter().map(String::as_str).collect::<Vec<_>>())
-                    .env(CRASH_AT_ENV, point)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .output()
-                    .await
-                    .unwrap();
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                assert!(
-                    out.status.code().is_none()
-                        && stderr.contains(&format!("{CRASH_MARKER}{point}")),
-                    "step {step}: {args:?} did not die at {point}: {:?} {stderr}",
-                    out.status
-                );
+                crash_at(
+                    &t,
+                    point,
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                )
+                .await;
                 // The state the death left, checked before any repair.
                 check(&t, &model, seed, step, point).await;
                 restart_and_refresh(&t).await;

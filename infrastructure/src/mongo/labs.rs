@@ -148,6 +148,24 @@ impl MongoLabRepository {
             .await
     }
 
+    /// The lab ids of the documents (records or tombstones) matching
+    /// `filter`.
+    async fn lab_ids_where(&self, filter: Document) -> Result<Vec<LabId>, RepoError> {
+        let docs: Vec<Document> = self
+            .docs
+            .find(filter)
+            .projection(doc! {"_id": 0, "lab_id": 1})
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
+            .collect())
+    }
+
     /// Stages a refresh's events: in the outbox, not yet deliverable.
     /// `targets` holds the content hash each lab's record is about to have.
     async fn stage_events(
@@ -535,38 +553,18 @@ impl LabRepository for MongoLabRepository {
                 // announces itself), or rewritten by a newer run. Their
                 // prune did not happen, so neither does its event.
                 let ids: Vec<&str> = changes.prune.iter().map(LabId::as_str).collect();
-                let still: Vec<Document> = self
-                    .docs
-                    .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}})
-                    .projection(doc! {"_id": 0, "lab_id": 1})
-                    .await
-                    .map_err(map_error)?
-                    .try_collect()
-                    .await
-                    .map_err(map_error)?;
-                outcome.not_pruned = still
-                    .iter()
-                    .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
-                    .collect();
+                outcome.not_pruned = self
+                    .lab_ids_where(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}})
+                    .await?;
             }
         }
         if !refused.is_empty() {
             // Refused by the unique key: a tombstone (suppressed), or a live
             // record another writer created meanwhile (nothing to do).
             let ids: Vec<&str> = refused.iter().map(LabId::as_str).collect();
-            let tombstoned: Vec<Document> = self
-                .docs
-                .find(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": true}})
-                .projection(doc! {"_id": 0, "lab_id": 1})
-                .await
-                .map_err(map_error)?
-                .try_collect()
-                .await
-                .map_err(map_error)?;
-            outcome.suppressed = tombstoned
-                .iter()
-                .filter_map(|d| d.get_str("lab_id").ok().and_then(|s| LabId::parse(s).ok()))
-                .collect();
+            outcome.suppressed = self
+                .lab_ids_where(doc! {"worker_id": worker.as_str(), "lab_id": {"$in": ids}, "tombstone": {"$exists": true}})
+                .await?;
         }
         // The changes refused by the unique key did not happen: their events
         // go; every other event is released.

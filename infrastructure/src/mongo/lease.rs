@@ -9,7 +9,8 @@
 //!    (an insert when there was none): of two processes racing, one write
 //!    matches and the other misses (or hits E11000 on the insert).
 //! 2. Renew: move `expires_at` forward, only if the holder is still ours.
-//! 3. Release: expire the lease now, keeping the document (and its epoch).
+//! 3. Release: expire the lease (at the epoch), keeping the document and
+//!    its epoch.
 //!
 //! # Guarantees
 //! - One holder at a time per worker, across processes.
@@ -222,17 +223,16 @@ impl RefreshLease for MongoRefreshLease {
     }
 
     async fn release(&self, worker: &WorkerId, holder: &str) -> Result<(), RepoError> {
-        let result = async {
-            let now = self.now().await?;
-            self.leases
-                .update_one(
-                    doc! {"_id": worker.as_str(), "holder": holder},
-                    doc! {"$set": {"expires_at": date(now), "holder": ""}},
-                )
-                .await
-                .map_err(map_error)
-        }
-        .await;
+        // Expired at the epoch: free by any clock, without asking the
+        // server for its time (one round trip less per run).
+        let result = self
+            .leases
+            .update_one(
+                doc! {"_id": worker.as_str(), "holder": holder},
+                doc! {"$set": {"expires_at": date(DateTime::<Utc>::UNIX_EPOCH), "holder": ""}},
+            )
+            .await
+            .map_err(map_error);
         if let Err(e) = result {
             self.unreleased().insert(worker.clone(), holder.to_owned());
             return Err(e);
