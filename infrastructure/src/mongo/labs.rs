@@ -700,3 +700,33 @@ impl LabRepository for MongoLabRepository {
         Ok(r.deleted_count)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_at_most_the_count_and_the_bytes_and_a_large_item_goes_alone() {
+        let sized = |sizes: &[usize]| sizes.iter().copied().enumerate().collect::<Vec<_>>();
+        assert_eq!(
+            batches(sized(&[1, 1, 1, 1, 1]), 2, 100),
+            [vec![0, 1], vec![2, 3], vec![4]]
+        );
+        assert_eq!(
+            batches(sized(&[40, 60, 1, 50, 50, 200, 1]), 10, 100),
+            [vec![0, 1], vec![2, 3], vec![4], vec![5], vec![6]]
+        );
+        assert!(batches(Vec::<(u8, usize)>::new(), 2, 100).is_empty());
+    }
+
+    #[test]
+    fn a_document_is_measured_as_the_server_stores_it() {
+        assert_eq!(bson_size(&doc! {}), 5);
+        assert_eq!(bson_size(&doc! {"a": "bc"}), 5 + 1 + 2 + 4 + 3);
+    }
+
+    #[test]
+    fn search_text_matches_literally() {
+        assert_eq!(regex_escape("a.b*(c)"), r"a\.b\*\(c\)");
+    }
+}

@@ -101,10 +101,12 @@ fn plus(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// The epoch stored in a lease document. Epochs are written as Int64; any
+/// other value counts as 0, which a time-based epoch outranks anyway (an
+/// Int32 is below any server time in milliseconds since 1970-01-25).
 fn epoch_of(d: &Document) -> u64 {
     match d.get("epoch") {
         Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
-        Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
         _ => 0,
     }
 }

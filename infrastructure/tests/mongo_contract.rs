@@ -1,0 +1,1011 @@
+//! The MongoDB adapters against their ports' MUST contracts, on a real
+//! MongoDB-wire server: each promise of `LabRepository` and `RefreshLease`
+//! that the refresh and the delete rely on, checked at the adapter itself.
+//!
+//! The integration suite proves the same promises through the whole
+//! service; these tests prove them in seconds, which is what lets mutation
+//! testing (docs/RELIABILITY.md) run against the adapters at all.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use labsync_application::ports::{
+    AuditAction, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, RefreshLease,
+    Tombstone,
+};
+use labsync_application::{LabEvent, LabEventKind};
+use labsync_domain::{
+    Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState, WorkerId,
+};
+use labsync_infrastructure::mongo::{
+    MongoLabRepository, MongoRefreshLease, collections, ensure_indexes, outbox,
+};
+use mongodb::Database;
+use mongodb::bson::{Document, doc};
+
+const HISTORY: usize = 5;
+
+/// The time as the store keeps it: to the millisecond.
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap()
+}
+const RETENTION: Duration = Duration::from_secs(3600);
+
+async fn store() -> (Database, MongoLabRepository) {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.expect("indexes");
+    let repo = MongoLabRepository::new(&db, RETENTION);
+    (db, repo)
+}
+
+fn worker(name: &str) -> WorkerId {
+    WorkerId::parse(name).unwrap()
+}
+
+fn lab() -> LabId {
+    LabId::parse(&uuid::Uuid::new_v4().to_string()).unwrap()
+}
+
+fn snapshot(title: &str) -> LabSnapshot {
+    LabSnapshot {
+        title: title.into(),
+        description: "a description".into(),
+        notes: String::new(),
+        owner_id: Some("4cfc3696-4df0-49a3-a0dd-7bbd9271fe67".into()),
+        owner_username: Some("admin".into()),
+        owner_fullname: None,
+        state: LabState::Stopped,
+        node_count: 3,
+        link_count: 2,
+        groups: vec![],
+        created: None,
+        modified: None,
+    }
+}
+
+fn record(w: &WorkerId, id: LabId, title: &str) -> LabRecord {
+    LabRecord::discovered(w.clone(), id, snapshot(title), now())
+}
+
+/// `r` changed to `title`, with the history entry that says so.
+fn changed(mut r: LabRecord, title: &str) -> RecordUpdate {
+    let mut s = r.snapshot.clone();
+    s.title = title.into();
+    let entry = r.apply_change(s, now(), HISTORY);
+    RecordUpdate { record: r, entry }
+}
+
+fn event(kind: LabEventKind, w: &WorkerId, id: LabId) -> LabEvent {
+    LabEvent::new(kind, w, id, now(), serde_json::json!({}))
+}
+
+fn audit(w: &WorkerId, id: LabId) -> AuditEntry {
+    AuditEntry {
+        at: now(),
+        actor: "api:test".into(),
+        action: AuditAction::Delete,
+        worker_id: w.clone(),
+        lab_id: Some(id),
+        outcome: "deleted".into(),
+        detail: String::new(),
+    }
+}
+
+fn tombstone(expires_in: TimeDelta) -> Tombstone {
+    Tombstone {
+        deleted_at: now(),
+        deleted_by: "api:test".into(),
+        expires_at: now() + expires_in,
+    }
+}
+
+async fn create(repo: &MongoLabRepository, w: &WorkerId, records: Vec<LabRecord>, fence: u64) {
+    let n = records.len() as u64;
+    let out = repo
+        .apply(
+            w,
+            RecordChanges {
+                fence,
+                create: records,
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .expect("create");
+    assert_eq!(out.created, n, "{out:?}");
+}
+
+/// Outbox status per event id.
+async fn outbox_status(db: &Database) -> HashMap<String, String> {
+    outbox::list(db, doc! {})
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| {
+            (
+                d.get_str("_id").unwrap().to_owned(),
+                d.get_str("status").unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn raw(db: &Database, w: &WorkerId, id: LabId) -> Option<Document> {
+    db.collection::<Document>(collections::LABS)
+        .find_one(doc! {"worker_id": w.as_str(), "lab_id": id.as_str()})
+        .await
+        .unwrap()
+}
+
+fn titles(records: &[LabRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.snapshot.title.as_str()).collect()
+}
+
+// ---------------------------------------------------------------- records
+
+#[tokio::test]
+async fn created_records_read_back_whole_through_every_reader() {
+    let (_db, repo) = store().await;
+    let w = worker("cml-1");
+    let (a, b) = (record(&w, lab(), "alpha"), record(&w, lab(), "beta"));
+    create(&repo, &w, vec![a.clone(), b.clone()], 1).await;
+
+    assert_eq!(repo.get(&w, &a.lab_id).await.unwrap().as_ref(), Some(&a));
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort_by_key(|r| r.lab_id);
+    assert_eq!(repo.list(&w).await.unwrap(), both, "ordered by lab id");
+    assert_eq!(
+        repo.records(&w, &[b.lab_id]).await.unwrap(),
+        vec![b.clone()]
+    );
+    let index = repo.index(&w).await.unwrap();
+    assert_eq!(index.len(), 2);
+    assert_eq!(index[&a.lab_id], Existing::Live(a.content_hash));
+    assert_eq!(index[&b.lab_id], Existing::Live(b.content_hash));
+    assert!(
+        repo.list(&worker("cml-2")).await.unwrap().is_empty(),
+        "per worker"
+    );
+}
+
+#[tokio::test]
+async fn an_update_rewrites_the_record_and_keeps_at_most_the_history_limit() {
+    let (_db, repo) = store().await;
+    let w = worker("cml-1");
+    let mut r = record(&w, lab(), "v0");
+    create(&repo, &w, vec![r.clone()], 1).await;
+    for n in 1..=HISTORY + 2 {
+        let u = changed(r.clone(), &format!("v{n}"));
+        r = u.record.clone();
+        let out = repo
+            .apply(
+                &w,
+                RecordChanges {
+                    fence: 1,
+                    update: vec![u],
+                    ..RecordChanges::default()
+                },
+                HISTORY,
+            )
+            .await
+            .unwrap();
+        assert_eq!((out.created, out.updated), (0, 1), "{out:?}");
+    }
+    let stored = repo.get(&w, &r.lab_id).await.unwrap().unwrap();
+    assert_eq!(stored, r, "every field, the history ring included");
+    assert_eq!(stored.history.len(), HISTORY);
+    assert_eq!(stored.revision, (HISTORY + 3) as u64);
+}
+
+#[tokio::test]
+async fn a_page_filters_by_state_owner_and_literal_title_text_after_a_cursor() {
+    let (_db, repo) = store().await;
+    let w = worker("cml-1");
+    let mut records: Vec<LabRecord> = ["a.b (1)", "axb (2)", "A.B [3]", "other"]
+        .iter()
+        .map(|t| record(&w, lab(), t))
+        .collect();
+    records[3].snapshot.state = LabState::Started;
+    records[3].snapshot.owner_username = Some("alice".into());
+    create(&repo, &w, records.clone(), 1).await;
+
+    let page = |q: LabQuery| {
+        let repo = repo.clone();
+        let w = w.clone();
+        async move { repo.page(&w, &LabQuery { limit: 10, ..q }).await.unwrap() }
+    };
+    let mut hits = titles(
+        &page(LabQuery {
+            title_contains: Some("a.b".into()),
+            ..LabQuery::default()
+        })
+        .await,
+    )
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    hits.sort();
+    assert_eq!(hits, ["A.B [3]", "a.b (1)"], "literal, case-insensitive");
+    let started = page(LabQuery {
+        state: Some("STARTED".into()),
+        ..LabQuery::default()
+    })
+    .await;
+    assert_eq!(titles(&started), ["other"]);
+    let owned = page(LabQuery {
+        owner: Some("alice".into()),
+        ..LabQuery::default()
+    })
+    .await;
+    assert_eq!(titles(&owned), ["other"]);
+    assert!(owned[0].history.is_empty(), "pages leave the history out");
+
+    let mut ids: Vec<LabId> = records.iter().map(|r| r.lab_id).collect();
+    ids.sort();
+    let first = repo
+        .page(
+            &w,
+            &LabQuery {
+                limit: 2,
+                ..LabQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.iter().map(|r| r.lab_id).collect::<Vec<_>>(), ids[..2]);
+    let rest = page(LabQuery {
+        after: Some(ids[1]),
+        ..LabQuery::default()
+    })
+    .await;
+    assert_eq!(rest.iter().map(|r| r.lab_id).collect::<Vec<_>>(), ids[2..]);
+}
+
+#[tokio::test]
+async fn prunes_remove_live_records_only_and_say_which_did_not_happen() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let (gone, buried, other) = (
+        record(&w, lab(), "gone"),
+        record(&w, lab(), "buried"),
+        record(&worker("cml-2"), lab(), "x"),
+    );
+    create(&repo, &w, vec![gone.clone(), buried.clone()], 1).await;
+    create(&repo, &worker("cml-2"), vec![other.clone()], 1).await;
+    repo.tombstone(
+        &w,
+        &buried.lab_id,
+        tombstone(TimeDelta::days(1)),
+        event(LabEventKind::Deleted, &w, buried.lab_id),
+        audit(&w, buried.lab_id),
+    )
+    .await
+    .unwrap();
+    let events = vec![
+        event(LabEventKind::Pruned, &w, gone.lab_id),
+        event(LabEventKind::Pruned, &w, buried.lab_id),
+    ];
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 1,
+                prune: vec![gone.lab_id, buried.lab_id, other.lab_id],
+                events: events.clone(),
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.pruned, 1, "{out:?}");
+    let mut not_pruned = out.not_pruned.clone();
+    not_pruned.sort();
+    let mut expected = vec![buried.lab_id];
+    expected.sort();
+    assert_eq!(not_pruned, expected, "the tombstone stays, and is named");
+    assert!(raw(&db, &w, gone.lab_id).await.is_none());
+    assert!(
+        raw(&db, &w, buried.lab_id)
+            .await
+            .unwrap()
+            .contains_key("tombstone")
+    );
+    assert!(
+        repo.get(&worker("cml-2"), &other.lab_id)
+            .await
+            .unwrap()
+            .is_some(),
+        "another worker's lab of the same id set"
+    );
+    let status = outbox_status(&db).await;
+    assert_eq!(
+        status[&events[0].id], "pending",
+        "the prune made is announced"
+    );
+    assert!(
+        !status.contains_key(&events[1].id),
+        "the prune not made is not"
+    );
+    assert_eq!(repo.remove_worker(&w).await.unwrap(), 1, "the tombstone");
+    assert_eq!(repo.remove_worker(&worker("cml-2")).await.unwrap(), 1);
+}
+
+// ---------------------------------------------------------------- tombstones
+
+#[tokio::test]
+async fn a_tombstone_hides_the_lab_and_refuses_a_late_create_or_update() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let (updated, recreated, kept) = (
+        record(&w, lab(), "u"),
+        record(&w, lab(), "c"),
+        record(&w, lab(), "k"),
+    );
+    create(&repo, &w, vec![updated.clone(), kept.clone()], 1).await;
+    for id in [updated.lab_id, recreated.lab_id] {
+        let had = repo
+            .tombstone(
+                &w,
+                &id,
+                tombstone(TimeDelta::days(1)),
+                event(LabEventKind::Deleted, &w, id),
+                audit(&w, id),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            had,
+            id == updated.lab_id,
+            "true only where a live record was"
+        );
+    }
+    let index = repo.index(&w).await.unwrap();
+    assert_eq!(index[&updated.lab_id], Existing::Tombstoned);
+    assert_eq!(index[&recreated.lab_id], Existing::Tombstoned);
+    assert!(repo.get(&w, &updated.lab_id).await.unwrap().is_none());
+    assert_eq!(titles(&repo.list(&w).await.unwrap()), ["k"]);
+
+    // A refresh that listed them before the delete writes late.
+    let late = vec![
+        event(LabEventKind::Changed, &w, updated.lab_id),
+        event(LabEventKind::Discovered, &w, recreated.lab_id),
+        event(LabEventKind::Changed, &w, kept.lab_id),
+    ];
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 1,
+                create: vec![recreated.clone()],
+                update: vec![
+                    changed(updated.clone(), "late"),
+                    changed(kept.clone(), "k2"),
+                ],
+                events: late.clone(),
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    let mut suppressed = out.suppressed.clone();
+    suppressed.sort();
+    let mut expected = vec![updated.lab_id, recreated.lab_id];
+    expected.sort();
+    assert_eq!(suppressed, expected, "{out:?}");
+    assert_eq!((out.created, out.updated), (0, 1), "{out:?}");
+    for id in [updated.lab_id, recreated.lab_id] {
+        let d = raw(&db, &w, id).await.unwrap();
+        assert!(
+            d.contains_key("tombstone") && !d.contains_key("title"),
+            "{d}"
+        );
+    }
+    let status = outbox_status(&db).await;
+    assert!(
+        !status.contains_key(&late[0].id) && !status.contains_key(&late[1].id),
+        "refused changes are not announced"
+    );
+    assert_eq!(status[&late[2].id], "pending");
+    assert_eq!(
+        db.collection::<Document>(collections::AUDIT)
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_expired_tombstone_hides_nothing_and_gives_way_to_a_create() {
+    let (_db, repo) = store().await;
+    let w = worker("cml-1");
+    let r = record(&w, lab(), "back");
+    repo.tombstone(
+        &w,
+        &r.lab_id,
+        tombstone(TimeDelta::seconds(-1)),
+        event(LabEventKind::Deleted, &w, r.lab_id),
+        audit(&w, r.lab_id),
+    )
+    .await
+    .unwrap();
+    assert!(
+        repo.index(&w).await.unwrap().is_empty(),
+        "expired: not in the index"
+    );
+    create(&repo, &w, vec![r.clone()], 1).await;
+    assert_eq!(repo.get(&w, &r.lab_id).await.unwrap(), Some(r));
+}
+
+#[tokio::test]
+async fn concurrent_deletes_each_learn_whether_their_lab_had_a_record() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let live: Vec<LabRecord> = (0..40)
+        .map(|n| record(&w, lab(), &format!("l{n}")))
+        .collect();
+    create(&repo, &w, live.clone(), 1).await;
+    let absent: Vec<LabId> = (0..40).map(|_| lab()).collect();
+    // The same labs again, now tombstoned: no record any more.
+    let mut jobs: Vec<(LabId, bool)> = live.iter().map(|r| (r.lab_id, true)).collect();
+    jobs.extend(absent.iter().map(|&id| (id, false)));
+    let run = |jobs: Vec<(LabId, bool)>| {
+        futures::future::join_all(jobs.into_iter().map(|(id, expected)| {
+            let (repo, w) = (repo.clone(), w.clone());
+            async move {
+                let had = repo
+                    .tombstone(
+                        &w,
+                        &id,
+                        tombstone(TimeDelta::days(1)),
+                        event(LabEventKind::Deleted, &w, id),
+                        audit(&w, id),
+                    )
+                    .await
+                    .unwrap();
+                (id, had, expected)
+            }
+        }))
+    };
+    for (id, had, expected) in run(jobs.clone()).await {
+        assert_eq!(had, expected, "lab {id}");
+    }
+    for (id, had, _) in run(jobs.clone()).await {
+        assert!(!had, "lab {id} was already tombstoned");
+    }
+    let labs = db.collection::<Document>(collections::LABS);
+    assert_eq!(
+        labs.count_documents(doc! {}).await.unwrap(),
+        80,
+        "one document per lab"
+    );
+    assert_eq!(
+        labs.count_documents(doc! {"tombstone": {"$exists": true}})
+            .await
+            .unwrap(),
+        80
+    );
+    assert_eq!(
+        db.collection::<Document>(collections::OUTBOX)
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        160
+    );
+    assert_eq!(
+        db.collection::<Document>(collections::AUDIT)
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        160
+    );
+}
+
+#[tokio::test]
+async fn a_delete_attempt_goes_into_the_history_of_a_live_record_only() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let r = record(&w, lab(), "running");
+    create(&repo, &w, vec![r.clone()], 1).await;
+    let entry = HistoryEntry {
+        at: now(),
+        event: HistoryEvent::DeleteAttempt {
+            requested_by: "api:test".into(),
+            force: false,
+            outcome: "refused_running".into(),
+            detail: "the lab is running".into(),
+        },
+    };
+    for (id, expected) in [(r.lab_id, true), (lab(), false)] {
+        let had = repo
+            .add_history(
+                &w,
+                &id,
+                entry.clone(),
+                HISTORY,
+                event(LabEventKind::DeleteFailed, &w, id),
+                audit(&w, id),
+            )
+            .await
+            .unwrap();
+        assert_eq!(had, expected);
+    }
+    let stored = repo.get(&w, &r.lab_id).await.unwrap().unwrap();
+    assert_eq!(stored.history.last(), Some(&entry));
+    assert_eq!(stored.history.len(), 2, "created, then the attempt");
+    for c in [collections::OUTBOX, collections::AUDIT] {
+        let n = db
+            .collection::<Document>(c)
+            .count_documents(doc! {})
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "{c}: written with or without a record");
+    }
+}
+
+// ---------------------------------------------------------------- fencing
+
+#[tokio::test]
+async fn an_older_run_neither_updates_nor_prunes_what_a_newer_run_wrote() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let (a, b) = (record(&w, lab(), "a"), record(&w, lab(), "b"));
+    create(&repo, &w, vec![a.clone(), b.clone()], 7).await;
+    let stale = vec![
+        event(LabEventKind::Changed, &w, a.lab_id),
+        event(LabEventKind::Pruned, &w, b.lab_id),
+    ];
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 6,
+                update: vec![changed(a.clone(), "stale")],
+                prune: vec![b.lab_id],
+                events: stale.clone(),
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.updated, out.pruned), (0, 0), "{out:?}");
+    assert_eq!(out.not_pruned, vec![b.lab_id]);
+    assert_eq!(repo.get(&w, &a.lab_id).await.unwrap(), Some(a.clone()));
+    assert!(
+        outbox_status(&db).await.is_empty(),
+        "nothing stale is announced"
+    );
+
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 7,
+                update: vec![changed(a.clone(), "same run")],
+                prune: vec![b.lab_id],
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.updated, out.pruned),
+        (1, 1),
+        "the same fence may: {out:?}"
+    );
+    assert_eq!(
+        raw(&db, &w, a.lab_id)
+            .await
+            .unwrap()
+            .get_i64("fence")
+            .unwrap(),
+        7
+    );
+}
+
+#[tokio::test]
+async fn records_written_before_fencing_are_updated_and_pruned_by_any_run() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let (a, b) = (record(&w, lab(), "a"), record(&w, lab(), "b"));
+    create(&repo, &w, vec![a.clone(), b.clone()], 1).await;
+    db.collection::<Document>(collections::LABS)
+        .update_many(doc! {}, doc! {"$unset": {"fence": ""}})
+        .await
+        .unwrap();
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 3,
+                update: vec![changed(a.clone(), "a2")],
+                prune: vec![b.lab_id],
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.updated, out.pruned), (1, 1), "{out:?}");
+}
+
+// ---------------------------------------------------------------- limits
+
+fn with_notes(mut r: LabRecord, bytes: usize) -> LabRecord {
+    r.snapshot.notes = "n".repeat(bytes);
+    r.content_hash = r.snapshot.content_hash();
+    r
+}
+
+#[tokio::test]
+async fn a_record_over_the_document_limit_is_that_labs_failure_and_the_rest_is_written() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let small = record(&w, lab(), "small");
+    let big = with_notes(record(&w, lab(), "big"), 2 * 1024 * 1024);
+    let huge = with_notes(record(&w, lab(), "huge"), 17 * 1024 * 1024);
+    // Within 64 KiB of the limit: the server adds to a document.
+    let edge = with_notes(record(&w, lab(), "edge"), 16 * 1024 * 1024 - 32 * 1024);
+    let events: Vec<LabEvent> = [&small, &big, &huge, &edge]
+        .iter()
+        .map(|r| event(LabEventKind::Discovered, &w, r.lab_id))
+        .collect();
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 1,
+                create: vec![small.clone(), big.clone(), huge.clone(), edge.clone()],
+                events: events.clone(),
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.created, 2, "{:?}", (out.created, &out.suppressed));
+    let refused: Vec<LabId> = out.too_large.iter().map(|(id, _)| *id).collect();
+    assert_eq!(refused, vec![huge.lab_id, edge.lab_id]);
+    assert!(
+        out.too_large[0].1.contains("bytes") && out.too_large[0].1.contains("MongoDB"),
+        "{}",
+        out.too_large[0].1
+    );
+    let status = outbox_status(&db).await;
+    assert_eq!(status.len(), 2, "only the written labs are announced");
+    assert_eq!(status[&events[1].id], "pending");
+
+    // The same for an update that would outgrow the limit.
+    let grown = with_notes(small.clone(), 17 * 1024 * 1024);
+    let mut u = changed(small.clone(), "grown");
+    u.record.snapshot.notes = grown.snapshot.notes;
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 1,
+                update: vec![u, changed(big.clone(), "big2")],
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.updated, 1);
+    assert_eq!(
+        out.too_large.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![small.lab_id]
+    );
+    assert_eq!(repo.get(&w, &small.lab_id).await.unwrap(), Some(small));
+}
+
+#[tokio::test]
+async fn updates_of_many_large_records_all_land() {
+    let (_db, repo) = store().await;
+    let w = worker("cml-1");
+    let records: Vec<LabRecord> = (0..40)
+        .map(|n| with_notes(record(&w, lab(), &format!("r{n}")), 500 * 1024))
+        .collect();
+    create(&repo, &w, records.clone(), 1).await;
+    let updates: Vec<RecordUpdate> = records
+        .iter()
+        .map(|r| changed(r.clone(), "changed"))
+        .collect();
+    let out = repo
+        .apply(
+            &w,
+            RecordChanges {
+                fence: 1,
+                update: updates.clone(),
+                ..RecordChanges::default()
+            },
+            HISTORY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.updated, 40, "{:?}", out.too_large);
+    for u in &updates {
+        assert_eq!(
+            repo.get(&w, &u.record.lab_id).await.unwrap().as_ref(),
+            Some(&u.record)
+        );
+    }
+}
+
+// ---------------------------------------------------------------- staged events
+
+#[tokio::test]
+async fn staged_events_of_a_dead_run_are_released_if_their_change_was_made_and_dropped_if_not() {
+    let (db, repo) = store().await;
+    let w = worker("cml-1");
+    let (made, not_made, pruned, not_pruned, buried) = (
+        record(&w, lab(), "made"),
+        record(&w, lab(), "not made"),
+        record(&w, lab(), "pruned"),
+        record(&w, lab(), "still here"),
+        record(&w, lab(), "buried"),
+    );
+    create(
+        &repo,
+        &w,
+        vec![
+            made.clone(),
+            not_made.clone(),
+            not_pruned.clone(),
+            buried.clone(),
+        ],
+        1,
+    )
+    .await;
+    repo.tombstone(
+        &w,
+        &buried.lab_id,
+        tombstone(TimeDelta::days(1)),
+        event(LabEventKind::Deleted, &w, buried.lab_id),
+        audit(&w, buried.lab_id),
+    )
+    .await
+    .unwrap();
+    let outbox = db.collection::<Document>(collections::OUTBOX);
+    let staged = [
+        (
+            event(LabEventKind::Changed, &w, made.lab_id),
+            Some(made.content_hash.to_string()),
+            "pending",
+        ),
+        (
+            event(LabEventKind::Changed, &w, not_made.lab_id),
+            Some("0000000000000000".to_owned()),
+            "dropped",
+        ),
+        (
+            event(LabEventKind::Pruned, &w, pruned.lab_id),
+            None,
+            "pending",
+        ),
+        (
+            event(LabEventKind::Pruned, &w, not_pruned.lab_id),
+            None,
+            "dropped",
+        ),
+        (
+            event(LabEventKind::Changed, &w, buried.lab_id),
+            Some(buried.content_hash.to_string()),
+            "dropped",
+        ),
+        (
+            event(LabEventKind::Pruned, &w, buried.lab_id),
+            None,
+            "dropped",
+        ),
+    ];
+    for (e, target, _) in &staged {
+        outbox
+            .insert_one(outbox::staged_doc(e, RETENTION, target.clone()).unwrap())
+            .await
+            .unwrap();
+    }
+    let other = event(LabEventKind::Changed, &worker("cml-2"), made.lab_id);
+    outbox
+        .insert_one(outbox::staged_doc(&other, RETENTION, None).unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(repo.settle_staged_events(&w).await.unwrap(), (2, 4));
+    let status = outbox_status(&db).await;
+    for (e, _, expected) in &staged {
+        match *expected {
+            "dropped" => assert!(!status.contains_key(&e.id), "{:?} {}", e.kind, e.lab_id),
+            s => assert_eq!(status[&e.id], s, "{:?}", e.kind),
+        }
+    }
+    assert_eq!(
+        status[&other.id],
+        outbox::STAGED,
+        "another worker's run is not settled"
+    );
+    assert_eq!(
+        repo.settle_staged_events(&w).await.unwrap(),
+        (0, 0),
+        "settled once"
+    );
+}
+
+// ---------------------------------------------------------------- lease
+
+fn lease_store(db: &Database) -> MongoRefreshLease {
+    MongoRefreshLease::new(db)
+}
+
+async fn lease_doc(db: &Database, w: &WorkerId) -> Document {
+    db.collection::<Document>(collections::LEASES)
+        .find_one(doc! {"_id": w.as_str()})
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+const TTL: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn one_holder_at_a_time_and_every_grant_outranks_the_last() {
+    let db = labsync_test_support::test_database().await;
+    let (one, two) = (lease_store(&db), lease_store(&db));
+    let w = worker("cml-1");
+    let first = one
+        .try_acquire(&w, "one", TTL)
+        .await
+        .unwrap()
+        .expect("free");
+    let server_ms = lease_doc(&db, &w)
+        .await
+        .get_datetime("acquired_at")
+        .unwrap()
+        .timestamp_millis();
+    assert_eq!(
+        first,
+        u64::try_from(server_ms).unwrap(),
+        "the epoch is the server's time"
+    );
+    assert_eq!(
+        lease_doc(&db, &w).await.get_i64("epoch").unwrap(),
+        i64::try_from(first).unwrap()
+    );
+    assert_eq!(two.try_acquire(&w, "two", TTL).await.unwrap(), None, "held");
+    assert!(
+        two.try_acquire(&worker("cml-2"), "two", TTL)
+            .await
+            .unwrap()
+            .is_some(),
+        "per worker"
+    );
+
+    let again = one
+        .try_acquire(&w, "one", TTL)
+        .await
+        .unwrap()
+        .expect("ours");
+    assert!(again > first);
+    assert!(!two.renew(&w, "two", TTL).await.unwrap(), "not the holder");
+    two.release(&w, "two").await.unwrap();
+    assert_eq!(
+        two.try_acquire(&w, "two", TTL).await.unwrap(),
+        None,
+        "a stranger's release frees nothing"
+    );
+
+    one.release(&w, "one").await.unwrap();
+    let third = two
+        .try_acquire(&w, "two", TTL)
+        .await
+        .unwrap()
+        .expect("released");
+    assert!(third > again);
+    assert!(
+        !one.renew(&w, "one", TTL).await.unwrap(),
+        "the old holder lost it"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_expires_by_the_servers_clock_and_a_renewal_moves_its_expiry() {
+    let db = labsync_test_support::test_database().await;
+    let (one, two) = (lease_store(&db), lease_store(&db));
+    let w = worker("cml-1");
+    one.try_acquire(&w, "one", Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(
+        two.try_acquire(&w, "two", TTL).await.unwrap().is_some(),
+        "expired at once"
+    );
+
+    let before = lease_doc(&db, &w)
+        .await
+        .get_datetime("expires_at")
+        .unwrap()
+        .to_chrono();
+    assert!(
+        two.renew(&w, "two", Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    let after = lease_doc(&db, &w)
+        .await
+        .get_datetime("expires_at")
+        .unwrap()
+        .to_chrono();
+    assert!(
+        after - before > TimeDelta::minutes(50),
+        "{before} -> {after}"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_outranks_a_previous_epoch_even_from_a_clock_that_ran_ahead() {
+    let db = labsync_test_support::test_database().await;
+    let lease = lease_store(&db);
+    let w = worker("cml-1");
+    let ahead = now().timestamp_millis() + 86_400_000;
+    db.collection::<Document>(collections::LEASES)
+        .insert_one(doc! {"_id": w.as_str(), "holder": "", "expires_at": DateTime::<Utc>::UNIX_EPOCH, "epoch": ahead})
+        .await
+        .unwrap();
+    let epoch = lease.try_acquire(&w, "one", TTL).await.unwrap().unwrap();
+    assert_eq!(epoch, u64::try_from(ahead + 1).unwrap());
+}
+
+#[tokio::test]
+async fn a_revoked_lease_is_lost_by_its_holder_and_taken_by_nobody_until_it_expires() {
+    let db = labsync_test_support::test_database().await;
+    let (one, two) = (lease_store(&db), lease_store(&db));
+    let w = worker("cml-1");
+    let before = one.try_acquire(&w, "one", TTL).await.unwrap().unwrap();
+    two.revoke(&w, TTL).await.unwrap();
+    assert!(!one.renew(&w, "one", TTL).await.unwrap());
+    assert_eq!(one.try_acquire(&w, "one", TTL).await.unwrap(), None);
+    assert_eq!(two.try_acquire(&w, "two", TTL).await.unwrap(), None);
+    assert!(lease_doc(&db, &w).await.get_i64("epoch").unwrap() > i64::try_from(before).unwrap());
+    // A revoke of a worker never leased leaves a lease nobody holds.
+    two.revoke(&worker("cml-9"), TTL).await.unwrap();
+    assert_eq!(
+        one.try_acquire(&worker("cml-9"), "one", TTL).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_run_whose_release_failed_does_not_block_the_next_run_of_its_process() {
+    let mut server = labsync_test_support::MongoServer::start().unwrap();
+    let client =
+        mongodb::Client::with_uri_str(format!("{}&serverSelectionTimeoutMS=1000", server.uri()))
+            .await
+            .unwrap();
+    let db = client.database("lease");
+    let (ours, theirs) = (lease_store(&db), lease_store(&db));
+    let w = worker("cml-1");
+    ours.try_acquire(&w, "run-1", TTL).await.unwrap().unwrap();
+    server.stop();
+    assert!(ours.release(&w, "run-1").await.is_err());
+    server.restart().unwrap();
+    labsync_test_support::eventually("the server is back", || async {
+        db.run_command(doc! {"ping": 1}).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        theirs.try_acquire(&w, "other", TTL).await.unwrap(),
+        None,
+        "still held for others"
+    );
+    assert!(
+        ours.try_acquire(&w, "run-2", TTL).await.unwrap().is_some(),
+        "taken over by its own process"
+    );
+}
