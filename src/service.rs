@@ -86,22 +86,24 @@ pub async fn start_with(
 
     let mut background: Vec<JoinHandle<()>> = Vec::new();
     background.push(tokio::spawn(app.delete_queue.clone().run(stop_rx.clone())));
-    let sink = settings.events.sink_url.clone();
-    if sink.expose_secret().is_empty() {
+    let sink = Some(settings.events.sink_url.clone()).filter(|s| !s.expose_secret().is_empty());
+    if sink.is_none() {
         info!("no events.sink_url: lab events stay in the outbox until they expire");
-    } else {
-        let relay = EventRelay::new(
-            &app.db,
-            RelaySettings {
-                sink_url: sink,
-                poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
-                request_timeout: Duration::from_millis(settings.events.request_timeout_ms),
-                max_backoff: Duration::from_secs(settings.events.max_backoff_secs),
-            },
-        )
-        .context("building the event relay")?;
-        background.push(tokio::spawn(relay.run(stop_rx.clone())));
     }
+    // Without a sink the relay only measures the backlog.
+    let relay = EventRelay::new(
+        &app.db,
+        RelaySettings {
+            sink_url: sink,
+            poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
+            request_timeout: Duration::from_millis(settings.events.request_timeout_ms),
+            max_backoff: Duration::from_secs(settings.events.max_backoff_secs),
+            max_in_flight: usize::try_from(settings.events.max_in_flight).unwrap_or(1),
+        },
+        Some(app.metrics.clone()),
+    )
+    .context("building the event relay")?;
+    background.push(tokio::spawn(relay.run(stop_rx.clone())));
 
     let state = ApiState {
         services: app.services.clone(),

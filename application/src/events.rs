@@ -65,7 +65,8 @@ impl LabEvent {
         data: serde_json::Value,
     ) -> Self {
         Self {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered: the relay sends a lab's events in this order.
+            id: uuid::Uuid::now_v7().to_string(),
             kind,
             worker_id: worker_id.clone(),
             lab_id,

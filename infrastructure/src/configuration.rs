@@ -149,6 +149,8 @@ pub struct EventSettings {
     pub poll_interval_ms: u64,
     pub request_timeout_ms: u64,
     pub max_backoff_secs: u64,
+    /// Deliveries in flight at once, each for a different lab.
+    pub max_in_flight: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,6 +408,7 @@ impl Settings {
                 1,
                 DAY,
             ),
+            ("events.max_in_flight", self.events.max_in_flight, 1, 64),
             (
                 "api.shutdown_grace_secs",
                 self.api.shutdown_grace_secs,

@@ -23,6 +23,8 @@ pub struct Metrics {
     last_success: GaugeVec,
     lease_skips: IntCounter,
     http_requests: IntCounterVec,
+    outbox_undelivered: prometheus::IntGauge,
+    outbox_oldest_age: prometheus::Gauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -76,6 +78,22 @@ impl Metrics {
         registry
             .register(Box::new(lease_skips.clone()))
             .expect("unique metric");
+        let outbox_undelivered = prometheus::IntGauge::new(
+            "outbox_undelivered_events",
+            "Lab events not yet delivered to the sink (pending or staged).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outbox_undelivered.clone()))
+            .expect("unique metric");
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "outbox_oldest_undelivered_age_seconds",
+            "Age of the oldest undelivered lab event; 0 when none waits.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outbox_oldest_age.clone()))
+            .expect("unique metric");
         Self {
             refresh_runs: counter(
                 &registry,
@@ -127,8 +145,17 @@ impl Metrics {
             ),
             last_success,
             lease_skips,
+            outbox_undelivered,
+            outbox_oldest_age,
             registry,
         }
+    }
+
+    /// The event relay's latest measure of the outbox.
+    pub fn outbox_backlog(&self, undelivered: u64, oldest_age_secs: f64) {
+        self.outbox_undelivered
+            .set(i64::try_from(undelivered).unwrap_or(i64::MAX));
+        self.outbox_oldest_age.set(oldest_age_secs);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -217,3 +217,258 @@ async fn a_failing_sink_is_retried_until_it_accepts() {
     assert!(stored[0].get_str("last_error").unwrap().contains("503"));
     api.stop().await;
 }
+
+/// One request a [`ScriptedSink`] received, and what it answered.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    referer: Option<String>,
+    body: Value,
+    status: u16,
+}
+
+type Script = Arc<dyn Fn(usize, &Value) -> axum::response::Response + Send + Sync>;
+
+/// A sink that answers as its script says (by the request's number and
+/// body), optionally slowly, and records every request on any path and
+/// method, with how many were in flight at once.
+#[derive(Clone)]
+struct ScriptedSink {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+impl ScriptedSink {
+    async fn start(delay: std::time::Duration, script: Script) -> (Self, String) {
+        let sink = Self {
+            seen: Arc::default(),
+            in_flight: Arc::default(),
+            max_in_flight: Arc::default(),
+        };
+        let s = sink.clone();
+        let app = axum::Router::new().fallback(
+            move |method: Method, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (s, script) = (s.clone(), script.clone());
+                async move {
+                    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                    // A slow sink, as a peer would be: not a wait in the test.
+                    tokio::time::sleep(delay).await;
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let n = s.seen.lock().unwrap().len();
+                    let answer = script(n, &body);
+                    s.seen.lock().unwrap().push(Seen {
+                        method: method.to_string(),
+                        referer: headers
+                            .get("referer")
+                            .map(|v| v.to_str().unwrap_or("?").to_owned()),
+                        body,
+                        status: answer.status().as_u16(),
+                    });
+                    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/events?token=sink-secret",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (sink, url)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The event types the sink accepted for `subject`, in the order it
+    /// accepted them.
+    fn accepted_for(&self, subject: &str) -> Vec<String> {
+        self.seen()
+            .iter()
+            .filter(|s| s.status < 300 && s.body["subject"] == subject)
+            .map(|s| s.body["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+fn answer(status: u16, location: Option<&str>) -> axum::response::Response {
+    let mut r = axum::response::Response::new(axum::body::Body::empty());
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    if let Some(l) = location {
+        r.headers_mut().insert("location", l.parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test]
+async fn a_sink_that_redirects_has_not_received_the_event_and_its_target_gets_nothing() {
+    let (elsewhere, elsewhere_url) = ScriptedSink::start(
+        std::time::Duration::ZERO,
+        Arc::new(|_, _| answer(200, None)),
+    )
+    .await;
+    let target = elsewhere_url.clone();
+    let (sink, url) = ScriptedSink::start(
+        std::time::Duration::ZERO,
+        Arc::new(move |n, _| match n {
+            0 => answer(307, Some(&target)),
+            1 => answer(302, Some(&target)),
+            2 => answer(303, Some(&target)),
+            _ => answer(202, None),
+        }),
+    )
+    .await;
+    let t = TestApp::spawn_with(1, &[("LABSYNC__EVENTS__SINK_URL", &url)]).await;
+    let wiped = t.add_lab("DEFINED_ON_CORE");
+    t.delete(&wiped, false).await.unwrap();
+    let api = TestApi::start(&t).await;
+    eventually("the event to be delivered", || async {
+        outbox::list(&t.app.db, doc! {"kind": "deleted", "status": "delivered"})
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    let stored = outbox::list(&t.app.db, doc! {"kind": "deleted"})
+        .await
+        .unwrap();
+    assert_eq!(
+        stored[0].get_i64("attempts"),
+        Ok(4),
+        "three redirects are three failed deliveries"
+    );
+    let why = stored[0].get_str("last_error").unwrap();
+    assert!(why.contains("303") && why.contains("no redirects"), "{why}");
+    assert!(!why.contains("sink-secret"), "{why}");
+    assert!(elsewhere.seen().is_empty(), "{:?}", elsewhere.seen());
+    for s in sink.seen() {
+        assert_eq!(s.method, "POST", "{s:?}");
+        assert_eq!(s.referer, None, "{s:?}");
+        assert_eq!(s.body["subject"], wiped.as_str());
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_labs_events_reach_the_sink_in_the_order_they_were_made_though_the_first_is_retried() {
+    // The first delivery of every lab's first event fails.
+    let (sink, url) = ScriptedSink::start(
+        std::time::Duration::ZERO,
+        Arc::new({
+            let failed = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+            move |_, body| {
+                let subject = body["subject"].as_str().unwrap_or_default().to_owned();
+                if failed.lock().unwrap().insert(subject) {
+                    answer(503, None)
+                } else {
+                    answer(202, None)
+                }
+            }
+        }),
+    )
+    .await;
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__EVENTS__SINK_URL", &url),
+            ("LABSYNC__EVENTS__MAX_BACKOFF_SECS", "2"),
+        ],
+    )
+    .await;
+    t.refresh().await;
+    let labs: Vec<String> = t
+        .records()
+        .await
+        .iter()
+        .map(|r| r.lab_id.to_string())
+        .collect();
+    for (n, lab) in labs.iter().enumerate() {
+        t.sim()
+            .update_lab(
+                lab,
+                cml_sim::LabSpec {
+                    lab_title: Some(format!("renamed {n}")),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    t.refresh().await;
+    // Each lab now has two undelivered events: discovered, then changed.
+    let api = TestApi::start(&t).await;
+    eventually("every event to be delivered", || async {
+        outbox::list(&t.app.db, doc! {"status": {"$ne": "delivered"}})
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    for lab in &labs {
+        assert_eq!(
+            sink.accepted_for(lab),
+            ["io.labsync.lab.discovered", "io.labsync.lab.changed"],
+            "lab {lab}"
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_sink_receives_the_events_of_different_labs_in_parallel_within_the_bound() {
+    let (sink, url) = ScriptedSink::start(
+        std::time::Duration::from_millis(200),
+        Arc::new(|_, _| answer(202, None)),
+    )
+    .await;
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__EVENTS__SINK_URL", &url),
+            ("LABSYNC__EVENTS__MAX_IN_FLIGHT", "4"),
+        ],
+    )
+    .await;
+    t.refresh().await;
+    let api = TestApi::start(&t).await;
+    eventually("every event to be delivered", || async {
+        outbox::list(&t.app.db, doc! {"status": {"$ne": "delivered"}})
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    assert_eq!(sink.seen().len(), SEEDED_LABS);
+    assert_eq!(
+        sink.max_in_flight.load(Ordering::SeqCst),
+        4,
+        "parallel, and bounded"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn undelivered_events_are_measured_even_without_a_sink() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let api = TestApi::start(&t).await;
+    let expected = format!(
+        "labsync_outbox_undelivered_events {}",
+        t.records().await.len()
+    );
+    eventually("the backlog to be measured", || async {
+        t.app.metrics.render().contains(&expected)
+    })
+    .await;
+    assert!(
+        t.app
+            .metrics
+            .render()
+            .contains("labsync_outbox_oldest_undelivered_age_seconds")
+    );
+    api.stop().await;
+}

@@ -158,6 +158,8 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
         .create_indexes([
             ttl(doc! {"expires_at": 1}, "outbox_ttl"),
             named(doc! {"status": 1, "next_attempt_at": 1}, "due"),
+            // The relay's per-lab order: a lab's undelivered events.
+            named(doc! {"lab_id": 1, "status": 1}, "lab_status"),
         ])
         .await
         .map_err(map_error)?;

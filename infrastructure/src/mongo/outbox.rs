@@ -31,7 +31,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use labsync_application::{LabEvent, RepoError};
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::ReturnDocument;
@@ -101,18 +101,56 @@ pub fn namespace(db: &Database) -> Namespace {
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     /// The sink; it may carry a token in its query, so it is a secret.
-    pub sink_url: SecretString,
+    /// `None`: nothing is delivered, the backlog is still measured.
+    pub sink_url: Option<SecretString>,
     pub poll_interval: Duration,
     pub request_timeout: Duration,
     pub max_backoff: Duration,
+    /// Deliveries in flight at once, each for a different lab.
+    pub max_in_flight: usize,
 }
 
 /// Delivers outbox events to the sink until told to stop.
+///
+/// # Expected flow
+/// 1. Find due `pending` events (oldest attempt first), skipping labs
+///    already found blocked in this pass.
+/// 2. For their labs, find the oldest undelivered (`pending` or `staged`)
+///    event of each lab, its head, in creation order (`created_at`, then
+///    the time-ordered event id). A due event that is not its lab's head
+///    waits: its lab is blocked for this pass.
+/// 3. Claim each due head (moving `next_attempt_at` forward, so that no
+///    other replica takes it), POST them, at most `max_in_flight` at once,
+///    and mark each `delivered` or schedule its next attempt with capped
+///    exponential backoff.
+/// 4. Repeat while anything was delivered, then measure the backlog.
+///
+/// # Guarantees
+/// - Per lab, the sink receives events in the order they were created:
+///   an event is sent only when every older undelivered event of its lab
+///   is delivered, whichever replica sends it. A failing event holds back
+///   its lab's later events, not other labs'.
+/// - At least once: an event is `delivered` only after the sink answered
+///   2xx. No redirect is followed and no `Referer` is sent: a 3xx is a
+///   failed delivery (a redirect would turn the POST into a body-less GET
+///   that "succeeds", or send the event and the sink URL's token
+///   elsewhere).
+///
+/// # Assumptions
+/// The sink answers within `request_timeout`; a claim lasts twice that,
+/// so a replica whose delivery outlives it may see the event sent twice.
+///
+/// # Caveats
+/// An event the sink refuses forever holds back its lab's later events
+/// until it expires (`retention_secs`); `labsync_outbox_oldest_age_seconds`
+/// shows it. Events staged by a run that died hold back their labs until
+/// the next refresh of the worker settles them.
 #[derive(Debug, Clone)]
 pub struct EventRelay {
     outbox: Collection<Document>,
     http: reqwest::Client,
     settings: RelaySettings,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// Capped exponential backoff: 1 s, 2 s, 4 s ... up to `max`.
@@ -121,35 +159,199 @@ pub fn backoff(attempts: u32, max: Duration) -> Duration {
     exp.min(max)
 }
 
+/// Due events looked at per query.
+const PAGE: i64 = 256;
+
+/// A lab's events share this key.
+type LabKey = (String, String);
+
+fn lab_key(d: &Document) -> Option<LabKey> {
+    Some((
+        d.get_str("worker_id").ok()?.to_owned(),
+        d.get_str("lab_id").ok()?.to_owned(),
+    ))
+}
+
+/// Creation order: `created_at`, then the event id (time-ordered).
+fn order_key(d: &Document) -> (i64, String) {
+    (
+        d.get_datetime("created_at")
+            .map_or(i64::MAX, |t| t.timestamp_millis()),
+        d.get_str("_id").unwrap_or_default().to_owned(),
+    )
+}
+
+/// Of `due` (each a due pending event), those that are the head of their
+/// lab among `undelivered` (every pending or staged event of their labs),
+/// and the labs whose due events must wait. Pure: the ordering rule.
+fn heads(due: &[Document], undelivered: &[Document]) -> (Vec<Document>, Vec<LabKey>) {
+    let mut first: std::collections::HashMap<LabKey, (i64, String)> =
+        std::collections::HashMap::new();
+    for d in undelivered {
+        let Some(k) = lab_key(d) else { continue };
+        let o = order_key(d);
+        first
+            .entry(k)
+            .and_modify(|cur| {
+                if o < *cur {
+                    *cur = o.clone();
+                }
+            })
+            .or_insert(o);
+    }
+    let mut ready = Vec::new();
+    let mut blocked = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    for d in due {
+        let Some(k) = lab_key(d) else { continue };
+        let is_head = first.get(&k).is_none_or(|h| *h == order_key(d));
+        if is_head && taken.insert(k.clone()) {
+            ready.push(d.clone());
+        } else if !is_head {
+            blocked.push(k);
+        }
+    }
+    (ready, blocked)
+}
+
 impl EventRelay {
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(db: &Database, settings: RelaySettings) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        db: &Database,
+        settings: RelaySettings,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(settings.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .build()?;
         Ok(Self {
             outbox: db.collection(collections::OUTBOX),
             http,
             settings,
+            metrics,
         })
     }
 
     /// Claims one due event: pushes its next attempt out by the request
     /// timeout (twice), so that nobody else takes it meanwhile.
-    async fn claim(&self, now: DateTime<Utc>) -> Result<Option<Document>, RepoError> {
+    async fn claim(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Document>, RepoError> {
         let hold = chrono::Duration::from_std(self.settings.request_timeout * 2)
             .unwrap_or(chrono::Duration::seconds(60));
         self.outbox
             .find_one_and_update(
-                doc! {"status": "pending", "next_attempt_at": {"$lte": date(now)}},
+                doc! {"_id": id, "status": "pending", "next_attempt_at": {"$lte": date(now)}},
                 doc! {"$set": {"next_attempt_at": date(now + hold)}},
             )
-            .sort(doc! {"next_attempt_at": 1})
             .return_document(ReturnDocument::After)
             .await
             .map_err(map_error)
+    }
+
+    /// The due heads of their labs, skipping `blocked` labs (which gain the
+    /// labs found waiting).
+    async fn due_heads(
+        &self,
+        now: DateTime<Utc>,
+        blocked: &mut std::collections::HashSet<LabKey>,
+    ) -> Result<Vec<Document>, RepoError> {
+        let projection = doc! {"_id": 1, "worker_id": 1, "lab_id": 1, "created_at": 1};
+        loop {
+            let skip: Vec<&str> = blocked.iter().map(|(_, lab)| lab.as_str()).collect();
+            let due: Vec<Document> = self
+                .outbox
+                .find(doc! {
+                    "status": "pending",
+                    "next_attempt_at": {"$lte": date(now)},
+                    "lab_id": {"$nin": skip},
+                })
+                .projection(projection.clone())
+                .sort(doc! {"next_attempt_at": 1})
+                .limit(PAGE)
+                .await
+                .map_err(map_error)?
+                .try_collect()
+                .await
+                .map_err(map_error)?;
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+            let labs: Vec<&str> = due
+                .iter()
+                .filter_map(|d| d.get_str("lab_id").ok())
+                .collect();
+            let undelivered: Vec<Document> = self
+                .outbox
+                .find(doc! {"lab_id": {"$in": labs}, "status": {"$in": ["pending", STAGED]}})
+                .projection(projection.clone())
+                .await
+                .map_err(map_error)?
+                .try_collect()
+                .await
+                .map_err(map_error)?;
+            let (ready, waiting) = heads(&due, &undelivered);
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            // Every due event of this page waits behind an older one: look
+            // further, without these labs.
+            let before = blocked.len();
+            blocked.extend(waiting);
+            if blocked.len() == before {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// Sends one claimed event; returns whether the sink took it.
+    async fn deliver(&self, sink: &SecretString, d: Document) -> Result<bool, RepoError> {
+        let id = d.get_str("_id").unwrap_or_default().to_owned();
+        let attempts = d.get_i64("attempts").unwrap_or(0);
+        let body = d
+            .get_document("cloudevent")
+            .ok()
+            .and_then(|ce| serde_json::to_value(ce).ok())
+            .unwrap_or_default();
+        let result = self
+            .http
+            .post(sink.expose_secret())
+            .header("content-type", "application/cloudevents+json")
+            .json(&body)
+            .send()
+            .await;
+        let now = Utc::now();
+        let (ok, update) = match result {
+            Ok(r) if r.status().is_success() => (
+                true,
+                doc! {"$set": {"status": "delivered", "delivered_at": date(now)}, "$inc": {"attempts": 1_i64}},
+            ),
+            other => {
+                let why = match other {
+                    Ok(r) if r.status().is_redirection() => format!(
+                        "sink answered {} (labsync follows no redirects)",
+                        r.status()
+                    ),
+                    Ok(r) => format!("sink answered {}", r.status()),
+                    Err(e) => format!("sink unreachable: {}", e.without_url()),
+                };
+                let n = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
+                let wait = chrono::Duration::from_std(backoff(n, self.settings.max_backoff))
+                    .unwrap_or(chrono::Duration::seconds(300));
+                warn!(event_id = %id, attempts = n, error = %why, "event delivery failed; will retry");
+                (
+                    false,
+                    doc! {"$set": {"next_attempt_at": date(now + wait), "last_error": why}, "$inc": {"attempts": 1_i64}},
+                )
+            }
+        };
+        self.outbox
+            .update_one(doc! {"_id": &id}, update)
+            .await
+            .map_err(map_error)?;
+        Ok(ok)
     }
 
     /// Delivers what is due now; returns how many were delivered.
@@ -157,46 +359,68 @@ impl EventRelay {
     /// # Errors
     /// [`RepoError`] when the outbox cannot be read or updated.
     pub async fn deliver_due(&self) -> Result<usize, RepoError> {
+        let Some(sink) = self.settings.sink_url.clone() else {
+            return Ok(0);
+        };
         let mut delivered = 0;
-        while let Some(d) = self.claim(Utc::now()).await? {
-            let id = d.get_str("_id").unwrap_or_default().to_owned();
-            let attempts = d.get_i64("attempts").unwrap_or(0);
-            let body = d
-                .get_document("cloudevent")
-                .ok()
-                .and_then(|ce| serde_json::to_value(ce).ok())
-                .unwrap_or_default();
-            let result = self
-                .http
-                .post(self.settings.sink_url.expose_secret())
-                .header("content-type", "application/cloudevents+json")
-                .json(&body)
-                .send()
-                .await;
+        let mut blocked = std::collections::HashSet::new();
+        loop {
             let now = Utc::now();
-            let update = match result {
-                Ok(r) if r.status().is_success() => {
-                    delivered += 1;
-                    doc! {"$set": {"status": "delivered", "delivered_at": date(now)}, "$inc": {"attempts": 1_i64}}
+            let heads = self.due_heads(now, &mut blocked).await?;
+            if heads.is_empty() {
+                return Ok(delivered);
+            }
+            let mut claimed = Vec::with_capacity(heads.len());
+            for h in &heads {
+                if let Some(d) = self
+                    .claim(h.get_str("_id").unwrap_or_default(), now)
+                    .await?
+                {
+                    claimed.push(d);
                 }
-                other => {
-                    let why = match other {
-                        Ok(r) => format!("sink answered {}", r.status()),
-                        Err(e) => format!("sink unreachable: {}", e.without_url()),
-                    };
-                    let n = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
-                    let wait = chrono::Duration::from_std(backoff(n, self.settings.max_backoff))
-                        .unwrap_or(chrono::Duration::seconds(300));
-                    warn!(event_id = %id, attempts = n, error = %why, "event delivery failed; will retry");
-                    doc! {"$set": {"next_attempt_at": date(now + wait), "last_error": why}, "$inc": {"attempts": 1_i64}}
+            }
+            let results: Vec<Result<bool, RepoError>> = futures::stream::iter(claimed)
+                .map(|d| self.deliver(&sink, d))
+                .buffer_unordered(self.settings.max_in_flight.max(1))
+                .collect()
+                .await;
+            let mut progress = 0;
+            for r in results {
+                if r? {
+                    progress += 1;
                 }
-            };
-            self.outbox
-                .update_one(doc! {"_id": &id}, update)
-                .await
-                .map_err(map_error)?;
+            }
+            if progress == 0 {
+                // Everything due failed or was taken by another replica:
+                // the next poll tries again.
+                return Ok(delivered);
+            }
+            delivered += progress;
         }
-        Ok(delivered)
+    }
+
+    /// Measures the undelivered events for the backlog metrics.
+    async fn measure(&self) -> Result<(), RepoError> {
+        let Some(metrics) = &self.metrics else {
+            return Ok(());
+        };
+        let undelivered = doc! {"status": {"$in": ["pending", STAGED]}};
+        let count = self
+            .outbox
+            .count_documents(undelivered.clone())
+            .await
+            .map_err(map_error)?;
+        let oldest = self
+            .outbox
+            .find_one(undelivered)
+            .sort(doc! {"created_at": 1})
+            .projection(doc! {"created_at": 1})
+            .await
+            .map_err(map_error)?
+            .and_then(|d| d.get_datetime("created_at").ok().map(|t| t.to_chrono()));
+        let age = oldest.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
+        metrics.outbox_backlog(count, age);
+        Ok(())
     }
 
     /// Runs until `stop` turns true.
@@ -207,11 +431,61 @@ impl EventRelay {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "event relay could not read the outbox"),
             }
+            if let Err(e) = self.measure().await {
+                warn!(error = %e, "event relay could not measure the outbox");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+
+    fn ev(id: &str, lab: &str, at_ms: i64) -> Document {
+        doc! {
+            "_id": id,
+            "worker_id": "cml-1",
+            "lab_id": lab,
+            "created_at": mongodb::bson::DateTime::from_millis(at_ms),
+        }
+    }
+
+    #[test]
+    fn only_the_oldest_undelivered_event_of_a_lab_goes_and_its_lab_waits_otherwise() {
+        let (a1, a2, b2, c1) = (
+            ev("1", "a", 10),
+            ev("2", "a", 20),
+            ev("3", "b", 20),
+            ev("4", "c", 5),
+        );
+        // a1 is backing off (not due); b's older event is staged.
+        let b1 = ev("0", "b", 10);
+        let due = vec![a2.clone(), b2.clone(), c1.clone()];
+        let undelivered = vec![a1, a2, b1, b2, c1.clone()];
+        let (ready, blocked) = heads(&due, &undelivered);
+        assert_eq!(ready, vec![c1]);
+        let mut blocked: Vec<String> = blocked.into_iter().map(|(_, l)| l).collect();
+        blocked.sort();
+        assert_eq!(blocked, ["a", "b"]);
+    }
+
+    #[test]
+    fn within_a_millisecond_the_time_ordered_id_decides() {
+        let (x, y) = (ev("0190-a", "a", 10), ev("0190-b", "a", 10));
+        let (ready, _) = heads(&[y.clone(), x.clone()], &[x.clone(), y]);
+        assert_eq!(ready, vec![x]);
+    }
+
+    #[test]
+    fn the_same_lab_goes_once_per_pass() {
+        let x = ev("1", "a", 10);
+        let (ready, _) = heads(&[x.clone(), x.clone()], &[]);
+        assert_eq!(ready.len(), 1);
     }
 }
 
