@@ -59,6 +59,9 @@ fn retry_policy(settings: &Settings) -> RetryPolicy {
         max_backoff: Duration::from_secs(d.async_max_backoff_secs),
         poll: Duration::from_millis(d.async_poll_ms),
         claim: Duration::from_secs(d.async_claim_secs),
+        max_attempts: u32::try_from(d.async_max_attempts).unwrap_or(u32::MAX),
+        max_age: Duration::from_secs(d.async_max_age_secs),
+        max_parallel: usize::try_from(d.async_max_parallel).unwrap_or(1),
     }
 }
 

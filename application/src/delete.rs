@@ -150,7 +150,8 @@ impl DeleteLab {
     /// Runs the delete.
     ///
     /// # Errors
-    /// [`AppError::UnknownWorker`]; [`AppError::Repository`] when the
+    /// [`AppError::UnknownWorker`]; [`AppError::WorkerDisabled`];
+    /// [`AppError::Repository`] when the
     /// worker cannot be read; [`AppError::RecordCleanupPending`]
     /// when CML deleted the lab but the record could not be removed (the next
     /// refresh removes it). Refusals and CML failures are outcomes, not errors.
@@ -165,6 +166,11 @@ impl DeleteLab {
             .get(&self.worker_id)
             .await?
             .ok_or_else(|| AppError::UnknownWorker(self.worker_id.clone()))?;
+        // Disabled means hands off (maintenance, a server being retired):
+        // a delete through labsync would surprise whoever disabled it.
+        if !access.worker.enabled {
+            return Err(AppError::WorkerDisabled(self.worker_id.clone()));
+        }
         match s.cml.account(&access).await {
             Ok(a) if a.admin => {}
             Ok(a) => {

@@ -1,32 +1,43 @@
 //! Asynchronous deletes: a delete request is stored, then carried out by a
 //! background worker that retries with capped exponential backoff until CML
-//! confirms (the lab is gone) or a permanent error ends it.
+//! confirms (the lab is gone), a permanent error ends it, or it gives up.
 //!
 //! # Expected flow
-//! 1. A worker claims one due request: it becomes `running` with a claim
-//!    token of its own and a short claim (`delete.async_claim_secs`).
-//! 2. While the delete runs (a forced one may take minutes), the claim is
-//!    renewed every third of its length.
-//! 3. The outcome is saved only if the claim is still this worker's: a run
+//! 1. Submit: the request is stored unless the lab already has an active
+//!    (pending or running) one; then the existing request is the answer.
+//! 2. The runner claims due requests, several at once but at most one per
+//!    worker (`delete.async_max_parallel`): a worker that hangs holds up
+//!    its own deletes only. A claimed request is `running` with a claim
+//!    token of its own and a short claim (`delete.async_claim_secs`),
+//!    renewed every third of its length while the delete runs.
+//! 3. The outcome is saved only if the claim is still this runner's: a run
 //!    that lost its claim writes nothing over whoever holds it now.
+//! 4. A pending request can be cancelled by its requester or an admin; a
+//!    running one finishes its attempt first.
 //!
 //! # Guarantees
 //! - A request is `done` only when the lab is gone in CML and its record is
-//!   a tombstone; `failed` only for errors retrying cannot fix (the lab is
+//!   a tombstone; `failed` for errors retrying cannot fix (the lab is
 //!   running and `force` was not asked, CML refused with a 4xx, the account
-//!   is no CML admin, the worker is unknown, a stored record is corrupt).
+//!   is no CML admin, the worker is unknown or disabled, a stored record is
+//!   corrupt), and when it gives up: after `delete.async_max_attempts`
+//!   attempts, or once `delete.async_max_age_secs` have passed since it was
+//!   submitted (a forced delete queued during an outage does not run days
+//!   later, when nobody expects it).
+//! - One active request per (worker, lab), across processes.
 //! - One execution at a time per request, across processes: a live run
 //!   keeps its claim, and a stale run's `pending` or `failed` never
-//!   overwrites another's `done`.
+//!   overwrites another's `done`. A cancelled request never runs again.
 //! - A process that dies while running a request leaves it claimed until
-//!   the claim expires; another worker then takes it again. Deletes are
+//!   the claim expires; another runner then takes it again. Deletes are
 //!   idempotent, so that second execution finds the lab gone.
 //!
 //! # Caveats
-//! A worker that cannot renew its claim (the database is away longer than
-//! the claim) may see another worker start the same delete; the delete is
+//! A runner that cannot renew its claim (the database is away longer than
+//! the claim) may see another runner start the same delete; the delete is
 //! idempotent and the second finds the lab gone.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,6 +45,7 @@ use chrono::{DateTime, Utc};
 use labsync_domain::{LabId, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::delete::DeleteLab;
@@ -47,6 +59,14 @@ pub enum DeleteRequestStatus {
     Running,
     Done,
     Failed,
+    Cancelled,
+}
+
+impl DeleteRequestStatus {
+    /// Pending or running: the lab's one active request.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Pending | Self::Running)
+    }
 }
 
 /// A stored delete request.
@@ -65,24 +85,43 @@ pub struct DeleteRequest {
     pub last_error: Option<String>,
     /// The final outcome of the delete, as the synchronous API returns it.
     pub outcome: Option<serde_json::Value>,
+    /// Who cancelled it.
+    #[serde(default)]
+    pub cancelled_by: Option<String>,
+    /// Who asked to cancel it while an attempt was running: unless that
+    /// attempt deletes the lab (or fails for good), the request ends
+    /// cancelled instead of waiting for another attempt.
+    #[serde(default)]
+    pub cancel_requested_by: Option<String>,
 }
 
 /// Stored delete requests.
 #[async_trait]
 pub trait DeleteRequests: Send + Sync {
+    /// Stores `request` (pending) unless its (worker, lab) already has an
+    /// active request; returns the lab's active request and whether it is
+    /// the one just stored.
+    ///
+    /// MUST be atomic across processes: of concurrent submits for one lab,
+    /// one request is stored and every caller gets it.
+    ///
     /// # Errors
     /// [`RepoError`].
-    async fn create(&self, request: &DeleteRequest) -> Result<(), RepoError>;
+    async fn create_unless_active(
+        &self,
+        request: &DeleteRequest,
+    ) -> Result<(DeleteRequest, bool), RepoError>;
 
     /// # Errors
     /// [`RepoError`].
     async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError>;
 
     /// Takes one due request (pending and due, or running with an expired
-    /// claim), marks it running, claimed for `hold` under `claim` (a token
-    /// unique to this attempt).
+    /// claim) of a worker not in `busy`, marks it running, claimed for
+    /// `hold` under `claim` (a token unique to this attempt).
     ///
-    /// MUST be atomic across processes: a request is claimed by one worker.
+    /// MUST be atomic across processes: a request is claimed by one runner,
+    /// and a cancelled one by none.
     ///
     /// # Errors
     /// [`RepoError`].
@@ -91,6 +130,7 @@ pub trait DeleteRequests: Send + Sync {
         now: DateTime<Utc>,
         hold: Duration,
         claim: &str,
+        busy: &[WorkerId],
     ) -> Result<Option<DeleteRequest>, RepoError>;
 
     /// Extends `claim` to `now + hold`; false if the request is no longer
@@ -107,11 +147,28 @@ pub trait DeleteRequests: Send + Sync {
     ) -> Result<bool, RepoError>;
 
     /// Stores the request's new state and ends the claim, only if it is
-    /// still claimed under `claim`; returns whether it was.
+    /// still claimed under `claim`; returns whether it was. A request that
+    /// is no longer active frees its lab for a new one.
     ///
     /// # Errors
     /// [`RepoError`].
     async fn save(&self, request: &DeleteRequest, claim: &str) -> Result<bool, RepoError>;
+
+    /// Cancels the request if it is pending (or running under a claim that
+    /// expired), atomically with [`DeleteRequests::claim_due`], and frees
+    /// its lab. A running request gets `cancel_requested_by` instead:
+    /// MUST then save the attempt's retry (pending) as cancelled, and
+    /// MUST NOT let [`DeleteRequests::claim_due`] take it again. Returns the
+    /// request as it now is (`None`: no such request).
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn cancel(
+        &self,
+        id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DeleteRequest>, RepoError>;
 }
 
 /// Tunables of the retry loop.
@@ -120,8 +177,14 @@ pub struct RetryPolicy {
     pub base: Duration,
     pub max_backoff: Duration,
     pub poll: Duration,
-    /// How long a claim lasts before another worker may take the request.
+    /// How long a claim lasts before another runner may take the request.
     pub claim: Duration,
+    /// Attempts after which a request that keeps failing fails for good.
+    pub max_attempts: u32,
+    /// Age after which a request is not attempted any more.
+    pub max_age: Duration,
+    /// Requests carried out at once (one per worker).
+    pub max_parallel: usize,
 }
 
 impl Default for RetryPolicy {
@@ -131,6 +194,9 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(60),
             poll: Duration::from_millis(500),
             claim: Duration::from_secs(60),
+            max_attempts: 20,
+            max_age: Duration::from_secs(3600),
+            max_parallel: 8,
         }
     }
 }
@@ -143,6 +209,20 @@ impl RetryPolicy {
             .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max_backoff)
     }
+}
+
+/// Why a request may not be cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    #[error("no delete request {0:?}")]
+    Unknown(String),
+    #[error("delete request {id} has ended ({status:?}): there is nothing to cancel")]
+    NotPending {
+        id: String,
+        status: DeleteRequestStatus,
+    },
+    #[error(transparent)]
+    Repository(#[from] RepoError),
 }
 
 /// Submits and runs asynchronous deletes.
@@ -176,13 +256,21 @@ impl DeleteQueue {
         }
     }
 
-    /// Stores a request; the background worker carries it out.
+    /// Stores a request, or finds the lab's active one; the runner carries
+    /// it out. Returns the request and whether it is new.
     ///
     /// # Errors
-    /// [`AppError::UnknownWorker`], or [`AppError::Repository`].
-    pub async fn submit(&self, cmd: &DeleteLab) -> Result<DeleteRequest, AppError> {
-        if self.services.workers.get(&cmd.worker_id).await?.is_none() {
-            return Err(AppError::UnknownWorker(cmd.worker_id.clone()));
+    /// [`AppError::UnknownWorker`], [`AppError::WorkerDisabled`], or
+    /// [`AppError::Repository`].
+    pub async fn submit(&self, cmd: &DeleteLab) -> Result<(DeleteRequest, bool), AppError> {
+        let access = self
+            .services
+            .workers
+            .get(&cmd.worker_id)
+            .await?
+            .ok_or_else(|| AppError::UnknownWorker(cmd.worker_id.clone()))?;
+        if !access.worker.enabled {
+            return Err(AppError::WorkerDisabled(cmd.worker_id.clone()));
         }
         let now = self.services.clock.now();
         let request = DeleteRequest {
@@ -198,9 +286,10 @@ impl DeleteQueue {
             next_attempt_at: now,
             last_error: None,
             outcome: None,
+            cancelled_by: None,
+            cancel_requested_by: None,
         };
-        self.requests.create(&request).await?;
-        Ok(request)
+        Ok(self.requests.create_unless_active(&request).await?)
     }
 
     /// # Errors
@@ -209,29 +298,85 @@ impl DeleteQueue {
         Ok(self.requests.get(id).await?)
     }
 
-    /// Runs every due request once; returns how many were attempted.
+    /// Cancels a pending request; a running one ends cancelled after its
+    /// attempt unless that attempt deletes the lab (then it is `done`, and
+    /// `cancel_requested_by` says the cancel came too late). Who may cancel
+    /// is the caller's decision (the requester or an admin).
+    ///
+    /// # Errors
+    /// [`CancelError`].
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<DeleteRequest, CancelError> {
+        let r = self
+            .requests
+            .cancel(id, by, self.services.clock.now())
+            .await?
+            .ok_or_else(|| CancelError::Unknown(id.to_owned()))?;
+        let requested = r.status == DeleteRequestStatus::Running && r.cancel_requested_by.is_some();
+        if r.status == DeleteRequestStatus::Cancelled || requested {
+            info!(request_id = %r.id, cancelled_by = by, running = requested, "async delete cancelled");
+            Ok(r)
+        } else {
+            Err(CancelError::NotPending {
+                id: r.id,
+                status: r.status,
+            })
+        }
+    }
+
+    /// Runs every due request once, several workers at once; returns how
+    /// many were attempted.
     ///
     /// # Errors
     /// [`AppError::Repository`] when the requests cannot be read or saved.
     pub async fn run_due(&self) -> Result<usize, AppError> {
+        let mut running = Running::default();
         let mut n = 0;
         loop {
+            n += self.fill(&mut running).await?;
+            match running.tasks.join_next_with_id().await {
+                Some(done) => running.finished(done),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// Claims due requests of idle workers and starts them, up to the
+    /// bound; returns how many were started.
+    async fn fill(&self, running: &mut Running) -> Result<usize, AppError> {
+        let mut started = 0;
+        while running.tasks.len() < self.policy.max_parallel.max(1) {
             let claim = uuid::Uuid::new_v4().to_string();
-            let Some(mut request) = self
+            let busy: Vec<WorkerId> = running.busy.iter().cloned().collect();
+            let Some(request) = self
                 .requests
-                .claim_due(self.services.clock.now(), self.policy.claim, &claim)
+                .claim_due(self.services.clock.now(), self.policy.claim, &claim, &busy)
                 .await?
             else {
-                return Ok(n);
+                break;
             };
-            n += 1;
-            let keeper = self.keep_claim(request.id.clone(), claim.clone());
-            self.attempt(&mut request).await;
-            keeper.abort();
-            // Whether saved or not, the loop goes on; only the log differs
-            // (a mutant of this condition is equivalent).
-            if !self.requests.save(&request, &claim).await? {
+            let this = self.clone();
+            running.start(request.worker_id.clone(), async move {
+                this.carry_out(request, claim).await;
+            });
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// One attempt of a claimed request, saved under its claim.
+    async fn carry_out(&self, mut request: DeleteRequest, claim: String) {
+        let keeper = self.keep_claim(request.id.clone(), claim.clone());
+        self.attempt(&mut request).await;
+        keeper.abort();
+        // Whether saved or not, the runner goes on; only the log differs
+        // (a mutant of this condition is equivalent).
+        match self.requests.save(&request, &claim).await {
+            Ok(true) => {}
+            Ok(false) => {
                 warn!(request_id = %request.id, "the claim on this async delete was lost; its outcome is not saved over the new holder's");
+            }
+            Err(e) => {
+                warn!(request_id = %request.id, error = %e, "the outcome of an async delete could not be saved; its claim expires and it runs again");
             }
         }
     }
@@ -259,6 +404,21 @@ impl DeleteQueue {
     }
 
     async fn attempt(&self, r: &mut DeleteRequest) {
+        let now = self.services.clock.now();
+        let max_age =
+            chrono::Duration::from_std(self.policy.max_age).unwrap_or(chrono::Duration::MAX);
+        if now - r.created_at >= max_age {
+            r.updated_at = now;
+            r.status = DeleteRequestStatus::Failed;
+            r.last_error = Some(format!(
+                "gave up: not done within {} s of its submission ({} attempts; last error: {})",
+                self.policy.max_age.as_secs(),
+                r.attempts,
+                r.last_error.as_deref().unwrap_or("none")
+            ));
+            warn!(request_id = %r.id, attempts = r.attempts, "async delete given up: too old");
+            return;
+        }
         r.attempts += 1;
         let result = DeleteLab {
             worker_id: r.worker_id.clone(),
@@ -295,7 +455,14 @@ impl DeleteQueue {
                 )
             }
         };
-        if retry {
+        if retry && r.attempts >= self.policy.max_attempts {
+            r.last_error = Some(format!(
+                "gave up after {} attempts: {}",
+                r.attempts,
+                r.last_error.as_deref().unwrap_or("")
+            ));
+            warn!(request_id = %r.id, attempts = r.attempts, "async delete given up: too many attempts");
+        } else if retry {
             r.status = DeleteRequestStatus::Pending;
             let wait = self.policy.backoff(r.attempts);
             r.next_attempt_at =
@@ -306,17 +473,59 @@ impl DeleteQueue {
         }
     }
 
-    /// Runs due requests every `poll` until `stop` turns true; the request
-    /// in progress, if any, is finished first.
+    /// Runs due requests until `stop` turns true, looking for new ones
+    /// every `poll` and whenever one finishes; requests in progress are
+    /// finished first.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut running = Running::default();
         loop {
-            if let Err(e) = self.run_due().await {
+            if let Err(e) = self.fill(&mut running).await {
                 warn!(error = %e, "async deletes could not be processed");
             }
             tokio::select! {
+                Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
+                    running.finished(done);
+                }
                 _ = tokio::time::sleep(self.policy.poll) => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => break,
             }
+        }
+        while let Some(done) = running.tasks.join_next_with_id().await {
+            running.finished(done);
+        }
+    }
+}
+
+/// The requests in progress, and their workers.
+#[derive(Default)]
+struct Running {
+    tasks: JoinSet<()>,
+    workers: std::collections::HashMap<tokio::task::Id, WorkerId>,
+    busy: HashSet<WorkerId>,
+}
+
+impl Running {
+    fn start(
+        &mut self,
+        worker: WorkerId,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.tasks.spawn(task);
+        self.busy.insert(worker.clone());
+        self.workers.insert(handle.id(), worker);
+    }
+
+    fn finished(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => {
+                // A panic in a delete: its claim expires and it runs again.
+                warn!(error = %e, "an async delete task failed");
+                e.id()
+            }
+        };
+        if let Some(worker) = self.workers.remove(&id) {
+            self.busy.remove(&worker);
         }
     }
 }
@@ -341,9 +550,39 @@ mod tests {
 
     #[async_trait]
     impl DeleteRequests for FakeRequests {
-        async fn create(&self, r: &DeleteRequest) -> Result<(), RepoError> {
-            self.stored.lock().unwrap().push((r.clone(), None));
-            Ok(())
+        async fn create_unless_active(
+            &self,
+            r: &DeleteRequest,
+        ) -> Result<(DeleteRequest, bool), RepoError> {
+            let mut stored = self.stored.lock().unwrap();
+            if let Some((active, _)) = stored.iter().find(|(o, _)| {
+                o.worker_id == r.worker_id && o.lab_id == r.lab_id && o.status.is_active()
+            }) {
+                return Ok((active.clone(), false));
+            }
+            stored.push((r.clone(), None));
+            Ok((r.clone(), true))
+        }
+        async fn cancel(
+            &self,
+            id: &str,
+            by: &str,
+            now: DateTime<Utc>,
+        ) -> Result<Option<DeleteRequest>, RepoError> {
+            let mut stored = self.stored.lock().unwrap();
+            let Some((r, _)) = stored.iter_mut().find(|(r, _)| r.id == id) else {
+                return Ok(None);
+            };
+            match r.status {
+                DeleteRequestStatus::Pending => {
+                    r.status = DeleteRequestStatus::Cancelled;
+                    r.cancelled_by = Some(by.to_owned());
+                    r.updated_at = now;
+                }
+                DeleteRequestStatus::Running => r.cancel_requested_by = Some(by.to_owned()),
+                _ => {}
+            }
+            Ok(Some(r.clone()))
         }
         async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError> {
             Ok(self
@@ -359,11 +598,15 @@ mod tests {
             now: DateTime<Utc>,
             _: Duration,
             claim: &str,
+            busy: &[WorkerId],
         ) -> Result<Option<DeleteRequest>, RepoError> {
             let steal = *self.steal.lock().unwrap();
             let mut stored = self.stored.lock().unwrap();
             let Some((r, c)) = stored.iter_mut().find(|(r, c)| {
-                r.status == DeleteRequestStatus::Pending && r.next_attempt_at <= now && c.is_none()
+                r.status == DeleteRequestStatus::Pending
+                    && r.next_attempt_at <= now
+                    && c.is_none()
+                    && !busy.contains(&r.worker_id)
             }) else {
                 return Ok(None);
             };
@@ -397,7 +640,15 @@ mod tests {
                 .find(|(r, c)| r.id == request.id && c.as_deref() == Some(claim))
             {
                 Some(entry) => {
-                    *entry = (request.clone(), None);
+                    let mut saved = request.clone();
+                    if let Some(by) = entry.0.cancel_requested_by.clone() {
+                        saved.cancel_requested_by = Some(by.clone());
+                        if saved.status == DeleteRequestStatus::Pending {
+                            saved.status = DeleteRequestStatus::Cancelled;
+                            saved.cancelled_by = Some(by);
+                        }
+                    }
+                    *entry = (saved, None);
                     Ok(true)
                 }
                 None => Ok(false),
@@ -440,7 +691,7 @@ mod tests {
         let f = fixture();
         with_lab(&f, LabState::DefinedOnCore);
         let (q, _) = queue(&f);
-        let r = q.submit(&cmd()).await.unwrap();
+        let (r, _) = q.submit(&cmd()).await.unwrap();
         assert_eq!(q.run_due().await.unwrap(), 1);
         assert_eq!(q.run_due().await.unwrap(), 0, "nothing left");
         let done = q.get(&r.id).await.unwrap().unwrap();
@@ -459,7 +710,7 @@ mod tests {
             .unwrap()
             .insert("state", crate::CmlError::Unreachable("down".into()));
         let (q, _) = queue(&f);
-        let r = q.submit(&cmd()).await.unwrap();
+        let (r, _) = q.submit(&cmd()).await.unwrap();
         q.run_due().await.unwrap();
         let pending = q.get(&r.id).await.unwrap().unwrap();
         assert_eq!(
@@ -473,7 +724,7 @@ mod tests {
         let f = fixture();
         with_lab(&f, LabState::Started);
         let (q, _) = queue(&f);
-        let r = q.submit(&cmd()).await.unwrap();
+        let (r, _) = q.submit(&cmd()).await.unwrap();
         q.run_due().await.unwrap();
         let failed = q.get(&r.id).await.unwrap().unwrap();
         assert_eq!(
@@ -495,9 +746,9 @@ mod tests {
                 ..RetryPolicy::default()
             },
         );
-        let r = q.submit(&cmd()).await.unwrap();
+        let (r, _) = q.submit(&cmd()).await.unwrap();
         let claimed = requests
-            .claim_due(chrono::Utc::now(), Duration::from_secs(3), "mine")
+            .claim_due(chrono::Utc::now(), Duration::from_secs(3), "mine", &[])
             .await
             .unwrap()
             .unwrap();
@@ -519,7 +770,7 @@ mod tests {
         let f = fixture();
         with_lab(&f, LabState::DefinedOnCore);
         let (q, requests) = queue(&f);
-        let r = q.submit(&cmd()).await.unwrap();
+        let (r, _) = q.submit(&cmd()).await.unwrap();
         *requests.steal.lock().unwrap() = true;
         assert_eq!(q.run_due().await.unwrap(), 1);
         let seen = q.get(&r.id).await.unwrap().unwrap();
@@ -540,5 +791,152 @@ mod tests {
         let got: Vec<u128> = (1..=6).map(|n| p.backoff(n).as_millis()).collect();
         assert_eq!(got, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(p.backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_second_submit_for_the_same_lab_gets_the_active_request() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let (q, requests) = queue(&f);
+        let (first, new) = q.submit(&cmd()).await.unwrap();
+        assert!(new);
+        let (again, new) = q
+            .submit(&DeleteLab {
+                force: true,
+                ..cmd()
+            })
+            .await
+            .unwrap();
+        assert!(!new);
+        assert_eq!(again.id, first.id);
+        assert!(!again.force, "the first submit's");
+        assert_eq!(requests.stored.lock().unwrap().len(), 1);
+        q.run_due().await.unwrap();
+        let (after, new) = q.submit(&cmd()).await.unwrap();
+        assert!(new, "a finished request frees the lab");
+        assert_ne!(after.id, first.id);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_never_runs_and_only_a_pending_one_can_be_cancelled() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let (q, _) = queue(&f);
+        let (r, _) = q.submit(&cmd()).await.unwrap();
+        let cancelled = q.cancel(&r.id, "api:someone").await.unwrap();
+        assert_eq!(cancelled.status, DeleteRequestStatus::Cancelled);
+        assert_eq!(cancelled.cancelled_by.as_deref(), Some("api:someone"));
+        assert_eq!(q.run_due().await.unwrap(), 0);
+        assert!(
+            f.cml.labs.lock().unwrap().contains_key(&lab(1)),
+            "not deleted"
+        );
+        assert!(
+            f.cml.calls().iter().all(|c| !c.starts_with("delete")),
+            "{:?}",
+            f.cml.calls()
+        );
+        assert_eq!(
+            q.cancel(&r.id, "api:other")
+                .await
+                .unwrap()
+                .cancelled_by
+                .as_deref(),
+            Some("api:someone"),
+            "cancelling twice is cancelling once"
+        );
+        let (done, _) = q.submit(&cmd()).await.unwrap();
+        q.run_due().await.unwrap();
+        assert_eq!(
+            q.cancel(&done.id, "api:someone").await,
+            Err(CancelError::NotPending {
+                id: done.id.clone(),
+                status: DeleteRequestStatus::Done
+            })
+        );
+        assert_eq!(
+            q.cancel("nope", "x").await,
+            Err(CancelError::Unknown("nope".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_keeps_failing_gives_up_after_its_attempts() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        f.cml
+            .fail
+            .lock()
+            .unwrap()
+            .insert("state", crate::CmlError::Unreachable("down".into()));
+        let requests = Arc::new(FakeRequests::default());
+        let q = DeleteQueue::new(
+            f.services.clone(),
+            requests.clone(),
+            RetryPolicy {
+                base: Duration::ZERO,
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            },
+        );
+        let (r, _) = q.submit(&cmd()).await.unwrap();
+        for _ in 0..5 {
+            q.run_due().await.unwrap();
+        }
+        let failed = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            (failed.status, failed.attempts),
+            (DeleteRequestStatus::Failed, 3)
+        );
+        let why = failed.last_error.unwrap();
+        assert!(
+            why.contains("gave up after 3 attempts") && why.contains("down"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_older_than_its_maximum_age_is_not_attempted() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let requests = Arc::new(FakeRequests::default());
+        let q = DeleteQueue::new(
+            f.services.clone(),
+            requests.clone(),
+            RetryPolicy {
+                max_age: Duration::from_secs(60),
+                ..RetryPolicy::default()
+            },
+        );
+        let (r, _) = q
+            .submit(&DeleteLab {
+                force: true,
+                ..cmd()
+            })
+            .await
+            .unwrap();
+        requests.stored.lock().unwrap()[0].0.created_at -= chrono::Duration::seconds(61);
+        q.run_due().await.unwrap();
+        let failed = q.get(&r.id).await.unwrap().unwrap();
+        assert_eq!(
+            (failed.status, failed.attempts),
+            (DeleteRequestStatus::Failed, 0)
+        );
+        assert!(failed.last_error.unwrap().contains("gave up"));
+        assert!(
+            f.cml.labs.lock().unwrap().contains_key(&lab(1)),
+            "CML untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_disabled_worker_takes_no_delete_requests() {
+        let mut f = fixture();
+        f.disable_worker();
+        let (q, _) = queue(&f);
+        assert_eq!(
+            q.submit(&cmd()).await.map(|_| ()),
+            Err(AppError::WorkerDisabled(worker_id()))
+        );
     }
 }

@@ -56,6 +56,12 @@ pub enum AppError {
     UnknownLab(WorkerId, LabId),
     #[error("worker {0} is already registered")]
     WorkerExists(WorkerId),
+    /// An admin disabled the worker: labsync neither refreshes it nor
+    /// deletes its labs until it is enabled again.
+    #[error(
+        "worker {0} is disabled: labsync does not refresh it or delete its labs until an admin enables it"
+    )]
+    WorkerDisabled(WorkerId),
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error(transparent)]

@@ -439,6 +439,16 @@ pub fn fixture_with_lab_tiles() -> Fixture {
     f
 }
 
+impl Fixture {
+    /// An admin disabled the worker.
+    pub fn disable_worker(&mut self) {
+        self.services.workers = Arc::new(FakeWorkers(Worker {
+            enabled: false,
+            ..test_worker()
+        }));
+    }
+}
+
 fn test_worker() -> Worker {
     Worker {
         id: worker_id(),

@@ -24,7 +24,7 @@ mod fakes;
 
 pub use delete::{DeleteLab, DeleteOutcome, DeleteOutcomeKind};
 pub use delete_queue::{
-    DeleteQueue, DeleteRequest, DeleteRequestStatus, DeleteRequests, RetryPolicy,
+    CancelError, DeleteQueue, DeleteRequest, DeleteRequestStatus, DeleteRequests, RetryPolicy,
 };
 pub use errors::{AppError, CmlError, RepoError};
 pub use events::{LabEvent, LabEventKind, NoObserver, Observer};

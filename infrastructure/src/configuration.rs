@@ -186,6 +186,12 @@ pub struct DeleteSettings {
     pub async_max_backoff_secs: u64,
     pub async_poll_ms: u64,
     pub async_claim_secs: u64,
+    /// Attempts after which an async delete that keeps failing fails.
+    pub async_max_attempts: u64,
+    /// Age after which an async delete is not attempted any more.
+    pub async_max_age_secs: u64,
+    /// Async deletes carried out at once (one per worker).
+    pub async_max_parallel: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -383,6 +389,24 @@ impl Settings {
                 self.delete.async_claim_secs,
                 1,
                 DAY,
+            ),
+            (
+                "delete.async_max_attempts",
+                self.delete.async_max_attempts,
+                1,
+                1000,
+            ),
+            (
+                "delete.async_max_age_secs",
+                self.delete.async_max_age_secs,
+                1,
+                7 * DAY,
+            ),
+            (
+                "delete.async_max_parallel",
+                self.delete.async_max_parallel,
+                1,
+                64,
             ),
             (
                 "events.retention_secs",

@@ -1009,3 +1009,173 @@ async fn a_run_whose_release_failed_does_not_block_the_next_run_of_its_process()
         "taken over by its own process"
     );
 }
+
+// ---------------------------------------------------------------- delete requests
+
+fn delete_request(w: &WorkerId, lab: LabId) -> labsync_application::DeleteRequest {
+    let at = now();
+    labsync_application::DeleteRequest {
+        id: uuid::Uuid::new_v4().to_string(),
+        worker_id: w.clone(),
+        lab_id: lab,
+        force: false,
+        requested_by: "api:test".into(),
+        status: labsync_application::DeleteRequestStatus::Pending,
+        attempts: 0,
+        created_at: at,
+        updated_at: at,
+        next_attempt_at: at,
+        last_error: None,
+        outcome: None,
+        cancelled_by: None,
+        cancel_requested_by: None,
+    }
+}
+
+#[tokio::test]
+async fn one_active_delete_request_per_lab_and_an_ended_one_frees_the_lab() {
+    use labsync_application::{DeleteRequestStatus, DeleteRequests};
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let requests = labsync_infrastructure::mongo::MongoDeleteRequests::new(&db);
+    let w = worker("cml-1");
+    let id = lab();
+    let submits: Vec<_> = (0..20).map(|_| delete_request(&w, id)).collect();
+    let answers =
+        futures::future::join_all(submits.iter().map(|r| requests.create_unless_active(r))).await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        answers.iter().filter(|(_, new)| *new).count(),
+        1,
+        "one stored"
+    );
+    let first = answers.iter().find(|(_, new)| *new).unwrap().0.clone();
+    assert!(
+        answers.iter().all(|(r, _)| r.id == first.id),
+        "every submit gets it"
+    );
+    assert_eq!(
+        db.collection::<Document>("delete_requests")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1
+    );
+    // A lock left by a process that died before storing its request.
+    db.collection::<Document>("delete_request_locks")
+        .insert_one(doc! {"_id": format!("{w}/{}", lab_for_stale()), "request": "gone"})
+        .await
+        .unwrap();
+    let (healed, new) = requests
+        .create_unless_active(&delete_request(&w, lab_for_stale()))
+        .await
+        .unwrap();
+    assert!(new, "a stale lock gives way: {healed:?}");
+
+    let hold = Duration::from_secs(60);
+    let claimed = requests
+        .claim_due(now(), hold, "c1", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        requests
+            .claim_due(now(), hold, "c2", &[w.clone()])
+            .await
+            .unwrap()
+            .is_none(),
+        "one at a time per worker"
+    );
+    assert_eq!(claimed.status, DeleteRequestStatus::Running);
+    assert!(
+        requests
+            .claim_due(now(), hold, "c2", &[w.clone()])
+            .await
+            .unwrap()
+            .is_none(),
+        "the worker is busy"
+    );
+    let mut done = claimed.clone();
+    done.status = DeleteRequestStatus::Done;
+    assert!(requests.save(&done, "c1").await.unwrap());
+    let (next, new) = requests
+        .create_unless_active(&delete_request(&w, claimed.lab_id))
+        .await
+        .unwrap();
+    assert!(new, "the ended request freed its lab: {next:?}");
+}
+
+fn lab_for_stale() -> LabId {
+    LabId::parse("0b5e7a1e-0000-4000-8000-000000000001").unwrap()
+}
+
+#[tokio::test]
+async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_instead_of_retrying()
+{
+    use labsync_application::{DeleteRequestStatus, DeleteRequests};
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let requests = labsync_infrastructure::mongo::MongoDeleteRequests::new(&db);
+    let hold = Duration::from_secs(60);
+    let (w1, w2) = (worker("cml-1"), worker("cml-2"));
+    let (pending, _) = requests
+        .create_unless_active(&delete_request(&w1, lab()))
+        .await
+        .unwrap();
+    let c = requests
+        .cancel(&pending.id, "api:a", now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (c.status, c.cancelled_by.as_deref()),
+        (DeleteRequestStatus::Cancelled, Some("api:a"))
+    );
+    assert!(
+        requests
+            .claim_due(now(), hold, "c", &[])
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (again, new) = requests
+        .create_unless_active(&delete_request(&w1, pending.lab_id))
+        .await
+        .unwrap();
+    assert!(new, "cancelling frees the lab: {again:?}");
+    requests.cancel(&again.id, "api:a", now()).await.unwrap();
+
+    let (running, _) = requests
+        .create_unless_active(&delete_request(&w2, lab()))
+        .await
+        .unwrap();
+    let mut attempt = requests
+        .claim_due(now(), hold, "c2", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(attempt.id, running.id);
+    let asked = requests
+        .cancel(&running.id, "api:b", now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(asked.status, DeleteRequestStatus::Running);
+    assert_eq!(asked.cancel_requested_by.as_deref(), Some("api:b"));
+    attempt.status = DeleteRequestStatus::Pending;
+    attempt.attempts = 1;
+    assert!(requests.save(&attempt, "c2").await.unwrap());
+    let ended = requests.get(&running.id).await.unwrap().unwrap();
+    assert_eq!(
+        (ended.status, ended.cancelled_by.as_deref(), ended.attempts),
+        (DeleteRequestStatus::Cancelled, Some("api:b"), 1)
+    );
+    assert!(
+        requests
+            .claim_due(now(), hold, "c3", &[])
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(requests.cancel("no-such", "x", now()).await.unwrap(), None);
+}

@@ -419,7 +419,7 @@ pub struct DeleteRequestView {
     pub lab_id: String,
     pub force: bool,
     pub requested_by: String,
-    /// `pending`, `running`, `done` or `failed`.
+    /// `pending`, `running`, `done`, `failed` or `cancelled`.
     pub status: String,
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
@@ -427,6 +427,10 @@ pub struct DeleteRequestView {
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
     pub outcome: Option<DeleteOutcomeView>,
+    /// Who cancelled it, if it was.
+    pub cancelled_by: Option<String>,
+    /// Who asked to cancel it while an attempt was running.
+    pub cancel_requested_by: Option<String>,
 }
 
 impl From<DeleteRequest> for DeleteRequestView {
@@ -443,6 +447,8 @@ impl From<DeleteRequest> for DeleteRequestView {
             updated_at: r.updated_at,
             next_attempt_at: r.next_attempt_at,
             last_error: r.last_error,
+            cancelled_by: r.cancelled_by,
+            cancel_requested_by: r.cancel_requested_by,
             outcome: r
                 .outcome
                 .and_then(|v| serde_json::from_value::<DeleteOutcomeWire>(v).ok())
@@ -485,6 +491,9 @@ pub struct AcceptedDelete {
     pub delete_request_id: String,
     /// Where to follow it.
     pub href: String,
+    /// True when the lab already had an active request: this is that one
+    /// (one active request per lab; its `force` is the first submit's).
+    pub existing: bool,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

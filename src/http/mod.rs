@@ -184,7 +184,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             "/workers/{worker_id}/labs/{lab_id}",
             get(routes::get_lab).delete(routes::delete_lab),
         )
-        .route("/delete-requests/{id}", get(routes::get_delete_request))
+        .route(
+            "/delete-requests/{id}",
+            get(routes::get_delete_request).delete(routes::cancel_delete_request),
+        )
         .route("/labs/refresh", post(routes::refresh_all))
         .route("/refresh-runs", get(routes::refresh_runs))
         .route("/healthz", get(routes::healthz))

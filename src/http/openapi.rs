@@ -25,7 +25,7 @@ impl Modify for BearerTokens {
     info(title = "labsync", description = "The inventory of labs on a fleet of Cisco Modeling Labs servers."),
     paths(
         routes::list_workers, routes::create_worker, routes::get_worker, routes::patch_worker, routes::delete_worker,
-        routes::list_labs, routes::get_lab, routes::delete_lab, routes::get_delete_request,
+        routes::list_labs, routes::get_lab, routes::delete_lab, routes::get_delete_request, routes::cancel_delete_request,
         routes::refresh_worker, routes::refresh_all, routes::refresh_runs,
         routes::healthz, routes::readyz, routes::metrics, routes::openapi,
     ),

@@ -82,6 +82,7 @@ impl From<AppError> for ApiError {
             AppError::UnknownWorker(_) => (StatusCode::NOT_FOUND, "unknown-worker"),
             AppError::UnknownLab(..) => (StatusCode::NOT_FOUND, "unknown-lab"),
             AppError::WorkerExists(_) => (StatusCode::CONFLICT, "worker-exists"),
+            AppError::WorkerDisabled(_) => (StatusCode::CONFLICT, "worker-disabled"),
             AppError::Cml(_) => (StatusCode::BAD_GATEWAY, "cml-failed"),
             AppError::Repository(RepoError::Duplicate(_)) => (StatusCode::CONFLICT, "duplicate"),
             AppError::Repository(RepoError::Unavailable(_)) | AppError::RecordCleanupPending(_) => {

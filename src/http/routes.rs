@@ -8,9 +8,10 @@ use axum::response::{IntoResponse, Response};
 use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
 use labsync_application::ports::LabQuery;
 use labsync_application::{
-    AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunStatus, Trigger,
-    WorkerChanges,
+    AppError, CancelError, DeleteLab, DeleteRequestStatus, RefreshAll, RefreshOptions,
+    RefreshWorkerLabs, RunStatus, Trigger, WorkerChanges,
 };
+use labsync_infrastructure::configuration::Role;
 use secrecy::SecretString;
 
 use super::ApiState;
@@ -232,11 +233,12 @@ pub async fn delete_lab(
     match p.mode.as_deref() {
         None | Some("sync") => {}
         Some("async") => {
-            let request = s.delete_queue.submit(&cmd).await?;
+            let (request, new) = s.delete_queue.submit(&cmd).await?;
             let href = format!("/api/v1/delete-requests/{}", request.id);
             let body = AcceptedDelete {
                 delete_request_id: request.id,
                 href: href.clone(),
+                existing: !new,
             };
             return Ok(
                 (StatusCode::ACCEPTED, [(header::LOCATION, href)], Json(body)).into_response(),
@@ -293,6 +295,57 @@ pub async fn get_delete_request(
     }
     let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
     Ok(Json(request.into()))
+}
+
+#[utoipa::path(delete, path = "/api/v1/delete-requests/{id}", tag = "labs",
+    params(("id" = String, Path, description = "The delete request id")),
+    responses(
+        (status = 200, description = "Cancelled: it will not run (again)", body = DeleteRequestView),
+        (status = 202, description = "An attempt is running: it finishes first, then the request ends cancelled unless that attempt deleted the lab", body = DeleteRequestView),
+        (status = 401, body = Problem),
+        (status = 403, description = "Neither its requester nor an admin", body = Problem),
+        (status = 404, body = Problem),
+        (status = 409, description = "It has ended (done or failed)", body = Problem)),
+    security(("token" = [])))]
+pub async fn cancel_delete_request(
+    State(s): State<ApiState>,
+    Operator(caller): Operator,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown-delete-request",
+            format!("no delete request {id:?}"),
+        )
+    };
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(not_found());
+    }
+    let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
+    if caller.role < Role::Admin && request.requested_by != caller.actor() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "delete request {id} was made by {}: only its requester or an admin may cancel it",
+                request.requested_by
+            ),
+        ));
+    }
+    match s.delete_queue.cancel(&id, &caller.actor()).await {
+        Ok(r) if r.status == DeleteRequestStatus::Running => {
+            Ok((StatusCode::ACCEPTED, Json(DeleteRequestView::from(r))).into_response())
+        }
+        Ok(r) => Ok(Json(DeleteRequestView::from(r)).into_response()),
+        Err(CancelError::Unknown(_)) => Err(not_found()),
+        Err(e @ CancelError::NotPending { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "delete-request-not-pending",
+            e.to_string(),
+        )),
+        Err(CancelError::Repository(e)) => Err(AppError::Repository(e).into()),
+    }
 }
 
 fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunReportView>> {

@@ -37,7 +37,7 @@ pub const VIEWER_TOKEN: &str = "test-viewer-token";
 pub const OPERATOR_TOKEN: &str = "test-operator-token";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-fn tokens_setting() -> String {
+pub fn tokens_setting() -> String {
     [
         ("viewer", VIEWER_TOKEN),
         ("operator", OPERATOR_TOKEN),

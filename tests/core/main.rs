@@ -13,6 +13,7 @@ mod hostile;
 mod model;
 mod openapi;
 mod outage;
+mod queue;
 mod refresh;
 mod replicas;
 mod serve;

@@ -132,6 +132,7 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
         ("/api/v1/workers/{worker_id}/labs/{lab_id}", "get"),
         ("/api/v1/workers/{worker_id}/labs/{lab_id}", "delete"),
         ("/api/v1/delete-requests/{id}", "get"),
+        ("/api/v1/delete-requests/{id}", "delete"),
         ("/api/v1/workers/{worker_id}/labs/refresh", "post"),
         ("/api/v1/labs/refresh", "post"),
         ("/api/v1/refresh-runs", "get"),

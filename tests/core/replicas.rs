@@ -190,7 +190,7 @@ async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
             .expect("labsync serve starts")
     };
     let (mut a, mut b) = (replica(), replica());
-    let request = t
+    let (request, _) = t
         .app
         .delete_queue
         .submit(&labsync_application::DeleteLab {

@@ -2,12 +2,24 @@
 //! `find_one_and_update` that writes a claim token, so two processes never
 //! claim the same request at once; renewing and saving match that token, so
 //! a run that lost its claim changes nothing.
+//!
+//! # One active request per lab
+//! A lock document per (worker, lab) in `delete_request_locks`, `_id` =
+//! `worker/lab`, names the lab's active request: a submit inserts the lock
+//! first (E11000: the lab has one; that request is the answer), then the
+//! request. A request that ends (done, failed, cancelled) removes its lock.
+//! A lock whose request is missing or no longer active (a process died in
+//! between) is stale: the next submit removes it and tries again. (A
+//! unique index on a field of the request itself would need the index
+//! entry to move when a finished request changes the field; the test
+//! server keeps stale entries, so the lock is a document of its own.)
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use labsync_application::{DeleteRequest, DeleteRequests, RepoError};
+use labsync_application::{DeleteRequest, DeleteRequestStatus, DeleteRequests, RepoError};
+use labsync_domain::WorkerId;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
@@ -18,15 +30,34 @@ use super::{collections, map_error};
 #[derive(Debug, Clone)]
 pub struct MongoDeleteRequests {
     requests: Collection<Document>,
+    locks: Collection<Document>,
 }
 
 impl MongoDeleteRequests {
     pub fn new(db: &Database) -> Self {
         Self {
             requests: db.collection(collections::DELETE_REQUESTS),
+            locks: db.collection(collections::DELETE_REQUEST_LOCKS),
         }
     }
+
+    fn lock_id(r: &DeleteRequest) -> String {
+        format!("{}/{}", r.worker_id, r.lab_id)
+    }
+
+    /// Frees the lab of `r` if `r` holds its lock.
+    async fn unlock(&self, r: &DeleteRequest) -> Result<(), RepoError> {
+        self.locks
+            .delete_one(doc! {"_id": Self::lock_id(r), "request": &r.id})
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
 }
+
+/// Tries to submit this often before giving up on a lock that keeps
+/// changing hands.
+const SUBMIT_TRIES: usize = 5;
 
 fn until(now: DateTime<Utc>, hold: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(hold)
@@ -64,12 +95,51 @@ fn from_doc(mut d: Document) -> Result<DeleteRequest, RepoError> {
 
 #[async_trait]
 impl DeleteRequests for MongoDeleteRequests {
-    async fn create(&self, r: &DeleteRequest) -> Result<(), RepoError> {
-        self.requests
-            .insert_one(to_doc(r)?)
-            .await
-            .map_err(map_error)?;
-        Ok(())
+    async fn create_unless_active(
+        &self,
+        r: &DeleteRequest,
+    ) -> Result<(DeleteRequest, bool), RepoError> {
+        let lock = Self::lock_id(r);
+        for _ in 0..SUBMIT_TRIES {
+            match self
+                .locks
+                .insert_one(doc! {"_id": &lock, "request": &r.id})
+                .await
+                .map_err(map_error)
+            {
+                Ok(_) => {
+                    self.requests
+                        .insert_one(to_doc(r)?)
+                        .await
+                        .map_err(map_error)?;
+                    return Ok((r.clone(), true));
+                }
+                Err(RepoError::Duplicate(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let Some(held) = self
+                .locks
+                .find_one(doc! {"_id": &lock})
+                .await
+                .map_err(map_error)?
+            else {
+                continue;
+            };
+            let holder = held.get_str("request").unwrap_or_default().to_owned();
+            match self.get(&holder).await? {
+                Some(active) if active.status.is_active() => return Ok((active, false)),
+                _ => {
+                    // Stale: its request ended or was never stored.
+                    self.locks
+                        .delete_one(doc! {"_id": &lock, "request": &holder})
+                        .await
+                        .map_err(map_error)?;
+                }
+            }
+        }
+        Err(RepoError::Other(format!(
+            "the delete request lock of {lock} kept changing hands"
+        )))
     }
 
     async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError> {
@@ -86,14 +156,19 @@ impl DeleteRequests for MongoDeleteRequests {
         now: DateTime<Utc>,
         hold: Duration,
         claim: &str,
+        busy: &[WorkerId],
     ) -> Result<Option<DeleteRequest>, RepoError> {
         let until = until(now, hold);
+        let busy: Vec<&str> = busy.iter().map(WorkerId::as_str).collect();
         self.requests
             .find_one_and_update(
-                doc! {"$or": [
-                    {"status": "pending", "next_attempt_at": {"$lte": date(now)}},
-                    {"status": "running", "claimed_until": {"$lte": date(now)}},
-                ]},
+                doc! {
+                    "worker_id": {"$nin": busy},
+                    "$or": [
+                        {"status": "pending", "next_attempt_at": {"$lte": date(now)}},
+                        {"status": "running", "claimed_until": {"$lte": date(now)}, "cancel_requested_by": null},
+                    ],
+                },
                 doc! {"$set": {"status": "running", "claimed_until": date(until), "claim": claim}},
             )
             .sort(doc! {"next_attempt_at": 1})
@@ -125,9 +200,84 @@ impl DeleteRequests for MongoDeleteRequests {
     async fn save(&self, r: &DeleteRequest, claim: &str) -> Result<bool, RepoError> {
         let result = self
             .requests
-            .replace_one(doc! {"_id": &r.id, "claim": claim}, to_doc(r)?)
+            .replace_one(
+                doc! {"_id": &r.id, "claim": claim, "cancel_requested_by": null},
+                to_doc(r)?,
+            )
             .await
             .map_err(map_error)?;
+        if result.matched_count == 1 {
+            if !r.status.is_active() {
+                self.unlock(r).await?;
+            }
+            return Ok(true);
+        }
+        // Still ours, but a cancel came while the attempt ran: a retry
+        // becomes the end.
+        let Some(by) = self
+            .requests
+            .find_one(doc! {"_id": &r.id, "claim": claim})
+            .await
+            .map_err(map_error)?
+            .and_then(|d| d.get_str("cancel_requested_by").ok().map(str::to_owned))
+        else {
+            return Ok(false);
+        };
+        let mut r = r.clone();
+        r.cancel_requested_by = Some(by.clone());
+        if r.status == DeleteRequestStatus::Pending {
+            r.status = DeleteRequestStatus::Cancelled;
+            r.cancelled_by = Some(by);
+        }
+        let result = self
+            .requests
+            .replace_one(doc! {"_id": &r.id, "claim": claim}, to_doc(&r)?)
+            .await
+            .map_err(map_error)?;
+        if result.matched_count == 1 && !r.status.is_active() {
+            self.unlock(&r).await?;
+        }
         Ok(result.matched_count == 1)
+    }
+
+    async fn cancel(
+        &self,
+        id: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DeleteRequest>, RepoError> {
+        let cancelled = self
+            .requests
+            .find_one_and_update(
+                doc! {"_id": id, "$or": [
+                    {"status": "pending"},
+                    // Its runner died: nothing runs it any more.
+                    {"status": "running", "claimed_until": {"$lte": date(now)}},
+                ]},
+                doc! {"$set": {"status": "cancelled", "cancelled_by": by, "updated_at": date(now)}},
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(map_error)?
+            .map(from_doc)
+            .transpose()?;
+        if let Some(r) = cancelled {
+            self.unlock(&r).await?;
+            return Ok(Some(r));
+        }
+        // Running: its attempt finishes first, then it ends cancelled.
+        let requested = self
+            .requests
+            .find_one_and_update(
+                doc! {"_id": id, "status": "running"},
+                doc! {"$set": {"cancel_requested_by": by}},
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(map_error)?;
+        match requested {
+            Some(d) => from_doc(d).map(Some),
+            None => self.get(id).await,
+        }
     }
 }

@@ -84,6 +84,8 @@ pub mod collections {
     pub const OUTBOX: &str = "outbox";
     /// Deletes requested with `mode=async`.
     pub const DELETE_REQUESTS: &str = "delete_requests";
+    /// One per lab with an active delete request (see `delete_requests`).
+    pub const DELETE_REQUEST_LOCKS: &str = "delete_request_locks";
 }
 
 /// Creates every index labsync relies on. Run at start-up, before serving:
