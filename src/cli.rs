@@ -216,7 +216,7 @@ fn report_line(r: &RunReport) -> String {
         r.duration_ms,
         if r.dry_run { " [dry run]" } else { "" },
     );
-    for extra in [&r.hold_reason, &r.skip_reason, &r.error]
+    for extra in [&r.hold_reason, &r.skip_reason, &r.error, &r.note]
         .into_iter()
         .flatten()
     {

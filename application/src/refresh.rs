@@ -133,6 +133,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// The first few per-lab failures, for the operator.
     pub failures: Vec<LabFailure>,
+    /// Set by the store when the report had to be cut down to be stored
+    /// (its texts clipped, failures left out), saying what was cut.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +177,7 @@ impl RunReport {
             skip_reason: None,
             error: None,
             failures: Vec::new(),
+            note: None,
         }
     }
 

@@ -15,12 +15,13 @@ use axum::response::{IntoResponse, Response};
 use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId};
 use labsync_application::{
     DeleteLab, DeleteOutcome, DeleteOutcomeKind, RefreshOptions, RefreshWorkerLabs, RunReport,
-    RunStatus, Trigger,
+    RunStatus, SyncState, Trigger,
 };
+use mongodb::bson::{Document, doc};
 use secrecy::SecretString;
 use serde_json::json;
 
-use crate::helpers::{ADMIN_PASSWORD, TestApp};
+use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, TestApi, TestApp, output_text};
 
 /// What a scripted answer is made from: the request's method and path.
 type Script = Arc<dyn Fn() -> Response + Send + Sync>;
@@ -64,6 +65,14 @@ fn cml_error(status: StatusCode, description: &str) -> Response {
         axum::Json(json!({"code": status.as_u16(), "description": description})),
     )
         .into_response()
+}
+
+/// Terminal escapes: retitle the terminal, clear the screen, turn red.
+pub const ESCAPES: &str = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31m";
+
+/// `n` bytes of text that starts with terminal escapes.
+fn huge(n: usize) -> String {
+    format!("{ESCAPES}{}", "z".repeat(n))
 }
 
 /// An answer that points elsewhere.
@@ -259,6 +268,40 @@ async fn record_ids(t: &TestApp) -> Vec<LabId> {
         .collect()
 }
 
+/// The raw documents of a collection about the hostile worker.
+async fn raw(t: &TestApp, collection: &str) -> Vec<Document> {
+    use futures::TryStreamExt;
+    t.app
+        .db
+        .collection::<Document>(collection)
+        .find(doc! {"worker_id": HOSTILE})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+fn bson_len(d: &Document) -> usize {
+    mongodb::bson::to_vec(d).unwrap().len()
+}
+
+/// Short and escaped: at most `max` bytes, no control character.
+#[track_caller]
+fn assert_short_and_escaped(what: &str, text: &str, max: usize) {
+    assert!(
+        text.len() <= max,
+        "{what}: {} bytes, more than {max}: {:.300}",
+        text.len(),
+        text
+    );
+    assert!(
+        !text.chars().any(char::is_control),
+        "{what} holds a control character: {:.300?}",
+        text
+    );
+}
+
 #[tokio::test]
 async fn a_login_redirected_to_another_host_sends_the_password_nowhere() {
     let t = TestApp::spawn_with(1, &[]).await;
@@ -400,4 +443,148 @@ async fn a_lab_list_redirected_to_another_server_is_no_list_and_prunes_nothing()
     assert_eq!((r.listed, r.pruned, r.created), (0, 0, 0));
     assert_eq!(record_ids(&t).await, real, "every real record kept");
     assert!(other.seen().is_empty(), "{:?}", other.seen());
+}
+
+#[tokio::test]
+async fn texts_of_megabytes_full_of_escapes_are_stored_logged_and_returned_short_and_escaped() {
+    // Read limit raised so that a 17 MB description is read at all.
+    let t = TestApp::spawn_with(1, &[("LABSYNC__CML__MAX_RESPONSE_BYTES", "33554432")]).await;
+    let cml = HostileCml::start().await;
+    register(&t, &cml).await;
+    let lab = cml.add_lab("STARTED");
+    assert_eq!(refresh(&t).await.status, RunStatus::Succeeded);
+    let api = TestApi::start(&t).await;
+
+    // A refresh whose list fails with a 17 MB description: the answer,
+    // the stored report and the worker's state all say so, briefly.
+    cml.on(Method::GET, "/api/v0/labs", || {
+        cml_error(StatusCode::INTERNAL_SERVER_ERROR, &huge(17_000_000))
+    });
+    let (status, body) = api
+        .send(api.req(
+            Method::POST,
+            &format!("/api/v1/workers/{HOSTILE}/labs/refresh"),
+            Some(ADMIN_TOKEN),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let detail = body["detail"].as_str().expect("a problem with a detail");
+    assert_short_and_escaped("the problem's detail", detail, 1024);
+    assert!(detail.contains("500"), "{detail}");
+    let stored = t
+        .services()
+        .reports
+        .recent(Some(&hostile_id()), 1)
+        .await
+        .unwrap();
+    assert_eq!(stored[0].status, RunStatus::Failed, "the run is stored");
+    assert_short_and_escaped(
+        "the stored error",
+        stored[0].error.as_deref().unwrap(),
+        1024,
+    );
+    let overview = t.app.inventory.worker(&hostile_id()).await.unwrap();
+    assert_eq!(overview.sync_state, SyncState::Failing);
+    cml.behave();
+
+    // Deletes: a state of 3 MB, a convergence check answering 3 MB, a
+    // DELETE refused with 3 MB; each attempt is written to the lab's
+    // history, the audit log and the outbox.
+    let state = format!("/api/v0/labs/{lab}/state");
+    cml.on(Method::GET, &state, || {
+        axum::Json(huge(3 << 20)).into_response()
+    });
+    for _ in 0..3 {
+        let out = delete(&t, &lab, false).await;
+        assert!(
+            matches!(out.kind, DeleteOutcomeKind::RefusedRunning { .. }),
+            "{}",
+            out.kind.word()
+        );
+        assert_short_and_escaped("the refusal", &out.message, 1024);
+    }
+    // Forced: the state goes into the `started` audit entry, then the
+    // stop's convergence check answers 3 MB.
+    cml.on(
+        Method::GET,
+        &format!("/api/v0/labs/{lab}/check_if_converged"),
+        || axum::Json(huge(3 << 20)).into_response(),
+    );
+    let out = delete(&t, &lab, true).await;
+    assert!(
+        matches!(out.kind, DeleteOutcomeKind::CmlRefused { .. }),
+        "{}",
+        out.kind.word()
+    );
+    assert_short_and_escaped("the convergence failure", &out.message, 1024);
+    cml.behave();
+    cml.on(Method::DELETE, &format!("/api/v0/labs/{lab}"), || {
+        cml_error(StatusCode::BAD_REQUEST, &huge(3 << 20))
+    });
+    let out = delete(&t, &lab, true).await;
+    assert!(
+        matches!(out.kind, DeleteOutcomeKind::CmlRefused { .. }),
+        "{}",
+        out.kind.word()
+    );
+    assert_short_and_escaped("the refused DELETE", &out.message, 1024);
+    assert!(cml.has_lab(&lab));
+
+    // What was written about the worker is small.
+    let audit = raw(&t, "audit").await;
+    assert!(audit.len() >= 6, "{} audit entries", audit.len());
+    for d in &audit {
+        assert_short_and_escaped("an audit entry", d.get_str("detail").unwrap(), 1024);
+    }
+    let outbox = raw(&t, "outbox").await;
+    assert!(outbox.len() >= 6, "{} events", outbox.len());
+    for d in &outbox {
+        assert!(bson_len(d) <= 4096, "an event of {} bytes", bson_len(d));
+    }
+    let records = raw(&t, "labs").await;
+    assert_eq!(records.len(), 1);
+    assert!(
+        bson_len(&records[0]) <= 32 * 1024,
+        "a record of {} bytes",
+        bson_len(&records[0])
+    );
+    let history = t
+        .services()
+        .labs
+        .get(&hostile_id(), &lab)
+        .await
+        .unwrap()
+        .expect("the record stays")
+        .history;
+    let attempts: Vec<String> = history
+        .iter()
+        .filter_map(|h| match &h.event {
+            labsync_application::domain::HistoryEvent::DeleteAttempt { detail, .. } => {
+                Some(detail.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts.len(), 5, "every attempt in the history");
+    for detail in &attempts {
+        assert_short_and_escaped("a history entry", detail, 1024);
+    }
+
+    // And what the process prints and logs.
+    cml.on(Method::GET, &state, || {
+        axum::Json(huge(3 << 20)).into_response()
+    });
+    let o = t
+        .cli(&["delete-lab", "--worker", HOSTILE, "--lab", lab.as_str()])
+        .await;
+    assert_eq!(o.status.code(), Some(1), "{:.2000}", output_text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_short_and_escaped("the CLI's answer", out.trim_end(), 1024);
+    let longest = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest <= 4096, "a log line of {longest} bytes");
+    api.stop().await;
 }

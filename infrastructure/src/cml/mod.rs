@@ -10,8 +10,9 @@
 //! [`LabId`]s (lowercase hex and dashes), so nothing needs escaping.
 //!
 //! Everything CML sends is untrusted: bodies are read up to
-//! `cml.max_response_bytes`, descriptions and a redirect's location are
-//! clipped and escaped, and a 404 is "the lab is gone" only when it is
+//! `cml.max_response_bytes`; every text from CML that reaches an error (a
+//! description, a state, a parser's quote, a redirect's location) is
+//! clipped and escaped; and a 404 is "the lab is gone" only when it is
 //! CML's own JSON error naming a lab (see [`is_lab_not_found`]); a proxy's
 //! page or a wrong base path is an unreachable CML, never a deleted lab.
 //!
@@ -221,6 +222,9 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
         text.push_str(&s.to_string());
         source = s.source();
     }
+    // What a TLS or HTTP error quotes (a certificate's names, a header)
+    // came from the other end.
+    let text = clip_text(&text, MAX_TRANSPORT_ERROR);
     if e.is_timeout() {
         CmlError::Unreachable(format!("timed out: {text}"))
     } else if e.is_decode() || e.is_body() {
@@ -232,6 +236,14 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
 
 /// The most of CML's error description that reports and logs keep.
 const MAX_DESCRIPTION: usize = 200;
+
+/// The most of a transport error's text (reqwest's chain of causes).
+const MAX_TRANSPORT_ERROR: usize = 600;
+
+/// The most of a lab state that labsync keeps from `GET /labs/{id}/state`:
+/// CML's states are short words; a longer answer is clipped, and can never
+/// read as a known state.
+const MAX_STATE: usize = 64;
 
 /// CML's `{code, description}`, or the raw body when the body is something
 /// else, such as a reverse proxy's HTML page; clipped and escaped either way.
@@ -516,8 +528,15 @@ impl CmlClient {
     }
 }
 
+/// Parses a small answer; the parser's message is clipped and escaped, as
+/// it quotes what CML sent (`invalid type: string "...", expected a boolean`).
 fn json<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, CmlError> {
-    serde_json::from_slice(body).map_err(|e| CmlError::Protocol(format!("{what}: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        CmlError::Protocol(format!(
+            "{what}: {}",
+            clip_text(&e.to_string(), MAX_DESCRIPTION)
+        ))
+    })
 }
 
 #[async_trait]
@@ -591,7 +610,9 @@ impl CmlGateway for CmlHttpGateway {
             .client(access)?
             .call(Method::GET, &format!("/labs/{lab}/state"), Some(lab))
             .await?;
-        Ok(LabState::parse(&json::<String>("lab state", &a.body)?))
+        let state = json::<String>("lab state", &a.body)?;
+        // It ends up in refusals, history, audit entries, events and logs.
+        Ok(LabState::parse(&clip_text(&state, MAX_STATE)))
     }
 
     async fn stop_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
@@ -706,6 +727,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn what_a_parser_quotes_from_cml_is_clipped_and_escaped() {
+        let huge = serde_json::to_vec(&format!("\u{1b}[2J{}", "y".repeat(3 << 20))).unwrap();
+        let Err(CmlError::Protocol(m)) = json::<bool>("check_if_converged", &huge) else {
+            unreachable!()
+        };
+        assert!(
+            m.starts_with("check_if_converged: invalid type: string"),
+            "{m:.300}"
+        );
+        assert!(m.len() <= 300, "{} bytes", m.len());
+        assert!(!m.chars().any(char::is_control), "{m}");
     }
 
     #[test]
