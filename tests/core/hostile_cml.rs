@@ -59,7 +59,7 @@ impl Drop for HostileCml {
 /// A JWT-shaped token, as `auth_extended` answers one.
 const TOKEN: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJob3N0aWxlIn0.c2lnbmF0dXJl";
 
-fn cml_error(status: StatusCode, description: &str) -> Response {
+pub fn cml_error(status: StatusCode, description: &str) -> Response {
     (
         status,
         axum::Json(json!({"code": status.as_u16(), "description": description})),
@@ -209,14 +209,14 @@ fn answer(inner: &Mutex<Inner>, method: Method, uri: &Uri, body: &[u8]) -> Respo
     }
 }
 
-const HOSTILE: &str = "hostile";
+pub const HOSTILE: &str = "hostile";
 
 fn hostile_id() -> WorkerId {
     WorkerId::parse(HOSTILE).unwrap()
 }
 
 /// Registers `cml` as worker `hostile` of `t`.
-async fn register(t: &TestApp, cml: &HostileCml) {
+pub async fn register(t: &TestApp, cml: &HostileCml) {
     t.services()
         .workers
         .add(
