@@ -588,3 +588,35 @@ async fn texts_of_megabytes_full_of_escapes_are_stored_logged_and_returned_short
     assert!(longest <= 4096, "a log line of {longest} bytes");
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_lab_listed_twenty_thousand_times_is_fetched_and_counted_once() {
+    let t = TestApp::spawn_with(1, &[]).await;
+    let cml = HostileCml::start().await;
+    register(&t, &cml).await;
+    let (twice, once) = (cml.add_lab("STOPPED"), cml.add_lab("STARTED"));
+    let mut list = vec![twice.to_string(); 20_000];
+    list.push(once.to_string());
+    list.push(twice.to_string());
+    cml.on(Method::GET, "/api/v0/labs", move || {
+        axum::Json(list.clone()).into_response()
+    });
+
+    let r = refresh(&t).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+    assert_eq!((r.listed, r.created, r.failed), (2, 2, 0), "{r:?}");
+    let mut expected = vec![twice, once];
+    expected.sort();
+    assert_eq!(record_ids(&t).await, expected);
+    let fetched = |lab: LabId| {
+        cml.seen()
+            .iter()
+            .filter(|s| s.method == Method::GET && s.path == format!("/api/v0/labs/{lab}"))
+            .count()
+    };
+    assert_eq!(
+        (fetched(twice), fetched(once)),
+        (1, 1),
+        "each lab fetched once"
+    );
+}
