@@ -2,6 +2,13 @@
 //! `config`. Each command parses its input into domain types first, runs one
 //! use case, prints the result (human or `--json`), and says through its
 //! exit code whether it did what was asked.
+//!
+//! Human output goes to a terminal, and much of it came from CML (titles,
+//! states, messages): every text is printed through [`shown`], which
+//! escapes control characters and bidirectional overrides, so that no lab
+//! title can retitle the terminal, clear it or reorder what it shows.
+//! `--json` output is JSON, escaped by its encoder, and keeps every text as
+//! it is stored.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -189,6 +196,29 @@ pub enum LabsCommand {
     },
 }
 
+/// `text` safe to print on a terminal: control characters (escape
+/// sequences, bells, carriage returns, newlines) and bidirectional
+/// formatting characters are written as Rust escapes (`\u{1b}`), the
+/// rest as it is.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
@@ -216,12 +246,12 @@ fn report_line(r: &RunReport) -> String {
         r.duration_ms,
         if r.dry_run { " [dry run]" } else { "" },
     );
-    for extra in [&r.hold_reason, &r.skip_reason, &r.error]
+    for extra in [&r.hold_reason, &r.skip_reason, &r.error, &r.note]
         .into_iter()
         .flatten()
     {
         line.push_str("\n    ");
-        line.push_str(extra);
+        line.push_str(&shown(extra));
     }
     line
 }
@@ -308,7 +338,9 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "{} {}: {}",
-                    outcome.worker_id, outcome.lab_id, outcome.message
+                    outcome.worker_id,
+                    outcome.lab_id,
+                    shown(&outcome.message)
                 );
             }
             Ok(if outcome.lab_gone {
@@ -336,8 +368,8 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                         "{:<20} {:<8} {} user={} {}",
                         w.id.as_str(),
                         if w.enabled { "enabled" } else { "disabled" },
-                        w.base_url,
-                        w.username,
+                        shown(&w.base_url),
+                        shown(&w.username),
                         tls
                     );
                 }
@@ -368,7 +400,10 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 for r in &records {
                     println!(
                         "{} {:<15} rev={} {}",
-                        r.lab_id, r.snapshot.state, r.revision, r.snapshot.title
+                        r.lab_id,
+                        shown(r.snapshot.state.as_str()),
+                        r.revision,
+                        shown(&r.snapshot.title)
                     );
                 }
             }
@@ -417,6 +452,55 @@ async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
     app.inventory
         .register(worker.clone(), SecretString::from(password), &cli_actor())
         .await?;
-    println!("registered worker {} at {}", worker.id, worker.base_url);
+    println!(
+        "registered worker {} at {}",
+        worker.id,
+        shown(&worker.base_url)
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVIL: &str = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mEVIL TITLE\r\n\u{202e}txt.exe";
+
+    #[test]
+    fn shown_text_has_no_control_or_bidi_character_and_says_what_was_there() {
+        let s = shown(EVIL);
+        assert_eq!(
+            s,
+            "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{1b}[31mEVIL TITLE\\u{d}\\u{a}\\u{202e}txt.exe"
+        );
+        assert!(matches!(
+            shown("Lab 1 · café"),
+            std::borrow::Cow::Borrowed("Lab 1 · café")
+        ));
+    }
+
+    #[test]
+    fn report_lines_escape_what_a_run_report_carries() {
+        let mut r: RunReport = serde_json::from_value(serde_json::json!({
+            "run_id": "r", "worker_id": "cml-1", "trigger": "cli", "status": "failed",
+            "dry_run": false, "force_prune": false,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z",
+            "duration_ms": 1, "listed": 0, "created": 0, "updated": 0, "unchanged": 0,
+            "pruned": 0, "held": 0, "failed": 0, "suppressed": 0,
+            "hold_reason": null, "skip_reason": null, "error": null, "failures": [],
+        }))
+        .unwrap();
+        r.error = Some(EVIL.into());
+        r.hold_reason = Some(EVIL.into());
+        r.note = Some(EVIL.into());
+        let line = report_line(&r);
+        assert_eq!(line.matches("EVIL TITLE").count(), 3, "{line}");
+        assert!(
+            !line
+                .chars()
+                .any(|c| c != '\n' && shown(&c.to_string()) != c.to_string()),
+            "{line:?}"
+        );
+        assert_eq!(line.lines().count(), 4, "one line per text: {line}");
+    }
 }

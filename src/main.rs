@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("labsync: {e}");
+            eprintln!("labsync: {}", cli::shown(&e.to_string()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli, settings)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("labsync: {e:#}");
+            eprintln!("labsync: {}", cli::shown(&format!("{e:#}")));
             let usage = matches!(
                 e.downcast_ref::<AppError>(),
                 Some(

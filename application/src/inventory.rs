@@ -98,17 +98,30 @@ impl Inventory {
         }
     }
 
-    /// Records in the audit log that `actor` ran a refresh.
+    /// Records in the audit log that `actor` ran a refresh (a dry run says
+    /// so: its counts are what it would have done).
     pub async fn record_refresh(&self, actor: &str, report: &RunReport) {
-        let detail = format!(
-            "run {} {:?}: created {}, updated {}, pruned {}, held {}",
-            report.run_id,
-            report.status,
-            report.created,
-            report.updated,
-            report.pruned,
-            report.held
-        );
+        let detail = if report.dry_run {
+            format!(
+                "dry run {} {:?}: would create {}, update {}, prune {}, hold {}; no record written",
+                report.run_id,
+                report.status,
+                report.created,
+                report.updated,
+                report.pruned,
+                report.held
+            )
+        } else {
+            format!(
+                "run {} {:?}: created {}, updated {}, pruned {}, held {}",
+                report.run_id,
+                report.status,
+                report.created,
+                report.updated,
+                report.pruned,
+                report.held
+            )
+        };
         self.audit(actor, AuditAction::Refresh, &report.worker_id, detail)
             .await;
     }

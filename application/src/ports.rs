@@ -56,7 +56,10 @@ pub struct LabList {
 /// a CML administrator ([`CmlGateway::account`]). [`CmlError::NotFound`]
 /// MUST mean CML's own JSON answer that the lab does not exist, never any
 /// 404 (a reverse proxy's page, a wrong base path). Response bodies MUST be
-/// read with a size limit.
+/// read with a size limit, and every text taken from them into an error or
+/// a value labsync repeats MUST be clipped and escaped. Requests MUST go to
+/// the worker's URL only: no redirect is followed, so that no other server
+/// receives the password or a delete, or answers for CML.
 #[async_trait]
 pub trait CmlGateway: Send + Sync {
     /// The account of the current session, logging in if there is none.
@@ -72,7 +75,8 @@ pub trait CmlGateway: Send + Sync {
     /// Any [`CmlError`] of the login.
     async fn relogin(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError>;
 
-    /// Every lab id on the server.
+    /// Every lab id on the server (the refresh fetches each once, however
+    /// many times CML lists it).
     ///
     /// MUST ask for all labs (`show_all=true`): a partial list would make the
     /// refresh prune what it cannot see.
@@ -130,11 +134,13 @@ pub trait CmlGateway: Send + Sync {
     /// Any [`CmlError`].
     async fn is_converged(&self, access: &WorkerAccess, lab: &LabId) -> Result<bool, CmlError>;
 
-    /// Deletes the lab.
+    /// Deletes the lab. MUST return `Ok` only on CML's own answer that it
+    /// deleted the lab (its `204`), never on another success status.
     ///
     /// # Errors
     /// [`CmlError::NotFound`] if it was already gone; [`CmlError::Refused`]
-    /// (CML's 400) if it is not stopped and wiped.
+    /// (CML's 400) if it is not stopped and wiped; [`CmlError::Protocol`]
+    /// for any other answer, a redirect or another 2xx included.
     async fn delete_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError>;
 
     /// Says that the caller is done with this worker for a while (a refresh

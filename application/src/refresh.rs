@@ -7,9 +7,10 @@
 //!    ([`crate::lease`]).
 //! 2. Log in afresh and learn whether the account is a CML admin; if not,
 //!    fail the run: a non-admin's list holds only its own and shared labs.
-//! 3. Fetch the lab list, then every lab's details with bounded concurrency
-//!    in whatever order they answer, within `run_deadline`. A failed list
-//!    ends the run with nothing written.
+//! 3. Fetch the lab list, then every listed lab's details once (a lab
+//!    listed twice is one lab) with bounded concurrency in whatever order
+//!    they answer, within `run_deadline`. A failed list ends the run with
+//!    nothing written.
 //! 4. Read the worker's index (hashes and tombstones) in one read and
 //!    [`plan`] create / update / unchanged / prune / held as a pure function.
 //! 5. Confirm the lease, apply in bulk (nothing for unchanged labs), audit
@@ -114,7 +115,7 @@ pub struct RunReport {
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     pub duration_ms: u64,
-    /// Labs CML listed.
+    /// Labs CML listed, each counted once.
     pub listed: u64,
     pub created: u64,
     pub updated: u64,
@@ -133,6 +134,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// The first few per-lab failures, for the operator.
     pub failures: Vec<LabFailure>,
+    /// Set by the store when the report had to be cut down to be stored
+    /// (its texts clipped, failures left out), saying what was cut.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +178,7 @@ impl RunReport {
             skip_reason: None,
             error: None,
             failures: Vec::new(),
+            note: None,
         }
     }
 
@@ -323,7 +329,17 @@ impl RefreshWorkerLabs {
                 "CML's lab list has entries that are not lab ids: left out, nothing is pruned"
             );
         }
-        let ids = list.ids;
+        // A lab listed twice is one lab: fetched once, counted once.
+        let listed = list.ids.len();
+        let mut seen = std::collections::HashSet::with_capacity(listed);
+        let ids: Vec<LabId> = list.ids.into_iter().filter(|id| seen.insert(*id)).collect();
+        if ids.len() < listed {
+            warn!(
+                duplicates = listed - ids.len(),
+                distinct = ids.len(),
+                "CML's lab list names some labs more than once: each is fetched once"
+            );
+        }
         let mut tiles = if access.worker.lab_tiles {
             match self.services.cml.lab_tiles(access).await {
                 Ok(tiles) => {

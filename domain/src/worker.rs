@@ -74,6 +74,13 @@ impl Worker {
 /// and no path, query, credentials or fragment (the client appends
 /// `/api/v0`). Returns it without a trailing slash.
 ///
+/// The host is a DNS name (ASCII letters, digits, `-`, `.`, `_`; punycode
+/// for international names), an IPv4 address or a bracketed IPv6 one; the
+/// port, if any, 1 to 65535. Anything else is refused rather than left for
+/// an HTTP library to interpret: a `\` (which some read as `/`), a
+/// percent-escape (`%2f` is a `/` once decoded), spaces, tabs and other
+/// control characters.
+///
 /// # Errors
 /// A message saying what is wrong.
 pub fn parse_base_url(s: &str) -> Result<String, String> {
@@ -85,12 +92,56 @@ pub fn parse_base_url(s: &str) -> Result<String, String> {
     if rest.is_empty() {
         return Err("worker URL has no host".into());
     }
-    if let Some(c) = rest
-        .chars()
-        .find(|c| matches!(c, '/' | '?' | '#' | '@' | ' '))
-    {
+    if let Some(c) = rest.chars().find(|c| matches!(c, '/' | '?' | '#' | '@')) {
         return Err(format!(
             "worker URL must be scheme://host[:port] only (found {c:?}); labsync adds /api/v0 itself"
+        ));
+    }
+    if let Some(c) = rest
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')))
+    {
+        return Err(format!(
+            "worker URL has {c:?} in its host or port: only letters, digits, '-', '.', '_' and \
+             :port are allowed (no percent-escapes, backslashes, spaces or control characters; \
+             punycode for international names, [brackets] for IPv6)"
+        ));
+    }
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or("worker URL has an IPv6 host without its closing ']'")?;
+            if addr.is_empty()
+                || !addr
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'))
+            {
+                return Err(format!("worker URL has an invalid IPv6 host [{addr}]"));
+            }
+            match after {
+                "" => (rest, None),
+                _ => (
+                    &rest[..addr.len() + 2],
+                    Some(after.strip_prefix(':').ok_or_else(|| {
+                        format!("worker URL has {after:?} after its IPv6 host; expected :port")
+                    })?),
+                ),
+            }
+        }
+        None => match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        },
+    };
+    if host.is_empty() || (!host.starts_with('[') && host.contains(['[', ']'])) {
+        return Err(format!("worker URL has an invalid host {host:?}"));
+    }
+    if let Some(port) = port
+        && !(port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0))
+    {
+        return Err(format!(
+            "worker URL has an invalid port {port:?}: expected a number from 1 to 65535"
         ));
     }
     Ok(s.to_owned())
@@ -132,6 +183,14 @@ mod tests {
             parse_base_url("http://127.0.0.1:19401").unwrap(),
             "http://127.0.0.1:19401"
         );
+        for good in [
+            "https://[::1]:8443",
+            "https://[fe80::1]",
+            "https://cml_1.lab-2.example.net:443",
+            "http://10.0.0.7:80",
+        ] {
+            assert_eq!(parse_base_url(good).as_deref(), Ok(good));
+        }
         for bad in [
             "cml1",
             "ftp://x",
@@ -141,6 +200,43 @@ mod tests {
             "https://x?a=1",
         ] {
             assert!(parse_base_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base_urls_with_backslashes_tabs_or_percent_escapes_are_refused_saying_why() {
+        for (bad, says) in [
+            ("https://cml1\\evil.example", "'\\\\'"),
+            ("https://cml1\\evil:443", "'\\\\'"),
+            ("https://cml\t1", "'\\t'"),
+            ("https://cml1.example%2fapi", "'%'"),
+            ("https://cml1%2F..%2Fx", "'%'"),
+            ("https://cml 1", "' '"),
+            ("https://cml1\u{0}", "'\\0'"),
+            ("https://cml1\n.example", "'\\n'"),
+            ("https://caf\u{e9}.example", "'\u{e9}'"),
+        ] {
+            let e = parse_base_url(bad).expect_err(bad);
+            assert!(
+                e.contains(&format!("has {says} in its host or port"))
+                    && e.contains("percent-escapes"),
+                "{bad:?}: {e}"
+            );
+        }
+        for (bad, says) in [
+            ("https://x:99999", "invalid port"),
+            ("https://x:", "invalid port"),
+            ("https://x:0", "invalid port"),
+            ("https://x:80:80", "invalid port"),
+            ("https://[::1", "closing ']'"),
+            ("https://[::1]x", "expected :port"),
+            ("https://[zz]", "invalid IPv6 host"),
+            ("https://[]", "invalid IPv6 host"),
+            ("https://x[1]", "invalid host"),
+            ("https://:80", "invalid host"),
+        ] {
+            let e = parse_base_url(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
 }

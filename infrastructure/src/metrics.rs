@@ -246,16 +246,20 @@ impl Observer for Metrics {
                 .with_label_values(&[status])
                 .observe(r.duration_ms as f64 / 1000.0);
         }
-        for (kind, n) in [
-            ("created", r.created),
-            ("updated", r.updated),
-            ("pruned", r.pruned),
-            ("held", r.held),
-            ("failed", r.failed),
-            ("suppressed", r.suppressed),
-        ] {
-            if n > 0 {
-                self.lab_changes.with_label_values(&[kind]).inc_by(n);
+        // A dry run changed nothing: what it would have done is in its
+        // report, not in the counts of changes.
+        if !r.dry_run {
+            for (kind, n) in [
+                ("created", r.created),
+                ("updated", r.updated),
+                ("pruned", r.pruned),
+                ("held", r.held),
+                ("failed", r.failed),
+                ("suppressed", r.suppressed),
+            ] {
+                if n > 0 {
+                    self.lab_changes.with_label_values(&[kind]).inc_by(n);
+                }
             }
         }
         if r.status == RunStatus::Succeeded && !r.dry_run {

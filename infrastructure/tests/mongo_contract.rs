@@ -1,6 +1,7 @@
 //! The MongoDB adapters against their ports' MUST contracts, on a real
-//! MongoDB-wire server: each promise of `LabRepository` and `RefreshLease`
-//! that the refresh and the delete rely on, checked at the adapter itself.
+//! MongoDB-wire server: each promise of `LabRepository`, `RefreshLease` and
+//! `RunReports` that the refresh and the delete rely on, checked at the
+//! adapter itself.
 //!
 //! The integration suite proves the same promises through the whole
 //! service; these tests prove them in seconds, which is what lets mutation
@@ -12,14 +13,14 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use labsync_application::ports::{
     AuditAction, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, RefreshLease,
-    Tombstone,
+    RunReports, Tombstone,
 };
-use labsync_application::{LabEvent, LabEventKind};
+use labsync_application::{LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger};
 use labsync_domain::{
     Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState, WorkerId,
 };
 use labsync_infrastructure::mongo::{
-    MongoLabRepository, MongoRefreshLease, collections, ensure_indexes, outbox,
+    MongoLabRepository, MongoRefreshLease, MongoRunReports, collections, ensure_indexes, outbox,
 };
 use mongodb::Database;
 use mongodb::bson::{Document, doc};
@@ -1032,6 +1033,35 @@ fn delete_request(w: &WorkerId, lab: LabId) -> labsync_application::DeleteReques
     }
 }
 
+/// A failed run's report with `error` and `failures` as given.
+fn failed_run(w: &WorkerId, error: String, failures: Vec<LabFailure>) -> RunReport {
+    RunReport {
+        run_id: uuid::Uuid::new_v4().to_string(),
+        worker_id: w.clone(),
+        trigger: Trigger::Schedule,
+        status: RunStatus::Failed,
+        dry_run: false,
+        force_prune: false,
+        started_at: now(),
+        finished_at: now(),
+        duration_ms: 12,
+        listed: 7,
+        created: 1,
+        updated: 2,
+        unchanged: 3,
+        pruned: 0,
+        held: 0,
+        failed: failures.len() as u64,
+        suppressed: 0,
+        invalid_ids: 0,
+        hold_reason: None,
+        skip_reason: None,
+        error: Some(error),
+        failures,
+        note: None,
+    }
+}
+
 #[tokio::test]
 async fn one_active_delete_request_per_lab_and_an_ended_one_frees_the_lab() {
     use labsync_application::{DeleteRequestStatus, DeleteRequests};
@@ -1178,4 +1208,61 @@ async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_i
             .is_none()
     );
     assert_eq!(requests.cancel("no-such", "x", now()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_run_report_too_large_for_a_document_is_stored_cut_down_with_a_note_saying_so() {
+    let db = labsync_test_support::test_database().await;
+    let reports = MongoRunReports::new(&db);
+    let w = worker("cml-1");
+
+    // As it is when it fits.
+    let small = failed_run(&w, "CML failed (500): boom".into(), vec![]);
+    reports.store(&small).await.expect("stored");
+    assert_eq!(reports.recent(Some(&w), 1).await.unwrap(), [small]);
+
+    // 17 MiB of error and 40 failures of 64 KB: over the 16 MiB a MongoDB
+    // document may hold, which the test server would take all the same.
+    let failures: Vec<LabFailure> = (0..40)
+        .map(|_| LabFailure {
+            lab_id: lab(),
+            error: "f".repeat(64 << 10),
+        })
+        .collect();
+    let large = failed_run(&w, format!("\u{1b}[2J{}", "e".repeat(17 << 20)), failures);
+    reports.store(&large).await.expect("stored");
+    let stored = db
+        .collection::<Document>(collections::REFRESH_RUNS)
+        .find_one(doc! {"_id": &large.run_id})
+        .await
+        .unwrap()
+        .expect("the large report is stored");
+    let size = mongodb::bson::to_vec(&stored).unwrap().len();
+    assert!(size <= 16 << 20, "stored at {size} bytes");
+    let back = reports.recent(Some(&w), 1).await.unwrap().remove(0);
+    assert_eq!(back.run_id, large.run_id);
+    assert_eq!(
+        (back.status, back.listed, back.failed),
+        (RunStatus::Failed, 7, 40),
+        "the counts are kept"
+    );
+    assert_eq!(back.failures.len(), 20);
+    let ids = |f: &[LabFailure]| f.iter().map(|f| f.lab_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&back.failures),
+        ids(&large.failures[..20]),
+        "the first 20, in order"
+    );
+    assert!(back.failures.iter().all(|f| f.error.len() <= 4100));
+    let error = back.error.unwrap();
+    assert!(
+        error.starts_with("\\u{1b}[2Jeee") && error.len() <= 4100,
+        "{:.100}",
+        error
+    );
+    let note = back.note.expect("a note says it was cut down");
+    assert!(
+        note.contains("cut down") && note.contains("20 failures left out"),
+        "{note}"
+    );
 }

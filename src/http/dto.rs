@@ -158,6 +158,9 @@ pub struct RunReportView {
     pub skip_reason: Option<String>,
     pub error: Option<String>,
     pub failures: Vec<LabFailureView>,
+    /// Set when the stored report had to be cut down to fit a MongoDB
+    /// document, saying what was cut.
+    pub note: Option<String>,
 }
 
 fn word<T: Serialize>(v: &T) -> String {
@@ -198,6 +201,7 @@ impl From<RunReport> for RunReportView {
                     error: f.error,
                 })
                 .collect(),
+            note: r.note,
         }
     }
 }

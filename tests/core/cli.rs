@@ -1,9 +1,23 @@
 //! The CLI, run as a process against the simulator and the test server.
 
+use axum::http::{Method, StatusCode};
+use axum::response::IntoResponse;
+use cml_sim::LabSpec;
 use serde_json::Value;
 use tokio::process::Command;
 
 use crate::helpers::{ADMIN_PASSWORD, SEEDED_LABS, TestApp, output_text};
+use crate::hostile_cml::{ESCAPES, HOSTILE, HostileCml, cml_error, register};
+
+/// `text` holds no control character but line ends: nothing a terminal
+/// would act on.
+#[track_caller]
+fn assert_printable(what: &str, text: &str) {
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{what} would reach the terminal raw: {text:?}"
+    );
+}
 
 #[tokio::test]
 async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
@@ -184,4 +198,72 @@ async fn a_bad_configuration_fails_at_start_naming_the_key() {
         "{}",
         output_text(&o)
     );
+}
+
+#[tokio::test]
+async fn human_output_escapes_the_control_characters_cml_sent_and_json_keeps_them() {
+    let t = TestApp::spawn().await;
+    let evil = format!("{ESCAPES}EVIL TITLE");
+    let lab = t
+        .sim()
+        .add_lab(LabSpec {
+            state: Some("STOPPED".into()),
+            lab_title: Some(evil.clone()),
+            ..LabSpec::default()
+        })
+        .unwrap();
+    let o = t.cli(&["refresh", "--worker", "cml-1"]).await;
+    assert!(o.status.success(), "{}", output_text(&o));
+
+    let o = t.cli(&["labs", "list", "--worker", "cml-1"]).await;
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_printable("labs list", &out);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&lab.id))
+        .expect("the lab is listed");
+    assert!(
+        line.ends_with(r"\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mEVIL TITLE"),
+        "{line}"
+    );
+    let o = t
+        .cli(&["labs", "list", "--worker", "cml-1", "--json"])
+        .await;
+    let labs: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stored = labs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lab_id"] == lab.id.as_str())
+        .unwrap();
+    assert_eq!(
+        stored["snapshot"]["title"],
+        evil.as_str(),
+        "JSON keeps the title whole"
+    );
+
+    // A delete's message and a refresh's report line carry CML's texts too.
+    let cml = HostileCml::start().await;
+    register(&t, &cml).await;
+    let running = cml.add_lab("STARTED");
+    cml.on(
+        Method::GET,
+        &format!("/api/v0/labs/{running}/state"),
+        || axum::Json(format!("{ESCAPES}STARTED")).into_response(),
+    );
+    let o = t
+        .cli(&["delete-lab", "--worker", HOSTILE, "--lab", running.as_str()])
+        .await;
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_printable("delete-lab", &out);
+    assert!(out.contains(r"\u{1b}]0;pwned"), "{out}");
+    cml.on(Method::GET, "/api/v0/labs", || {
+        cml_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{ESCAPES}boom"))
+    });
+    let o = t.cli(&["refresh", "--worker", HOSTILE]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_printable("refresh", &out);
+    assert!(out.contains("FAILED") && out.contains("boom"), "{out}");
 }

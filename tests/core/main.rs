@@ -10,6 +10,7 @@ mod events;
 mod faults;
 mod helpers;
 mod hostile;
+mod hostile_cml;
 mod model;
 mod openapi;
 mod outage;

@@ -1,11 +1,13 @@
 //! The refresh: create, update, unchanged, prune, and the prune guards.
 
 use labsync_application::domain::{HistoryEvent, LabState};
+use labsync_application::ports::AuditAction;
 use labsync_application::{RefreshOptions, RunStatus};
 use mongodb::bson::{Bson, Document, doc};
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{SEEDED_LABS, TestApp, eventually, ids};
+use crate::helpers::{ADMIN_TOKEN, SEEDED_LABS, TestApi, TestApp, eventually, ids};
 
 #[tokio::test]
 async fn a_first_refresh_creates_every_lab_with_every_field_and_a_second_writes_nothing() {
@@ -395,4 +397,79 @@ async fn lab_tiles_bring_every_labs_details_in_one_request_and_fall_back_when_th
         2 * SEEDED_LABS as u64
     );
     t.assert_matches_truth("after the fallback").await;
+}
+
+#[tokio::test]
+async fn a_dry_run_changes_no_metric_of_lab_changes_and_its_audit_entry_says_dry_run() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let refresh = |dry_run: bool| {
+        api.send(api.req(
+            Method::POST,
+            &format!("/api/v1/workers/cml-1/labs/refresh?dry_run={dry_run}"),
+            Some(ADMIN_TOKEN),
+        ))
+    };
+    let created = || async {
+        let text = api
+            .http
+            .get(api.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("labsync_lab_changes_total{kind=\"created\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let refreshes = || async {
+        t.services()
+            .audit
+            .recent(&t.worker_id(), None, 50)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == AuditAction::Refresh)
+            .collect::<Vec<_>>()
+    };
+
+    let (status, report) = refresh(true).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["dry_run"].as_bool(), report["created"].as_u64()),
+        (Some(true), Some(SEEDED_LABS as u64)),
+        "{report}"
+    );
+    assert!(t.records().await.is_empty(), "a dry run writes nothing");
+    assert_eq!(created().await, 0.0, "nothing was created");
+    let entries = refreshes().await;
+    assert_eq!(entries.len(), 1);
+    assert!(
+        entries[0].detail.contains("dry run")
+            && entries[0]
+                .detail
+                .contains(&format!("would create {SEEDED_LABS}")),
+        "{}",
+        entries[0].detail
+    );
+
+    // A real run moves the metric, and its entry says what it did.
+    let (status, _) = refresh(false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(created().await, SEEDED_LABS as f64);
+    let entries = refreshes().await;
+    assert_eq!(entries.len(), 2);
+    let real = entries
+        .iter()
+        .find(|e| !e.detail.contains("dry run"))
+        .expect("the real run's entry");
+    assert!(
+        real.detail.contains(&format!("created {SEEDED_LABS}")),
+        "{}",
+        real.detail
+    );
+    api.stop().await;
 }

@@ -10,10 +10,18 @@
 //! [`LabId`]s (lowercase hex and dashes), so nothing needs escaping.
 //!
 //! Everything CML sends is untrusted: bodies are read up to
-//! `cml.max_response_bytes`, descriptions are clipped and escaped, and a
-//! 404 is "the lab is gone" only when it is CML's own JSON error naming a
-//! lab (see [`is_lab_not_found`]); a proxy's page or a wrong base path is
-//! an unreachable CML, never a deleted lab.
+//! `cml.max_response_bytes`; every text from CML that reaches an error (a
+//! description, a state, a parser's quote, a redirect's location) is
+//! clipped and escaped; and a 404 is "the lab is gone" only when it is
+//! CML's own JSON error naming a lab (see [`is_lab_not_found`]); a proxy's
+//! page or a wrong base path is an unreachable CML, never a deleted lab.
+//!
+//! Requests go to the worker's URL and nowhere else: no redirect is
+//! followed (a 3xx is a protocol error naming where it pointed), so the
+//! password of a login, a `DELETE` or the list cannot be sent to, or be
+//! answered by, another server, and an `https://` worker's client refuses
+//! plain HTTP altogether. A `DELETE` succeeds only on CML's own `204`: any
+//! other answer, 2xx included, is not taken as a deleted lab.
 
 mod wire;
 
@@ -47,6 +55,10 @@ pub struct CmlHttpGateway {
 fn http_builder(settings: &CmlSettings) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_rustls_tls()
+        // A redirect would send the login's password, or a DELETE, to
+        // wherever CML (or whatever answers in its place) points, and take
+        // that server's answer as CML's.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(settings.connect_timeout())
         .timeout(settings.request_timeout())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -72,7 +84,8 @@ impl CmlHttpGateway {
     /// The HTTP client for a worker's TLS settings.
     fn http_for(&self, access: &WorkerAccess) -> Result<reqwest::Client, CmlError> {
         let w = &access.worker;
-        let mut builder = http_builder(&self.settings);
+        let mut builder =
+            http_builder(&self.settings).https_only(w.base_url.starts_with("https://"));
         if let Some(pem) = &w.tls.ca_cert_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
                 CmlError::Unreachable(format!("worker {}: invalid CA bundle: {e}", w.id))
@@ -192,10 +205,11 @@ impl std::fmt::Debug for CmlClient {
     }
 }
 
-/// An answer: status and body.
+/// An answer: status, body, and where a redirect pointed (never followed).
 struct Answer {
     status: StatusCode,
     body: bytes::Bytes,
+    location: Option<String>,
 }
 
 fn transport_error(e: &reqwest::Error) -> CmlError {
@@ -208,6 +222,9 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
         text.push_str(&s.to_string());
         source = s.source();
     }
+    // What a TLS or HTTP error quotes (a certificate's names, a header)
+    // came from the other end.
+    let text = clip_text(&text, MAX_TRANSPORT_ERROR);
     if e.is_timeout() {
         CmlError::Unreachable(format!("timed out: {text}"))
     } else if e.is_decode() || e.is_body() {
@@ -219,6 +236,14 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
 
 /// The most of CML's error description that reports and logs keep.
 const MAX_DESCRIPTION: usize = 200;
+
+/// The most of a transport error's text (reqwest's chain of causes).
+const MAX_TRANSPORT_ERROR: usize = 600;
+
+/// The most of a lab state that labsync keeps from `GET /labs/{id}/state`:
+/// CML's states are short words; a longer answer is clipped, and can never
+/// read as a known state.
+const MAX_STATE: usize = 64;
 
 /// CML's `{code, description}`, or the raw body when the body is something
 /// else, such as a reverse proxy's HTML page; clipped and escaped either way.
@@ -279,8 +304,11 @@ fn endpoint_label(method: &Method, path: &str) -> &'static str {
 /// The error for a non-success answer to a request about `lab` (none for
 /// requests about no lab, such as the list).
 fn status_error(a: &Answer, lab: Option<&LabId>) -> CmlError {
-    let description = describe(&a.body);
     let status = a.status.as_u16();
+    if a.status.is_redirection() {
+        return redirect_error(a);
+    }
+    let description = describe(&a.body);
     match a.status {
         StatusCode::NOT_FOUND => match lab {
             Some(lab) if is_lab_not_found(&a.body, lab) => CmlError::NotFound,
@@ -301,6 +329,22 @@ fn status_error(a: &Answer, lab: Option<&LabId>) -> CmlError {
             description,
         },
     }
+}
+
+/// A redirect, which labsync never follows: CML answers its API calls
+/// itself, and whatever points elsewhere (a proxy, a moved server, a
+/// hostile one) must not receive the login or the delete, nor answer for
+/// CML.
+fn redirect_error(a: &Answer) -> CmlError {
+    let location = a
+        .location
+        .as_deref()
+        .map_or_else(|| "nowhere".to_owned(), |l| clip_text(l, MAX_DESCRIPTION));
+    CmlError::Protocol(format!(
+        "HTTP {} redirect to {location}, not followed: labsync talks only to the worker's \
+         own URL (check the worker's base_url)",
+        a.status.as_u16()
+    ))
 }
 
 /// Reads a body of at most `max` bytes.
@@ -375,8 +419,16 @@ impl CmlClient {
         let resp = req.send().await.map_err(|e| transport_error(&e))?;
         let status = resp.status();
         timer.status(status.as_u16());
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
         let body = read_body(resp, self.max_body).await?;
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            location,
+        })
     }
 
     /// Logs in and returns the new session. `/auth_extended` rather than
@@ -476,8 +528,15 @@ impl CmlClient {
     }
 }
 
+/// Parses a small answer; the parser's message is clipped and escaped, as
+/// it quotes what CML sent (`invalid type: string "...", expected a boolean`).
 fn json<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, CmlError> {
-    serde_json::from_slice(body).map_err(|e| CmlError::Protocol(format!("{what}: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        CmlError::Protocol(format!(
+            "{what}: {}",
+            clip_text(&e.to_string(), MAX_DESCRIPTION)
+        ))
+    })
 }
 
 #[async_trait]
@@ -551,7 +610,9 @@ impl CmlGateway for CmlHttpGateway {
             .client(access)?
             .call(Method::GET, &format!("/labs/{lab}/state"), Some(lab))
             .await?;
-        Ok(LabState::parse(&json::<String>("lab state", &a.body)?))
+        let state = json::<String>("lab state", &a.body)?;
+        // It ends up in refusals, history, audit entries, events and logs.
+        Ok(LabState::parse(&clip_text(&state, MAX_STATE)))
     }
 
     async fn stop_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
@@ -581,9 +642,18 @@ impl CmlGateway for CmlHttpGateway {
     }
 
     async fn delete_lab(&self, access: &WorkerAccess, lab: &LabId) -> Result<(), CmlError> {
-        self.client(access)?
+        let a = self
+            .client(access)?
             .call(Method::DELETE, &format!("/labs/{lab}"), Some(lab))
             .await?;
+        // CML answers 204 "Lab successfully deleted" (the 2.9 spec, and
+        // the simulator). Any other success is not CML saying so.
+        if a.status != StatusCode::NO_CONTENT {
+            return Err(CmlError::Protocol(format!(
+                "DELETE of lab {lab} answered HTTP {}, not CML's 204: not taken as deleted",
+                a.status.as_u16()
+            )));
+        }
         Ok(())
     }
 }
@@ -597,6 +667,7 @@ mod tests {
         let a = |status: u16, body: &str| Answer {
             status: StatusCode::from_u16(status).unwrap(),
             body: bytes::Bytes::from(body.to_owned()),
+            location: None,
         };
         assert_eq!(
             status_error(
@@ -632,11 +703,53 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_is_a_protocol_error_naming_where_it_pointed_clipped_and_escaped() {
+        let lab = LabId::parse("a6a334de-b497-47ae-bbff-44a83f890114").unwrap();
+        let far = format!("http://elsewhere.example/\u{1b}[2J{}", "x".repeat(5000));
+        for status in [301, 302, 303, 307, 308] {
+            for location in [Some(far.clone()), None] {
+                let a = Answer {
+                    status: StatusCode::from_u16(status).unwrap(),
+                    body: bytes::Bytes::new(),
+                    location: location.clone(),
+                };
+                for about in [None, Some(&lab)] {
+                    let CmlError::Protocol(m) = status_error(&a, about) else {
+                        panic!("{status} {location:?}: {:?}", status_error(&a, about))
+                    };
+                    assert!(m.contains(&format!("HTTP {status} redirect to ")), "{m}");
+                    assert!(m.contains("not followed"), "{m}");
+                    if location.is_some() {
+                        assert!(m.contains("http://elsewhere.example/\\u{1b}[2J"), "{m}");
+                    }
+                    assert!(m.len() <= 400, "{} bytes", m.len());
+                    assert!(!m.chars().any(char::is_control), "{m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn what_a_parser_quotes_from_cml_is_clipped_and_escaped() {
+        let huge = serde_json::to_vec(&format!("\u{1b}[2J{}", "y".repeat(3 << 20))).unwrap();
+        let Err(CmlError::Protocol(m)) = json::<bool>("check_if_converged", &huge) else {
+            unreachable!()
+        };
+        assert!(
+            m.starts_with("check_if_converged: invalid type: string"),
+            "{m:.300}"
+        );
+        assert!(m.len() <= 300, "{} bytes", m.len());
+        assert!(!m.chars().any(char::is_control), "{m}");
+    }
+
+    #[test]
     fn only_cmls_own_404_about_a_lab_means_the_lab_is_gone() {
         let lab = LabId::parse("a6a334de-b497-47ae-bbff-44a83f890114").unwrap();
         let a = |body: &str| Answer {
             status: StatusCode::NOT_FOUND,
             body: bytes::Bytes::from(body.to_owned()),
+            location: None,
         };
         for gone in [
             format!(r#"{{"code": 404, "description": "Lab not found: {lab}"}}"#),

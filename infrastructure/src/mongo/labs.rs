@@ -87,9 +87,9 @@ pub const MAX_BSON_OBJECT: usize = 16 * 1024 * 1024;
 
 /// Room kept for what the server adds to a document (`_id`) or a command
 /// (its name, options, framing).
-const ENVELOPE: usize = 64 * 1024;
+pub(crate) const ENVELOPE: usize = 64 * 1024;
 
-fn bson_size(d: &Document) -> usize {
+pub(crate) fn bson_size(d: &Document) -> usize {
     // Serializing a Document cannot fail; a failure would count as too large.
     mongodb::bson::to_vec(d).map_or(usize::MAX, |v| v.len())
 }

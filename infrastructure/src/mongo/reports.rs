@@ -1,4 +1,10 @@
 //! [`RunReports`] on MongoDB: one document per refresh run, `_id` = run id.
+//!
+//! Every run is stored, whatever its texts hold: a report that would not
+//! fit a MongoDB document (16 MiB, which labsync enforces itself: the test
+//! server takes larger ones) is cut down first, its texts clipped and its
+//! failures after the first few left out, with a `note` saying so. A report
+//! that is not stored leaves its worker looking healthy.
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -9,7 +15,9 @@ use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::{Collection, Database};
 
 use super::convert::date;
+use super::labs::{ENVELOPE, MAX_BSON_OBJECT, bson_size};
 use super::{collections, map_error};
+use crate::cml::clip_text;
 
 #[derive(Debug, Clone)]
 pub struct MongoRunReports {
@@ -26,12 +34,63 @@ impl MongoRunReports {
 
 const DATE_FIELDS: [&str; 2] = ["started_at", "finished_at"];
 
-fn to_doc(report: &RunReport) -> Result<Document, RepoError> {
+/// The most a stored report may take.
+const MAX_REPORT: usize = MAX_BSON_OBJECT - ENVELOPE;
+/// What a cut-down report keeps of each text, and how many failures.
+const MAX_CUT_TEXT: usize = 4096;
+const MAX_CUT_FAILURES: usize = 20;
+
+fn encode(report: &RunReport) -> Result<Document, RepoError> {
     let mut d = bson::to_document(report).map_err(|e| RepoError::Other(e.to_string()))?;
     d.insert("_id", report.run_id.clone());
     d.insert("started_at", date(report.started_at));
     d.insert("finished_at", date(report.finished_at));
     Ok(d)
+}
+
+/// The document to store: the report as it is, or cut down to fit.
+fn to_doc(report: &RunReport) -> Result<Document, RepoError> {
+    let d = encode(report)?;
+    let size = bson_size(&d);
+    if size <= MAX_REPORT {
+        return Ok(d);
+    }
+    encode(&cut_down(report, size))
+}
+
+/// `report` with every text clipped to [`MAX_CUT_TEXT`] and at most
+/// [`MAX_CUT_FAILURES`] failures (a few KB at most), and a note saying so.
+fn cut_down(report: &RunReport, size: usize) -> RunReport {
+    let mut r = report.clone();
+    let left_out = r.failures.len().saturating_sub(MAX_CUT_FAILURES);
+    r.failures.truncate(MAX_CUT_FAILURES);
+    for f in &mut r.failures {
+        f.error = clip_text(&f.error, MAX_CUT_TEXT);
+    }
+    for text in [
+        &mut r.error,
+        &mut r.hold_reason,
+        &mut r.skip_reason,
+        &mut r.note,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *text = clip_text(text, MAX_CUT_TEXT);
+    }
+    r.note = Some(format!(
+        "this report was {size} bytes, more than a MongoDB document may hold: it was cut \
+         down to be stored (texts clipped to {MAX_CUT_TEXT} bytes{}){}",
+        if left_out > 0 {
+            format!(", {left_out} failures left out")
+        } else {
+            String::new()
+        },
+        r.note
+            .as_deref()
+            .map_or_else(String::new, |n| format!("; {n}"))
+    ));
+    r
 }
 
 fn from_doc(mut d: Document) -> Result<RunReport, RepoError> {
