@@ -553,6 +553,45 @@ mod tests {
     }
 
     #[test]
+    fn roles_read_and_print_as_their_words_only() {
+        for (word, role) in [
+            ("viewer", Role::Viewer),
+            ("operator", Role::Operator),
+            ("admin", Role::Admin),
+        ] {
+            assert_eq!(Role::parse(word), Some(role));
+            assert_eq!(role.as_str(), word);
+        }
+        assert_eq!(Role::parse("Admin"), None);
+        assert_eq!(Role::parse(""), None);
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    #[test]
+    fn a_token_entry_needs_a_plain_name_a_role_and_a_sha256() {
+        let hash = "ab".repeat(32);
+        let t = ApiToken::parse(&format!("ui-1_a.b:operator:{hash}")).unwrap();
+        assert_eq!((t.name.as_str(), t.role), ("ui-1_a.b", Role::Operator));
+        assert_eq!(t.sha256, [0xab; 32]);
+        for bad in [
+            format!(":admin:{hash}"),
+            format!("a b:admin:{hash}"),
+            format!("é:admin:{hash}"),
+            format!("ui:root:{hash}"),
+            "ui:admin:abcd".to_owned(),
+            "ui:admin".to_owned(),
+        ] {
+            assert!(ApiToken::parse(&bad).is_err(), "{bad}");
+        }
+        let shown = format!("{t:?}");
+        assert!(
+            shown.contains("ui-1_a.b") && shown.contains("Operator"),
+            "{shown}"
+        );
+        assert!(!shown.contains("abab") && !shown.contains("171"), "{shown}");
+    }
+
+    #[test]
     fn defaults_refresh_every_30_minutes_against_local_mongodb() {
         let s = Settings::load_from(None, env(&[])).expect("defaults load");
         assert_eq!(s.refresh.cron, "0 */30 * * * *");

@@ -1266,3 +1266,71 @@ async fn a_run_report_too_large_for_a_document_is_stored_cut_down_with_a_note_sa
         "{note}"
     );
 }
+
+// ---------------------------------------------------------------- driver errors
+
+#[tokio::test]
+async fn driver_errors_are_translated_once_by_their_codes() {
+    use labsync_application::RepoError;
+    use labsync_infrastructure::mongo::{error_code, map_error};
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let leases = db.collection::<Document>(collections::LEASES);
+    leases.insert_one(doc! {"_id": "x"}).await.unwrap();
+    let dup = leases.insert_one(doc! {"_id": "x"}).await.unwrap_err();
+    assert_eq!(error_code(&dup), Some(11000));
+    assert!(matches!(map_error(dup), RepoError::Duplicate(_)));
+    let unknown = db.run_command(doc! {"noSuchCommand": 1}).await.unwrap_err();
+    let code = error_code(&unknown).expect("a command error has a code");
+    assert_ne!(code, 11000);
+    assert!(matches!(map_error(unknown), RepoError::Other(_)));
+}
+
+#[tokio::test]
+async fn an_old_lease_expiry_index_goes_and_indexes_are_made_twice_alike() {
+    let db = labsync_test_support::test_database().await;
+    let leases = db.collection::<Document>(collections::LEASES);
+    leases
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"expires_at": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name("lease_ttl".to_owned())
+                        .expire_after(Duration::ZERO)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    ensure_indexes(&db).await.unwrap();
+    assert!(
+        !leases
+            .list_index_names()
+            .await
+            .unwrap()
+            .contains(&"lease_ttl".to_owned())
+    );
+    ensure_indexes(&db).await.expect("a second start-up");
+}
+
+#[tokio::test]
+async fn an_invalid_mongodb_uri_is_refused_without_showing_it() {
+    let settings: labsync_infrastructure::configuration::MongoSettings =
+        serde_json::from_value(serde_json::json!({
+            "uri": "mongodb://labsync:pa55-secret@db.invalid:99999/?authSource=admin",
+            "database": "labsync",
+            "server_selection_timeout_ms": 1000,
+            "connect_timeout_ms": 1000,
+        }))
+        .unwrap();
+    let err = labsync_infrastructure::mongo::connect(&settings)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "cannot use MongoDB database \"labsync\": invalid MongoDB URI (value not shown: it may contain credentials)"
+    );
+}
