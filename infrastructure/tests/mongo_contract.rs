@@ -1334,3 +1334,261 @@ async fn an_invalid_mongodb_uri_is_refused_without_showing_it() {
         "cannot use MongoDB database \"labsync\": invalid MongoDB URI (value not shown: it may contain credentials)"
     );
 }
+
+// ---------------------------------------------------------------- event relay
+
+/// A sink on a bare socket: answers each POST with the status `script`
+/// gives its number, after `delay`, and records the events' ids and the
+/// most requests it had in flight at once.
+#[derive(Clone, Default)]
+struct Sink {
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, u16)>>>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Sink {
+    async fn start(delay: Duration, script: fn(usize) -> u16) -> (Self, String) {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sink = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let s = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = conn.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            continue;
+                        }
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap();
+                        buf.drain(..end + 4 + length);
+                        let now = s.in_flight.fetch_add(1, SeqCst) + 1;
+                        s.max_in_flight.fetch_max(now, SeqCst);
+                        tokio::time::sleep(delay).await;
+                        let status = {
+                            let mut r = s.received.lock().unwrap();
+                            let status = script(r.len());
+                            r.push((body["id"].as_str().unwrap().to_owned(), status));
+                            status
+                        };
+                        s.in_flight.fetch_sub(1, SeqCst);
+                        let answer = format!(
+                            "HTTP/1.1 {status} X\r\nlocation: http://127.0.0.1:9/elsewhere\r\ncontent-length: 0\r\n\r\n"
+                        );
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (sink, url)
+    }
+
+    fn received(&self) -> Vec<(String, u16)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn relay(
+    db: &Database,
+    url: &str,
+    max_in_flight: usize,
+    metrics: &labsync_infrastructure::metrics::Metrics,
+) -> outbox::EventRelay {
+    outbox::EventRelay::new(
+        db,
+        outbox::RelaySettings {
+            sink_url: Some(url.to_owned().into()),
+            poll_interval: Duration::from_millis(10),
+            request_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+            max_in_flight,
+        },
+        Some(metrics.clone()),
+    )
+    .unwrap()
+}
+
+/// An event of `lab` made at `ms` past a fixed time, pending.
+async fn pending_event(db: &Database, w: &WorkerId, lab: LabId, ms: i64) -> LabEvent {
+    let at = DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap();
+    let e = LabEvent::new(LabEventKind::Changed, w, lab, at, serde_json::json!({}));
+    db.collection::<Document>(collections::OUTBOX)
+        .insert_one(outbox::outbox_doc(&e, RETENTION).unwrap())
+        .await
+        .unwrap();
+    e
+}
+
+async fn event_doc(db: &Database, e: &LabEvent) -> Document {
+    db.collection::<Document>(collections::OUTBOX)
+        .find_one(doc! {"_id": &e.id})
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_labs_later_events_wait_for_its_failed_one_and_other_labs_do_not() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    // The first request fails.
+    let (sink, url) = Sink::start(Duration::ZERO, |n| if n == 0 { 503 } else { 202 }).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 1, &metrics);
+    let w = worker("cml-1");
+    let (a, b) = (lab(), lab());
+    let a1 = pending_event(&db, &w, a, 1).await;
+    let a2 = pending_event(&db, &w, a, 2).await;
+    let b1 = pending_event(&db, &w, b, 3).await;
+
+    relay.measure().await.unwrap();
+    assert!(
+        metrics
+            .render()
+            .contains("labsync_outbox_undelivered_events 3"),
+        "{}",
+        metrics.render()
+    );
+    assert_eq!(relay.deliver_due().await.unwrap(), 1, "b1 only");
+    assert_eq!(
+        sink.received(),
+        [(a1.id.clone(), 503), (b1.id.clone(), 202)]
+    );
+    let failed = event_doc(&db, &a1).await;
+    assert_eq!(
+        (
+            failed.get_str("status").unwrap(),
+            failed.get_i64("attempts").unwrap()
+        ),
+        ("pending", 1)
+    );
+    assert!(failed.get_str("last_error").unwrap().contains("503"));
+    assert!(
+        failed.get_datetime("next_attempt_at").unwrap().to_chrono()
+            > Utc::now() + TimeDelta::milliseconds(500),
+        "backing off"
+    );
+    assert_eq!(
+        event_doc(&db, &a2).await.get_i64("attempts").unwrap(),
+        0,
+        "a2 waits behind a1"
+    );
+    assert_eq!(
+        event_doc(&db, &b1).await.get_str("status").unwrap(),
+        "delivered"
+    );
+
+    db.collection::<Document>(collections::OUTBOX)
+        .update_one(
+            doc! {"_id": &a1.id},
+            doc! {"$set": {"next_attempt_at": mongodb::bson::DateTime::from_millis(0)}},
+        )
+        .await
+        .unwrap();
+    assert_eq!(relay.deliver_due().await.unwrap(), 2);
+    let order: Vec<String> = sink
+        .received()
+        .into_iter()
+        .skip(2)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        order,
+        [a1.id.clone(), a2.id.clone()],
+        "in the order they were made"
+    );
+    assert_eq!(relay.deliver_due().await.unwrap(), 0, "nothing twice");
+    relay.measure().await.unwrap();
+    assert!(
+        metrics
+            .render()
+            .contains("labsync_outbox_undelivered_events 0")
+    );
+    assert!(
+        metrics
+            .render()
+            .contains("labsync_outbox_oldest_undelivered_age_seconds 0")
+    );
+}
+
+#[tokio::test]
+async fn a_staged_older_event_holds_its_lab_back_and_a_redirect_is_a_failure() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let (sink, url) = Sink::start(Duration::ZERO, |_| 302).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 4, &metrics);
+    let w = worker("cml-1");
+    let (a, b) = (lab(), lab());
+    let staged = LabEvent::new(
+        LabEventKind::Changed,
+        &w,
+        a,
+        DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        serde_json::json!({}),
+    );
+    db.collection::<Document>(collections::OUTBOX)
+        .insert_one(outbox::staged_doc(&staged, RETENTION, None).unwrap())
+        .await
+        .unwrap();
+    let later = pending_event(&db, &w, a, 5).await;
+    let other = pending_event(&db, &w, b, 6).await;
+    assert_eq!(relay.deliver_due().await.unwrap(), 0);
+    assert_eq!(
+        sink.received(),
+        [(other.id.clone(), 302)],
+        "only b's event was sent"
+    );
+    let d = event_doc(&db, &other).await;
+    assert_eq!(d.get_str("status").unwrap(), "pending");
+    assert!(
+        d.get_str("last_error").unwrap().contains("no redirects"),
+        "{d}"
+    );
+    assert_eq!(event_doc(&db, &later).await.get_i64("attempts").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn events_of_different_labs_go_in_parallel_up_to_the_bound() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let (sink, url) = Sink::start(Duration::from_millis(100), |_| 200).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 3, &metrics);
+    let w = worker("cml-1");
+    for n in 0..7 {
+        pending_event(&db, &w, lab(), n).await;
+    }
+    assert_eq!(relay.deliver_due().await.unwrap(), 7);
+    assert_eq!(sink.received().len(), 7);
+    assert_eq!(
+        sink.max_in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}

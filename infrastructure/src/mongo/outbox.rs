@@ -400,7 +400,10 @@ impl EventRelay {
     }
 
     /// Measures the undelivered events for the backlog metrics.
-    async fn measure(&self) -> Result<(), RepoError> {
+    ///
+    /// # Errors
+    /// [`RepoError`] when the outbox cannot be read.
+    pub async fn measure(&self) -> Result<(), RepoError> {
         let Some(metrics) = &self.metrics else {
             return Ok(());
         };
