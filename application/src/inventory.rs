@@ -163,7 +163,7 @@ impl Inventory {
         password: SecretString,
         actor: &str,
     ) -> Result<WorkerOverview, AppError> {
-        worker.check_transport().map_err(AppError::Invalid)?;
+        worker.validate().map_err(AppError::Invalid)?;
         match self.services.workers.add(&worker, &password).await {
             Ok(()) => {}
             Err(RepoError::Duplicate(_)) => return Err(AppError::WorkerExists(worker.id)),
@@ -225,11 +225,9 @@ impl Inventory {
         if changes.password.is_some() {
             changed.push("password");
         }
-        if worker.tls.insecure && worker.tls.ca_cert_pem.is_some() {
-            return Err(AppError::Invalid(
-                "a worker has a CA bundle or is insecure, not both".into(),
-            ));
-        }
+        // The same check as a registration: a change cannot store what
+        // registering would refuse.
+        worker.validate().map_err(AppError::Invalid)?;
         // Whoever may change the URL must not thereby learn the password:
         // it goes to a new place (or as a new user) only when given again.
         // Nor by loosening how it is protected on the way (a CA of one's
@@ -243,7 +241,6 @@ impl Inventory {
                 "changing a worker's URL, username or TLS settings needs its password again".into(),
             ));
         }
-        worker.check_transport().map_err(AppError::Invalid)?;
         if !self
             .services
             .workers

@@ -82,14 +82,17 @@ fn warnings(w: &labsync_application::domain::Worker) -> Vec<String> {
 pub struct WorkerCreate {
     /// A slug: 1-63 of a-z, 0-9 and '-'.
     pub id: String,
+    /// 1 to 200 characters, no control characters; default: the id.
     pub name: Option<String>,
     /// `https://host[:port]`; labsync adds `/api/v0`.
     pub base_url: String,
-    /// A CML admin account (labsync lists every user's labs).
+    /// A CML admin account (labsync lists every user's labs): 1 to 200
+    /// characters, no control characters.
     pub username: String,
-    /// Write-only.
+    /// Write-only; not empty.
     pub password: String,
-    /// PEM bundle of the CA(s) that signed the server's certificate.
+    /// PEM bundle of the CA(s) that signed the server's certificate; not
+    /// together with `insecure`.
     pub ca_cert_pem: Option<String>,
     #[serde(default)]
     pub insecure: bool,
@@ -109,7 +112,8 @@ fn yes() -> bool {
     true
 }
 
-/// Changes a worker; absent fields stay as they are.
+/// Changes a worker; absent fields stay as they are. The changed worker
+/// must pass the same checks as a new one (see [`WorkerCreate`]).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerPatch {

@@ -43,23 +43,11 @@ pub async fn create_worker(
 ) -> ApiResult<(StatusCode, Json<WorkerView>)> {
     let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
     let base_url = parse_base_url(&body.base_url).map_err(ApiError::bad_request)?;
-    if body.password.is_empty() || body.username.is_empty() {
-        return Err(ApiError::bad_request(
-            "username and password must not be empty",
-        ));
+    if body.password.is_empty() {
+        return Err(ApiError::bad_request("password must not be empty"));
     }
-    if body.insecure && body.ca_cert_pem.is_some() {
-        return Err(ApiError::bad_request(
-            "give a CA bundle or insecure, not both",
-        ));
-    }
-    if let Some(pem) = &body.ca_cert_pem
-        && !pem.contains("-----BEGIN CERTIFICATE-----")
-    {
-        return Err(ApiError::bad_request(
-            "ca_cert_pem is not a PEM certificate bundle",
-        ));
-    }
+    // Everything else about the worker is checked by the use case, the
+    // same way for a registration and a change (`Worker::validate`).
     let worker = Worker {
         name: body.name.unwrap_or_else(|| id.to_string()),
         id,

@@ -1,0 +1,94 @@
+//! The API's hostile edges: what rough clients did to the release binary,
+//! one test each, through the real server over TCP. Floods are bounded,
+//! stay on the loopback interface and stop by themselves.
+
+use mongodb::bson::{Document, doc};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, TestApi, TestApp};
+
+/// Checks the RFC 9457 shape and the problem's type.
+fn assert_problem(status: StatusCode, body: &Value, want: u16, kind: &str) {
+    assert_eq!(status.as_u16(), want, "{body}");
+    assert_eq!(body["status"], want, "{body}");
+    assert_eq!(
+        body["type"],
+        format!("urn:labsync:problem:{kind}").as_str(),
+        "{body}"
+    );
+    for key in ["title", "detail", "request_id"] {
+        assert!(
+            body[key].as_str().is_some_and(|s| !s.is_empty()),
+            "{key} missing: {body}"
+        );
+    }
+}
+
+/// The stored worker document, read from the raw collection (not through
+/// the repository and its cache).
+async fn stored_worker(t: &TestApp, id: &str) -> Document {
+    t.app
+        .db
+        .collection::<Document>("workers")
+        .find_one(doc! {"_id": id})
+        .await
+        .unwrap()
+        .expect("the worker document")
+}
+
+#[tokio::test]
+async fn patch_refuses_what_post_refuses_and_changes_nothing() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let before = stored_worker(&t, "cml-1").await;
+    for bad in [
+        json!({"username": "", "password": ADMIN_PASSWORD}),
+        json!({"username": "ad\u{0}min", "password": ADMIN_PASSWORD}),
+        json!({"ca_cert_pem": "not a certificate", "password": ADMIN_PASSWORD}),
+        json!({"name": "evil\u{0}name"}),
+        json!({"name": "bell\u{7}"}),
+        json!({"name": "two\nlines"}),
+        json!({"name": ""}),
+        json!({"name": "n".repeat(201)}),
+    ] {
+        let (s, body) = api
+            .send(
+                api.req(Method::PATCH, "/api/v1/workers/cml-1", Some(ADMIN_TOKEN))
+                    .json(&bad),
+            )
+            .await;
+        assert_problem(s, &body, 400, "invalid-request");
+        assert_eq!(
+            stored_worker(&t, "cml-1").await,
+            before,
+            "{bad} changed nothing"
+        );
+    }
+    let url = t.sim().base_url();
+    for bad in [
+        json!({"id": "w-name", "name": "evil\u{0}name"}),
+        json!({"id": "w-user", "username": "ad\u{7}min"}),
+        json!({"id": "w-pem", "ca_cert_pem": "not a certificate"}),
+    ] {
+        let mut create = json!({"base_url": url, "username": "admin", "password": ADMIN_PASSWORD, "allow_http": true});
+        for (k, v) in bad.as_object().unwrap() {
+            create[k] = v.clone();
+        }
+        let (s, body) = api
+            .send(
+                api.req(Method::POST, "/api/v1/workers", Some(ADMIN_TOKEN))
+                    .json(&create),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{create}: {body}");
+    }
+    let (s, body) = api
+        .send(
+            api.req(Method::PATCH, "/api/v1/workers/cml-1", Some(ADMIN_TOKEN))
+                .json(&json!({"name": "Lab server 1 (Zürich)"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "a good name still goes through: {body}");
+    api.stop().await;
+}
