@@ -6,7 +6,7 @@ use mongodb::bson::{Document, doc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, TestApi, TestApp};
+use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
 
 /// Checks the RFC 9457 shape and the problem's type.
 fn assert_problem(status: StatusCode, body: &Value, want: u16, kind: &str) {
@@ -35,6 +35,42 @@ async fn stored_worker(t: &TestApp, id: &str) -> Document {
         .await
         .unwrap()
         .expect("the worker document")
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_read_in_any_case() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    for header in [
+        format!("Bearer {VIEWER_TOKEN}"),
+        format!("bearer {VIEWER_TOKEN}"),
+        format!("BEARER {VIEWER_TOKEN}"),
+        format!("bEaReR   {VIEWER_TOKEN}"),
+    ] {
+        let (s, body) = api
+            .send(
+                api.http
+                    .get(api.url("/api/v1/workers"))
+                    .header("authorization", &header),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{header:.12}: {body}");
+    }
+    for header in [
+        format!("Basic {VIEWER_TOKEN}"),
+        format!("Bearer{VIEWER_TOKEN}"),
+        format!("Bearers {VIEWER_TOKEN}"),
+    ] {
+        let (s, body) = api
+            .send(
+                api.http
+                    .get(api.url("/api/v1/workers"))
+                    .header("authorization", &header),
+            )
+            .await;
+        assert_problem(s, &body, 401, "unauthorized");
+    }
+    api.stop().await;
 }
 
 #[tokio::test]
