@@ -69,6 +69,34 @@ impl ApiState {
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The longest `x-request-id` from a client that is kept.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a client's `x-request-id` may name its request: the id goes
+/// into every error body and log line of the request, so only a short id
+/// of letters, digits and `-_.` is kept (a UUID, a trace id).
+pub fn acceptable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+}
+
+/// Drops a client's `x-request-id` that is not acceptable (or is given
+/// twice), so that the next layer makes a new one.
+async fn screen_request_id(mut request: Request, next: Next) -> Response {
+    let ids = request.headers().get_all(REQUEST_ID);
+    let mut count = 0;
+    let acceptable = ids.iter().all(|v| {
+        count += 1;
+        acceptable_request_id(v.as_bytes())
+    });
+    if !acceptable || count > 1 {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(request).await
+}
+
 /// Makes every error a problem+json that names the request, and counts
 /// requests for `/metrics`.
 async fn problems(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -218,5 +246,36 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(screen_request_id))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_short_plain_request_ids_are_kept() {
+        for good in [
+            "a",
+            "abc-123_X.9",
+            "0b3c1f1e-4d7a-4c59-9f0a-3e1d2c4b5a69",
+            &"a".repeat(MAX_REQUEST_ID_LEN),
+        ] {
+            assert!(acceptable_request_id(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "",
+            "two words",
+            "<script>",
+            "a\"b",
+            "%0d%0a",
+            "é",
+            "a/b",
+            &"a".repeat(MAX_REQUEST_ID_LEN + 1),
+        ] {
+            assert!(!acceptable_request_id(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!acceptable_request_id(b"a\xffb"));
+    }
 }

@@ -128,3 +128,43 @@ async fn patch_refuses_what_post_refuses_and_changes_nothing() {
     assert_eq!(s, StatusCode::OK, "a good name still goes through: {body}");
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_id_is_echoed_only_when_short_and_plain() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let ask = |id: &str| {
+        api.http
+            .get(api.url("/api/v1/workers/cml-9"))
+            .bearer_auth(VIEWER_TOKEN)
+            .header("x-request-id", id)
+            .send()
+    };
+    for good in ["abc-123_X.9", "0b3c1f1e-4d7a-4c59-9f0a-3e1d2c4b5a69"] {
+        let r = ask(good).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], good);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["request_id"], good, "{body}");
+    }
+    let long = "a".repeat(65);
+    for bad in [
+        "<script>alert(1)</script>",
+        "\"}, \"admin\": true, \"x\": {\"",
+        "two words",
+        "%0d%0ainjected",
+        long.as_str(),
+    ] {
+        let r = ask(bad).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let echoed = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(echoed, bad);
+        assert!(
+            uuid::Uuid::parse_str(&echoed).is_ok(),
+            "a new id instead of {bad:?}: {echoed:?}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["request_id"], echoed.as_str(), "{body}");
+        assert!(!body.to_string().contains(bad), "{body}");
+    }
+    api.stop().await;
+}
