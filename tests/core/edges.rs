@@ -38,6 +38,40 @@ async fn stored_worker(t: &TestApp, id: &str) -> Document {
 }
 
 #[tokio::test]
+async fn an_error_larger_than_a_mebibyte_stays_a_problem_document() {
+    // A body limit above the size the problem middleware reads, and a
+    // member name of 1.5 MB that the JSON error repeats.
+    let t = TestApp::spawn_with(1, &[("LABSYNC__API__BODY_LIMIT_BYTES", "4194304")]).await;
+    let api = TestApi::start(&t).await;
+    let member = "x".repeat(1_500_000);
+    let body = format!(r#"{{"{member}": 1}}"#);
+    let r = api
+        .req(Method::POST, "/api/v1/workers", Some(ADMIN_TOKEN))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/problem+json",
+        "{status}"
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 16 * 1024, "the answer is {} bytes", text.len());
+    let problem: Value = serde_json::from_str(&text).expect("a JSON document");
+    assert_problem(status, &problem, 400, "invalid-body");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("Failed to deserialize the JSON body")
+            && detail.ends_with("characters cut)"),
+        "the detail keeps its beginning and says it was cut: {problem}"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn the_bearer_scheme_is_read_in_any_case() {
     let t = TestApp::spawn().await;
     let api = TestApi::start(&t).await;
