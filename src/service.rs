@@ -111,6 +111,7 @@ pub async fn start_with(
         metrics: app.metrics.clone(),
         db: app.db.clone(),
         scheduler_running: scheduler_running.clone(),
+        metrics_auth: settings.api.metrics_auth,
     };
     if state.tokens.is_empty() {
         warn!("no api.tokens configured: every API call except probes will be refused");

@@ -42,6 +42,33 @@ pub struct ApiSettings {
     pub shutdown_grace_secs: u64,
     /// `name:role:sha256hex` entries; see [`ApiToken::parse`].
     pub tokens: Vec<String>,
+    /// Who may read `/metrics` (its labels name every worker).
+    pub metrics_auth: MetricsAuth,
+}
+
+/// Who may read `/metrics`: anyone, a token of at least a role, or no one
+/// (the route answers 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAuth {
+    Open,
+    Viewer,
+    Operator,
+    Admin,
+    Off,
+}
+
+impl MetricsAuth {
+    /// The role a token needs; `None` when no token is needed or when the
+    /// metrics are off.
+    pub fn role(self) -> Option<Role> {
+        match self {
+            Self::Viewer => Some(Role::Viewer),
+            Self::Operator => Some(Role::Operator),
+            Self::Admin => Some(Role::Admin),
+            Self::Open | Self::Off => None,
+        }
+    }
 }
 
 /// Who may call the API, and what they may do.
@@ -532,6 +559,7 @@ mod tests {
         assert_eq!(s.mongodb.uri.expose_secret(), "mongodb://127.0.0.1:27017");
         assert_eq!(s.mongodb.database, "labsync");
         assert_eq!(s.log.format, LogFormat::Human);
+        assert_eq!(s.api.metrics_auth, MetricsAuth::Viewer);
     }
 
     #[test]
@@ -605,6 +633,7 @@ mod tests {
             ("LABSYNC__API__TOKENS", "ui:superuser:00", "api.tokens"),
             ("LABSYNC__API__LISTEN", "everywhere", "api.listen"),
             ("LABSYNC__EVENTS__SINK_URL", "ftp://x", "events.sink_url"),
+            ("LABSYNC__API__METRICS_AUTH", "everyone", "metrics_auth"),
             (
                 "LABSYNC__SECURITY__ENCRYPTION_KEY",
                 "not base64!",

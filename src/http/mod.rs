@@ -22,7 +22,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use labsync_application::{DeleteQueue, Inventory, Services};
-use labsync_infrastructure::configuration::ApiToken;
+use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
 use mongodb::Database;
 use mongodb::bson::doc;
@@ -44,6 +44,8 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub db: Database,
     pub scheduler_running: Arc<AtomicBool>,
+    /// Who may read `/metrics`.
+    pub metrics_auth: MetricsAuth,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -244,8 +246,13 @@ async fn declared_length(
     Ok(next.run(request).await)
 }
 
-async fn fallback() -> ApiError {
+/// The answer for a route that is not there.
+fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+}
+
+async fn fallback() -> ApiError {
+    not_found()
 }
 
 /// The whole API.

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
 use labsync_application::ports::LabQuery;
@@ -11,10 +11,11 @@ use labsync_application::{
     AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunStatus, Trigger,
     WorkerChanges,
 };
+use labsync_infrastructure::configuration::MetricsAuth;
 use secrecy::SecretString;
 
 use super::ApiState;
-use super::auth::{Admin, Operator, Viewer};
+use super::auth::{self, Admin, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use super::problem::{ApiError, Problem};
@@ -418,12 +419,23 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
 }
 
 #[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
+    description = "Who may read the metrics is `api.metrics_auth`: by default a token of at least the viewer role; \
+        `open` needs none, `off` answers 404.",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "The metrics are off", body = Problem)),
+    security(("token" = []), ()))]
+pub async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<Response> {
+    match (s.metrics_auth, s.metrics_auth.role()) {
+        (MetricsAuth::Off, _) => return Err(super::not_found()),
+        (_, Some(role)) => auth::caller(&headers, &s.tokens)?.require(role)?,
+        (_, None) => {}
+    }
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
     )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",

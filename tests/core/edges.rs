@@ -6,7 +6,7 @@ use mongodb::bson::{Document, doc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
+use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
 
 /// Checks the RFC 9457 shape and the problem's type.
 fn assert_problem(status: StatusCode, body: &Value, want: u16, kind: &str) {
@@ -201,4 +201,48 @@ async fn a_request_id_is_echoed_only_when_short_and_plain() {
         assert!(!body.to_string().contains(bad), "{body}");
     }
     api.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_need_a_viewer_token_by_default_and_follow_the_setting() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let (s, body) = api.send(api.http.get(api.url("/metrics"))).await;
+    assert_problem(s, &body, 401, "unauthorized");
+    for path in ["/metrics", "/api/v1/metrics"] {
+        let r = api
+            .http
+            .get(api.url(path))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("labsync_http_requests_total")
+        );
+    }
+    api.stop().await;
+
+    for (setting, token, want) in [
+        ("open", None, 200),
+        ("admin", Some(OPERATOR_TOKEN), 403),
+        ("admin", Some(ADMIN_TOKEN), 200),
+        ("off", Some(ADMIN_TOKEN), 404),
+    ] {
+        let t = TestApp::spawn_with(1, &[("LABSYNC__API__METRICS_AUTH", setting)]).await;
+        let api = TestApi::start(&t).await;
+        let (s, body) = api.send(api.req(Method::GET, "/metrics", token)).await;
+        assert_eq!(s.as_u16(), want, "metrics_auth={setting}: {body}");
+        api.stop().await;
+    }
+    let refused = labsync_infrastructure::configuration::Settings::from_overrides(&[(
+        "LABSYNC__API__METRICS_AUTH",
+        "everyone",
+    )])
+    .unwrap_err();
+    assert!(refused.to_string().contains("metrics_auth"), "{refused}");
 }
