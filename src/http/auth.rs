@@ -26,6 +26,13 @@ impl Caller {
         format!("api:{}", self.name)
     }
 
+    /// Whether the caller may read what labsync knows about a worker's
+    /// CML beyond the inventory: the texts of run errors, which name its
+    /// account, addresses and what it said. Admins, who manage workers.
+    pub fn may_read_worker_details(&self) -> bool {
+        self.role >= Role::Admin
+    }
+
     /// # Errors
     /// 403 when the caller's role is below `role`.
     pub fn require(&self, role: Role) -> Result<(), ApiError> {

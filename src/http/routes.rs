@@ -15,7 +15,7 @@ use labsync_infrastructure::configuration::MetricsAuth;
 use secrecy::SecretString;
 
 use super::ApiState;
-use super::auth::{self, Admin, Operator, Viewer};
+use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use super::problem::{ApiError, Problem};
@@ -27,10 +27,26 @@ type ApiResult<T> = Result<T, ApiError>;
     security(("token" = [])))]
 pub async fn list_workers(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
 ) -> ApiResult<Json<Vec<WorkerView>>> {
     let workers = s.inventory.workers().await?;
-    Ok(Json(workers.into_iter().map(WorkerView::from).collect()))
+    Ok(Json(
+        workers
+            .into_iter()
+            .map(|w| worker_view(w, &caller))
+            .collect(),
+    ))
+}
+
+/// A worker as `caller` may see it: run errors only for those who may
+/// read a worker's details.
+fn worker_view(w: labsync_application::WorkerOverview, caller: &Caller) -> WorkerView {
+    let view = WorkerView::from(w);
+    if caller.may_read_worker_details() {
+        view
+    } else {
+        view.without_error_texts()
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/workers", tag = "workers", request_body = WorkerCreate,
@@ -75,10 +91,10 @@ pub async fn create_worker(
     security(("token" = [])))]
 pub async fn get_worker(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
     WorkerPath(id): WorkerPath,
 ) -> ApiResult<Json<WorkerView>> {
-    Ok(Json(s.inventory.worker(&id).await?.into()))
+    Ok(Json(worker_view(s.inventory.worker(&id).await?, &caller)))
 }
 
 #[utoipa::path(patch, path = "/api/v1/workers/{worker_id}", tag = "workers", request_body = WorkerPatch,
@@ -364,7 +380,7 @@ pub async fn refresh_all(
     security(("token" = [])))]
 pub async fn refresh_runs(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
     ApiQuery(p): ApiQuery<RunsParams>,
 ) -> ApiResult<Json<Vec<RunReportView>>> {
     let worker = match p.worker_id.as_deref() {
@@ -376,7 +392,13 @@ pub async fn refresh_runs(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     let runs = s.inventory.runs(worker.as_ref(), limit).await?;
-    Ok(Json(runs.into_iter().map(RunReportView::from).collect()))
+    let details = caller.may_read_worker_details();
+    Ok(Json(
+        runs.into_iter()
+            .map(RunReportView::from)
+            .map(|r| if details { r } else { r.without_error_texts() })
+            .collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/healthz", tag = "operations", responses((status = 200, body = Health)))]

@@ -246,3 +246,100 @@ async fn metrics_need_a_viewer_token_by_default_and_follow_the_setting() {
     .unwrap_err();
     assert!(refused.to_string().contains("metrics_auth"), "{refused}");
 }
+
+#[tokio::test]
+async fn only_admins_read_why_a_workers_run_failed() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    // A worker nothing listens for: its error names the URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (s, body) = api
+        .send(
+            api.req(Method::POST, "/api/v1/workers", Some(ADMIN_TOKEN))
+                .json(
+                    &json!({"id": "down", "base_url": format!("http://127.0.0.1:{port}"),
+                    "username": "admin", "password": ADMIN_PASSWORD, "allow_http": true}),
+                ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = api
+        .send(api.req(
+            Method::POST,
+            "/api/v1/workers/down/labs/refresh",
+            Some(ADMIN_TOKEN),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{body}");
+    let internal = format!("127.0.0.1:{port}");
+    // A run with failed labs on cml-1.
+    t.faults(json!({"error_rate": {"lab_details": 1.0}}));
+    let (_, report) = api
+        .send(api.req(
+            Method::POST,
+            "/api/v1/workers/cml-1/labs/refresh",
+            Some(ADMIN_TOKEN),
+        ))
+        .await;
+    let admin_failures = report["report"]["failures"]
+        .as_array()
+        .or(report["failures"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    assert!(!admin_failures.is_empty(), "labs failed: {report}");
+
+    let (_, admin_view) = api.get("/api/v1/workers/down", ADMIN_TOKEN).await;
+    let admin_error = admin_view["last_run"]["error"].as_str().unwrap().to_owned();
+    assert!(admin_error.contains(&internal), "{admin_error}");
+    for token in [VIEWER_TOKEN, OPERATOR_TOKEN] {
+        let (_, one) = api.get("/api/v1/workers/down", token).await;
+        let (_, all) = api.get("/api/v1/workers", token).await;
+        let (_, runs) = api.get("/api/v1/refresh-runs?limit=100", token).await;
+        // Every error text of every run this caller is shown.
+        let mut reports = vec![one["last_run"].clone()];
+        reports.extend(
+            all.as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["last_run"].clone()),
+        );
+        reports.extend(runs.as_array().unwrap().iter().cloned());
+        let mut errors = Vec::new();
+        for r in &reports {
+            errors.extend(r["error"].as_str().map(str::to_owned));
+            for f in r["failures"].as_array().into_iter().flatten() {
+                errors.push(f["error"].as_str().unwrap().to_owned());
+            }
+        }
+        assert!(errors.len() > admin_failures.len(), "{errors:?}");
+        for e in &errors {
+            assert!(
+                e.contains("admins only") && !e.contains(&internal) && !e.contains("/api/v0"),
+                "a caller below admin reads {e:?}"
+            );
+        }
+        let error = one["last_run"]["error"].as_str().unwrap();
+        assert!(
+            error.contains("admin"),
+            "a sentence saying who may read it: {error}"
+        );
+        assert_eq!(one["sync_state"], "failing");
+        let cml1 = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == "cml-1")
+            .unwrap();
+        let failures = cml1["last_run"]["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), admin_failures.len());
+        for (shown, full) in failures.iter().zip(&admin_failures) {
+            assert_eq!(shown["lab_id"], full["lab_id"]);
+            assert_ne!(shown["error"], full["error"]);
+        }
+    }
+    api.stop().await;
+}
