@@ -58,6 +58,9 @@ pub enum AppError {
     WorkerExists(WorkerId),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Other changes kept landing first; nothing of this one was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error(transparent)]
     Cml(#[from] CmlError),
     #[error(transparent)]

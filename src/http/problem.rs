@@ -78,6 +78,7 @@ impl From<AppError> for ApiError {
             AppError::UnknownWorker(_) => (StatusCode::NOT_FOUND, "unknown-worker"),
             AppError::UnknownLab(..) => (StatusCode::NOT_FOUND, "unknown-lab"),
             AppError::WorkerExists(_) => (StatusCode::CONFLICT, "worker-exists"),
+            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::Cml(_) => (StatusCode::BAD_GATEWAY, "cml-failed"),
             AppError::Repository(RepoError::Duplicate(_)) => (StatusCode::CONFLICT, "duplicate"),
             AppError::Repository(RepoError::Unavailable(_)) | AppError::RecordCleanupPending(_) => {
@@ -219,6 +220,7 @@ mod tests {
         let cases = [
             (AppError::UnknownWorker(w.clone()), 404),
             (AppError::WorkerExists(w), 409),
+            (AppError::Conflict("x".into()), 409),
             (AppError::Invalid("x".into()), 400),
             (
                 AppError::Cml(labsync_application::CmlError::Unreachable("x".into())),

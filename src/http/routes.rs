@@ -100,7 +100,8 @@ pub async fn get_worker(
 #[utoipa::path(patch, path = "/api/v1/workers/{worker_id}", tag = "workers", request_body = WorkerPatch,
     params(("worker_id" = String, Path, description = "A worker id (slug)")),
     responses((status = 200, body = WorkerView), (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 403, body = Problem), (status = 404, body = Problem)),
+        (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "Other changes of the worker kept landing first; nothing was written", body = Problem)),
     security(("token" = [])))]
 pub async fn patch_worker(
     State(s): State<ApiState>,

@@ -38,6 +38,48 @@ async fn stored_worker(t: &TestApp, id: &str) -> Document {
 }
 
 #[tokio::test]
+async fn concurrent_patches_of_a_worker_keep_every_change() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let patch = |body: Value| {
+        api.req(Method::PATCH, "/api/v1/workers/cml-1", Some(ADMIN_TOKEN))
+            .json(&body)
+    };
+    let rounds = 30;
+    let mut lost = Vec::new();
+    for round in 0..rounds {
+        let name = format!("round {round}");
+        let (disable, rename) = tokio::join!(
+            api.send(patch(json!({"enabled": false}))),
+            api.send(patch(json!({"name": name})))
+        );
+        assert_eq!(disable.0, StatusCode::OK, "{}", disable.1);
+        assert_eq!(rename.0, StatusCode::OK, "{}", rename.1);
+        let stored = stored_worker(&t, "cml-1").await;
+        let (_, shown) = api.get("/api/v1/workers/cml-1", VIEWER_TOKEN).await;
+        if stored.get_bool("enabled") != Ok(false)
+            || stored.get_str("name") != Ok(name.as_str())
+            || shown["enabled"] != false
+            || shown["name"] != name.as_str()
+        {
+            lost.push(format!(
+                "round {round}: stored {stored}, shown {} {}",
+                shown["enabled"], shown["name"]
+            ));
+        }
+        let (s, body) = api.send(patch(json!({"enabled": true}))).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {rounds} rounds lost a change:\n{}",
+        lost.len(),
+        lost.join("\n")
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn an_error_larger_than_a_mebibyte_stays_a_problem_document() {
     // A body limit above the size the problem middleware reads, and a
     // member name of 1.5 MB that the JSON error repeats.
