@@ -9,6 +9,7 @@ pub mod extract;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -19,13 +20,14 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use labsync_application::{DeleteQueue, Inventory, Services};
 use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
 use mongodb::Database;
 use mongodb::bson::doc;
+use tokio::sync::Semaphore;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -251,12 +253,46 @@ fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
 }
 
+/// Paths that are never refused for load: an orchestrator's liveness
+/// probe must not kill a busy process.
+fn is_liveness_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/api/v1/healthz")
+}
+
+/// Refuses a request at once with a 503 problem while `api.max_requests_in_flight`
+/// others are being handled, instead of letting them queue without end;
+/// liveness probes always pass.
+async fn limit_in_flight(
+    State(permits): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if is_liveness_probe(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = permits.clone().try_acquire_owned() else {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "labsync is handling as many requests as it may (api.max_requests_in_flight); \
+             try again shortly",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(request).await
+}
+
 async fn fallback() -> ApiError {
     not_found()
 }
 
-/// The whole API.
-pub fn router(state: ApiState, body_limit: usize) -> Router {
+/// The whole API: `body_limit` bytes per request body, at most
+/// `max_in_flight` requests handled at once.
+pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Router {
     let v1 = Router::new()
         .route(
             "/workers",
@@ -296,6 +332,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             body_limit,
             declared_length,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(max_in_flight)),
+            limit_in_flight,
         ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn_with_state(state.clone(), problems))

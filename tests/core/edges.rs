@@ -2,11 +2,36 @@
 //! one test each, through the real server over TCP. Floods are bounded,
 //! stay on the loopback interface and stop by themselves.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use labsync_test_support::poll_until;
 use mongodb::bson::{Document, doc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-use crate::helpers::{ADMIN_PASSWORD, ADMIN_TOKEN, OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
+use crate::helpers::{
+    ADMIN_PASSWORD, ADMIN_TOKEN, OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually,
+};
+
+fn addr(api: &TestApi) -> SocketAddr {
+    api.base.trim_start_matches("http://").parse().unwrap()
+}
+
+/// A client without a connection pool: every request opens a connection
+/// of its own, as a probe does.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
 
 /// Checks the RFC 9457 shape and the problem's type.
 fn assert_problem(status: StatusCode, body: &Value, want: u16, kind: &str) {
@@ -23,6 +48,258 @@ fn assert_problem(status: StatusCode, body: &Value, want: u16, kind: &str) {
             "{key} missing: {body}"
         );
     }
+}
+
+/// How a slow client's connection ended.
+#[derive(Debug, Clone, Copy)]
+struct SlowEnd {
+    opened: Instant,
+    /// When the server closed it; `None` if it was still open when the
+    /// client gave up.
+    closed: Option<Instant>,
+    /// Bytes the server sent before closing.
+    answered: usize,
+}
+
+/// A client that starts a request and then sends one more header line
+/// every 200 ms, never ending the header; it gives up by itself after
+/// `give_up`. `open` counts the connections still open.
+async fn slow_client(
+    addr: SocketAddr,
+    n: usize,
+    open: Arc<AtomicUsize>,
+    give_up: Duration,
+) -> tokio::task::JoinHandle<SlowEnd> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let opened = Instant::now();
+    open.fetch_add(1, Ordering::SeqCst);
+    stream
+        .write_all(b"GET /api/v1/workers HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        .await
+        .expect("the first line");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        let mut answered = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let deadline = tokio::time::sleep(give_up);
+        tokio::pin!(deadline);
+        let closed = loop {
+            tokio::select! {
+                r = stream.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break Some(Instant::now()),
+                    Ok(k) => answered += k,
+                },
+                _ = tick.tick() => {
+                    if stream.write_all(format!("x-slow-{n}: y\r\n").as_bytes()).await.is_err() {
+                        break Some(Instant::now());
+                    }
+                }
+                () = &mut deadline => break None,
+            }
+        };
+        open.fetch_sub(1, Ordering::SeqCst);
+        SlowEnd {
+            opened,
+            closed,
+            answered,
+        }
+    })
+}
+
+#[tokio::test]
+async fn slow_clients_beyond_the_connection_limit_are_closed_and_healthz_answers_meanwhile() {
+    const LIMIT: usize = 6;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__API__MAX_CONNECTIONS", "6"),
+            ("LABSYNC__API__MAX_REQUESTS_IN_FLIGHT", "4"),
+            ("LABSYNC__API__HEADER_READ_TIMEOUT_SECS", "3"),
+        ],
+    )
+    .await;
+    let api = TestApi::start(&t).await;
+    let open = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    // Three times the limit, each trickling its header for up to 15 s.
+    let mut slow = Vec::new();
+    for n in 0..3 * LIMIT {
+        slow.push(slow_client(addr(&api), n, open.clone(), Duration::from_secs(15)).await);
+    }
+    // The oldest idle connections make room: the server never holds more
+    // than its limit, long before any header timeout.
+    let bounded = poll_until(Duration::from_millis(10), HEADER_TIMEOUT / 2, || async {
+        open.load(Ordering::SeqCst) <= LIMIT
+    })
+    .await;
+    assert!(
+        bounded.is_ok(),
+        "{} of {} slow connections still open: no connection limit",
+        open.load(Ordering::SeqCst),
+        3 * LIMIT
+    );
+
+    // /healthz and the API answer while the slow clients fill the rest.
+    let probe = fresh_client();
+    let r = probe.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = probe
+        .get(api.url("/api/v1/workers"))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < HEADER_TIMEOUT && open.load(Ordering::SeqCst) >= LIMIT - 2,
+        "the probes were answered during the flood ({:?} after it began, {} slow connections open)",
+        started.elapsed(),
+        open.load(Ordering::SeqCst)
+    );
+
+    // The rest are closed at the header timeout, though they keep sending.
+    let ends: Vec<SlowEnd> = join_all(slow)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let mut evicted = 0;
+    for end in &ends {
+        let closed = end
+            .closed
+            .expect("every slow connection is closed by the server");
+        let lived = closed - end.opened;
+        assert!(
+            lived < HEADER_TIMEOUT + Duration::from_secs(3),
+            "a slow connection lived {lived:?}"
+        );
+        if lived < HEADER_TIMEOUT - Duration::from_millis(300) {
+            evicted += 1;
+        }
+        assert_eq!(end.answered, 0, "no slow request was answered");
+    }
+    assert!(
+        evicted >= 2 * LIMIT,
+        "{evicted} slow connections made room for newer ones"
+    );
+    assert!(evicted < ends.len(), "some were left to the header timeout");
+    let r = probe.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout_unless_it_runs_a_request()
+ {
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__API__IDLE_TIMEOUT_SECS", "1"),
+            ("LABSYNC__API__HEADER_READ_TIMEOUT_SECS", "30"),
+        ],
+    )
+    .await;
+    let api = TestApi::start(&t).await;
+    let open = Arc::new(AtomicUsize::new(0));
+    // One client that keeps sending, one silent, one waiting on a delete
+    // that CML takes two seconds over.
+    let sending = slow_client(addr(&api), 0, open.clone(), Duration::from_secs(3)).await;
+    let mut silent = TcpStream::connect(addr(&api)).await.unwrap();
+    let connected = Instant::now();
+    let lab = t.add_lab("DEFINED_ON_CORE");
+    t.faults(json!({"latency_ms": {"delete_lab": 2000}}));
+    let delete = tokio::spawn(
+        api.req(
+            Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{lab}"),
+            Some(OPERATOR_TOKEN),
+        )
+        .send(),
+    );
+
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the silent connection is closed by the server");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without an answer: {read:?}"
+    );
+    let lived = connected.elapsed();
+    assert!(
+        lived >= Duration::from_millis(900) && lived < Duration::from_secs(5),
+        "closed after the idle timeout, not at once nor at the header timeout: {lived:?}"
+    );
+    let delete = delete
+        .await
+        .unwrap()
+        .expect("the request running longer than the idle timeout is answered");
+    assert_eq!(delete.status(), StatusCode::OK);
+    let end = sending.await.unwrap();
+    assert!(
+        end.closed.is_none(),
+        "a connection that keeps sending is not idle: {end:?}"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_get_a_503_problem_and_healthz_still_answers() {
+    let t = TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__API__MAX_CONNECTIONS", "16"),
+            ("LABSYNC__API__MAX_REQUESTS_IN_FLIGHT", "2"),
+        ],
+    )
+    .await;
+    let api = TestApi::start(&t).await;
+    // Two requests whose body never comes: both are in flight until the
+    // body timeout.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr(&api)).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /api/v1/workers HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 content-type: application/json\r\ncontent-length: 64\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        held.push(s);
+    }
+    let probe = fresh_client();
+    let workers = || {
+        probe
+            .get(api.url("/api/v1/workers"))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+    };
+    eventually("a request beyond the limit to be refused", || async {
+        workers().await.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    // Refused at once, as long as the two are held.
+    let r = workers().await.unwrap();
+    let status = r.status();
+    assert!(
+        r.headers().contains_key("retry-after"),
+        "a Retry-After header"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_problem(status, &body, 503, "overloaded");
+    let r = probe.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "probes are not shed");
+
+    drop(held);
+    eventually("requests to be served again", || async {
+        workers().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    api.stop().await;
 }
 
 /// The stored worker document, read from the raw collection (not through
