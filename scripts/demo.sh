@@ -86,7 +86,7 @@ Try the API:
   curl -s -H "Authorization: Bearer \$T" '$API/workers/cml-1/labs?state=DEFINED_ON_CORE&limit=5'
   curl -s -X DELETE -H "Authorization: Bearer \$T" $API/workers/cml-1/labs/<lab id>       # ?force=true, ?mode=async
   curl -s -X POST -H "Authorization: Bearer \$T" $API/workers/cml-1/labs/refresh
-  curl -s http://127.0.0.1:$API_PORT/metrics | grep ^labsync_
+  curl -s -H "Authorization: Bearer \$T" http://127.0.0.1:$API_PORT/metrics | grep ^labsync_
 
 Or the CLI, in another shell with the same environment:
   export LABSYNC__MONGODB__URI='$LABSYNC__MONGODB__URI' LABSYNC__MONGODB__DATABASE=labsync_demo \\

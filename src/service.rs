@@ -1,6 +1,9 @@
 //! `labsync serve`: the HTTP API, the refresh schedule, the async delete
 //! worker and the event relay, in one process, with a graceful stop.
 //!
+//! The API is served by [`crate::http::server`], which bounds connections,
+//! requests and how long a client may take (see there).
+//!
 //! # Shutdown
 //! On SIGTERM or SIGINT: stop accepting connections and let requests in
 //! flight finish (a delete in progress completes), stop the schedule and
@@ -24,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::http::server::{self, Limits};
 use crate::http::{ApiState, router};
 use crate::wiring::App;
 
@@ -113,19 +117,26 @@ pub async fn start_with(
         metrics: app.metrics.clone(),
         db: app.db.clone(),
         scheduler_running: scheduler_running.clone(),
+        metrics_auth: settings.api.metrics_auth,
     };
     if state.tokens.is_empty() {
         warn!("no api.tokens configured: every API call except probes will be refused");
     }
     let grace = settings.api.shutdown_grace();
-    let routes = router(state, settings.api.body_limit_bytes);
+    let routes = router(
+        state,
+        settings.api.body_limit_bytes,
+        settings.api.max_requests_in_flight,
+    );
+    let limits = Limits::from_settings(&settings.api);
+    let metrics = app.metrics.clone();
     let mut http_stop = stop_rx.clone();
     let task = tokio::spawn(async move {
         info!(%addr, "labsync API listening");
-        let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
+        let server = server::serve(listener, routes, limits, metrics, async move {
             let _ = http_stop.wait_for(|s| *s).await;
         });
-        let mut server = std::pin::pin!(server.into_future());
+        let mut server = std::pin::pin!(server);
         let mut stop_rx = stop_rx;
         let stopping = async move {
             // The guard wait_for returns is not Send: drop it here.

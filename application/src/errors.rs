@@ -64,6 +64,9 @@ pub enum AppError {
     WorkerDisabled(WorkerId),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Other changes kept landing first; nothing of this one was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error(transparent)]
     Cml(#[from] CmlError),
     #[error(transparent)]

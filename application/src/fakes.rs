@@ -390,7 +390,12 @@ impl WorkerRepository for FakeWorkers {
     async fn list(&self) -> Result<Vec<Worker>, RepoError> {
         Ok(vec![self.0.clone()])
     }
-    async fn update(&self, _: &Worker, _: Option<&SecretString>) -> Result<bool, RepoError> {
+    async fn update(
+        &self,
+        _: &Worker,
+        _: &Worker,
+        _: Option<&SecretString>,
+    ) -> Result<bool, RepoError> {
         Ok(false)
     }
     async fn remove(&self, _: &WorkerId) -> Result<bool, RepoError> {

@@ -62,6 +62,76 @@ pub struct WorkerChanges {
     pub lab_tiles: Option<bool>,
 }
 
+/// How often a change to a worker is applied again when another change
+/// landed between its read and its write.
+pub const UPDATE_ATTEMPTS: usize = 5;
+
+/// `before` with `changes` applied, and the names of the fields they set;
+/// checked as a whole, as a registration is.
+///
+/// # Errors
+/// [`AppError::Invalid`] for a worker that registration would refuse, or
+/// for a change of where or how the password goes without the password.
+fn apply_changes(
+    before: &Worker,
+    changes: &WorkerChanges,
+) -> Result<(Worker, Vec<&'static str>), AppError> {
+    let mut worker = before.clone();
+    let mut changed: Vec<&'static str> = Vec::new();
+    if let Some(v) = &changes.name {
+        worker.name.clone_from(v);
+        changed.push("name");
+    }
+    if let Some(v) = &changes.base_url {
+        worker.base_url = labsync_domain::parse_base_url(v).map_err(AppError::Invalid)?;
+        changed.push("base_url");
+    }
+    if let Some(v) = &changes.username {
+        worker.username.clone_from(v);
+        changed.push("username");
+    }
+    if let Some(v) = &changes.ca_cert_pem {
+        worker.tls.ca_cert_pem.clone_from(v);
+        changed.push("ca_cert_pem");
+    }
+    if let Some(v) = changes.insecure {
+        worker.tls.insecure = v;
+        changed.push("insecure");
+    }
+    if let Some(v) = changes.allow_http {
+        worker.tls.allow_http = v;
+        changed.push("allow_http");
+    }
+    if let Some(v) = changes.enabled {
+        worker.enabled = v;
+        changed.push("enabled");
+    }
+    if let Some(v) = changes.lab_tiles {
+        worker.lab_tiles = v;
+        changed.push("lab_tiles");
+    }
+    if changes.password.is_some() {
+        changed.push("password");
+    }
+    // The same check as a registration: a change cannot store what
+    // registering would refuse.
+    worker.validate().map_err(AppError::Invalid)?;
+    // Whoever may change the URL must not thereby learn the password:
+    // it goes to a new place (or as a new user) only when given again.
+    // Nor by loosening how it is protected on the way (a CA of one's
+    // own, no verification, plain HTTP): a man in the middle reads it.
+    if (worker.base_url != before.base_url
+        || worker.username != before.username
+        || worker.tls != before.tls)
+        && changes.password.is_none()
+    {
+        return Err(AppError::Invalid(
+            "changing a worker's URL, username or TLS settings needs its password again".into(),
+        ));
+    }
+    Ok((worker, changed))
+}
+
 /// Queries and admin commands over the inventory.
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -176,7 +246,7 @@ impl Inventory {
         password: SecretString,
         actor: &str,
     ) -> Result<WorkerOverview, AppError> {
-        worker.check_transport().map_err(AppError::Invalid)?;
+        worker.validate().map_err(AppError::Invalid)?;
         match self.services.workers.add(&worker, &password).await {
             Ok(()) => {}
             Err(RepoError::Duplicate(_)) => return Err(AppError::WorkerExists(worker.id)),
@@ -192,87 +262,46 @@ impl Inventory {
         self.overview(worker).await
     }
 
+    /// Applies `changes` to the worker as it is stored. Only the fields
+    /// the changes name change: the write goes through only if the worker
+    /// is still as it was read, and a change that lost the race to another
+    /// is applied again to what that one wrote, checked again as a whole
+    /// (so two PATCHes of different fields both land, and two that
+    /// together would make an invalid worker cannot both pass).
+    ///
     /// # Errors
-    /// [`AppError::UnknownWorker`], [`AppError::Invalid`], [`AppError::Repository`].
+    /// [`AppError::UnknownWorker`], [`AppError::Invalid`],
+    /// [`AppError::Conflict`] when other changes won every attempt,
+    /// [`AppError::Repository`].
     pub async fn update(
         &self,
         id: &WorkerId,
         changes: WorkerChanges,
         actor: &str,
     ) -> Result<WorkerOverview, AppError> {
-        let mut worker = self.require_worker(id).await?;
-        let before = worker.clone();
-        let mut changed: Vec<&str> = Vec::new();
-        if let Some(v) = changes.name {
-            worker.name = v;
-            changed.push("name");
+        for _ in 0..UPDATE_ATTEMPTS {
+            let before = self.require_worker(id).await?;
+            let (worker, changed) = apply_changes(&before, &changes)?;
+            if self
+                .services
+                .workers
+                .update(&before, &worker, changes.password.as_ref())
+                .await?
+            {
+                self.audit(
+                    actor,
+                    AuditAction::WorkerUpdated,
+                    id,
+                    format!("changed {}", changed.join(", ")),
+                )
+                .await;
+                return self.overview(worker).await;
+            }
+            // Changed (or removed) since it was read: read it again.
         }
-        if let Some(v) = changes.base_url {
-            worker.base_url = labsync_domain::parse_base_url(&v).map_err(AppError::Invalid)?;
-            changed.push("base_url");
-        }
-        if let Some(v) = changes.username {
-            worker.username = v;
-            changed.push("username");
-        }
-        if let Some(v) = changes.ca_cert_pem {
-            worker.tls.ca_cert_pem = v;
-            changed.push("ca_cert_pem");
-        }
-        if let Some(v) = changes.insecure {
-            worker.tls.insecure = v;
-            changed.push("insecure");
-        }
-        if let Some(v) = changes.allow_http {
-            worker.tls.allow_http = v;
-            changed.push("allow_http");
-        }
-        if let Some(v) = changes.enabled {
-            worker.enabled = v;
-            changed.push("enabled");
-        }
-        if let Some(v) = changes.lab_tiles {
-            worker.lab_tiles = v;
-            changed.push("lab_tiles");
-        }
-        if changes.password.is_some() {
-            changed.push("password");
-        }
-        if worker.tls.insecure && worker.tls.ca_cert_pem.is_some() {
-            return Err(AppError::Invalid(
-                "a worker has a CA bundle or is insecure, not both".into(),
-            ));
-        }
-        // Whoever may change the URL must not thereby learn the password:
-        // it goes to a new place (or as a new user) only when given again.
-        // Nor by loosening how it is protected on the way (a CA of one's
-        // own, no verification, plain HTTP): a man in the middle reads it.
-        if (worker.base_url != before.base_url
-            || worker.username != before.username
-            || worker.tls != before.tls)
-            && changes.password.is_none()
-        {
-            return Err(AppError::Invalid(
-                "changing a worker's URL, username or TLS settings needs its password again".into(),
-            ));
-        }
-        worker.check_transport().map_err(AppError::Invalid)?;
-        if !self
-            .services
-            .workers
-            .update(&worker, changes.password.as_ref())
-            .await?
-        {
-            return Err(AppError::UnknownWorker(id.clone()));
-        }
-        self.audit(
-            actor,
-            AuditAction::WorkerUpdated,
-            id,
-            format!("changed {}", changed.join(", ")),
-        )
-        .await;
-        self.overview(worker).await
+        Err(AppError::Conflict(format!(
+            "worker {id} kept changing while this change was applied; try again"
+        )))
     }
 
     /// Removes the worker and every record of its labs; returns how many

@@ -347,13 +347,19 @@ pub trait WorkerRepository: Send + Sync {
     /// [`RepoError`].
     async fn list(&self) -> Result<Vec<Worker>, RepoError>;
 
-    /// Replaces the worker's settings, and its password when one is given.
-    /// Returns whether the worker exists.
+    /// Replaces the worker's settings by `worker`, and its password when
+    /// one is given, MUST only if the stored settings are still `before`
+    /// (as the caller read them), in one step: a change made meanwhile is
+    /// never overwritten. Without a password, `worker` MUST NOT differ
+    /// from `before` in URL, username or TLS settings (an error). Returns
+    /// whether it wrote: `false` when the worker is gone or no longer
+    /// `before` (read it again).
     ///
     /// # Errors
     /// [`RepoError`].
     async fn update(
         &self,
+        before: &Worker,
         worker: &Worker,
         password: Option<&SecretString>,
     ) -> Result<bool, RepoError>;

@@ -61,6 +61,29 @@ impl Worker {
         Ok(())
     }
 
+    /// Checks everything about a worker that does not need the network:
+    /// a name and a username of printable text, a CA bundle that is PEM,
+    /// not both a CA bundle and no verification, and no plain `http://`
+    /// without an explicit yes. The one check for every way a worker is
+    /// registered or changed (API, CLI), so that a change cannot store
+    /// what a registration would refuse.
+    ///
+    /// # Errors
+    /// A message naming the field and what it must be.
+    pub fn validate(&self) -> Result<(), String> {
+        text_field("name", &self.name)?;
+        text_field("username", &self.username)?;
+        if let Some(pem) = &self.tls.ca_cert_pem
+            && !pem.contains("-----BEGIN CERTIFICATE-----")
+        {
+            return Err("ca_cert_pem is not a PEM certificate bundle".into());
+        }
+        if self.tls.insecure && self.tls.ca_cert_pem.is_some() {
+            return Err("a worker has a CA bundle or is insecure, not both".into());
+        }
+        self.check_transport()
+    }
+
     /// What the password is sealed to: a ciphertext opens only for the
     /// same worker id, URL and user, so that changing where the password
     /// goes needs the password again, and a ciphertext copied to another
@@ -68,6 +91,26 @@ impl Worker {
     pub fn credential_binding(&self) -> String {
         format!("{}\n{}\n{}", self.id, self.base_url, self.username)
     }
+}
+
+/// The longest name or username a worker may have, in characters.
+pub const MAX_TEXT_CHARS: usize = 200;
+
+/// A name or username: 1 to [`MAX_TEXT_CHARS`] characters, none of them a
+/// control character (they end up in logs, audit entries and terminals).
+fn text_field(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if value.chars().count() > MAX_TEXT_CHARS {
+        return Err(format!(
+            "{field} may be at most {MAX_TEXT_CHARS} characters"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(())
 }
 
 /// Checks a worker's base URL: `http` or `https`, a host, an optional port,
@@ -171,6 +214,56 @@ mod tests {
         let mut other = w.clone();
         other.base_url = "https://elsewhere".into();
         assert_ne!(w.credential_binding(), other.credential_binding());
+    }
+
+    #[test]
+    fn a_worker_is_valid_only_with_printable_names_and_a_pem_bundle() {
+        let good = Worker {
+            id: WorkerId::parse("cml-1").unwrap(),
+            name: "Lab server 1 (Zürich)".into(),
+            base_url: "https://cml1".into(),
+            username: "admin".into(),
+            tls: TlsSettings::default(),
+            enabled: true,
+            lab_tiles: false,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let with = |f: &dyn Fn(&mut Worker)| {
+            let mut w = good.clone();
+            f(&mut w);
+            w.validate()
+        };
+        assert_eq!(
+            with(&|w| w.tls.ca_cert_pem = Some(pem.into())),
+            Ok(()),
+            "a PEM bundle"
+        );
+        for (bad, field) in [
+            (with(&|w| w.name = String::new()), "name"),
+            (with(&|w| w.name = "a\0b".into()), "name"),
+            (with(&|w| w.name = "two\nlines".into()), "name"),
+            (with(&|w| w.name = "\u{1b}[31mred".into()), "name"),
+            (with(&|w| w.name = "n".repeat(201)), "name"),
+            (with(&|w| w.username = String::new()), "username"),
+            (with(&|w| w.username = "ad\u{7}min".into()), "username"),
+            (
+                with(&|w| w.tls.ca_cert_pem = Some("not a certificate".into())),
+                "ca_cert_pem",
+            ),
+            (
+                with(&|w| {
+                    w.tls.ca_cert_pem = Some(pem.into());
+                    w.tls.insecure = true;
+                }),
+                "insecure",
+            ),
+            (with(&|w| w.base_url = "http://cml1".into()), "http"),
+        ] {
+            let message = bad.expect_err(field);
+            assert!(message.contains(field), "{field}: {message}");
+        }
+        assert_eq!(with(&|w| w.name = "n".repeat(200)), Ok(()));
     }
 
     #[test]

@@ -42,6 +42,44 @@ pub struct ApiSettings {
     pub shutdown_grace_secs: u64,
     /// `name:role:sha256hex` entries; see [`ApiToken::parse`].
     pub tokens: Vec<String>,
+    /// Who may read `/metrics` (its labels name every worker).
+    pub metrics_auth: MetricsAuth,
+    /// A request's header must be complete within this long of its
+    /// connection being ready for it (new, or after the previous answer).
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request running on which nothing is read or
+    /// written for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections open at once; at the limit the longest idle one makes
+    /// room for a new one.
+    pub max_connections: usize,
+    /// Requests handled at once (probes of liveness aside); more get a 503.
+    pub max_requests_in_flight: usize,
+}
+
+/// Who may read `/metrics`: anyone, a token of at least a role, or no one
+/// (the route answers 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAuth {
+    Open,
+    Viewer,
+    Operator,
+    Admin,
+    Off,
+}
+
+impl MetricsAuth {
+    /// The role a token needs; `None` when no token is needed or when the
+    /// metrics are off.
+    pub fn role(self) -> Option<Role> {
+        match self {
+            Self::Viewer => Some(Role::Viewer),
+            Self::Operator => Some(Role::Operator),
+            Self::Admin => Some(Role::Admin),
+            Self::Open | Self::Off => None,
+        }
+    }
 }
 
 /// Who may call the API, and what they may do.
@@ -137,6 +175,14 @@ impl ApiSettings {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
     }
 }
 
@@ -440,6 +486,25 @@ impl Settings {
                 3600,
             ),
             (
+                "api.header_read_timeout_secs",
+                self.api.header_read_timeout_secs,
+                1,
+                300,
+            ),
+            ("api.idle_timeout_secs", self.api.idle_timeout_secs, 1, DAY),
+            (
+                "api.max_connections",
+                self.api.max_connections as u64,
+                2,
+                65_536,
+            ),
+            (
+                "api.max_requests_in_flight",
+                self.api.max_requests_in_flight as u64,
+                1,
+                65_535,
+            ),
+            (
                 "mongodb.server_selection_timeout_ms",
                 self.mongodb.server_selection_timeout_ms,
                 1,
@@ -489,6 +554,17 @@ impl Settings {
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("api.listen", "must be host:port, e.g. 127.0.0.1:8080");
+        }
+        // A connection that is not running a request is always left for a
+        // probe: requests beyond the in-flight limit are answered at once.
+        if self.api.max_requests_in_flight >= self.api.max_connections {
+            return invalid(
+                "api.max_requests_in_flight",
+                &format!(
+                    "must be below api.max_connections ({})",
+                    self.api.max_connections
+                ),
+            );
         }
         if self.api.body_limit_bytes < 1024 {
             return invalid("api.body_limit_bytes", "must be at least 1024");
@@ -598,6 +674,7 @@ mod tests {
         assert_eq!(s.mongodb.uri.expose_secret(), "mongodb://127.0.0.1:27017");
         assert_eq!(s.mongodb.database, "labsync");
         assert_eq!(s.log.format, LogFormat::Human);
+        assert_eq!(s.api.metrics_auth, MetricsAuth::Viewer);
     }
 
     #[test]
@@ -671,6 +748,29 @@ mod tests {
             ("LABSYNC__API__TOKENS", "ui:superuser:00", "api.tokens"),
             ("LABSYNC__API__LISTEN", "everywhere", "api.listen"),
             ("LABSYNC__EVENTS__SINK_URL", "ftp://x", "events.sink_url"),
+            ("LABSYNC__API__METRICS_AUTH", "everyone", "metrics_auth"),
+            (
+                "LABSYNC__API__HEADER_READ_TIMEOUT_SECS",
+                "0",
+                "api.header_read_timeout_secs",
+            ),
+            (
+                "LABSYNC__API__IDLE_TIMEOUT_SECS",
+                "99999999999",
+                "api.idle_timeout_secs",
+            ),
+            ("LABSYNC__API__MAX_CONNECTIONS", "1", "api.max_connections"),
+            (
+                "LABSYNC__API__MAX_REQUESTS_IN_FLIGHT",
+                "0",
+                "api.max_requests_in_flight",
+            ),
+            // The default connection limit is 512.
+            (
+                "LABSYNC__API__MAX_REQUESTS_IN_FLIGHT",
+                "512",
+                "api.max_requests_in_flight",
+            ),
             (
                 "LABSYNC__SECURITY__ENCRYPTION_KEY",
                 "not base64!",

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use labsync_application::{Observer, RunReport, RunStatus};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every labsync metric, in one registry.
@@ -25,6 +25,8 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     outbox_undelivered: prometheus::IntGauge,
     outbox_oldest_age: prometheus::Gauge,
+    http_connections: IntGauge,
+    http_connections_closed: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -94,7 +96,21 @@ impl Metrics {
         registry
             .register(Box::new(outbox_oldest_age.clone()))
             .expect("unique metric");
+        let http_connections =
+            IntGauge::new("http_connections", "API connections open now.").expect("valid metric");
+        registry
+            .register(Box::new(http_connections.clone()))
+            .expect("unique metric");
         Self {
+            http_connections,
+            http_connections_closed: counter(
+                &registry,
+                "http_connections_closed_total",
+                "API connections labsync closed itself: header_timeout, idle_timeout, \
+                 evicted (the longest idle made room at api.max_connections) or \
+                 refused (every connection was running a request).",
+                &["reason"],
+            ),
             refresh_runs: counter(
                 &registry,
                 "refresh_runs_total",
@@ -175,6 +191,27 @@ impl Metrics {
             started: Instant::now(),
             class: "error",
         }
+    }
+
+    /// An API connection was accepted.
+    pub fn http_connection_opened(&self) {
+        self.http_connections.inc();
+    }
+
+    /// An accepted API connection ended; `closed_by` says why when
+    /// labsync ended it itself (a fixed word, see the metric's help).
+    pub fn http_connection_ended(&self, closed_by: Option<&'static str>) {
+        self.http_connections.dec();
+        if let Some(reason) = closed_by {
+            self.http_connection_closed(reason);
+        }
+    }
+
+    /// Counts a connection labsync closed (or never served) for `reason`.
+    pub fn http_connection_closed(&self, reason: &'static str) {
+        self.http_connections_closed
+            .with_label_values(&[reason])
+            .inc();
     }
 
     pub fn http_request(&self, method: &str, status: u16) {
@@ -299,7 +336,16 @@ mod tests {
             t.status(200);
         }
         drop(m.cml_request("lab_details"));
+        m.http_connection_opened();
+        m.http_connection_opened();
+        m.http_connection_ended(None);
+        m.http_connection_closed("refused");
         let text = m.render();
+        assert!(text.contains("labsync_http_connections 1"), "{text}");
+        assert!(
+            text.contains("labsync_http_connections_closed_total{reason=\"refused\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("labsync_deletes_total{outcome=\"deleted\"} 1"),
             "{text}"

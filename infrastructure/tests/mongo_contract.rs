@@ -1,7 +1,8 @@
 //! The MongoDB adapters against their ports' MUST contracts, on a real
-//! MongoDB-wire server: each promise of `LabRepository`, `RefreshLease` and
-//! `RunReports` that the refresh and the delete rely on, checked at the
-//! adapter itself.
+//! MongoDB-wire server: each promise of `LabRepository`, `RefreshLease`,
+//! `RunReports`, `WorkerRepository`, `DeleteRequests` and the event relay
+//! that the refresh, the delete and the worker changes rely on, checked at
+//! the adapter itself.
 //!
 //! The integration suite proves the same promises through the whole
 //! service; these tests prove them in seconds, which is what lets mutation
@@ -13,14 +14,17 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use labsync_application::ports::{
     AuditAction, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, RefreshLease,
-    RunReports, Tombstone,
+    RunReports, Tombstone, WorkerRepository,
 };
 use labsync_application::{LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger};
 use labsync_domain::{
-    Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState, WorkerId,
+    Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState, TlsSettings,
+    Worker, WorkerId,
 };
+use labsync_infrastructure::crypto::PasswordCipher;
 use labsync_infrastructure::mongo::{
-    MongoLabRepository, MongoRefreshLease, MongoRunReports, collections, ensure_indexes, outbox,
+    MongoLabRepository, MongoRefreshLease, MongoRunReports, MongoWorkerRepository, collections,
+    ensure_indexes, outbox,
 };
 use mongodb::Database;
 use mongodb::bson::{Document, doc};
@@ -1591,4 +1595,96 @@ async fn events_of_different_labs_go_in_parallel_up_to_the_bound() {
         sink.max_in_flight.load(std::sync::atomic::Ordering::SeqCst),
         3
     );
+}
+
+// ----- WorkerRepository -----
+
+async fn workers() -> (Database, MongoWorkerRepository) {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.expect("indexes");
+    // base64 of 32 bytes of 0x07: a test-only key.
+    let key = secrecy::SecretString::from("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=");
+    let cipher = PasswordCipher::from_setting(&key).unwrap();
+    let repo = MongoWorkerRepository::new(&db, cipher);
+    (db, repo)
+}
+
+fn registered(id: &str) -> Worker {
+    Worker {
+        id: worker(id),
+        name: id.into(),
+        base_url: "https://cml.example.net".into(),
+        username: "admin".into(),
+        tls: TlsSettings::default(),
+        enabled: true,
+        lab_tiles: false,
+    }
+}
+
+#[tokio::test]
+async fn a_worker_update_lands_only_on_the_worker_as_it_was_read() {
+    let (_, repo) = workers().await;
+    let pw = secrecy::SecretString::from("pw");
+    let read = registered("cml-1");
+    repo.add(&read, &pw).await.unwrap();
+    let renamed = Worker {
+        name: "renamed".into(),
+        ..read.clone()
+    };
+    let disabled = Worker {
+        enabled: false,
+        ..read.clone()
+    };
+    // Two changes read from the same worker: the first lands, the second
+    // would undo it and is refused.
+    assert!(repo.update(&read, &renamed, None).await.unwrap());
+    assert!(!repo.update(&read, &disabled, None).await.unwrap());
+    let stored = repo.get(&read.id).await.unwrap().unwrap().worker;
+    assert_eq!(
+        stored, renamed,
+        "the first change stands, nothing of the second"
+    );
+    // Read again, the second lands on top of the first.
+    let both = Worker {
+        enabled: false,
+        ..stored.clone()
+    };
+    assert!(repo.update(&stored, &both, None).await.unwrap());
+    assert_eq!(repo.get(&read.id).await.unwrap().unwrap().worker, both);
+    // Gone: nothing to write.
+    let ghost = registered("cml-9");
+    assert!(!repo.update(&ghost, &ghost, None).await.unwrap());
+    // Without the password, where it goes cannot change, whatever `before` says.
+    let moved = Worker {
+        base_url: "https://elsewhere.example.net".into(),
+        ..both.clone()
+    };
+    assert!(repo.update(&both, &moved, None).await.is_err());
+    assert!(repo.update(&moved, &moved, None).await.is_ok_and(|w| !w));
+    assert!(repo.update(&both, &moved, Some(&pw)).await.unwrap());
+    assert_eq!(repo.get(&read.id).await.unwrap().unwrap().worker, moved);
+}
+
+#[tokio::test]
+async fn a_worker_stored_before_its_newer_flags_is_updated_as_if_they_were_off() {
+    let (db, repo) = workers().await;
+    let read = registered("cml-1");
+    repo.add(&read, &secrecy::SecretString::from("pw"))
+        .await
+        .unwrap();
+    db.collection::<Document>(collections::WORKERS)
+        .update_one(
+            doc! {"_id": "cml-1"},
+            doc! {"$unset": {"lab_tiles": "", "allow_http": ""}},
+        )
+        .await
+        .unwrap();
+    let read = repo.get(&read.id).await.unwrap().unwrap().worker;
+    assert!(!read.lab_tiles && !read.tls.allow_http);
+    let tiles = Worker {
+        lab_tiles: true,
+        ..read.clone()
+    };
+    assert!(repo.update(&read, &tiles, None).await.unwrap());
+    assert_eq!(repo.get(&read.id).await.unwrap().unwrap().worker, tiles);
 }

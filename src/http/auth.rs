@@ -4,8 +4,8 @@
 //! timing.
 
 use axum::extract::FromRequestParts;
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use labsync_infrastructure::configuration::{ApiToken, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -24,6 +24,13 @@ impl Caller {
     /// How the caller appears in the audit log.
     pub fn actor(&self) -> String {
         format!("api:{}", self.name)
+    }
+
+    /// Whether the caller may read what labsync knows about a worker's
+    /// CML beyond the inventory: the texts of run errors, which name its
+    /// account, addresses and what it said. Admins, who manage workers.
+    pub fn may_read_worker_details(&self) -> bool {
+        self.role >= Role::Admin
     }
 
     /// # Errors
@@ -66,24 +73,38 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The token of an `Authorization` header's value: the scheme `Bearer`
+/// in any case (RFC 9110 says auth schemes are case-insensitive), one or
+/// more spaces, then the token.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The caller that the request's `Authorization` header names.
+///
+/// # Errors
+/// 401 without a header, with one of another form, or with an unknown token.
+pub fn caller(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiError> {
+    let unauthorized =
+        |detail: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("send an API token: Authorization: Bearer <token>"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or_else(|| unauthorized("the Authorization header must be: Bearer <token>"))?;
+    authenticate(tokens, token).ok_or_else(|| unauthorized("unknown API token"))
+}
+
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let unauthorized =
-            |detail: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("send an API token: Authorization: Bearer <token>"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("the Authorization header must be: Bearer <token>"))?;
-        authenticate(&state.tokens, token).ok_or_else(|| unauthorized("unknown API token"))
+        caller(&parts.headers, &state.tokens)
     }
 }
 
@@ -117,6 +138,26 @@ role_extractor!(Admin, Role::Admin);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        for (value, token) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("bEaReR   abc ", Some("abc")),
+            ("Bearer a.b-c_d~e+f/g=", Some("a.b-c_d~e+f/g=")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+            ("Bearers abc", None),
+            ("Basic abc", None),
+            (" Bearer abc", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
+        }
+    }
 
     #[test]
     fn only_the_exact_token_authenticates_with_its_role() {

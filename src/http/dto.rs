@@ -65,6 +65,16 @@ impl From<WorkerOverview> for WorkerView {
     }
 }
 
+impl WorkerView {
+    /// The view for a caller who may not read run errors (see
+    /// [`RunReportView::without_error_texts`]).
+    #[must_use]
+    pub fn without_error_texts(mut self) -> Self {
+        self.last_run = self.last_run.map(RunReportView::without_error_texts);
+        self
+    }
+}
+
 fn warnings(w: &labsync_application::domain::Worker) -> Vec<String> {
     let mut out = Vec::new();
     if w.plain_http() {
@@ -82,14 +92,17 @@ fn warnings(w: &labsync_application::domain::Worker) -> Vec<String> {
 pub struct WorkerCreate {
     /// A slug: 1-63 of a-z, 0-9 and '-'.
     pub id: String,
+    /// 1 to 200 characters, no control characters; default: the id.
     pub name: Option<String>,
     /// `https://host[:port]`; labsync adds `/api/v0`.
     pub base_url: String,
-    /// A CML admin account (labsync lists every user's labs).
+    /// A CML admin account (labsync lists every user's labs): 1 to 200
+    /// characters, no control characters.
     pub username: String,
-    /// Write-only.
+    /// Write-only; not empty.
     pub password: String,
-    /// PEM bundle of the CA(s) that signed the server's certificate.
+    /// PEM bundle of the CA(s) that signed the server's certificate; not
+    /// together with `insecure`.
     pub ca_cert_pem: Option<String>,
     #[serde(default)]
     pub insecure: bool,
@@ -109,7 +122,8 @@ fn yes() -> bool {
     true
 }
 
-/// Changes a worker; absent fields stay as they are.
+/// Changes a worker; absent fields stay as they are. The changed worker
+/// must pass the same checks as a new one (see [`WorkerCreate`]).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerPatch {
@@ -156,11 +170,39 @@ pub struct RunReportView {
     pub suppressed: u64,
     pub hold_reason: Option<String>,
     pub skip_reason: Option<String>,
+    /// Why the run failed. CML's errors name its account, URLs and what
+    /// the server said, so only admins read them; other callers get
+    /// [`RUN_ERROR_FOR_ADMINS`].
     pub error: Option<String>,
+    /// Labs that failed, each with its error (for callers below admin,
+    /// [`LAB_ERROR_FOR_ADMINS`]).
     pub failures: Vec<LabFailureView>,
     /// Set when the stored report had to be cut down to fit a MongoDB
     /// document, saying what was cut.
     pub note: Option<String>,
+}
+
+/// What a caller below admin reads instead of a run's error.
+pub const RUN_ERROR_FOR_ADMINS: &str =
+    "the run failed; why is shown to admins only (it names CML's account and addresses)";
+
+/// What a caller below admin reads instead of a lab's error in a run.
+pub const LAB_ERROR_FOR_ADMINS: &str =
+    "this lab failed; why is shown to admins only (it names CML's account and addresses)";
+
+impl RunReportView {
+    /// The report without the texts of its errors, for callers who may
+    /// not see a worker's details: that the run or a lab failed stays.
+    #[must_use]
+    pub fn without_error_texts(mut self) -> Self {
+        if self.error.is_some() {
+            self.error = Some(RUN_ERROR_FOR_ADMINS.to_owned());
+        }
+        for f in &mut self.failures {
+            f.error = LAB_ERROR_FOR_ADMINS.to_owned();
+        }
+        self
+    }
 }
 
 fn word<T: Serialize>(v: &T) -> String {

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -19,20 +20,21 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use labsync_application::{DeleteQueue, Inventory, Services};
-use labsync_infrastructure::configuration::ApiToken;
+use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
 use mongodb::Database;
 use mongodb::bson::doc;
+use tokio::sync::Semaphore;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use self::problem::{ApiError, PROBLEM_JSON};
+use self::problem::{ApiError, PROBLEM_JSON, Problem};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -44,6 +46,8 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub db: Database,
     pub scheduler_running: Arc<AtomicBool>,
+    /// Who may read `/metrics`.
+    pub metrics_auth: MetricsAuth,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -69,6 +73,34 @@ impl ApiState {
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The longest `x-request-id` from a client that is kept.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a client's `x-request-id` may name its request: the id goes
+/// into every error body and log line of the request, so only a short id
+/// of letters, digits and `-_.` is kept (a UUID, a trace id).
+pub fn acceptable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+}
+
+/// Drops a client's `x-request-id` that is not acceptable (or is given
+/// twice), so that the next layer makes a new one.
+async fn screen_request_id(mut request: Request, next: Next) -> Response {
+    let ids = request.headers().get_all(REQUEST_ID);
+    let mut count = 0;
+    let acceptable = ids.iter().all(|v| {
+        count += 1;
+        acceptable_request_id(v.as_bytes())
+    });
+    if !acceptable || count > 1 {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(request).await
+}
+
 /// Makes every error a problem+json that names the request, and counts
 /// requests for `/metrics`.
 async fn problems(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -85,51 +117,109 @@ async fn problems(State(state): State<ApiState>, request: Request, next: Next) -
     if response.status().as_u16() < 400 {
         return response;
     }
+    finish_problem(response, request_id).await
+}
+
+/// How much of an error body that is not one of labsync's own problems
+/// (a rejection from the framework) is read to describe it.
+const FOREIGN_ERROR_READ: usize = 64 * 1024;
+
+/// An error answer as a problem+json naming the request, whatever its
+/// body was: labsync's own problem (carried beside the body), a problem
+/// read from the body, or one made from the status and the start of the
+/// body's text. Bounded, and never anything but a problem document.
+async fn finish_problem(response: Response, request_id: Option<String>) -> Response {
     let (mut parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let is_problem = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    let mut value: serde_json::Value = if is_problem {
-        serde_json::from_slice(&bytes).unwrap_or_default()
-    } else {
-        // A rejection from the framework (404 route, 405 method, 413...).
-        let detail = String::from_utf8_lossy(&bytes)
-            .chars()
-            .take(500)
-            .collect::<String>();
-        let kind = match parts.status {
-            StatusCode::NOT_FOUND => "not-found",
-            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
-            StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
-            _ => "http-error",
-        };
-        let detail = if detail.is_empty() {
-            parts
-                .status
-                .canonical_reason()
-                .unwrap_or("error")
-                .to_owned()
-        } else {
-            detail
-        };
-        serde_json::to_value(ApiError::new(parts.status, kind, detail).problem())
-            .unwrap_or_default()
+    let problem = match parts.extensions.remove::<Problem>() {
+        Some(problem) => problem,
+        None => {
+            let (bytes, complete) = read_at_most(body, FOREIGN_ERROR_READ).await;
+            let is_problem = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+            let parsed = (is_problem && complete)
+                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .flatten()
+                .and_then(|v| problem_from_json(parts.status, v));
+            parsed.unwrap_or_else(|| foreign_problem(parts.status, &bytes))
+        }
     };
-    if let (Some(obj), Some(id)) = (value.as_object_mut(), request_id) {
-        obj.insert("request_id".into(), id.into());
-    }
+    let mut problem = problem.bounded();
+    problem.request_id = request_id;
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(
-        parts,
-        Body::from(serde_json::to_vec(&value).unwrap_or_default()),
-    )
+    Response::from_parts(parts, Body::from(problem.to_json()))
+}
+
+/// Up to `limit` bytes of `body`, and whether that was all of it (a body
+/// that fails half-way counts as incomplete).
+async fn read_at_most(mut body: Body, limit: usize) -> (Vec<u8>, bool) {
+    use axum::body::HttpBody;
+    let mut out = Vec::new();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => return (out, true),
+            Some(Err(_)) => return (out, false),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = limit - out.len();
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                    if data.len() > room {
+                        return (out, false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A problem document read back from JSON, if it is one.
+fn problem_from_json(status: StatusCode, v: serde_json::Value) -> Option<Problem> {
+    let serde_json::Value::Object(mut members) = v else {
+        return None;
+    };
+    let mut text = |k: &str| match members.remove(k) {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let kind = text("type")?;
+    let title = text("title").unwrap_or_default();
+    let detail = text("detail").unwrap_or_default();
+    members.remove("status");
+    members.remove("request_id");
+    Some(Problem {
+        kind,
+        title,
+        status: status.as_u16(),
+        detail,
+        request_id: None,
+        extra: (!members.is_empty()).then_some(members),
+    })
+}
+
+/// A problem for an error that is not labsync's own (404 route, 405
+/// method, 413...), described by the start of its text.
+fn foreign_problem(status: StatusCode, body: &[u8]) -> Problem {
+    let detail = String::from_utf8_lossy(body)
+        .chars()
+        .take(500)
+        .collect::<String>();
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        _ => "http-error",
+    };
+    let detail = if detail.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        detail
+    };
+    Problem::of_status(status, kind, detail)
 }
 
 /// How long a client may take to send a request body: a slow or missing
@@ -158,12 +248,51 @@ async fn declared_length(
     Ok(next.run(request).await)
 }
 
-async fn fallback() -> ApiError {
+/// The answer for a route that is not there.
+fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
 }
 
-/// The whole API.
-pub fn router(state: ApiState, body_limit: usize) -> Router {
+/// Paths that are never refused for load: an orchestrator's liveness
+/// probe must not kill a busy process.
+fn is_liveness_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/api/v1/healthz")
+}
+
+/// Refuses a request at once with a 503 problem while `api.max_requests_in_flight`
+/// others are being handled, instead of letting them queue without end;
+/// liveness probes always pass.
+async fn limit_in_flight(
+    State(permits): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if is_liveness_probe(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = permits.clone().try_acquire_owned() else {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "labsync is handling as many requests as it may (api.max_requests_in_flight); \
+             try again shortly",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    next.run(request).await
+}
+
+async fn fallback() -> ApiError {
+    not_found()
+}
+
+/// The whole API: `body_limit` bytes per request body, at most
+/// `max_in_flight` requests handled at once.
+pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Router {
     let v1 = Router::new()
         .route(
             "/workers",
@@ -207,6 +336,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             body_limit,
             declared_length,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(max_in_flight)),
+            limit_in_flight,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn_with_state(state.clone(), problems))
         .layer(
@@ -221,5 +354,113 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(screen_request_id))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn finished(response: Response) -> (StatusCode, String, serde_json::Value) {
+        let r = finish_problem(response, Some("rid-1".into())).await;
+        let status = r.status();
+        let ct = r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            ct,
+            serde_json::from_slice(&bytes).expect("a JSON document"),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_error_answer_ends_as_a_bounded_problem_naming_the_request() {
+        use axum::response::IntoResponse;
+        let huge = "y".repeat(3 << 20);
+        // Labsync's own problem, however large its detail.
+        let own = ApiError::bad_request(format!("unknown field `{huge}`")).into_response();
+        let (status, ct, p) = finished(own).await;
+        assert_eq!((status.as_u16(), ct.as_str()), (400, PROBLEM_JSON));
+        assert_eq!(p["type"], "urn:labsync:problem:bad-request");
+        assert_eq!(p["request_id"], "rid-1");
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("unknown field `yyy")
+        );
+        // A problem body over any read limit, without the problem beside it.
+        let big_problem = (
+            StatusCode::CONFLICT,
+            [(header::CONTENT_TYPE, PROBLEM_JSON)],
+            serde_json::to_vec(&ApiError::new(StatusCode::CONFLICT, "x", huge.clone()).problem())
+                .unwrap(),
+        )
+            .into_response();
+        let (status, _, p) = finished(big_problem).await;
+        assert_eq!((status.as_u16(), p["status"].as_u64()), (409, Some(409)));
+        assert!(
+            p["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:labsync:problem:"),
+            "{p:.300}"
+        );
+        assert!(
+            p["detail"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty() && d.len() < 2000),
+            "{p:.300}"
+        );
+        // A framework rejection in plain text, of any size, and an empty one.
+        for (body, want) in [(huge.clone(), "yyy"), (String::new(), "Method Not Allowed")] {
+            let plain = (StatusCode::METHOD_NOT_ALLOWED, body).into_response();
+            let (status, ct, p) = finished(plain).await;
+            assert_eq!((status.as_u16(), ct.as_str()), (405, PROBLEM_JSON));
+            assert_eq!(p["type"], "urn:labsync:problem:method-not-allowed");
+            assert!(p["detail"].as_str().unwrap().starts_with(want), "{p:.300}");
+            assert_eq!(p["request_id"], "rid-1");
+        }
+        // A problem body that is not JSON at all.
+        let garbled = (
+            StatusCode::BAD_GATEWAY,
+            [(header::CONTENT_TYPE, PROBLEM_JSON)],
+            "{\"type\": ",
+        )
+            .into_response();
+        let (_, _, p) = finished(garbled).await;
+        assert_eq!(p["status"], 502);
+        assert_eq!(p["type"], "urn:labsync:problem:http-error");
+    }
+
+    #[test]
+    fn only_short_plain_request_ids_are_kept() {
+        for good in [
+            "a",
+            "abc-123_X.9",
+            "0b3c1f1e-4d7a-4c59-9f0a-3e1d2c4b5a69",
+            &"a".repeat(MAX_REQUEST_ID_LEN),
+        ] {
+            assert!(acceptable_request_id(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "",
+            "two words",
+            "<script>",
+            "a\"b",
+            "%0d%0a",
+            "é",
+            "a/b",
+            &"a".repeat(MAX_REQUEST_ID_LEN + 1),
+        ] {
+            assert!(!acceptable_request_id(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!acceptable_request_id(b"a\xffb"));
+    }
 }

@@ -63,12 +63,8 @@ impl ApiError {
 
     pub fn problem(&self) -> Problem {
         Problem {
-            kind: format!("urn:labsync:problem:{}", self.kind),
-            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: self.status.as_u16(),
-            detail: self.detail.clone(),
-            request_id: None,
             extra: self.extra.clone(),
+            ..Problem::of_status(self.status, self.kind, self.detail.clone())
         }
     }
 }
@@ -83,6 +79,7 @@ impl From<AppError> for ApiError {
             AppError::UnknownLab(..) => (StatusCode::NOT_FOUND, "unknown-lab"),
             AppError::WorkerExists(_) => (StatusCode::CONFLICT, "worker-exists"),
             AppError::WorkerDisabled(_) => (StatusCode::CONFLICT, "worker-disabled"),
+            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::Cml(_) => (StatusCode::BAD_GATEWAY, "cml-failed"),
             AppError::Repository(RepoError::Duplicate(_)) => (StatusCode::CONFLICT, "duplicate"),
             AppError::Repository(RepoError::Unavailable(_)) | AppError::RecordCleanupPending(_) => {
@@ -94,10 +91,78 @@ impl From<AppError> for ApiError {
     }
 }
 
+/// The longest `detail` an error answer carries, in characters; a longer
+/// one (a parser's message repeating a huge input) is cut, saying so.
+pub const MAX_DETAIL_CHARS: usize = 1000;
+
+/// The most that extension members (`outcome`, `report`...) may take in
+/// an error answer, in bytes of JSON; larger ones are left out, saying so.
+pub const MAX_EXTRA_BYTES: usize = 256 * 1024;
+
+impl Problem {
+    /// The problem for a status alone, when nothing better is known.
+    pub fn of_status(status: StatusCode, kind: &str, detail: impl Into<String>) -> Self {
+        Self {
+            kind: format!("urn:labsync:problem:{kind}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            request_id: None,
+            extra: None,
+        }
+    }
+
+    /// The problem made small enough to send whatever it holds: the
+    /// detail cut to [`MAX_DETAIL_CHARS`], extension members left out
+    /// when they exceed [`MAX_EXTRA_BYTES`]. Never fails: an error answer
+    /// stays a problem document.
+    #[must_use]
+    pub fn bounded(mut self) -> Self {
+        let chars = self.detail.chars().count();
+        if chars > MAX_DETAIL_CHARS {
+            let kept: String = self.detail.chars().take(MAX_DETAIL_CHARS).collect();
+            self.detail = format!(
+                "{kept}... ({} more characters cut)",
+                chars - MAX_DETAIL_CHARS
+            );
+        }
+        if let Some(extra) = &self.extra {
+            let size = serde_json::to_vec(extra).map_or(usize::MAX, |v| v.len());
+            if size > MAX_EXTRA_BYTES {
+                let mut note = serde_json::Map::new();
+                note.insert(
+                    "extensions_left_out".into(),
+                    format!("{size} bytes of details were too large to send").into(),
+                );
+                self.extra = Some(note);
+            }
+        }
+        self
+    }
+
+    /// The problem as JSON; a problem without its extension members if
+    /// they do not serialize, so that the answer is never empty.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| {
+            let bare = Self {
+                extra: None,
+                ..self.clone()
+            };
+            serde_json::to_vec(&bare).unwrap_or_else(|_| {
+                br#"{"type":"urn:labsync:problem:internal","title":"Internal Server Error","status":500,"detail":"the error could not be described"}"#.to_vec()
+            })
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let problem = self.problem();
+        let body = problem.to_json();
         let mut r = (self.status, body).into_response();
+        // The problem middleware finishes the answer from this, without
+        // parsing the body again.
+        r.extensions_mut().insert(problem);
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if self.status == StatusCode::UNAUTHORIZED {
@@ -115,11 +180,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_problem_of_any_size_is_bounded_and_stays_a_problem() {
+        let huge = "x".repeat(3 << 20);
+        let p = ApiError::bad_request(format!("unknown field `{huge}`"))
+            .with("report", serde_json::json!({"failures": [huge.clone()]}))
+            .problem()
+            .bounded();
+        let json: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
+        assert_eq!(json["status"], 400);
+        assert_eq!(json["type"], "urn:labsync:problem:bad-request");
+        let detail = json["detail"].as_str().unwrap();
+        assert!(detail.starts_with("unknown field `xxx"), "{detail:.40}");
+        assert!(detail.ends_with("more characters cut)"), "{detail:.40}");
+        assert!(detail.chars().count() < MAX_DETAIL_CHARS + 50);
+        assert!(json.get("report").is_none());
+        assert!(json["extensions_left_out"].is_string(), "{json:.200}");
+        assert!(p.to_json().len() < 4096);
+
+        let small = ApiError::bad_request("short")
+            .with("report", 1)
+            .problem()
+            .bounded();
+        assert_eq!(
+            (
+                small.detail.as_str(),
+                small.extra.unwrap()["report"].clone()
+            ),
+            ("short", serde_json::json!(1))
+        );
+        // A detail cut inside a multi-byte character stays valid text.
+        let snowmen = ApiError::bad_request("☃".repeat(MAX_DETAIL_CHARS + 1))
+            .problem()
+            .bounded();
+        assert!(snowmen.detail.starts_with(&"☃".repeat(MAX_DETAIL_CHARS)));
+    }
+
+    #[test]
     fn application_errors_map_to_their_statuses() {
         let w = WorkerId::parse("cml-1").unwrap();
         let cases = [
             (AppError::UnknownWorker(w.clone()), 404),
             (AppError::WorkerExists(w), 409),
+            (AppError::Conflict("x".into()), 409),
             (AppError::Invalid("x".into()), 400),
             (
                 AppError::Cml(labsync_application::CmlError::Unreachable("x".into())),

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
 use labsync_application::ports::LabQuery;
@@ -11,11 +11,12 @@ use labsync_application::{
     AppError, CancelError, DeleteLab, DeleteRequestStatus, RefreshAll, RefreshOptions,
     RefreshWorkerLabs, RunStatus, Trigger, WorkerChanges,
 };
+use labsync_infrastructure::configuration::MetricsAuth;
 use labsync_infrastructure::configuration::Role;
 use secrecy::SecretString;
 
 use super::ApiState;
-use super::auth::{Admin, Operator, Viewer};
+use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use super::problem::{ApiError, Problem};
@@ -27,10 +28,26 @@ type ApiResult<T> = Result<T, ApiError>;
     security(("token" = [])))]
 pub async fn list_workers(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
 ) -> ApiResult<Json<Vec<WorkerView>>> {
     let workers = s.inventory.workers().await?;
-    Ok(Json(workers.into_iter().map(WorkerView::from).collect()))
+    Ok(Json(
+        workers
+            .into_iter()
+            .map(|w| worker_view(w, &caller))
+            .collect(),
+    ))
+}
+
+/// A worker as `caller` may see it: run errors only for those who may
+/// read a worker's details.
+fn worker_view(w: labsync_application::WorkerOverview, caller: &Caller) -> WorkerView {
+    let view = WorkerView::from(w);
+    if caller.may_read_worker_details() {
+        view
+    } else {
+        view.without_error_texts()
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/workers", tag = "workers", request_body = WorkerCreate,
@@ -44,23 +61,11 @@ pub async fn create_worker(
 ) -> ApiResult<(StatusCode, Json<WorkerView>)> {
     let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
     let base_url = parse_base_url(&body.base_url).map_err(ApiError::bad_request)?;
-    if body.password.is_empty() || body.username.is_empty() {
-        return Err(ApiError::bad_request(
-            "username and password must not be empty",
-        ));
+    if body.password.is_empty() {
+        return Err(ApiError::bad_request("password must not be empty"));
     }
-    if body.insecure && body.ca_cert_pem.is_some() {
-        return Err(ApiError::bad_request(
-            "give a CA bundle or insecure, not both",
-        ));
-    }
-    if let Some(pem) = &body.ca_cert_pem
-        && !pem.contains("-----BEGIN CERTIFICATE-----")
-    {
-        return Err(ApiError::bad_request(
-            "ca_cert_pem is not a PEM certificate bundle",
-        ));
-    }
+    // Everything else about the worker is checked by the use case, the
+    // same way for a registration and a change (`Worker::validate`).
     let worker = Worker {
         name: body.name.unwrap_or_else(|| id.to_string()),
         id,
@@ -87,16 +92,17 @@ pub async fn create_worker(
     security(("token" = [])))]
 pub async fn get_worker(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
     WorkerPath(id): WorkerPath,
 ) -> ApiResult<Json<WorkerView>> {
-    Ok(Json(s.inventory.worker(&id).await?.into()))
+    Ok(Json(worker_view(s.inventory.worker(&id).await?, &caller)))
 }
 
 #[utoipa::path(patch, path = "/api/v1/workers/{worker_id}", tag = "workers", request_body = WorkerPatch,
     params(("worker_id" = String, Path, description = "A worker id (slug)")),
     responses((status = 200, body = WorkerView), (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 403, body = Problem), (status = 404, body = Problem)),
+        (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "Other changes of the worker kept landing first; nothing was written", body = Problem)),
     security(("token" = [])))]
 pub async fn patch_worker(
     State(s): State<ApiState>,
@@ -428,7 +434,7 @@ pub async fn refresh_all(
     security(("token" = [])))]
 pub async fn refresh_runs(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
     ApiQuery(p): ApiQuery<RunsParams>,
 ) -> ApiResult<Json<Vec<RunReportView>>> {
     let worker = match p.worker_id.as_deref() {
@@ -440,7 +446,13 @@ pub async fn refresh_runs(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     let runs = s.inventory.runs(worker.as_ref(), limit).await?;
-    Ok(Json(runs.into_iter().map(RunReportView::from).collect()))
+    let details = caller.may_read_worker_details();
+    Ok(Json(
+        runs.into_iter()
+            .map(RunReportView::from)
+            .map(|r| if details { r } else { r.without_error_texts() })
+            .collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/healthz", tag = "operations", responses((status = 200, body = Health)))]
@@ -483,12 +495,23 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
 }
 
 #[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
+    description = "Who may read the metrics is `api.metrics_auth`: by default a token of at least the viewer role; \
+        `open` needs none, `off` answers 404.",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "The metrics are off", body = Problem)),
+    security(("token" = []), ()))]
+pub async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<Response> {
+    match (s.metrics_auth, s.metrics_auth.role()) {
+        (MetricsAuth::Off, _) => return Err(super::not_found()),
+        (_, Some(role)) => auth::caller(&headers, &s.tokens)?.require(role)?,
+        (_, None) => {}
+    }
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
     )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",

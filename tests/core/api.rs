@@ -84,6 +84,9 @@ async fn every_route_checks_the_token_and_the_role() {
             "admin",
         ),
         (Method::GET, "/api/v1/refresh-runs".into(), "viewer"),
+        // By default (api.metrics_auth).
+        (Method::GET, "/api/v1/metrics".into(), "viewer"),
+        (Method::GET, "/metrics".into(), "viewer"),
     ];
     let rank = |r: &str| {
         ["viewer", "operator", "admin"]
@@ -120,8 +123,8 @@ async fn every_route_checks_the_token_and_the_role() {
     for path in [
         "/api/v1/healthz",
         "/healthz",
-        "/api/v1/metrics",
-        "/metrics",
+        "/api/v1/readyz",
+        "/readyz",
         "/api/v1/openapi.json",
     ] {
         let r = api.http.get(api.url(path)).send().await.unwrap();
@@ -638,7 +641,7 @@ async fn metrics_move_after_a_refresh_and_a_delete() {
             .unwrap_or(0.0)
     };
     let text = |api: &TestApi| {
-        let req = api.http.get(api.url("/metrics"));
+        let req = api.http.get(api.url("/metrics")).bearer_auth(VIEWER_TOKEN);
         async move { req.send().await.unwrap().text().await.unwrap() }
     };
     let before = text(&api).await;

@@ -696,10 +696,14 @@ fn expected_for_body(create: bool, v: &Value, created: &mut HashSet<String>) -> 
     }
     let id = s("id").unwrap_or_default();
     let pem = s("ca_cert_pem");
+    // A name or username: 1 to 200 characters, none of them a control character.
+    let bad_text =
+        |t: &str| t.is_empty() || t.chars().count() > 200 || t.chars().any(char::is_control);
     let invalid = !is_worker_id(id)
         || parse_base_url(s("base_url").unwrap_or_default()).is_err()
         || s("password") == Some("")
-        || s("username") == Some("")
+        || s("username").is_some_and(bad_text)
+        || s("name").is_some_and(bad_text)
         || (v.get("insecure") == Some(&json!(true)) && pem.is_some())
         || pem.is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
         // Plain http:// only with an explicit yes.

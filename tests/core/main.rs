@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod crash;
 mod delete;
+mod edges;
 mod events;
 mod faults;
 mod helpers;

@@ -1,6 +1,7 @@
 //! The refresh: create, update, unchanged, prune, and the prune guards.
 
 use labsync_application::domain::{HistoryEvent, LabState};
+use labsync_application::domain::{HistoryEvent, LabState, Worker};
 use labsync_application::ports::AuditAction;
 use labsync_application::{RefreshOptions, RunStatus};
 use mongodb::bson::{Bson, Document, doc};
@@ -336,7 +337,7 @@ async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
 }
 
 async fn set_lab_tiles(t: &TestApp, on: bool) {
-    let mut worker = t
+    let before = t
         .services()
         .workers
         .get(&t.worker_id())
@@ -344,8 +345,17 @@ async fn set_lab_tiles(t: &TestApp, on: bool) {
         .unwrap()
         .expect("registered")
         .worker;
-    worker.lab_tiles = on;
-    assert!(t.services().workers.update(&worker, None).await.unwrap());
+    let worker = Worker {
+        lab_tiles: on,
+        ..before.clone()
+    };
+    assert!(
+        t.services()
+            .workers
+            .update(&before, &worker, None)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]

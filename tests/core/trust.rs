@@ -433,7 +433,13 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
         .unwrap();
     let mut moved = access.worker.clone();
     moved.base_url = "https://elsewhere.example.net".into();
-    assert!(t.services().workers.update(&moved, None).await.is_err());
+    assert!(
+        t.services()
+            .workers
+            .update(&access.worker, &moved, None)
+            .await
+            .is_err()
+    );
     assert_eq!(
         t.services()
             .workers

@@ -368,7 +368,7 @@ impl Harness {
     async fn use_lab_tiles(&self, on: bool) -> anyhow::Result<()> {
         for w in &self.fleet.workers {
             let id = WorkerId::parse(&w.name)?;
-            let mut worker = self
+            let before = self
                 .app
                 .services
                 .workers
@@ -376,8 +376,18 @@ impl Harness {
                 .await?
                 .context("a registered worker")?
                 .worker;
-            worker.lab_tiles = on;
-            self.app.services.workers.update(&worker, None).await?;
+            let worker = Worker {
+                lab_tiles: on,
+                ..before.clone()
+            };
+            anyhow::ensure!(
+                self.app
+                    .services
+                    .workers
+                    .update(&before, &worker, None)
+                    .await?,
+                "worker {id} changed while lab tiles were switched"
+            );
         }
         Ok(())
     }

@@ -88,7 +88,16 @@ const BINDING: &str = "id+url+user";
 /// process is seen within this time (changes made here are seen at once).
 pub const WORKER_CACHE_TTL: Duration = Duration::from_secs(5);
 
-type Cache = Arc<Mutex<HashMap<WorkerId, (Instant, WorkerAccess)>>>;
+/// Workers read recently, and a generation that every change moves on: a
+/// read that began before a change must not put what it read back after
+/// the change forgot it.
+#[derive(Debug, Default)]
+struct CacheState {
+    entries: HashMap<WorkerId, (Instant, WorkerAccess)>,
+    generation: u64,
+}
+
+type Cache = Arc<Mutex<CacheState>>;
 
 #[derive(Debug, Clone)]
 pub struct MongoWorkerRepository {
@@ -108,11 +117,14 @@ impl MongoWorkerRepository {
         }
     }
 
+    fn cache(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn forget(&self, id: &WorkerId) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let mut cache = self.cache();
+        cache.entries.remove(id);
+        cache.generation += 1;
     }
 
     fn cipher(&self) -> Result<&PasswordCipher, RepoError> {
@@ -139,7 +151,33 @@ impl MongoWorkerRepository {
             )
             .await
             .map_err(map_error)?;
+        self.forget(id);
         Ok(r.matched_count > 0)
+    }
+}
+
+/// Matches the worker's document only while every setting is still as in
+/// `worker`: a compare-and-set, so that a change read before another
+/// landed cannot overwrite it. Flags written after the first documents
+/// (absent there) match as false.
+fn unchanged_since(worker: &Worker) -> mongodb::bson::Document {
+    let flag = |on: bool| {
+        if on {
+            mongodb::bson::Bson::Boolean(true)
+        } else {
+            doc! {"$ne": true}.into()
+        }
+    };
+    doc! {
+        "_id": worker.id.as_str(),
+        "name": &worker.name,
+        "base_url": &worker.base_url,
+        "username": &worker.username,
+        "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
+        "insecure": worker.tls.insecure,
+        "enabled": worker.enabled,
+        "lab_tiles": flag(worker.lab_tiles),
+        "allow_http": flag(worker.tls.allow_http),
     }
 }
 
@@ -172,11 +210,15 @@ impl WorkerRepository for MongoWorkerRepository {
     }
 
     async fn get(&self, id: &WorkerId) -> Result<Option<WorkerAccess>, RepoError> {
-        if let Some((at, access)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(id)
-            && at.elapsed() < WORKER_CACHE_TTL
-        {
-            return Ok(Some(access.clone()));
-        }
+        let generation = {
+            let cache = self.cache();
+            if let Some((at, access)) = cache.entries.get(id)
+                && at.elapsed() < WORKER_CACHE_TTL
+            {
+                return Ok(Some(access.clone()));
+            }
+            cache.generation
+        };
         let Some(doc) = self
             .workers
             .find_one(doc! {"_id": id.as_str()})
@@ -204,10 +246,13 @@ impl WorkerRepository for MongoWorkerRepository {
             .open(&sealed, &context)
             .map_err(|e| RepoError::Corrupt(format!("worker {id}: {e}")))?;
         let access = WorkerAccess { worker, password };
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), (Instant::now(), access.clone()));
+        let mut cache = self.cache();
+        // Kept only if nothing changed while it was read.
+        if cache.generation == generation {
+            cache
+                .entries
+                .insert(id.clone(), (Instant::now(), access.clone()));
+        }
         Ok(Some(access))
     }
 
@@ -226,10 +271,30 @@ impl WorkerRepository for MongoWorkerRepository {
 
     async fn update(
         &self,
+        before: &Worker,
         worker: &Worker,
         password: Option<&SecretString>,
     ) -> Result<bool, RepoError> {
         self.forget(&worker.id);
+        if before.id != worker.id {
+            return Err(RepoError::Other(format!(
+                "worker {}: an update cannot change the id (read {})",
+                worker.id, before.id
+            )));
+        }
+        // Without the password, where it goes and how it is protected on
+        // the way must not change: the filter below pins the stored
+        // document to `before`, so these pin it to `worker` too.
+        if password.is_none()
+            && (worker.base_url != before.base_url
+                || worker.username != before.username
+                || worker.tls != before.tls)
+        {
+            return Err(RepoError::Other(format!(
+                "worker {}: changing its URL, user or TLS settings needs its password again",
+                worker.id
+            )));
+        }
         let mut set = doc! {
             "name": &worker.name,
             "base_url": &worker.base_url,
@@ -240,7 +305,6 @@ impl WorkerRepository for MongoWorkerRepository {
             "enabled": worker.enabled,
             "lab_tiles": worker.lab_tiles,
         };
-        let mut filter = doc! {"_id": worker.id.as_str()};
         if let Some(password) = password {
             let sealed = self
                 .cipher()?
@@ -251,34 +315,14 @@ impl WorkerRepository for MongoWorkerRepository {
                 doc! {"nonce": binary(sealed.nonce), "ciphertext": binary(sealed.ciphertext)},
             );
             set.insert("sealed_to", BINDING);
-        } else {
-            // Without the password, where it goes and how it is protected
-            // on the way must not change.
-            filter.insert("base_url", &worker.base_url);
-            filter.insert("username", &worker.username);
-            filter.insert("insecure", worker.tls.insecure);
-            filter.insert("ca_cert_pem", worker.tls.ca_cert_pem.clone());
-            filter.insert("allow_http", worker.tls.allow_http);
         }
         let r = self
             .workers
-            .update_one(filter, doc! {"$set": set})
+            .update_one(unchanged_since(before), doc! {"$set": set})
             .await
             .map_err(map_error)?;
-        if r.matched_count == 0 && password.is_none() {
-            let exists = self
-                .workers
-                .find_one(doc! {"_id": worker.id.as_str()})
-                .await
-                .map_err(map_error)?
-                .is_some();
-            if exists {
-                return Err(RepoError::Other(format!(
-                    "worker {}: changing its URL, user or TLS settings needs its password again",
-                    worker.id
-                )));
-            }
-        }
+        // A read that raced with the write must not keep the old settings.
+        self.forget(&worker.id);
         Ok(r.matched_count > 0)
     }
 
