@@ -1,6 +1,5 @@
 //! The refresh: create, update, unchanged, prune, and the prune guards.
 
-use labsync_application::domain::{HistoryEvent, LabState};
 use labsync_application::domain::{HistoryEvent, LabState, Worker};
 use labsync_application::ports::AuditAction;
 use labsync_application::{RefreshOptions, RunStatus};
@@ -8,7 +7,7 @@ use mongodb::bson::{Bson, Document, doc};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{ADMIN_TOKEN, SEEDED_LABS, TestApi, TestApp, eventually, ids};
+use crate::helpers::{ADMIN_TOKEN, SEEDED_LABS, TestApi, TestApp, VIEWER_TOKEN, eventually, ids};
 
 #[tokio::test]
 async fn a_first_refresh_creates_every_lab_with_every_field_and_a_second_writes_nothing() {
@@ -422,8 +421,7 @@ async fn a_dry_run_changes_no_metric_of_lab_changes_and_its_audit_entry_says_dry
     };
     let created = || async {
         let text = api
-            .http
-            .get(api.url("/metrics"))
+            .req(Method::GET, "/metrics", Some(VIEWER_TOKEN))
             .send()
             .await
             .unwrap()
