@@ -479,6 +479,23 @@ pub struct DeleteRequestView {
     pub cancel_requested_by: Option<String>,
 }
 
+impl DeleteRequestView {
+    /// The request without what CML said, for callers who may not delete:
+    /// that it failed, and how, stays.
+    #[must_use]
+    pub fn without_error_texts(mut self) -> Self {
+        if self.last_error.is_some() {
+            self.last_error =
+                Some("the delete failed; operators and admins see what CML said".to_owned());
+        }
+        if let Some(o) = &mut self.outcome {
+            o.error = None;
+            o.message = format!("{}; operators and admins see what CML said", o.kind);
+        }
+        self
+    }
+}
+
 impl From<DeleteRequest> for DeleteRequestView {
     fn from(r: DeleteRequest) -> Self {
         Self {

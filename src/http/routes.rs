@@ -286,7 +286,7 @@ pub async fn delete_lab(
     security(("token" = [])))]
 pub async fn get_delete_request(
     State(s): State<ApiState>,
-    _: Viewer,
+    Viewer(caller): Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeleteRequestView>> {
     let not_found = || {
@@ -300,7 +300,13 @@ pub async fn get_delete_request(
         return Err(not_found());
     }
     let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
-    Ok(Json(request.into()))
+    let view = DeleteRequestView::from(request);
+    // CML's words about a delete are for those who may delete.
+    if caller.role >= Role::Operator {
+        Ok(Json(view))
+    } else {
+        Ok(Json(view.without_error_texts()))
+    }
 }
 
 #[utoipa::path(delete, path = "/api/v1/delete-requests/{id}", tag = "labs",

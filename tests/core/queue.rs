@@ -7,7 +7,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ADMIN_TOKEN, OPERATOR_TOKEN, SEEDED_LABS, TestApi, TestApp, eventually, tokens_setting,
+    ADMIN_TOKEN, OPERATOR_TOKEN, SEEDED_LABS, TestApi, TestApp, VIEWER_TOKEN, eventually,
+    tokens_setting,
 };
 
 /// A second operator, for "only the requester may cancel".
@@ -205,6 +206,16 @@ async fn a_forced_delete_queued_during_an_outage_gives_up_and_does_not_run_when_
             .unwrap()
             .contains("gave up after 3 attempts"),
         "{failed}"
+    );
+    // A viewer learns that it failed, not what CML said.
+    let (_, seen) = api
+        .get(&format!("/api/v1/delete-requests/{id}"), VIEWER_TOKEN)
+        .await;
+    assert_eq!(seen["status"], "failed");
+    let text = seen["last_error"].as_str().unwrap();
+    assert!(
+        !text.contains("gave up") && text.contains("operators"),
+        "{seen}"
     );
     t.faults(json!({}));
     // Another delete runs to the end: the queue is alive, and the given-up
