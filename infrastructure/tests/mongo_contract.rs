@@ -1688,3 +1688,43 @@ async fn a_worker_stored_before_its_newer_flags_is_updated_as_if_they_were_off()
     assert!(repo.update(&read, &tiles, None).await.unwrap());
     assert_eq!(repo.get(&read.id).await.unwrap().unwrap().worker, tiles);
 }
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_and_a_document_that_does_not_decode_is_corrupt() {
+    use labsync_application::RepoError;
+    use labsync_infrastructure::mongo::map_error;
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let away = mongodb::Client::with_uri_str(format!(
+        "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=200"
+    ))
+    .await
+    .unwrap();
+    let e = away
+        .database("x")
+        .run_command(doc! {"ping": 1})
+        .await
+        .unwrap_err();
+    assert!(matches!(map_error(e), RepoError::Unavailable(_)));
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Needs {
+        #[allow(dead_code)]
+        required: String,
+    }
+    let db = labsync_test_support::test_database().await;
+    db.collection::<Document>("odd")
+        .insert_one(doc! {"other": 1})
+        .await
+        .unwrap();
+    let e = db
+        .collection::<Needs>("odd")
+        .find_one(doc! {})
+        .await
+        .unwrap_err();
+    assert!(matches!(map_error(e), RepoError::Corrupt(_)));
+}
