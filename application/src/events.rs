@@ -1,6 +1,7 @@
-//! Lab lifecycle events. They are written by the repositories in the same
-//! write as the change they describe (an outbox), and delivered later,
-//! at least once, to whoever listens.
+//! Lab lifecycle events. The repositories write them to an outbox just
+//! before the change they describe (a refresh's stay staged until the
+//! change is written), and a relay delivers them later, at least once and
+//! in order per lab, to whoever listens.
 
 use chrono::{DateTime, Utc};
 use labsync_domain::{LabId, WorkerId};

@@ -2,12 +2,11 @@
 //! [`RefreshAll`] on the configured cron expression.
 //!
 //! The job never overlaps itself: a tick that finds the previous run still
-//! going is skipped and counted (across processes, the per-worker lease does
+//! going is skipped and logged (across processes, the per-worker lease does
 //! the same). Shutdown stops the ticks and waits, up to a grace period, for
 //! a run in progress to finish.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use labsync_application::{RefreshAll, RefreshOptions, Trigger};
@@ -15,36 +14,24 @@ use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tracing::{Instrument, error, info, info_span, warn};
 
-/// Counters a test or `/metrics` can read.
-#[derive(Debug, Default)]
-pub struct ScheduleStats {
-    pub runs: AtomicU64,
-    pub skipped_ticks: AtomicU64,
-}
-
 /// A running schedule.
 pub struct RefreshScheduler {
     scheduler: JobScheduler,
     running: Arc<Mutex<()>>,
-    pub stats: Arc<ScheduleStats>,
 }
 
 impl std::fmt::Debug for RefreshScheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RefreshScheduler")
-            .field("stats", &self.stats)
-            .finish_non_exhaustive()
+        f.debug_struct("RefreshScheduler").finish_non_exhaustive()
     }
 }
 
 /// Runs one refresh of every worker unless one is already running here.
-async fn tick(refresh: RefreshAll, running: Arc<Mutex<()>>, stats: Arc<ScheduleStats>) {
+async fn tick(refresh: RefreshAll, running: Arc<Mutex<()>>) {
     let Ok(_guard) = running.try_lock() else {
-        stats.skipped_ticks.fetch_add(1, Ordering::Relaxed);
         warn!("scheduled refresh skipped: the previous one is still running");
         return;
     };
-    stats.runs.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("scheduled_refresh");
     match refresh
         .execute(Trigger::Schedule, RefreshOptions::default())
@@ -71,23 +58,18 @@ impl RefreshScheduler {
     ) -> Result<Self, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let running = Arc::new(Mutex::new(()));
-        let stats = Arc::new(ScheduleStats::default());
-        let (r, m, s) = (refresh.clone(), running.clone(), stats.clone());
+        let (r, m) = (refresh.clone(), running.clone());
         let job = Job::new_async(cron, move |_id, _sched| {
-            let (r, m, s) = (r.clone(), m.clone(), s.clone());
-            Box::pin(async move { tick(r, m, s).await })
+            let (r, m) = (r.clone(), m.clone());
+            Box::pin(async move { tick(r, m).await })
         })?;
         scheduler.add(job).await?;
         scheduler.start().await?;
         info!(cron, "refresh schedule started");
         if run_at_startup {
-            tokio::spawn(tick(refresh, running.clone(), stats.clone()));
+            tokio::spawn(tick(refresh, running.clone()));
         }
-        Ok(Self {
-            scheduler,
-            running,
-            stats,
-        })
+        Ok(Self { scheduler, running })
     }
 
     /// Stops the ticks, then waits up to `grace` for a run in progress.

@@ -35,7 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use labsync_application::{LabEvent, RepoError};
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::ReturnDocument;
-use mongodb::{Collection, Database, Namespace};
+use mongodb::{Collection, Database};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -66,9 +66,6 @@ pub fn staged_doc(
 /// The status of a refresh's event until its change is written.
 pub const STAGED: &str = "staged";
 
-/// How long an event is kept, delivered or not.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// The outbox document for `event`.
 ///
 /// # Errors
@@ -91,10 +88,6 @@ pub fn outbox_doc(event: &LabEvent, retention: Duration) -> Result<Document, Rep
         "expires_at": date(expires),
         "cloudevent": ce,
     })
-}
-
-pub fn namespace(db: &Database) -> Namespace {
-    db.collection::<Document>(collections::OUTBOX).namespace()
 }
 
 /// Where and how the relay delivers.
