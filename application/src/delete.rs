@@ -41,7 +41,7 @@
 use std::time::{Duration, Instant};
 
 use labsync_domain::{HistoryEntry, HistoryEvent, LabId, LabState, WorkerId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError};
@@ -60,8 +60,9 @@ pub struct DeleteLab {
     pub requested_by: String,
 }
 
-/// How a delete ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// How a delete ended. Stored as it is (an async delete keeps it), so a
+/// variant's fields and words stay readable by later releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeleteOutcomeKind {
     /// CML deleted the lab; its record is gone.
@@ -82,7 +83,7 @@ pub enum DeleteOutcomeKind {
     AccountNotAdmin { username: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteOutcome {
     pub worker_id: WorkerId,
     pub lab_id: LabId,
@@ -94,6 +95,25 @@ pub struct DeleteOutcome {
     pub record_was_present: bool,
     /// One line for people.
     pub message: String,
+}
+
+/// How a delete ended, for observers (metrics): an outcome, or the one
+/// error that ends a delete after CML acted.
+#[derive(Debug, Clone, Copy)]
+pub enum DeleteEnd<'a> {
+    Outcome(&'a DeleteOutcomeKind),
+    /// CML deleted the lab; its record could not be replaced yet.
+    RecordCleanupPending,
+}
+
+impl DeleteEnd<'_> {
+    /// The outcome's own word (a bounded set: a metric label).
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Outcome(kind) => kind.word(),
+            Self::RecordCleanupPending => "record_cleanup_pending",
+        }
+    }
 }
 
 impl DeleteOutcomeKind {
@@ -238,7 +258,7 @@ impl DeleteLab {
                 warn!(error = %e, "deleted in CML but the record could not be removed");
                 self.audit(s, kind.word(), format!("record removal failed: {e}"))
                     .await;
-                s.observer.delete_finished("record_cleanup_pending");
+                s.observer.delete_finished(DeleteEnd::RecordCleanupPending);
                 return Err(AppError::RecordCleanupPending(e));
             }
         };
@@ -248,7 +268,7 @@ impl DeleteLab {
             (_, false) => "CML did not have the lab, and labsync had no record of it".to_owned(),
         };
         info!(outcome = kind.word(), "lab deleted");
-        s.observer.delete_finished(kind.word());
+        s.observer.delete_finished(DeleteEnd::Outcome(&kind));
         Ok(DeleteOutcome {
             worker_id: self.worker_id,
             lab_id: self.lab_id,
@@ -417,7 +437,7 @@ impl DeleteLab {
                 false
             }
         };
-        s.observer.delete_finished(kind.word());
+        s.observer.delete_finished(DeleteEnd::Outcome(&kind));
         DeleteOutcome {
             worker_id: self.worker_id.clone(),
             lab_id: self.lab_id,

@@ -84,7 +84,7 @@ pub struct DeleteRequest {
     pub next_attempt_at: DateTime<Utc>,
     pub last_error: Option<String>,
     /// The final outcome of the delete, as the synchronous API returns it.
-    pub outcome: Option<serde_json::Value>,
+    pub outcome: Option<crate::delete::DeleteOutcome>,
     /// Who cancelled it.
     #[serde(default)]
     pub cancelled_by: Option<String>,
@@ -434,7 +434,7 @@ impl DeleteQueue {
             Ok(outcome) => {
                 let retry = !outcome.lab_gone && outcome.kind.is_retryable();
                 r.last_error = (!outcome.lab_gone).then(|| outcome.message.clone());
-                r.outcome = serde_json::to_value(&outcome).ok();
+                r.outcome = Some(outcome.clone());
                 r.status = if outcome.lab_gone {
                     DeleteRequestStatus::Done
                 } else {
@@ -696,7 +696,10 @@ mod tests {
         assert_eq!(q.run_due().await.unwrap(), 0, "nothing left");
         let done = q.get(&r.id).await.unwrap().unwrap();
         assert_eq!((done.status, done.attempts), (DeleteRequestStatus::Done, 1));
-        assert_eq!(done.outcome.unwrap()["kind"], "deleted");
+        assert_eq!(
+            done.outcome.unwrap().kind,
+            crate::DeleteOutcomeKind::Deleted
+        );
         assert!(done.last_error.is_none());
     }
 

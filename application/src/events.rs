@@ -95,7 +95,7 @@ impl LabEvent {
 /// cheap and MUST NOT fail: observing is never a reason to fail a use case.
 pub trait Observer: Send + Sync {
     fn refresh_finished(&self, _report: &crate::RunReport) {}
-    fn delete_finished(&self, _outcome: &str) {}
+    fn delete_finished(&self, _end: crate::delete::DeleteEnd<'_>) {}
 }
 
 /// Observes nothing.

@@ -22,7 +22,7 @@ mod services;
 #[cfg(test)]
 mod fakes;
 
-pub use delete::{DeleteLab, DeleteOutcome, DeleteOutcomeKind};
+pub use delete::{DeleteEnd, DeleteLab, DeleteOutcome, DeleteOutcomeKind};
 pub use delete_queue::{
     CancelError, DeleteQueue, DeleteRequest, DeleteRequestStatus, DeleteRequests, RetryPolicy,
 };

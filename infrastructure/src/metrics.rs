@@ -306,19 +306,8 @@ impl Observer for Metrics {
         }
     }
 
-    fn delete_finished(&self, outcome: &str) {
-        let outcome = match outcome {
-            "deleted"
-            | "already_absent"
-            | "refused_running"
-            | "cml_unreachable"
-            | "cml_refused"
-            | "not_converged"
-            | "account_not_admin"
-            | "record_cleanup_pending" => outcome,
-            _ => "other",
-        };
-        self.deletes.with_label_values(&[outcome]).inc();
+    fn delete_finished(&self, end: labsync_application::DeleteEnd<'_>) {
+        self.deletes.with_label_values(&[end.word()]).inc();
     }
 }
 
@@ -329,8 +318,9 @@ mod tests {
     #[test]
     fn renders_bounded_metrics_with_the_prefix() {
         let m = Metrics::new();
-        m.delete_finished("deleted");
-        m.delete_finished("something new");
+        use labsync_application::{DeleteEnd, DeleteOutcomeKind};
+        m.delete_finished(DeleteEnd::Outcome(&DeleteOutcomeKind::Deleted));
+        m.delete_finished(DeleteEnd::RecordCleanupPending);
         {
             let mut t = m.cml_request("list_labs");
             t.status(200);
@@ -351,7 +341,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("labsync_deletes_total{outcome=\"other\"} 1"),
+            text.contains("labsync_deletes_total{outcome=\"record_cleanup_pending\"} 1"),
             "{text}"
         );
         assert!(

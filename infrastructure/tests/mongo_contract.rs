@@ -278,7 +278,13 @@ async fn prunes_remove_live_records_only_and_say_which_did_not_happen() {
         record(&worker("cml-2"), lab(), "x"),
     );
     create(&repo, &w, vec![gone.clone(), buried.clone()], 1).await;
-    create(&repo, &worker("cml-2"), vec![other.clone()], 1).await;
+    create(
+        &repo,
+        &worker("cml-2"),
+        vec![other.clone(), record(&worker("cml-2"), lab(), "y")],
+        1,
+    )
+    .await;
     repo.tombstone(
         &w,
         &buried.lab_id,
@@ -335,7 +341,7 @@ async fn prunes_remove_live_records_only_and_say_which_did_not_happen() {
         "the prune not made is not"
     );
     assert_eq!(repo.remove_worker(&w).await.unwrap(), 1, "the tombstone");
-    assert_eq!(repo.remove_worker(&worker("cml-2")).await.unwrap(), 1);
+    assert_eq!(repo.remove_worker(&worker("cml-2")).await.unwrap(), 2);
 }
 
 // ---------------------------------------------------------------- tombstones
@@ -621,24 +627,29 @@ async fn records_written_before_fencing_are_updated_and_pruned_by_any_run() {
     let w = worker("cml-1");
     let (a, b) = (record(&w, lab(), "a"), record(&w, lab(), "b"));
     create(&repo, &w, vec![a.clone(), b.clone()], 1).await;
-    db.collection::<Document>(collections::LABS)
-        .update_many(doc! {}, doc! {"$unset": {"fence": ""}})
-        .await
-        .unwrap();
-    let out = repo
-        .apply(
-            &w,
-            RecordChanges {
-                fence: 3,
-                update: vec![changed(a.clone(), "a2")],
-                prune: vec![b.lab_id],
-                ..RecordChanges::default()
-            },
-            HISTORY,
-        )
-        .await
-        .unwrap();
-    assert_eq!((out.updated, out.pruned), (1, 1), "{out:?}");
+    let unfence = || async {
+        db.collection::<Document>(collections::LABS)
+            .update_many(doc! {}, doc! {"$unset": {"fence": ""}})
+            .await
+            .unwrap();
+    };
+    // An update alone, then a prune alone: each must see the old records.
+    unfence().await;
+    let only_update = RecordChanges {
+        fence: 3,
+        update: vec![changed(a.clone(), "a2")],
+        ..RecordChanges::default()
+    };
+    let out = repo.apply(&w, only_update, HISTORY).await.unwrap();
+    assert_eq!((out.updated, out.suppressed.len()), (1, 0), "{out:?}");
+    unfence().await;
+    let only_prune = RecordChanges {
+        fence: 3,
+        prune: vec![b.lab_id],
+        ..RecordChanges::default()
+    };
+    let out = repo.apply(&w, only_prune, HISTORY).await.unwrap();
+    assert_eq!(out.pruned, 1, "{out:?}");
 }
 
 // ---------------------------------------------------------------- limits
@@ -1493,7 +1504,13 @@ async fn a_labs_later_events_wait_for_its_failed_one_and_other_labs_do_not() {
         ),
         ("pending", 1)
     );
-    assert!(failed.get_str("last_error").unwrap().contains("503"));
+    let why = failed.get_str("last_error").unwrap();
+    assert!(why.contains("503") && !why.contains("redirect"), "{why}");
+    let wait = failed.get_datetime("next_attempt_at").unwrap().to_chrono() - Utc::now();
+    assert!(
+        wait > TimeDelta::milliseconds(1500) && wait <= TimeDelta::seconds(2),
+        "the first backoff is 2 s: {wait}"
+    );
     assert!(
         failed.get_datetime("next_attempt_at").unwrap().to_chrono()
             > Utc::now() + TimeDelta::milliseconds(500),
@@ -1728,4 +1745,122 @@ async fn an_unreachable_server_is_unavailable_and_a_document_that_does_not_decod
         .await
         .unwrap_err();
     assert!(matches!(map_error(e), RepoError::Corrupt(_)));
+}
+
+#[tokio::test]
+async fn a_claim_holds_an_event_for_twice_the_request_timeout() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    // A sink slow enough to look at the claim while the event is in flight.
+    let (sink, url) = Sink::start(Duration::from_secs(2), |_| 202).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 1, &metrics);
+    let e = pending_event(&db, &worker("cml-1"), lab(), 0).await;
+    let delivering = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.deliver_due().await.unwrap() }
+    });
+    labsync_test_support::eventually("the event to be in flight", || async {
+        sink.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let held = event_doc(&db, &e)
+        .await
+        .get_datetime("next_attempt_at")
+        .unwrap()
+        .to_chrono()
+        - Utc::now();
+    assert!(held > TimeDelta::seconds(15), "claimed for 20 s: {held}");
+    assert_eq!(delivering.await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_lab_blocked_behind_more_than_a_page_of_its_events_holds_back_no_other_lab() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let (sink, url) = Sink::start(Duration::ZERO, |_| 202).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 4, &metrics);
+    let w = worker("cml-1");
+    let (busy, other) = (lab(), lab());
+    // busy's oldest event backs off; 300 more of busy's are due.
+    let head = pending_event(&db, &w, busy, 0).await;
+    db.collection::<Document>(collections::OUTBOX)
+        .update_one(
+            doc! {"_id": &head.id},
+            doc! {"$set": {"next_attempt_at": mongodb::bson::DateTime::from_millis(i64::MAX / 2)}},
+        )
+        .await
+        .unwrap();
+    let due: Vec<Document> = (1..=300)
+        .map(|n| {
+            let at = DateTime::from_timestamp_millis(1_700_000_000_000 + n).unwrap();
+            outbox::outbox_doc(
+                &LabEvent::new(LabEventKind::Changed, &w, busy, at, serde_json::json!({})),
+                RETENTION,
+            )
+            .unwrap()
+        })
+        .collect();
+    db.collection::<Document>(collections::OUTBOX)
+        .insert_many(due)
+        .await
+        .unwrap();
+    let last = pending_event(&db, &w, other, 1000).await;
+    assert_eq!(relay.deliver_due().await.unwrap(), 1);
+    assert_eq!(sink.received(), [(last.id.clone(), 202)]);
+}
+
+#[tokio::test]
+async fn a_running_relay_delivers_until_it_is_stopped() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let (sink, url) = Sink::start(Duration::ZERO, |_| 202).await;
+    let metrics = labsync_infrastructure::metrics::Metrics::new();
+    let relay = relay(&db, &url, 2, &metrics);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(relay.run(stopped));
+    let e = pending_event(&db, &worker("cml-1"), lab(), 0).await;
+    labsync_test_support::eventually("the event to be delivered", || async {
+        event_doc(&db, &e).await.get_str("status") == Ok("delivered")
+    })
+    .await;
+    assert_eq!(sink.received().len(), 1);
+    stop.send(true).unwrap();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delete_requests_outcome_is_stored_typed_and_read_back_whole() {
+    use labsync_application::{
+        DeleteOutcome, DeleteOutcomeKind, DeleteRequestStatus, DeleteRequests,
+    };
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let requests = labsync_infrastructure::mongo::MongoDeleteRequests::new(&db);
+    let w = worker("cml-1");
+    let (r, _) = requests
+        .create_unless_active(&delete_request(&w, lab()))
+        .await
+        .unwrap();
+    let mut claimed = requests
+        .claim_due(now(), Duration::from_secs(60), "c", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    claimed.status = DeleteRequestStatus::Failed;
+    claimed.outcome = Some(DeleteOutcome {
+        worker_id: w.clone(),
+        lab_id: r.lab_id,
+        kind: DeleteOutcomeKind::RefusedRunning {
+            state: LabState::Unknown("BOOTING".into()),
+        },
+        lab_gone: false,
+        record_was_present: true,
+        message: "the lab is BOOTING".into(),
+    });
+    assert!(requests.save(&claimed, "c").await.unwrap());
+    let back = requests.get(&r.id).await.unwrap().unwrap();
+    assert_eq!(back.outcome, claimed.outcome);
+    assert_eq!(back.status, DeleteRequestStatus::Failed);
 }

@@ -442,14 +442,21 @@ pub struct DeleteOutcomeView {
 
 impl From<&DeleteOutcome> for DeleteOutcomeView {
     fn from(o: &DeleteOutcome) -> Self {
-        let v = serde_json::to_value(o).unwrap_or_default();
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        use labsync_application::DeleteOutcomeKind as K;
+        let (state, error) = match &o.kind {
+            K::RefusedRunning { state } => (Some(state.to_string()), None),
+            K::CmlUnreachable { error } | K::CmlRefused { error, .. } => {
+                (None, Some(error.clone()))
+            }
+            K::NotConverged { step } => (None, Some(step.clone())),
+            K::Deleted | K::AlreadyAbsent | K::AccountNotAdmin { .. } => (None, None),
+        };
         Self {
             worker_id: o.worker_id.to_string(),
             lab_id: o.lab_id.to_string(),
             kind: o.kind.word().to_owned(),
-            state: s("state"),
-            error: s("error").or_else(|| s("step")),
+            state,
+            error,
             lab_gone: o.lab_gone,
             record_was_present: o.record_was_present,
             message: o.message.clone(),
@@ -512,39 +519,7 @@ impl From<DeleteRequest> for DeleteRequestView {
             last_error: r.last_error,
             cancelled_by: r.cancelled_by,
             cancel_requested_by: r.cancel_requested_by,
-            outcome: r
-                .outcome
-                .and_then(|v| serde_json::from_value::<DeleteOutcomeWire>(v).ok())
-                .map(Into::into),
-        }
-    }
-}
-
-/// The stored outcome of an async delete (the flattened [`DeleteOutcome`]).
-#[derive(Debug, Deserialize)]
-struct DeleteOutcomeWire {
-    worker_id: String,
-    lab_id: String,
-    kind: String,
-    state: Option<String>,
-    error: Option<String>,
-    step: Option<String>,
-    lab_gone: bool,
-    record_was_present: bool,
-    message: String,
-}
-
-impl From<DeleteOutcomeWire> for DeleteOutcomeView {
-    fn from(w: DeleteOutcomeWire) -> Self {
-        Self {
-            worker_id: w.worker_id,
-            lab_id: w.lab_id,
-            kind: w.kind,
-            state: w.state,
-            error: w.error.or(w.step),
-            lab_gone: w.lab_gone,
-            record_was_present: w.record_was_present,
-            message: w.message,
+            outcome: r.outcome.as_ref().map(DeleteOutcomeView::from),
         }
     }
 }

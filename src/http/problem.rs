@@ -3,7 +3,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use labsync_application::{AppError, RepoError};
+use labsync_application::{AppError, DeleteOutcomeKind, RepoError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -88,6 +88,22 @@ impl From<AppError> for ApiError {
             AppError::Repository(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database-error"),
         };
         Self::new(status, kind, detail)
+    }
+}
+
+/// The status and problem kind of a delete that did not remove the lab:
+/// the one place a delete outcome becomes HTTP.
+pub fn delete_failure(kind: &DeleteOutcomeKind) -> (StatusCode, &'static str) {
+    match kind {
+        DeleteOutcomeKind::RefusedRunning { .. } => (StatusCode::CONFLICT, "lab-running"),
+        DeleteOutcomeKind::AccountNotAdmin { .. } => {
+            (StatusCode::BAD_GATEWAY, "cml-account-not-admin")
+        }
+        DeleteOutcomeKind::CmlUnreachable { .. }
+        | DeleteOutcomeKind::CmlRefused { .. }
+        | DeleteOutcomeKind::NotConverged { .. }
+        | DeleteOutcomeKind::Deleted
+        | DeleteOutcomeKind::AlreadyAbsent => (StatusCode::BAD_GATEWAY, "cml-failed"),
     }
 }
 

@@ -268,15 +268,7 @@ pub async fn delete_lab(
     if outcome.lab_gone {
         return Ok(Json(view).into_response());
     }
-    let (status, kind) = match outcome.kind {
-        labsync_application::DeleteOutcomeKind::RefusedRunning { .. } => {
-            (StatusCode::CONFLICT, "lab-running")
-        }
-        labsync_application::DeleteOutcomeKind::AccountNotAdmin { .. } => {
-            (StatusCode::BAD_GATEWAY, "cml-account-not-admin")
-        }
-        _ => (StatusCode::BAD_GATEWAY, "cml-failed"),
-    };
+    let (status, kind) = super::problem::delete_failure(&outcome.kind);
     Err(ApiError::new(status, kind, outcome.message.clone()).with("outcome", view))
 }
 

@@ -227,8 +227,8 @@ async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
         "{done:?}"
     );
     assert_eq!(
-        done.outcome.as_ref().unwrap()["kind"],
-        "deleted",
+        done.outcome.as_ref().unwrap().kind,
+        labsync_application::DeleteOutcomeKind::Deleted,
         "{done:?}"
     );
     let audit: Vec<String> = t.audit(&lab).await.into_iter().map(|a| a.outcome).collect();

@@ -458,6 +458,9 @@ impl LabRepository for MongoLabRepository {
                 .map_err(|e| RepoError::Other(e.to_string()))?;
             d.insert("fence", to_i64(fence));
             let size = bson_size(&d);
+            // `>` or `>=` at the exact bound: both stay below MongoDB's
+            // limit, which the bound keeps `ENVELOPE` under (an equivalent
+            // mutant, here and for updates).
             if size > max_document {
                 outcome
                     .too_large
@@ -551,6 +554,7 @@ impl LabRepository for MongoLabRepository {
                 .await
                 .map_err(map_error)?
                 .deleted_count;
+            // `<=` would only add a read that finds nothing (equivalent).
             if outcome.pruned < changes.prune.len() as u64 {
                 // Some were not removed: tombstoned meanwhile (a delete
                 // announces itself), or rewritten by a newer run. Their

@@ -85,6 +85,7 @@ impl MongoRefreshLease {
         if let Ok(t) = hello.get_datetime("localTime") {
             return Ok(t.to_chrono());
         }
+        // Decides only whether to log (a mutant here is equivalent).
         if !self.warned_clock.swap(true, Ordering::Relaxed) {
             warn!(
                 "the database does not report its clock (hello.localTime): refresh leases expire by this process's clock"

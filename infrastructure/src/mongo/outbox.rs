@@ -186,6 +186,7 @@ fn heads(due: &[Document], undelivered: &[Document]) -> (Vec<Document>, Vec<LabK
         first
             .entry(k)
             .and_modify(|cur| {
+                // `<=` would replace a key by an equal one (equivalent).
                 if o < *cur {
                     *cur = o.clone();
                 }
@@ -422,6 +423,7 @@ impl EventRelay {
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         loop {
+            // The guard decides only whether to log (equivalent mutants).
             match self.deliver_due().await {
                 Ok(n) if n > 0 => debug!(delivered = n, "events delivered"),
                 Ok(_) => {}

@@ -80,6 +80,7 @@ impl TombstoneWriter {
             outbox: db.collection(collections::OUTBOX),
             audit: db.collection(collections::AUDIT),
         };
+        // The capacity only paces callers (a mutant of it is equivalent).
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, rx));
         Self { jobs: tx }
@@ -103,6 +104,11 @@ impl TombstoneWriter {
 
 async fn run(store: Store, mut rx: mpsc::Receiver<(TombstoneJob, Reply)>) {
     while let Some(first) = rx.recv().await {
+        // How many jobs share a batch, and whether one goes alone, is about
+        // speed (docs/BENCHMARKS.md): both paths give every job the same
+        // answer (`tests::a_batch_swaps_records_for_tombstones_and_says_which_were_there`
+        // and the contract tests), so mutants of the bound and of the
+        // `[one]` arm are equivalent.
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
