@@ -32,6 +32,22 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit code for bad input or configuration.
 pub const EXIT_USAGE: u8 = 2;
 
+/// The exit code of a command that ended in an error: the one place an
+/// error becomes an exit code. Naming what does not exist or cannot be is
+/// bad input; everything else is a failure to do what was asked.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<AppError>() {
+        Some(
+            AppError::UnknownWorker(_)
+            | AppError::UnknownLab(..)
+            | AppError::WorkerExists(_)
+            | AppError::InvalidId(_)
+            | AppError::Invalid(_),
+        ) => EXIT_USAGE,
+        _ => EXIT_FAILED,
+    }
+}
+
 /// Keeps the inventory of labs on a fleet of Cisco Modeling Labs servers in
 /// MongoDB.
 ///
@@ -381,10 +397,6 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 Ok(records) => {
                     println!("removed worker {id} and {records} lab records");
                     Ok(ExitCode::SUCCESS)
-                }
-                Err(e @ AppError::UnknownWorker(_)) => {
-                    eprintln!("labsync: {e}");
-                    Ok(ExitCode::from(EXIT_FAILED))
                 }
                 Err(e) => Err(e.into()),
             }

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use labsync::cli::{self, Cli, EXIT_FAILED, EXIT_USAGE};
-use labsync_application::AppError;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::telemetry;
 
@@ -30,16 +29,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("labsync: {}", cli::shown(&format!("{e:#}")));
-            let usage = matches!(
-                e.downcast_ref::<AppError>(),
-                Some(
-                    AppError::UnknownWorker(_)
-                        | AppError::WorkerExists(_)
-                        | AppError::InvalidId(_)
-                        | AppError::Invalid(_)
-                )
-            );
-            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
+            ExitCode::from(cli::exit_code(&e))
         }
     }
 }

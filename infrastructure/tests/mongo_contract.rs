@@ -451,6 +451,26 @@ async fn an_expired_tombstone_hides_nothing_and_gives_way_to_a_create() {
     );
     create(&repo, &w, vec![r.clone()], 1).await;
     assert_eq!(repo.get(&w, &r.lab_id).await.unwrap(), Some(r));
+
+    // A live tombstone first in a batch: only it is refused.
+    let (buried, fresh) = (record(&w, lab(), "buried"), record(&w, lab(), "fresh"));
+    repo.tombstone(
+        &w,
+        &buried.lab_id,
+        tombstone(TimeDelta::days(1)),
+        event(LabEventKind::Deleted, &w, buried.lab_id),
+        audit(&w, buried.lab_id),
+    )
+    .await
+    .unwrap();
+    let both = RecordChanges {
+        fence: 1,
+        create: vec![buried.clone(), fresh.clone()],
+        ..RecordChanges::default()
+    };
+    let out = repo.apply(&w, both, HISTORY).await.unwrap();
+    assert_eq!((out.created, out.suppressed), (1, vec![buried.lab_id]));
+    assert_eq!(repo.get(&w, &fresh.lab_id).await.unwrap(), Some(fresh));
 }
 
 #[tokio::test]

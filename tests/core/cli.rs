@@ -179,7 +179,7 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
         output_text(&o)
     );
     let o = t.cli(&["workers", "remove", "cli-worker"]).await;
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "an unknown worker is bad input");
 }
 
 #[tokio::test]
