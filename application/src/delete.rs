@@ -479,6 +479,25 @@ mod tests {
     use labsync_domain::{LabRecord, LabState};
 
     use super::*;
+
+    #[test]
+    fn a_delete_ends_with_its_outcomes_own_word() {
+        assert_eq!(
+            DeleteEnd::Outcome(&DeleteOutcomeKind::Deleted).word(),
+            "deleted"
+        );
+        assert_eq!(
+            DeleteEnd::Outcome(&DeleteOutcomeKind::AccountNotAdmin {
+                username: "u".into()
+            })
+            .word(),
+            "account_not_admin"
+        );
+        assert_eq!(
+            DeleteEnd::RecordCleanupPending.word(),
+            "record_cleanup_pending"
+        );
+    }
     use crate::fakes::{Fixture, fixture, lab, snapshot, worker_id};
 
     fn with_lab(state: LabState) -> (Fixture, LabId) {

@@ -942,4 +942,63 @@ mod tests {
             Err(AppError::WorkerDisabled(worker_id()))
         );
     }
+
+    #[tokio::test]
+    async fn a_cancel_during_an_attempt_is_taken_and_an_ended_request_refuses_one() {
+        let f = fixture();
+        with_lab(&f, LabState::DefinedOnCore);
+        let (q, requests) = queue(&f);
+        let (r, _) = q.submit(&cmd()).await.unwrap();
+        let mut running = requests
+            .claim_due(chrono::Utc::now(), Duration::from_secs(60), "c", &[])
+            .await
+            .unwrap()
+            .unwrap();
+        let asked = q.cancel(&r.id, "api:x").await.unwrap();
+        assert_eq!(asked.status, DeleteRequestStatus::Running);
+        assert_eq!(asked.cancel_requested_by.as_deref(), Some("api:x"));
+        running.status = DeleteRequestStatus::Failed;
+        assert!(requests.save(&running, "c").await.unwrap());
+        assert_eq!(
+            q.cancel(&r.id, "api:x").await,
+            Err(CancelError::NotPending {
+                id: r.id.clone(),
+                status: DeleteRequestStatus::Failed
+            }),
+            "it ended failed; a cancel asked for before stays on record only"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_more_requests_run_at_once_than_the_bound() {
+        let f = fixture();
+        let requests = Arc::new(FakeRequests::default());
+        let q = DeleteQueue::new(
+            f.services.clone(),
+            requests.clone(),
+            RetryPolicy {
+                max_parallel: 1,
+                ..RetryPolicy::default()
+            },
+        );
+        for w in ["cml-1", "cml-2"] {
+            let (mut r, _) = q.submit(&cmd()).await.unwrap();
+            r.id = format!("{w}-request");
+            r.worker_id = WorkerId::parse(w).unwrap();
+            requests.stored.lock().unwrap().push((r, None));
+        }
+        // Only the two: the submitted original goes.
+        requests.stored.lock().unwrap().remove(0);
+        assert_eq!(requests.stored.lock().unwrap().len(), 2);
+        let mut running = Running::default();
+        assert_eq!(q.fill(&mut running).await.unwrap(), 1);
+        assert_eq!(running.busy.len(), 1);
+        while let Some(done) = running.tasks.join_next_with_id().await {
+            running.finished(done);
+        }
+        assert!(
+            running.busy.is_empty(),
+            "a finished request frees its worker"
+        );
+    }
 }
