@@ -140,6 +140,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_caller_is_audited_by_its_token_name_and_only_admins_read_worker_details() {
+        let caller = |role| Caller {
+            name: "ui".into(),
+            role,
+        };
+        assert_eq!(caller(Role::Operator).actor(), "api:ui");
+        assert!(caller(Role::Admin).may_read_worker_details());
+        assert!(!caller(Role::Operator).may_read_worker_details());
+        assert!(!caller(Role::Viewer).may_read_worker_details());
+        assert!(caller(Role::Operator).require(Role::Operator).is_ok());
+        assert!(caller(Role::Viewer).require(Role::Operator).is_err());
+    }
+
+    #[test]
     fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
         for (value, token) in [
             ("Bearer abc", Some("abc")),
