@@ -8,8 +8,10 @@
 //! `worker/lab`, names the lab's active request: a submit inserts the lock
 //! first (E11000: the lab has one; that request is the answer), then the
 //! request. A request that ends (done, failed, cancelled) removes its lock.
-//! A lock whose request is missing or no longer active (a process died in
-//! between) is stale: the next submit removes it and tries again. (A
+//! A lock whose request has ended, or is still not stored 10 s after the
+//! lock (a process died in between), is stale: the next submit removes it
+//! and tries again. A younger lock without its request is being stored:
+//! the submit waits for it. (A
 //! unique index on a field of the request itself would need the index
 //! entry to move when a finished request changes the field; the test
 //! server keeps stale entries, so the lock is a document of its own.)
@@ -59,6 +61,10 @@ impl MongoDeleteRequests {
 /// changing hands.
 const SUBMIT_TRIES: usize = 5;
 
+/// How long a lock may name a request not stored yet before it counts as
+/// left by a process that died between the two inserts.
+const STORE_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
 fn until(now: DateTime<Utc>, hold: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(hold)
         .ok()
@@ -103,7 +109,7 @@ impl DeleteRequests for MongoDeleteRequests {
         for _ in 0..SUBMIT_TRIES {
             match self
                 .locks
-                .insert_one(doc! {"_id": &lock, "request": &r.id})
+                .insert_one(doc! {"_id": &lock, "request": &r.id, "created_at": date(Utc::now())})
                 .await
                 .map_err(map_error)
             {
@@ -126,10 +132,20 @@ impl DeleteRequests for MongoDeleteRequests {
                 continue;
             };
             let holder = held.get_str("request").unwrap_or_default().to_owned();
-            match self.get(&holder).await? {
+            // The holder stores its request right after its lock: give it
+            // a moment before calling the lock stale.
+            let locked_at = held
+                .get_datetime("created_at")
+                .map_or(DateTime::<Utc>::UNIX_EPOCH, |t| t.to_chrono());
+            let mut found = self.get(&holder).await?;
+            while found.is_none() && Utc::now() - locked_at < STORE_GRACE {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                found = self.get(&holder).await?;
+            }
+            match found {
                 Some(active) if active.status.is_active() => return Ok((active, false)),
                 _ => {
-                    // Stale: its request ended or was never stored.
+                    // Stale: its request ended, or was never stored.
                     self.locks
                         .delete_one(doc! {"_id": &lock, "request": &holder})
                         .await
