@@ -1146,7 +1146,7 @@ async fn one_active_delete_request_per_lab_and_an_ended_one_frees_the_lab() {
         .unwrap();
     assert!(
         requests
-            .claim_due(now(), hold, "c2", &[w.clone()])
+            .claim_due(now(), hold, "c2", std::slice::from_ref(&w))
             .await
             .unwrap()
             .is_none(),
@@ -1155,7 +1155,7 @@ async fn one_active_delete_request_per_lab_and_an_ended_one_frees_the_lab() {
     assert_eq!(claimed.status, DeleteRequestStatus::Running);
     assert!(
         requests
-            .claim_due(now(), hold, "c2", &[w.clone()])
+            .claim_due(now(), hold, "c2", std::slice::from_ref(&w))
             .await
             .unwrap()
             .is_none(),
