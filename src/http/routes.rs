@@ -272,6 +272,29 @@ pub async fn delete_lab(
     Err(ApiError::new(status, kind, outcome.message.clone()).with("outcome", view))
 }
 
+fn unknown_delete_request(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown-delete-request",
+        format!("no delete request {id:?}"),
+    )
+}
+
+/// The delete request `id` names; 404 for an id that is no UUID or names
+/// none.
+async fn stored_delete_request(
+    s: &ApiState,
+    id: &str,
+) -> ApiResult<labsync_application::DeleteRequest> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(unknown_delete_request(id));
+    }
+    s.delete_queue
+        .get(id)
+        .await?
+        .ok_or_else(|| unknown_delete_request(id))
+}
+
 #[utoipa::path(get, path = "/api/v1/delete-requests/{id}", tag = "labs",
     params(("id" = String, Path, description = "The delete request id")),
     responses((status = 200, body = DeleteRequestView), (status = 401, body = Problem), (status = 404, body = Problem)),
@@ -281,17 +304,7 @@ pub async fn get_delete_request(
     Viewer(caller): Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeleteRequestView>> {
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown-delete-request",
-            format!("no delete request {id:?}"),
-        )
-    };
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(not_found());
-    }
-    let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
+    let request = stored_delete_request(&s, &id).await?;
     let view = DeleteRequestView::from(request);
     // CML's words about a delete are for those who may delete.
     if caller.role >= Role::Operator {
@@ -316,17 +329,7 @@ pub async fn cancel_delete_request(
     Operator(caller): Operator,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown-delete-request",
-            format!("no delete request {id:?}"),
-        )
-    };
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(not_found());
-    }
-    let request = s.delete_queue.get(&id).await?.ok_or_else(not_found)?;
+    let request = stored_delete_request(&s, &id).await?;
     if caller.role < Role::Admin && request.requested_by != caller.actor() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -342,7 +345,7 @@ pub async fn cancel_delete_request(
             Ok((StatusCode::ACCEPTED, Json(DeleteRequestView::from(r))).into_response())
         }
         Ok(r) => Ok(Json(DeleteRequestView::from(r)).into_response()),
-        Err(CancelError::Unknown(_)) => Err(not_found()),
+        Err(CancelError::Unknown(_)) => Err(unknown_delete_request(&id)),
         Err(e @ CancelError::NotPending { .. }) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "delete-request-not-pending",
