@@ -365,9 +365,11 @@ impl DeleteQueue {
 
     /// One attempt of a claimed request, saved under its claim.
     async fn carry_out(&self, mut request: DeleteRequest, claim: String) {
-        let keeper = self.keep_claim(request.id.clone(), claim.clone());
+        // Aborted when this attempt ends, panics or is dropped: a keeper
+        // left running would hold the claim for the life of the process.
+        let _keeper = AbortOnDrop(self.keep_claim(request.id.clone(), claim.clone()));
         self.attempt(&mut request).await;
-        keeper.abort();
+        drop(_keeper);
         // Whether saved or not, the runner goes on; only the log differs
         // (a mutant of this condition is equivalent).
         match self.requests.save(&request, &claim).await {
@@ -493,6 +495,15 @@ impl DeleteQueue {
         while let Some(done) = running.tasks.join_next_with_id().await {
             running.finished(done);
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

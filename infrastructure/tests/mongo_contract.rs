@@ -1884,3 +1884,50 @@ async fn a_delete_requests_outcome_is_stored_typed_and_read_back_whole() {
     assert_eq!(back.outcome, claimed.outcome);
     assert_eq!(back.status, DeleteRequestStatus::Failed);
 }
+
+#[tokio::test]
+async fn a_runner_whose_expired_claim_was_cancelled_saves_nothing_over_the_cancel() {
+    use labsync_application::{DeleteRequestStatus, DeleteRequests};
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let requests = labsync_infrastructure::mongo::MongoDeleteRequests::new(&db);
+    let w = worker("cml-1");
+    let (r, _) = requests
+        .create_unless_active(&delete_request(&w, lab()))
+        .await
+        .unwrap();
+    // Claimed for no time at all: its claim has lapsed when the cancel comes.
+    let mut late = requests
+        .claim_due(now(), Duration::ZERO, "late", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    let c = requests
+        .cancel(&r.id, "api:a", now() + TimeDelta::seconds(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.status, DeleteRequestStatus::Cancelled);
+    late.status = DeleteRequestStatus::Pending;
+    late.attempts = 1;
+    assert!(
+        !requests.save(&late, "late").await.unwrap(),
+        "the cancel stands"
+    );
+    assert_eq!(
+        requests.get(&r.id).await.unwrap().unwrap().status,
+        DeleteRequestStatus::Cancelled
+    );
+    assert!(
+        requests
+            .claim_due(
+                now() + TimeDelta::seconds(5),
+                Duration::from_secs(60),
+                "x",
+                &[]
+            )
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -217,7 +217,9 @@ impl DeleteRequests for MongoDeleteRequests {
         let result = self
             .requests
             .replace_one(
-                doc! {"_id": &r.id, "claim": claim, "cancel_requested_by": null},
+                // Still running under this claim: a cancel of an expired
+                // claim (or another runner) has moved it on.
+                doc! {"_id": &r.id, "status": "running", "claim": claim, "cancel_requested_by": null},
                 to_doc(r)?,
             )
             .await
@@ -232,7 +234,7 @@ impl DeleteRequests for MongoDeleteRequests {
         // becomes the end.
         let Some(by) = self
             .requests
-            .find_one(doc! {"_id": &r.id, "claim": claim})
+            .find_one(doc! {"_id": &r.id, "status": "running", "claim": claim})
             .await
             .map_err(map_error)?
             .and_then(|d| d.get_str("cancel_requested_by").ok().map(str::to_owned))
@@ -247,7 +249,10 @@ impl DeleteRequests for MongoDeleteRequests {
         }
         let result = self
             .requests
-            .replace_one(doc! {"_id": &r.id, "claim": claim}, to_doc(&r)?)
+            .replace_one(
+                doc! {"_id": &r.id, "status": "running", "claim": claim},
+                to_doc(&r)?,
+            )
             .await
             .map_err(map_error)?;
         if result.matched_count == 1 && !r.status.is_active() {
