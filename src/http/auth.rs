@@ -4,14 +4,14 @@
 //! timing.
 
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
 use labsync_infrastructure::configuration::{ApiToken, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ApiState;
-use super::problem::ApiError;
+use super::problem::{ApiError, ProblemKind};
 
 /// The authenticated caller.
 #[derive(Debug, Clone)]
@@ -40,8 +40,7 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
+                ProblemKind::Forbidden,
                 format!(
                     "token {:?} has role {}; this needs {}",
                     self.name,
@@ -87,8 +86,7 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 /// # Errors
 /// 401 without a header, with one of another form, or with an unknown token.
 pub fn caller(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiError> {
-    let unauthorized =
-        |detail: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    let unauthorized = |detail: &str| ApiError::new(ProblemKind::Unauthorized, detail);
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| unauthorized("send an API token: Authorization: Bearer <token>"))?;
@@ -189,8 +187,8 @@ mod tests {
         assert!(c.require(Role::Admin).is_ok());
         let ui = authenticate(&tokens, "token-one").unwrap();
         assert_eq!(
-            ui.require(Role::Admin).unwrap_err().status,
-            StatusCode::FORBIDDEN
+            ui.require(Role::Admin).unwrap_err().status(),
+            axum::http::StatusCode::FORBIDDEN
         );
         assert!(ui.require(Role::Viewer).is_ok());
     }

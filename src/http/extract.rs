@@ -14,7 +14,7 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::problem::ApiError;
+use super::problem::{ApiError, ProblemKind};
 
 /// A JSON body: an object; unknown fields are refused by the target types.
 #[derive(Debug)]
@@ -55,18 +55,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         match axum::Json::<Object<T>>::from_request(req, state).await {
             Ok(axum::Json(Object(v))) => Ok(Self(v)),
             Err(rejection) => {
-                let (status, kind) = match &rejection {
-                    JsonRejection::MissingJsonContentType(_) => {
-                        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
-                    }
+                let kind = match &rejection {
+                    JsonRejection::MissingJsonContentType(_) => ProblemKind::UnsupportedMediaType,
                     JsonRejection::BytesRejection(_)
                         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
                     {
-                        (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large")
+                        ProblemKind::BodyTooLarge
                     }
-                    _ => (StatusCode::BAD_REQUEST, "invalid-body"),
+                    _ => ProblemKind::InvalidBody,
                 };
-                Err(ApiError::new(status, kind, rejection.body_text()))
+                Err(ApiError::new(kind, rejection.body_text()))
             }
         }
     }
@@ -83,7 +81,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(v)| Self(v))
-            .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid-query", r.body_text()))
+            .map_err(|r| ApiError::new(ProblemKind::InvalidQuery, r.body_text()))
     }
 }
 
@@ -99,12 +97,11 @@ async fn raw_path<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<Vec<St
     Path::<Vec<(String, String)>>::from_request_parts(parts, state)
         .await
         .map(|Path(v)| v.into_iter().map(|(_, v)| v).collect())
-        .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid-path", r.body_text()))
+        .map_err(|r| ApiError::new(ProblemKind::InvalidPath, r.body_text()))
 }
 
 fn worker(s: &str) -> Result<WorkerId, ApiError> {
-    WorkerId::parse(s)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid-id", e.to_string()))
+    WorkerId::parse(s).map_err(|e| ApiError::new(ProblemKind::InvalidId, e.to_string()))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for WorkerPath {
@@ -123,7 +120,7 @@ impl<S: Send + Sync> FromRequestParts<S> for LabPath {
         let v = raw_path(parts, state).await?;
         let w = worker(v.first().map_or("", String::as_str))?;
         let lab = LabId::parse(v.get(1).map_or("", String::as_str))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid-id", e.to_string()))?;
+            .map_err(|e| ApiError::new(ProblemKind::InvalidId, e.to_string()))?;
         Ok(Self(w, lab))
     }
 }
@@ -163,7 +160,9 @@ mod tests {
     }
 
     fn kind<T>(r: &Result<T, ApiError>) -> Option<(u16, &'static str)> {
-        r.as_ref().err().map(|e| (e.status.as_u16(), e.kind))
+        r.as_ref()
+            .err()
+            .map(|e| (e.status().as_u16(), e.kind.slug()))
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,7 +34,7 @@ use tower_http::request_id::{
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use self::problem::{ApiError, PROBLEM_JSON, Problem};
+use self::problem::{ApiError, Finished, PROBLEM_JSON, Problem, ProblemKind};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -101,8 +101,9 @@ async fn screen_request_id(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-/// Makes every error a problem+json that names the request, and counts
-/// requests for `/metrics`.
+/// Names the request in every error that labsync builds while handling it
+/// (through [`problem::REQUEST_ID`]), turns the framework's own rejections
+/// into problems too, and counts requests for `/metrics`.
 async fn problems(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let request_id = request
         .headers()
@@ -110,42 +111,42 @@ async fn problems(State(state): State<ApiState>, request: Request, next: Next) -
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let method = request.method().as_str().to_owned();
-    let response = next.run(request).await;
+    let response = problem::REQUEST_ID
+        .scope(request_id.clone(), next.run(request))
+        .await;
     state
         .metrics
         .http_request(&method, response.status().as_u16());
-    if response.status().as_u16() < 400 {
+    if response.status().as_u16() < 400 || response.extensions().get::<Finished>().is_some() {
         return response;
     }
-    finish_problem(response, request_id).await
+    foreign_problem(response, request_id).await
 }
 
-/// How much of an error body that is not one of labsync's own problems
-/// (a rejection from the framework) is read to describe it.
+/// How much of a framework rejection's body is read to describe it.
 const FOREIGN_ERROR_READ: usize = 64 * 1024;
 
-/// An error answer as a problem+json naming the request, whatever its
-/// body was: labsync's own problem (carried beside the body), a problem
-/// read from the body, or one made from the status and the start of the
-/// body's text. Bounded, and never anything but a problem document.
-async fn finish_problem(response: Response, request_id: Option<String>) -> Response {
+/// A framework rejection (no route, wrong method, body too large...) as a
+/// problem+json naming the request, described by the start of its text.
+/// Bounded, and never anything but a problem document.
+async fn foreign_problem(response: Response, request_id: Option<String>) -> Response {
     let (mut parts, body) = response.into_parts();
-    let problem = match parts.extensions.remove::<Problem>() {
-        Some(problem) => problem,
-        None => {
-            let (bytes, complete) = read_at_most(body, FOREIGN_ERROR_READ).await;
-            let is_problem = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-            let parsed = (is_problem && complete)
-                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-                .flatten()
-                .and_then(|v| problem_from_json(parts.status, v));
-            parsed.unwrap_or_else(|| foreign_problem(parts.status, &bytes))
-        }
+    let (bytes, _) = read_at_most(body, FOREIGN_ERROR_READ).await;
+    let detail = String::from_utf8_lossy(&bytes)
+        .chars()
+        .take(500)
+        .collect::<String>();
+    let detail = if detail.trim().is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_owned()
+    } else {
+        detail
     };
-    let mut problem = problem.bounded();
+    let slug = ProblemKind::of_status(parts.status).map_or("http-error", ProblemKind::slug);
+    let mut problem = Problem::of_status(parts.status, slug, detail).bounded();
     problem.request_id = request_id;
     parts
         .headers
@@ -177,51 +178,6 @@ async fn read_at_most(mut body: Body, limit: usize) -> (Vec<u8>, bool) {
     }
 }
 
-/// A problem document read back from JSON, if it is one.
-fn problem_from_json(status: StatusCode, v: serde_json::Value) -> Option<Problem> {
-    let serde_json::Value::Object(mut members) = v else {
-        return None;
-    };
-    let mut text = |k: &str| match members.remove(k) {
-        Some(serde_json::Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let kind = text("type")?;
-    let title = text("title").unwrap_or_default();
-    let detail = text("detail").unwrap_or_default();
-    members.remove("status");
-    members.remove("request_id");
-    Some(Problem {
-        kind,
-        title,
-        status: status.as_u16(),
-        detail,
-        request_id: None,
-        extra: (!members.is_empty()).then_some(members),
-    })
-}
-
-/// A problem for an error that is not labsync's own (404 route, 405
-/// method, 413...), described by the start of its text.
-fn foreign_problem(status: StatusCode, body: &[u8]) -> Problem {
-    let detail = String::from_utf8_lossy(body)
-        .chars()
-        .take(500)
-        .collect::<String>();
-    let kind = match status {
-        StatusCode::NOT_FOUND => "not-found",
-        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
-        _ => "http-error",
-    };
-    let detail = if detail.trim().is_empty() {
-        status.canonical_reason().unwrap_or("error").to_owned()
-    } else {
-        detail
-    };
-    Problem::of_status(status, kind, detail)
-}
-
 /// How long a client may take to send a request body: a slow or missing
 /// body must not hold a connection open for ever.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -240,8 +196,7 @@ async fn declared_length(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
+            ProblemKind::BodyTooLarge,
             format!("the body may be at most {limit} bytes"),
         ));
     }
@@ -250,7 +205,7 @@ async fn declared_length(
 
 /// The answer for a route that is not there.
 fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+    ApiError::new(ProblemKind::NotFound, "no such route")
 }
 
 /// Paths that are never refused for load: an orchestrator's liveness
@@ -272,8 +227,7 @@ async fn limit_in_flight(
     }
     let Ok(_permit) = permits.clone().try_acquire_owned() else {
         let mut response = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            ProblemKind::Overloaded,
             "labsync is handling as many requests as it may (api.max_requests_in_flight); \
              try again shortly",
         )
@@ -361,9 +315,9 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
-    async fn finished(response: Response) -> (StatusCode, String, serde_json::Value) {
-        let r = finish_problem(response, Some("rid-1".into())).await;
+    async fn body_of(r: Response) -> (StatusCode, String, serde_json::Value) {
         let status = r.status();
         let ct = r.headers()[header::CONTENT_TYPE]
             .to_str()
@@ -380,61 +334,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_error_answer_ends_as_a_bounded_problem_naming_the_request() {
-        use axum::response::IntoResponse;
+    async fn an_error_built_while_handling_a_request_names_it_and_is_bounded() {
         let huge = "y".repeat(3 << 20);
-        // Labsync's own problem, however large its detail.
-        let own = ApiError::bad_request(format!("unknown field `{huge}`")).into_response();
-        let (status, ct, p) = finished(own).await;
+        let own = problem::REQUEST_ID
+            .scope(Some("rid-1".into()), async {
+                ApiError::bad_request(format!("unknown field `{huge}`")).into_response()
+            })
+            .await;
+        assert!(own.extensions().get::<Finished>().is_some());
+        let (status, ct, p) = body_of(own).await;
         assert_eq!((status.as_u16(), ct.as_str()), (400, PROBLEM_JSON));
         assert_eq!(p["type"], "urn:labsync:problem:bad-request");
         assert_eq!(p["request_id"], "rid-1");
-        assert!(
-            p["detail"]
-                .as_str()
-                .unwrap()
-                .starts_with("unknown field `yyy")
-        );
-        // A problem body over any read limit, without the problem beside it.
-        let big_problem = (
-            StatusCode::CONFLICT,
-            [(header::CONTENT_TYPE, PROBLEM_JSON)],
-            serde_json::to_vec(&ApiError::new(StatusCode::CONFLICT, "x", huge.clone()).problem())
-                .unwrap(),
-        )
-            .into_response();
-        let (status, _, p) = finished(big_problem).await;
-        assert_eq!((status.as_u16(), p["status"].as_u64()), (409, Some(409)));
-        assert!(
-            p["type"]
-                .as_str()
-                .unwrap()
-                .starts_with("urn:labsync:problem:"),
-            "{p:.300}"
-        );
-        assert!(
-            p["detail"]
-                .as_str()
-                .is_some_and(|d| !d.is_empty() && d.len() < 2000),
-            "{p:.300}"
-        );
-        // A framework rejection in plain text, of any size, and an empty one.
+        let detail = p["detail"].as_str().unwrap();
+        assert!(detail.starts_with("unknown field `yyy"), "{detail:.40}");
+        assert!(detail.len() < 2000, "{detail:.40}");
+        // Outside any request it names none.
+        let (_, _, p) = body_of(ApiError::bad_request("x").into_response()).await;
+        assert!(p.get("request_id").is_none(), "{p}");
+    }
+
+    #[tokio::test]
+    async fn a_framework_rejection_of_any_body_ends_as_a_bounded_problem_naming_the_request() {
+        let huge = "y".repeat(3 << 20);
         for (body, want) in [(huge.clone(), "yyy"), (String::new(), "Method Not Allowed")] {
             let plain = (StatusCode::METHOD_NOT_ALLOWED, body).into_response();
-            let (status, ct, p) = finished(plain).await;
+            let (status, ct, p) = body_of(foreign_problem(plain, Some("rid-1".into())).await).await;
             assert_eq!((status.as_u16(), ct.as_str()), (405, PROBLEM_JSON));
             assert_eq!(p["type"], "urn:labsync:problem:method-not-allowed");
             assert!(p["detail"].as_str().unwrap().starts_with(want), "{p:.300}");
+            assert!(p["detail"].as_str().unwrap().len() < 2000, "{p:.300}");
             assert_eq!(p["request_id"], "rid-1");
         }
-        // A problem body that is not JSON at all.
-        let garbled = (
-            StatusCode::BAD_GATEWAY,
-            [(header::CONTENT_TYPE, PROBLEM_JSON)],
-            "{\"type\": ",
-        )
-            .into_response();
-        let (_, _, p) = finished(garbled).await;
+        // A status labsync has no kind for keeps its status.
+        let odd = (StatusCode::BAD_GATEWAY, "{\"type\": ").into_response();
+        let (_, _, p) = body_of(foreign_problem(odd, None).await).await;
         assert_eq!(p["status"], 502);
         assert_eq!(p["type"], "urn:labsync:problem:http-error");
     }

@@ -9,8 +9,8 @@ use utoipa::ToSchema;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// A problem detail. `request_id` is filled in by the middleware from the
-/// `x-request-id` header, so that every error names the request in the logs.
+/// A problem detail. `request_id` names the request, so that every error
+/// can be found in the logs.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
     /// A URN naming the kind of problem, e.g. `urn:labsync:problem:unknown-worker`.
@@ -28,19 +28,179 @@ pub struct Problem {
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// Every kind of problem labsync answers with, its slug and its status
+/// together: a new kind is added here or nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    BadRequest,
+    InvalidId,
+    InvalidRequest,
+    InvalidBody,
+    InvalidQuery,
+    InvalidPath,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    UnknownWorker,
+    UnknownLab,
+    UnknownDeleteRequest,
+    MethodNotAllowed,
+    WorkerExists,
+    WorkerDisabled,
+    Conflict,
+    Duplicate,
+    LabRunning,
+    DeleteRequestNotPending,
+    RefreshSkipped,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    Internal,
+    DatabaseError,
+    CmlFailed,
+    CmlAccountNotAdmin,
+    RefreshFailed,
+    DatabaseUnavailable,
+    NotReady,
+    Overloaded,
+}
+
+impl ProblemKind {
+    /// Every kind, for the tests that hold slugs and statuses together.
+    pub const ALL: [Self; 30] = [
+        Self::BadRequest,
+        Self::InvalidId,
+        Self::InvalidRequest,
+        Self::InvalidBody,
+        Self::InvalidQuery,
+        Self::InvalidPath,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::UnknownWorker,
+        Self::UnknownLab,
+        Self::UnknownDeleteRequest,
+        Self::MethodNotAllowed,
+        Self::WorkerExists,
+        Self::WorkerDisabled,
+        Self::Conflict,
+        Self::Duplicate,
+        Self::LabRunning,
+        Self::DeleteRequestNotPending,
+        Self::RefreshSkipped,
+        Self::BodyTooLarge,
+        Self::UnsupportedMediaType,
+        Self::Internal,
+        Self::DatabaseError,
+        Self::CmlFailed,
+        Self::CmlAccountNotAdmin,
+        Self::RefreshFailed,
+        Self::DatabaseUnavailable,
+        Self::NotReady,
+        Self::Overloaded,
+    ];
+
+    /// The last part of the problem's `type` URN.
+    pub const fn slug(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::InvalidId => "invalid-id",
+            Self::InvalidRequest => "invalid-request",
+            Self::InvalidBody => "invalid-body",
+            Self::InvalidQuery => "invalid-query",
+            Self::InvalidPath => "invalid-path",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not-found",
+            Self::UnknownWorker => "unknown-worker",
+            Self::UnknownLab => "unknown-lab",
+            Self::UnknownDeleteRequest => "unknown-delete-request",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::WorkerExists => "worker-exists",
+            Self::WorkerDisabled => "worker-disabled",
+            Self::Conflict => "conflict",
+            Self::Duplicate => "duplicate",
+            Self::LabRunning => "lab-running",
+            Self::DeleteRequestNotPending => "delete-request-not-pending",
+            Self::RefreshSkipped => "refresh-skipped",
+            Self::BodyTooLarge => "body-too-large",
+            Self::UnsupportedMediaType => "unsupported-media-type",
+            Self::Internal => "internal",
+            Self::DatabaseError => "database-error",
+            Self::CmlFailed => "cml-failed",
+            Self::CmlAccountNotAdmin => "cml-account-not-admin",
+            Self::RefreshFailed => "refresh-failed",
+            Self::DatabaseUnavailable => "database-unavailable",
+            Self::NotReady => "not-ready",
+            Self::Overloaded => "overloaded",
+        }
+    }
+
+    /// The HTTP status of every problem of this kind.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest
+            | Self::InvalidId
+            | Self::InvalidRequest
+            | Self::InvalidBody
+            | Self::InvalidQuery
+            | Self::InvalidPath => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound
+            | Self::UnknownWorker
+            | Self::UnknownLab
+            | Self::UnknownDeleteRequest => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::WorkerExists
+            | Self::WorkerDisabled
+            | Self::Conflict
+            | Self::Duplicate
+            | Self::LabRunning
+            | Self::DeleteRequestNotPending
+            | Self::RefreshSkipped => StatusCode::CONFLICT,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Internal | Self::DatabaseError => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::CmlFailed | Self::CmlAccountNotAdmin | Self::RefreshFailed => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::DatabaseUnavailable | Self::NotReady | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The kind of a framework rejection of this status, if labsync has
+    /// one for it.
+    pub fn of_status(status: StatusCode) -> Option<Self> {
+        match status {
+            StatusCode::NOT_FOUND => Some(Self::NotFound),
+            StatusCode::METHOD_NOT_ALLOWED => Some(Self::MethodNotAllowed),
+            StatusCode::PAYLOAD_TOO_LARGE => Some(Self::BodyTooLarge),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Some(Self::UnsupportedMediaType),
+            _ => None,
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The `x-request-id` of the request being handled, set by the problem
+    /// middleware around every handler, so that an error names its request
+    /// when it becomes an answer.
+    pub static REQUEST_ID: Option<String>;
+}
+
 /// An error a handler returns.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub kind: &'static str,
+    pub kind: ProblemKind,
     pub detail: String,
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
         Self {
-            status,
             kind,
             detail: detail.into(),
             extra: None,
@@ -48,7 +208,16 @@ impl ApiError {
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+        Self::new(ProblemKind::BadRequest, detail)
+    }
+
+    /// A failure of labsync itself (a task that panicked).
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::Internal, detail)
+    }
+
+    pub const fn status(&self) -> StatusCode {
+        self.kind.status()
     }
 
     /// Adds a member beside the standard ones.
@@ -61,49 +230,48 @@ impl ApiError {
         self
     }
 
+    /// The problem document, naming the request being handled.
     pub fn problem(&self) -> Problem {
         Problem {
             extra: self.extra.clone(),
-            ..Problem::of_status(self.status, self.kind, self.detail.clone())
+            request_id: REQUEST_ID.try_with(Clone::clone).ok().flatten(),
+            ..Problem::of_status(self.status(), self.kind.slug(), self.detail.clone())
         }
     }
 }
 
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
-        let detail = e.to_string();
-        let (status, kind) = match &e {
-            AppError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid-id"),
-            AppError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
-            AppError::UnknownWorker(_) => (StatusCode::NOT_FOUND, "unknown-worker"),
-            AppError::UnknownLab(..) => (StatusCode::NOT_FOUND, "unknown-lab"),
-            AppError::WorkerExists(_) => (StatusCode::CONFLICT, "worker-exists"),
-            AppError::WorkerDisabled(_) => (StatusCode::CONFLICT, "worker-disabled"),
-            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            AppError::Cml(_) => (StatusCode::BAD_GATEWAY, "cml-failed"),
-            AppError::Repository(RepoError::Duplicate(_)) => (StatusCode::CONFLICT, "duplicate"),
+        let kind = match &e {
+            AppError::InvalidId(_) => ProblemKind::InvalidId,
+            AppError::Invalid(_) => ProblemKind::InvalidRequest,
+            AppError::UnknownWorker(_) => ProblemKind::UnknownWorker,
+            AppError::UnknownLab(..) => ProblemKind::UnknownLab,
+            AppError::WorkerExists(_) => ProblemKind::WorkerExists,
+            AppError::WorkerDisabled(_) => ProblemKind::WorkerDisabled,
+            AppError::Conflict(_) => ProblemKind::Conflict,
+            AppError::Cml(_) => ProblemKind::CmlFailed,
+            AppError::Repository(RepoError::Duplicate(_)) => ProblemKind::Duplicate,
             AppError::Repository(RepoError::Unavailable(_)) | AppError::RecordCleanupPending(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "database-unavailable")
+                ProblemKind::DatabaseUnavailable
             }
-            AppError::Repository(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database-error"),
+            AppError::Repository(_) => ProblemKind::DatabaseError,
         };
-        Self::new(status, kind, detail)
+        Self::new(kind, e.to_string())
     }
 }
 
-/// The status and problem kind of a delete that did not remove the lab:
-/// the one place a delete outcome becomes HTTP.
-pub fn delete_failure(kind: &DeleteOutcomeKind) -> (StatusCode, &'static str) {
+/// The problem kind of a delete that did not remove the lab: the one
+/// place a delete outcome becomes HTTP.
+pub const fn delete_failure(kind: &DeleteOutcomeKind) -> ProblemKind {
     match kind {
-        DeleteOutcomeKind::RefusedRunning { .. } => (StatusCode::CONFLICT, "lab-running"),
-        DeleteOutcomeKind::AccountNotAdmin { .. } => {
-            (StatusCode::BAD_GATEWAY, "cml-account-not-admin")
-        }
+        DeleteOutcomeKind::RefusedRunning { .. } => ProblemKind::LabRunning,
+        DeleteOutcomeKind::AccountNotAdmin { .. } => ProblemKind::CmlAccountNotAdmin,
         DeleteOutcomeKind::CmlUnreachable { .. }
         | DeleteOutcomeKind::CmlRefused { .. }
         | DeleteOutcomeKind::NotConverged { .. }
         | DeleteOutcomeKind::Deleted
-        | DeleteOutcomeKind::AlreadyAbsent => (StatusCode::BAD_GATEWAY, "cml-failed"),
+        | DeleteOutcomeKind::AlreadyAbsent => ProblemKind::CmlFailed,
     }
 }
 
@@ -171,17 +339,19 @@ impl Problem {
     }
 }
 
+/// Marks an answer whose body is already labsync's own finished problem,
+/// so that the middleware leaves it alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let problem = self.problem();
-        let body = problem.to_json();
-        let mut r = (self.status, body).into_response();
-        // The problem middleware finishes the answer from this, without
-        // parsing the body again.
-        r.extensions_mut().insert(problem);
+        let status = self.status();
+        let mut r = (status, self.problem().bounded().to_json()).into_response();
+        r.extensions_mut().insert(Finished);
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if self.status == StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -232,6 +402,27 @@ mod tests {
     }
 
     #[test]
+    fn every_problem_kind_has_its_own_slug_and_an_error_status() {
+        let slugs: std::collections::HashSet<_> =
+            ProblemKind::ALL.iter().map(|k| k.slug()).collect();
+        assert_eq!(slugs.len(), ProblemKind::ALL.len());
+        for k in ProblemKind::ALL {
+            assert!(k.status().as_u16() >= 400, "{k:?}");
+            assert!(
+                k.slug()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-'),
+                "{k:?}"
+            );
+        }
+        for k in ProblemKind::ALL {
+            if let Some(back) = ProblemKind::of_status(k.status()) {
+                assert_eq!(back.status(), k.status(), "{k:?}");
+            }
+        }
+    }
+
+    #[test]
     fn application_errors_map_to_their_statuses() {
         let w = WorkerId::parse("cml-1").unwrap();
         let cases = [
@@ -250,7 +441,7 @@ mod tests {
             (AppError::Repository(RepoError::Other("x".into())), 500),
         ];
         for (e, status) in cases {
-            assert_eq!(ApiError::from(e.clone()).status.as_u16(), status, "{e:?}");
+            assert_eq!(ApiError::from(e.clone()).status().as_u16(), status, "{e:?}");
         }
     }
 }

@@ -19,7 +19,7 @@ use super::ApiState;
 use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
-use super::problem::{ApiError, Problem};
+use super::problem::{ApiError, Problem, ProblemKind};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -261,21 +261,18 @@ pub async fn delete_lab(
     let services = s.services.clone();
     let outcome = tokio::spawn(async move { cmd.execute(&services).await })
         .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     let view = DeleteOutcomeView::from(&outcome);
     if outcome.lab_gone {
         return Ok(Json(view).into_response());
     }
-    let (status, kind) = super::problem::delete_failure(&outcome.kind);
-    Err(ApiError::new(status, kind, outcome.message.clone()).with("outcome", view))
+    let kind = super::problem::delete_failure(&outcome.kind);
+    Err(ApiError::new(kind, outcome.message.clone()).with("outcome", view))
 }
 
 fn unknown_delete_request(id: &str) -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown-delete-request",
+        ProblemKind::UnknownDeleteRequest,
         format!("no delete request {id:?}"),
     )
 }
@@ -332,8 +329,7 @@ pub async fn cancel_delete_request(
     let request = stored_delete_request(&s, &id).await?;
     if caller.role < Role::Admin && request.requested_by != caller.actor() {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ProblemKind::Forbidden,
             format!(
                 "delete request {id} was made by {}: only its requester or an admin may cancel it",
                 request.requested_by
@@ -347,8 +343,7 @@ pub async fn cancel_delete_request(
         Ok(r) => Ok(Json(DeleteRequestView::from(r)).into_response()),
         Err(CancelError::Unknown(_)) => Err(unknown_delete_request(&id)),
         Err(e @ CancelError::NotPending { .. }) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "delete-request-not-pending",
+            ProblemKind::DeleteRequestNotPending,
             e.to_string(),
         )),
         Err(CancelError::Repository(e)) => Err(AppError::Repository(e).into()),
@@ -360,17 +355,13 @@ fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunRepor
         RunStatus::Succeeded => Ok(Json(r.into())),
         RunStatus::Skipped => {
             let detail = r.skip_reason.clone().unwrap_or_else(|| "skipped".into());
-            Err(
-                ApiError::new(StatusCode::CONFLICT, "refresh-skipped", detail)
-                    .with("report", RunReportView::from(r)),
-            )
+            Err(ApiError::new(ProblemKind::RefreshSkipped, detail)
+                .with("report", RunReportView::from(r)))
         }
         RunStatus::Failed => {
             let detail = r.error.clone().unwrap_or_else(|| "refresh failed".into());
-            Err(
-                ApiError::new(StatusCode::BAD_GATEWAY, "refresh-failed", detail)
-                    .with("report", RunReportView::from(r)),
-            )
+            Err(ApiError::new(ProblemKind::RefreshFailed, detail)
+                .with("report", RunReportView::from(r)))
         }
     }
 }
@@ -398,7 +389,7 @@ pub async fn refresh_worker(
             .await
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     s.inventory.record_refresh(&caller.actor(), &report).await;
     report_response(report)
 }
@@ -423,7 +414,7 @@ pub async fn refresh_all(
             .await
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     for r in &reports {
         s.inventory.record_refresh(&caller.actor(), r).await;
     }
@@ -487,12 +478,10 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
         (false, true) => "MongoDB does not answer",
         _ => "the scheduler is not running",
     };
-    Err(
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", detail)
-            .with("ready", false)
-            .with("mongodb", mongodb)
-            .with("scheduler", scheduler),
-    )
+    Err(ApiError::new(ProblemKind::NotReady, detail)
+        .with("ready", false)
+        .with("mongodb", mongodb)
+        .with("scheduler", scheduler))
 }
 
 #[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
