@@ -16,10 +16,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
+use labsync_application::domain::{Actor, LabId, TlsSettings, Worker, WorkerId, parse_base_url};
 use labsync_application::{
     AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus,
-    Trigger,
 };
 use labsync_infrastructure::configuration::Settings;
 use secrecy::SecretString;
@@ -273,9 +272,8 @@ fn report_line(r: &RunReport) -> String {
 }
 
 /// Who is asking, for the audit log.
-fn cli_actor() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    format!("cli:{user}")
+fn cli_actor() -> Actor {
+    Actor::cli(&std::env::var("USER").unwrap_or_default())
 }
 
 /// Runs a parsed command.
@@ -316,12 +314,12 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             let reports = match &a.worker {
                 Some(w) => vec![
                     RefreshWorkerLabs::new(s.clone())
-                        .execute(w, Trigger::Cli, options)
+                        .execute(w, &cli_actor(), options)
                         .await?,
                 ],
                 None => {
                     RefreshAll::new(s.clone())
-                        .execute(Trigger::Cli, options)
+                        .execute(&cli_actor(), options)
                         .await?
                 }
             };

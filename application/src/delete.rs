@@ -40,7 +40,7 @@
 
 use std::time::{Duration, Instant};
 
-use labsync_domain::{HistoryEntry, HistoryEvent, LabId, LabState, WorkerId};
+use labsync_domain::{Actor, HistoryEntry, HistoryEvent, LabId, LabState, WorkerId};
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -57,7 +57,7 @@ pub struct DeleteLab {
     /// Stop and wipe a running lab first instead of refusing.
     pub force: bool,
     /// Who asked, for the audit log.
-    pub requested_by: String,
+    pub requested_by: Actor,
 }
 
 /// How a delete ended. Stored as it is (an async delete keeps it), so a
@@ -517,7 +517,7 @@ mod tests {
             worker_id: worker_id(),
             lab_id: id,
             force,
-            requested_by: "unit".into(),
+            requested_by: Actor::cli("unit"),
         }
     }
 

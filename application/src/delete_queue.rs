@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use labsync_domain::{LabId, WorkerId};
+use labsync_domain::{Actor, LabId, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -76,7 +76,7 @@ pub struct DeleteRequest {
     pub worker_id: WorkerId,
     pub lab_id: LabId,
     pub force: bool,
-    pub requested_by: String,
+    pub requested_by: Actor,
     pub status: DeleteRequestStatus,
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
@@ -87,12 +87,12 @@ pub struct DeleteRequest {
     pub outcome: Option<crate::delete::DeleteOutcome>,
     /// Who cancelled it.
     #[serde(default)]
-    pub cancelled_by: Option<String>,
+    pub cancelled_by: Option<Actor>,
     /// Who asked to cancel it while an attempt was running: unless that
     /// attempt deletes the lab (or fails for good), the request ends
     /// cancelled instead of waiting for another attempt.
     #[serde(default)]
-    pub cancel_requested_by: Option<String>,
+    pub cancel_requested_by: Option<Actor>,
 }
 
 /// Stored delete requests.
@@ -166,7 +166,7 @@ pub trait DeleteRequests: Send + Sync {
     async fn cancel(
         &self,
         id: &str,
-        by: &str,
+        by: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Option<DeleteRequest>, RepoError>;
 }
@@ -305,7 +305,7 @@ impl DeleteQueue {
     ///
     /// # Errors
     /// [`CancelError`].
-    pub async fn cancel(&self, id: &str, by: &str) -> Result<DeleteRequest, CancelError> {
+    pub async fn cancel(&self, id: &str, by: &Actor) -> Result<DeleteRequest, CancelError> {
         let r = self
             .requests
             .cancel(id, by, self.services.clock.now())
@@ -313,7 +313,7 @@ impl DeleteQueue {
             .ok_or_else(|| CancelError::Unknown(id.to_owned()))?;
         let requested = r.status == DeleteRequestStatus::Running && r.cancel_requested_by.is_some();
         if r.status == DeleteRequestStatus::Cancelled || requested {
-            info!(request_id = %r.id, cancelled_by = by, running = requested, "async delete cancelled");
+            info!(request_id = %r.id, cancelled_by = %by, running = requested, "async delete cancelled");
             Ok(r)
         } else {
             Err(CancelError::NotPending {
@@ -577,7 +577,7 @@ mod tests {
         async fn cancel(
             &self,
             id: &str,
-            by: &str,
+            by: &Actor,
             now: DateTime<Utc>,
         ) -> Result<Option<DeleteRequest>, RepoError> {
             let mut stored = self.stored.lock().unwrap();
@@ -587,10 +587,10 @@ mod tests {
             match r.status {
                 DeleteRequestStatus::Pending => {
                     r.status = DeleteRequestStatus::Cancelled;
-                    r.cancelled_by = Some(by.to_owned());
+                    r.cancelled_by = Some(by.clone());
                     r.updated_at = now;
                 }
-                DeleteRequestStatus::Running => r.cancel_requested_by = Some(by.to_owned()),
+                DeleteRequestStatus::Running => r.cancel_requested_by = Some(by.clone()),
                 _ => {}
             }
             Ok(Some(r.clone()))
@@ -693,7 +693,7 @@ mod tests {
             worker_id: worker_id(),
             lab_id: lab(1),
             force: false,
-            requested_by: "unit".into(),
+            requested_by: Actor::cli("unit"),
         }
     }
 
@@ -837,9 +837,9 @@ mod tests {
         with_lab(&f, LabState::DefinedOnCore);
         let (q, _) = queue(&f);
         let (r, _) = q.submit(&cmd()).await.unwrap();
-        let cancelled = q.cancel(&r.id, "api:someone").await.unwrap();
+        let cancelled = q.cancel(&r.id, &Actor::api("someone")).await.unwrap();
         assert_eq!(cancelled.status, DeleteRequestStatus::Cancelled);
-        assert_eq!(cancelled.cancelled_by.as_deref(), Some("api:someone"));
+        assert_eq!(cancelled.cancelled_by, Some(Actor::api("someone")));
         assert_eq!(q.run_due().await.unwrap(), 0);
         assert!(
             f.cml.labs.lock().unwrap().contains_key(&lab(1)),
@@ -851,25 +851,24 @@ mod tests {
             f.cml.calls()
         );
         assert_eq!(
-            q.cancel(&r.id, "api:other")
+            q.cancel(&r.id, &Actor::api("other"))
                 .await
                 .unwrap()
-                .cancelled_by
-                .as_deref(),
-            Some("api:someone"),
+                .cancelled_by,
+            Some(Actor::api("someone")),
             "cancelling twice is cancelling once"
         );
         let (done, _) = q.submit(&cmd()).await.unwrap();
         q.run_due().await.unwrap();
         assert_eq!(
-            q.cancel(&done.id, "api:someone").await,
+            q.cancel(&done.id, &Actor::api("someone")).await,
             Err(CancelError::NotPending {
                 id: done.id.clone(),
                 status: DeleteRequestStatus::Done
             })
         );
         assert_eq!(
-            q.cancel("nope", "x").await,
+            q.cancel("nope", &Actor::api("x")).await,
             Err(CancelError::Unknown("nope".into()))
         );
     }
@@ -965,13 +964,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let asked = q.cancel(&r.id, "api:x").await.unwrap();
+        let asked = q.cancel(&r.id, &Actor::api("x")).await.unwrap();
         assert_eq!(asked.status, DeleteRequestStatus::Running);
-        assert_eq!(asked.cancel_requested_by.as_deref(), Some("api:x"));
+        assert_eq!(asked.cancel_requested_by, Some(Actor::api("x")));
         running.status = DeleteRequestStatus::Failed;
         assert!(requests.save(&running, "c").await.unwrap());
         assert_eq!(
-            q.cancel(&r.id, "api:x").await,
+            q.cancel(&r.id, &Actor::api("x")).await,
             Err(CancelError::NotPending {
                 id: r.id.clone(),
                 status: DeleteRequestStatus::Failed

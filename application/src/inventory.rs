@@ -3,7 +3,7 @@
 //! and the admin's changes to workers. Reads come from the store only,
 //! never live from CML.
 
-use labsync_domain::{LabId, LabRecord, Worker, WorkerId};
+use labsync_domain::{Actor, LabId, LabRecord, Worker, WorkerId};
 use secrecy::SecretString;
 use serde::Serialize;
 
@@ -153,10 +153,10 @@ impl Inventory {
             .worker)
     }
 
-    async fn audit(&self, actor: &str, action: AuditAction, worker: &WorkerId, detail: String) {
+    async fn audit(&self, actor: &Actor, action: AuditAction, worker: &WorkerId, detail: String) {
         let entry = AuditEntry {
             at: self.services.clock.now(),
-            actor: actor.to_owned(),
+            actor: actor.clone(),
             action,
             worker_id: worker.clone(),
             lab_id: None,
@@ -166,34 +166,6 @@ impl Inventory {
         if let Err(e) = self.services.audit.record(vec![entry]).await {
             tracing::warn!(error = %e, "could not write the audit entry");
         }
-    }
-
-    /// Records in the audit log that `actor` ran a refresh (a dry run says
-    /// so: its counts are what it would have done).
-    pub async fn record_refresh(&self, actor: &str, report: &RunReport) {
-        let detail = if report.dry_run {
-            format!(
-                "dry run {} {:?}: would create {}, update {}, prune {}, hold {}; no record written",
-                report.run_id,
-                report.status,
-                report.created,
-                report.updated,
-                report.pruned,
-                report.held
-            )
-        } else {
-            format!(
-                "run {} {:?}: created {}, updated {}, pruned {}, held {}",
-                report.run_id,
-                report.status,
-                report.created,
-                report.updated,
-                report.pruned,
-                report.held
-            )
-        };
-        self.audit(actor, AuditAction::Refresh, &report.worker_id, detail)
-            .await;
     }
 
     /// Every worker, with its last run and sync state.
@@ -244,7 +216,7 @@ impl Inventory {
         &self,
         worker: Worker,
         password: SecretString,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<WorkerOverview, AppError> {
         worker.validate().map_err(AppError::Invalid)?;
         match self.services.workers.add(&worker, &password).await {
@@ -277,7 +249,7 @@ impl Inventory {
         &self,
         id: &WorkerId,
         changes: WorkerChanges,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<WorkerOverview, AppError> {
         for _ in 0..UPDATE_ATTEMPTS {
             let before = self.require_worker(id).await?;
@@ -309,7 +281,7 @@ impl Inventory {
     ///
     /// # Errors
     /// [`AppError::UnknownWorker`], [`AppError::Repository`].
-    pub async fn remove(&self, id: &WorkerId, actor: &str) -> Result<u64, AppError> {
+    pub async fn remove(&self, id: &WorkerId, actor: &Actor) -> Result<u64, AppError> {
         // A refresh of the worker in progress loses its lease first, so
         // that it writes nothing after the records are gone (and a worker
         // registered again under this id starts empty).

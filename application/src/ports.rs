@@ -1,6 +1,24 @@
 //! The ports: what the use cases need from the outside world, as traits the
 //! infrastructure implements. Each method documents its contract; an adapter
 //! that breaks a MUST breaks the invariants of docs/DESIGN.md.
+//!
+//! # Side-writes: events and audit entries
+//! Every action on a lab or a worker tells its story twice: an event for
+//! the sink (the outbox) and an entry in the audit log naming its
+//! [`Actor`]. The use cases write both, for every
+//! trigger (API, CLI, schedule); no edge audits. The rule, by kind:
+//! - **A delete's outcome** (tombstone, or a failed attempt's history)
+//!   carries its event and its audit entry into the repository call that
+//!   records it ([`LabRepository::tombstone`],
+//!   [`LabRepository::add_history`]), which writes them first: a failure
+//!   half-way leaves an entry that says what CML did, never a silent delete.
+//! - **A refresh's changes** carry their events in [`RecordChanges`]; they
+//!   are staged with the writes and released once the writes are in
+//!   ([`LabRepository::settle_staged_events`]). Its prunes are audited
+//!   after the writes, by the run's actor; a failure there fails the run's
+//!   report (the prunes stand, and the next run does not repeat them).
+//! - **Runs and worker changes** are audited after they happen, best
+//!   effort: a failed audit write is logged and never undoes the change.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use labsync_domain::{
-    Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
+    Actor, Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
 };
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -154,7 +172,7 @@ pub trait CmlGateway: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {
     pub deleted_at: DateTime<Utc>,
-    pub deleted_by: String,
+    pub deleted_by: Actor,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -439,8 +457,8 @@ pub enum AuditAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
-    /// Who asked: `cli:<user>`, `api:<token name>`, or `refresh`.
-    pub actor: String,
+    /// Who asked; for a prune, who started the refresh.
+    pub actor: Actor,
     pub action: AuditAction,
     pub worker_id: WorkerId,
     /// The lab, for lab actions.

@@ -41,7 +41,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use labsync_domain::{
-    Detail, Fetched, HistoryEntry, HistoryEvent, LabId, LabRecord, PrunePolicy, WorkerId, plan,
+    Actor, Detail, Fetched, HistoryEntry, HistoryEvent, LabId, LabRecord, PrunePolicy, WorkerId,
+    plan,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
@@ -78,13 +79,23 @@ enum RunError {
     Deadline(u64),
 }
 
-/// Who started a refresh.
+/// How a refresh was started: the kind of its [`Actor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     Schedule,
     Admin,
     Cli,
+}
+
+impl Trigger {
+    pub const fn of(actor: &Actor) -> Self {
+        match actor {
+            Actor::Api(_) => Self::Admin,
+            Actor::Cli(_) => Self::Cli,
+            Actor::Schedule => Self::Schedule,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,6 +112,17 @@ pub enum RunStatus {
     Failed,
     /// Not run: the worker is disabled or another refresh holds its lease.
     Skipped,
+}
+
+impl RunStatus {
+    /// The status as it is stored and audited.
+    pub const fn word(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
 }
 
 /// What one refresh of one worker did.
@@ -149,16 +171,11 @@ pub struct LabFailure {
 const MAX_REPORTED_FAILURES: usize = 20;
 
 impl RunReport {
-    fn new(
-        worker: &WorkerId,
-        trigger: Trigger,
-        options: RefreshOptions,
-        now: DateTime<Utc>,
-    ) -> Self {
+    fn new(worker: &WorkerId, actor: &Actor, options: RefreshOptions, now: DateTime<Utc>) -> Self {
         Self {
             run_id: uuid::Uuid::new_v4().to_string(),
             worker_id: worker.clone(),
-            trigger,
+            trigger: Trigger::of(actor),
             status: RunStatus::Succeeded,
             dry_run: options.dry_run,
             force_prune: options.force_prune,
@@ -179,6 +196,32 @@ impl RunReport {
             error: None,
             failures: Vec::new(),
             note: None,
+        }
+    }
+
+    /// One line for the audit log (a dry run says so: its counts are what
+    /// it would have done).
+    pub fn summary(&self) -> String {
+        if self.dry_run {
+            format!(
+                "dry run {} {}: would create {}, update {}, prune {}, hold {}; no record written",
+                self.run_id,
+                self.status.word(),
+                self.created,
+                self.updated,
+                self.pruned,
+                self.held
+            )
+        } else {
+            format!(
+                "run {} {}: created {}, updated {}, pruned {}, held {}",
+                self.run_id,
+                self.status.word(),
+                self.created,
+                self.updated,
+                self.pruned,
+                self.held
+            )
         }
     }
 
@@ -209,11 +252,10 @@ impl RefreshWorkerLabs {
     pub async fn execute(
         &self,
         worker_id: &WorkerId,
-        trigger: Trigger,
+        actor: &Actor,
         options: RefreshOptions,
     ) -> Result<RunReport, AppError> {
-        let span =
-            info_span!("refresh", worker_id = %worker_id, ?trigger, dry_run = options.dry_run);
+        let span = info_span!("refresh", worker_id = %worker_id, %actor, dry_run = options.dry_run);
         async {
             let access = match self.services.workers.get(worker_id).await {
                 Ok(Some(access)) => access,
@@ -221,32 +263,27 @@ impl RefreshWorkerLabs {
                 Err(e) => {
                     let started = Instant::now();
                     let mut report =
-                        RunReport::new(worker_id, trigger, options, self.services.clock.now());
+                        RunReport::new(worker_id, actor, options, self.services.clock.now());
                     report.status = RunStatus::Failed;
                     report.error = Some(format!("the run could not start: {e}"));
-                    return Ok(self.finish(report, started).await);
+                    return Ok(self.finish(report, started, actor).await);
                 }
             };
-            Ok(self.run(access, trigger, options).await)
+            Ok(self.run(access, actor, options).await)
         }
         .instrument(span)
         .await
     }
 
-    async fn run(
-        &self,
-        access: WorkerAccess,
-        trigger: Trigger,
-        options: RefreshOptions,
-    ) -> RunReport {
+    async fn run(&self, access: WorkerAccess, actor: &Actor, options: RefreshOptions) -> RunReport {
         let s = &self.services;
         let worker_id = access.worker.id.clone();
         let clock_start = Instant::now();
-        let mut report = RunReport::new(&worker_id, trigger, options, s.clock.now());
+        let mut report = RunReport::new(&worker_id, actor, options, s.clock.now());
         if !access.worker.enabled {
             report.status = RunStatus::Skipped;
             report.skip_reason = Some("worker is disabled".into());
-            return self.finish(report, clock_start).await;
+            return self.finish(report, clock_start, actor).await;
         }
         // Per run, not per process: two runs in one process exclude each
         // other just as runs in two processes do.
@@ -261,12 +298,12 @@ impl RefreshWorkerLabs {
                 report.status = RunStatus::Skipped;
                 report.skip_reason = Some("another refresh of this worker is running".into());
                 info!("refresh skipped: lease held elsewhere");
-                return self.finish(report, clock_start).await;
+                return self.finish(report, clock_start, actor).await;
             }
             Err(e) => {
                 report.status = RunStatus::Failed;
                 report.error = Some(format!("could not take the refresh lease: {e}"));
-                return self.finish(report, clock_start).await;
+                return self.finish(report, clock_start, actor).await;
             }
         };
         let keeper = LeaseKeeper::start(
@@ -276,7 +313,7 @@ impl RefreshWorkerLabs {
             s.settings.lease_ttl,
         );
         let result = self
-            .reconcile(&access, options, &mut report, &keeper, fence)
+            .reconcile(&access, actor, options, &mut report, &keeper, fence)
             .await;
         keeper.stop().await;
         s.cml.release(&access);
@@ -288,14 +325,27 @@ impl RefreshWorkerLabs {
             report.status = RunStatus::Failed;
             report.error = Some(e.to_string());
         }
-        self.finish(report, clock_start).await
+        self.finish(report, clock_start, actor).await
     }
 
-    async fn finish(&self, mut report: RunReport, started: Instant) -> RunReport {
+    /// Stores the report and audits the run, whoever started it.
+    async fn finish(&self, mut report: RunReport, started: Instant, actor: &Actor) -> RunReport {
         report.finished_at = self.services.clock.now();
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Err(e) = self.services.reports.store(&report).await {
             warn!(error = %e, "could not store the run report");
+        }
+        let audit = AuditEntry {
+            at: report.finished_at,
+            actor: actor.clone(),
+            action: AuditAction::Refresh,
+            worker_id: report.worker_id.clone(),
+            lab_id: None,
+            outcome: report.status.word().to_owned(),
+            detail: report.summary(),
+        };
+        if let Err(e) = self.services.audit.record(vec![audit]).await {
+            warn!(error = %e, "could not write the audit entry of the run");
         }
         self.services.observer.refresh_finished(&report);
         info!(
@@ -410,6 +460,7 @@ impl RefreshWorkerLabs {
     async fn reconcile(
         &self,
         access: &WorkerAccess,
+        actor: &Actor,
         options: RefreshOptions,
         report: &mut RunReport,
         keeper: &LeaseKeeper,
@@ -565,7 +616,7 @@ impl RefreshWorkerLabs {
                 .iter()
                 .map(|lab| AuditEntry {
                     at: now,
-                    actor: "refresh".into(),
+                    actor: actor.clone(),
                     action: AuditAction::Prune,
                     worker_id: worker_id.clone(),
                     lab_id: Some(*lab),
@@ -601,18 +652,18 @@ impl RefreshAll {
     /// whose run cannot start gets a `Failed` report instead.
     pub async fn execute(
         &self,
-        trigger: Trigger,
+        actor: &Actor,
         options: RefreshOptions,
     ) -> Result<Vec<RunReport>, AppError> {
         let workers = self.services.workers.list().await?;
         let concurrency = self.services.settings.max_concurrent_workers.max(1);
         let reports = futures::stream::iter(workers.into_iter().filter(|w| w.enabled))
             .map(|w| async move {
-                match self.one.execute(&w.id, trigger, options).await {
+                match self.one.execute(&w.id, actor, options).await {
                     Ok(report) => report,
                     Err(e) => {
                         let now = self.services.clock.now();
-                        let mut r = RunReport::new(&w.id, trigger, options, now);
+                        let mut r = RunReport::new(&w.id, actor, options, now);
                         r.status = RunStatus::Failed;
                         r.error = Some(e.to_string());
                         r
@@ -640,7 +691,7 @@ mod tests {
     /// One refresh of the fixture's worker with the default options.
     async fn run(f: &crate::fakes::Fixture) -> RunReport {
         refresh(f)
-            .execute(&worker_id(), Trigger::Cli, RefreshOptions::default())
+            .execute(&worker_id(), &Actor::cli("test"), RefreshOptions::default())
             .await
             .unwrap()
     }
@@ -727,7 +778,7 @@ mod tests {
         let f = fixture();
         *f.store.lease.lock().unwrap() = Some("another-process/run".into());
         let r = refresh(&f)
-            .execute(&worker_id(), Trigger::Schedule, RefreshOptions::default())
+            .execute(&worker_id(), &Actor::Schedule, RefreshOptions::default())
             .await
             .unwrap();
         assert_eq!(r.status, RunStatus::Skipped);
@@ -747,7 +798,7 @@ mod tests {
         let dry = refresh(&f)
             .execute(
                 &worker_id(),
-                Trigger::Cli,
+                &Actor::cli("test"),
                 RefreshOptions {
                     dry_run: true,
                     force_prune: false,
@@ -828,7 +879,7 @@ mod tests {
         let r = refresh(&f)
             .execute(
                 &worker_id(),
-                Trigger::Cli,
+                &Actor::cli("test"),
                 RefreshOptions {
                     dry_run: false,
                     force_prune: true,
@@ -868,7 +919,7 @@ mod tests {
     fn only_a_failed_run_is_a_failure() {
         let mut r = RunReport::new(
             &worker_id(),
-            Trigger::Cli,
+            &Actor::cli("test"),
             RefreshOptions::default(),
             chrono::Utc::now(),
         );
@@ -891,7 +942,7 @@ mod tests {
             force_prune: false,
         };
         refresh(&f)
-            .execute(&worker_id(), Trigger::Cli, dry)
+            .execute(&worker_id(), &Actor::cli("test"), dry)
             .await
             .unwrap();
         assert_eq!(*f.store.settles.lock().unwrap(), 0);
@@ -915,7 +966,17 @@ mod tests {
         assert_eq!(*f.store.last_fence.lock().unwrap(), Some(2));
         assert!(!f.store.live.lock().unwrap().contains_key(&lab(1)));
         let audit = f.store.audit.lock().unwrap().clone();
-        assert_eq!(audit.len(), 1, "one prune, one audit entry: {audit:?}");
+        let prunes: Vec<_> = audit
+            .iter()
+            .filter(|a| a.action == AuditAction::Prune)
+            .collect();
+        assert_eq!(prunes.len(), 1, "one prune, one audit entry: {audit:?}");
+        assert_eq!(prunes[0].lab_id, Some(lab(1)));
+        let runs = audit
+            .iter()
+            .filter(|a| a.action == AuditAction::Refresh)
+            .count();
+        assert_eq!(runs, 2, "each run is audited: {audit:?}");
     }
 
     #[tokio::test]
@@ -937,7 +998,7 @@ mod tests {
         let forced = refresh(&f)
             .execute(
                 &worker_id(),
-                Trigger::Cli,
+                &Actor::cli("test"),
                 RefreshOptions {
                     dry_run: false,
                     force_prune: true,
@@ -995,7 +1056,7 @@ mod tests {
         let f = fixture();
         with_four_labs(&f);
         let reports = RefreshAll::new(f.services.clone())
-            .execute(Trigger::Schedule, RefreshOptions::default())
+            .execute(&Actor::Schedule, RefreshOptions::default())
             .await
             .unwrap();
         assert_eq!(reports.len(), 1);

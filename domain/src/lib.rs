@@ -1,6 +1,6 @@
 //! labsync's domain: the pure model of a lab inventory.
 //!
-//! What lives here: identifiers that parse instead of validate ([`WorkerId`],
+//! What lives here: who asked ([`Actor`]), identifiers that parse instead of validate ([`WorkerId`],
 //! [`LabId`]), the lab state as CML reports it ([`LabState`]), what CML says
 //! about a lab ([`LabSnapshot`]), the stored [`LabRecord`] and its history,
 //! registered [`Worker`]s, and the reconcile [`plan`] of a refresh.
@@ -9,6 +9,7 @@
 //! runtime, no database or HTTP types: every other crate depends on this one,
 //! and it depends on none of them.
 
+mod actor;
 mod ids;
 mod plan;
 mod record;
@@ -16,6 +17,7 @@ mod snapshot;
 mod state;
 mod worker;
 
+pub use actor::{Actor, ActorError, MAX_ACTOR_NAME};
 pub use ids::{IdError, LabId, WorkerId, is_uuid4};
 pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan, plan};
 pub use record::{DEFAULT_HISTORY_LIMIT, HistoryEntry, HistoryEvent, LabRecord};

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{ContentHash, FieldChange, LabId, LabSnapshot, LabState, WorkerId};
+use crate::{Actor, ContentHash, FieldChange, LabId, LabSnapshot, LabState, WorkerId};
 
 /// How many history entries a record keeps; older ones fall off.
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
@@ -45,7 +45,7 @@ pub enum HistoryEvent {
     Changed { changes: Vec<FieldChange> },
     /// A delete through labsync that did not remove the lab.
     DeleteAttempt {
-        requested_by: String,
+        requested_by: Actor,
         force: bool,
         outcome: String,
         detail: String,

@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use labsync_application::{RefreshAll, RefreshOptions, Trigger};
+use labsync_application::{RefreshAll, RefreshOptions};
+use labsync_domain::Actor;
 use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tracing::{Instrument, error, info, info_span, warn};
@@ -34,7 +35,7 @@ async fn tick(refresh: RefreshAll, running: Arc<Mutex<()>>) {
     };
     let span = info_span!("scheduled_refresh");
     match refresh
-        .execute(Trigger::Schedule, RefreshOptions::default())
+        .execute(&Actor::Schedule, RefreshOptions::default())
         .instrument(span)
         .await
     {

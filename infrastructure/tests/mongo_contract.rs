@@ -18,8 +18,8 @@ use labsync_application::ports::{
 };
 use labsync_application::{LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger};
 use labsync_domain::{
-    Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState, TlsSettings,
-    Worker, WorkerId,
+    Actor, Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState,
+    TlsSettings, Worker, WorkerId,
 };
 use labsync_infrastructure::crypto::PasswordCipher;
 use labsync_infrastructure::mongo::{
@@ -88,7 +88,7 @@ fn event(kind: LabEventKind, w: &WorkerId, id: LabId) -> LabEvent {
 fn audit(w: &WorkerId, id: LabId) -> AuditEntry {
     AuditEntry {
         at: now(),
-        actor: "api:test".into(),
+        actor: Actor::api("test"),
         action: AuditAction::Delete,
         worker_id: w.clone(),
         lab_id: Some(id),
@@ -100,7 +100,7 @@ fn audit(w: &WorkerId, id: LabId) -> AuditEntry {
 fn tombstone(expires_in: TimeDelta) -> Tombstone {
     Tombstone {
         deleted_at: now(),
-        deleted_by: "api:test".into(),
+        deleted_by: Actor::api("test"),
         expires_at: now() + expires_in,
     }
 }
@@ -546,7 +546,7 @@ async fn a_delete_attempt_goes_into_the_history_of_a_live_record_only() {
     let entry = HistoryEntry {
         at: now(),
         event: HistoryEvent::DeleteAttempt {
-            requested_by: "api:test".into(),
+            requested_by: Actor::api("test"),
             force: false,
             outcome: "refused_running".into(),
             detail: "the lab is running".into(),
@@ -1056,7 +1056,7 @@ fn delete_request(w: &WorkerId, lab: LabId) -> labsync_application::DeleteReques
         worker_id: w.clone(),
         lab_id: lab,
         force: false,
-        requested_by: "api:test".into(),
+        requested_by: Actor::api("test"),
         status: labsync_application::DeleteRequestStatus::Pending,
         attempts: 0,
         created_at: at,
@@ -1189,12 +1189,15 @@ async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_i
         .await
         .unwrap();
     let c = requests
-        .cancel(&pending.id, "api:a", now())
+        .cancel(&pending.id, &Actor::api("a"), now())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
-        (c.status, c.cancelled_by.as_deref()),
+        (
+            c.status,
+            c.cancelled_by.as_ref().map(ToString::to_string).as_deref()
+        ),
         (DeleteRequestStatus::Cancelled, Some("api:a"))
     );
     assert!(
@@ -1209,7 +1212,10 @@ async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_i
         .await
         .unwrap();
     assert!(new, "cancelling frees the lab: {again:?}");
-    requests.cancel(&again.id, "api:a", now()).await.unwrap();
+    requests
+        .cancel(&again.id, &Actor::api("a"), now())
+        .await
+        .unwrap();
 
     let (running, _) = requests
         .create_unless_active(&delete_request(&w2, lab()))
@@ -1222,18 +1228,33 @@ async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_i
         .unwrap();
     assert_eq!(attempt.id, running.id);
     let asked = requests
-        .cancel(&running.id, "api:b", now())
+        .cancel(&running.id, &Actor::api("b"), now())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(asked.status, DeleteRequestStatus::Running);
-    assert_eq!(asked.cancel_requested_by.as_deref(), Some("api:b"));
+    assert_eq!(
+        asked
+            .cancel_requested_by
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("api:b")
+    );
     attempt.status = DeleteRequestStatus::Pending;
     attempt.attempts = 1;
     assert!(requests.save(&attempt, "c2").await.unwrap());
     let ended = requests.get(&running.id).await.unwrap().unwrap();
     assert_eq!(
-        (ended.status, ended.cancelled_by.as_deref(), ended.attempts),
+        (
+            ended.status,
+            ended
+                .cancelled_by
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            ended.attempts
+        ),
         (DeleteRequestStatus::Cancelled, Some("api:b"), 1)
     );
     assert!(
@@ -1243,7 +1264,13 @@ async fn a_cancelled_request_is_never_claimed_and_a_running_one_ends_cancelled_i
             .unwrap()
             .is_none()
     );
-    assert_eq!(requests.cancel("no-such", "x", now()).await.unwrap(), None);
+    assert_eq!(
+        requests
+            .cancel("no-such", &Actor::api("x"), now())
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -1903,7 +1930,7 @@ async fn a_runner_whose_expired_claim_was_cancelled_saves_nothing_over_the_cance
         .unwrap()
         .unwrap();
     let c = requests
-        .cancel(&r.id, "api:a", now() + TimeDelta::seconds(1))
+        .cancel(&r.id, &Actor::api("a"), now() + TimeDelta::seconds(1))
         .await
         .unwrap()
         .unwrap();

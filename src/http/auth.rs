@@ -6,6 +6,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use labsync_application::domain::Actor;
 use labsync_infrastructure::configuration::{ApiToken, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -22,8 +23,8 @@ pub struct Caller {
 
 impl Caller {
     /// How the caller appears in the audit log.
-    pub fn actor(&self) -> String {
-        format!("api:{}", self.name)
+    pub fn actor(&self) -> Actor {
+        Actor::api(&self.name)
     }
 
     /// Whether the caller may read what labsync knows about a worker's
@@ -143,7 +144,7 @@ mod tests {
             name: "ui".into(),
             role,
         };
-        assert_eq!(caller(Role::Operator).actor(), "api:ui");
+        assert_eq!(caller(Role::Operator).actor().to_string(), "api:ui");
         assert!(caller(Role::Admin).may_read_worker_details());
         assert!(!caller(Role::Operator).may_read_worker_details());
         assert!(!caller(Role::Viewer).may_read_worker_details());

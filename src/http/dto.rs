@@ -365,7 +365,7 @@ impl From<AuditEntry> for AuditView {
         Self {
             action: word(&a.action),
             at: a.at,
-            actor: a.actor,
+            actor: a.actor.to_string(),
             outcome: a.outcome,
             detail: a.detail,
         }
@@ -511,14 +511,14 @@ impl From<DeleteRequest> for DeleteRequestView {
             worker_id: r.worker_id.to_string(),
             lab_id: r.lab_id.to_string(),
             force: r.force,
-            requested_by: r.requested_by,
+            requested_by: r.requested_by.to_string(),
             attempts: r.attempts,
             created_at: r.created_at,
             updated_at: r.updated_at,
             next_attempt_at: r.next_attempt_at,
             last_error: r.last_error,
-            cancelled_by: r.cancelled_by,
-            cancel_requested_by: r.cancel_requested_by,
+            cancelled_by: r.cancelled_by.map(String::from),
+            cancel_requested_by: r.cancel_requested_by.map(String::from),
             outcome: r.outcome.as_ref().map(DeleteOutcomeView::from),
         }
     }

@@ -9,7 +9,7 @@ use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_ba
 use labsync_application::ports::LabQuery;
 use labsync_application::{
     AppError, CancelError, DeleteLab, DeleteRequestStatus, RefreshAll, RefreshOptions,
-    RefreshWorkerLabs, RunStatus, Trigger, WorkerChanges,
+    RefreshWorkerLabs, RunStatus, WorkerChanges,
 };
 use labsync_infrastructure::configuration::MetricsAuth;
 use labsync_infrastructure::configuration::Role;
@@ -383,14 +383,14 @@ pub async fn refresh_worker(
         force_prune: p.force_prune.unwrap_or(false),
     };
     let services = s.services.clone();
+    let actor = caller.actor();
     let report = tokio::spawn(async move {
         RefreshWorkerLabs::new(services)
-            .execute(&id, Trigger::Admin, options)
+            .execute(&id, &actor, options)
             .await
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
-    s.inventory.record_refresh(&caller.actor(), &report).await;
     report_response(report)
 }
 
@@ -408,16 +408,11 @@ pub async fn refresh_all(
         force_prune: p.force_prune.unwrap_or(false),
     };
     let services = s.services.clone();
-    let reports = tokio::spawn(async move {
-        RefreshAll::new(services)
-            .execute(Trigger::Admin, options)
+    let actor = caller.actor();
+    let reports =
+        tokio::spawn(async move { RefreshAll::new(services).execute(&actor, options).await })
             .await
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
-    for r in &reports {
-        s.inventory.record_refresh(&caller.actor(), r).await;
-    }
+            .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(Json(reports.into_iter().map(RunReportView::from).collect()))
 }
 

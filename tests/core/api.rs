@@ -1,6 +1,7 @@
 //! The HTTP API, served in-process on a free port, against the test server
 //! and the simulator.
 
+use labsync_application::domain::Actor;
 use std::collections::HashSet;
 
 use reqwest::{Method, StatusCode};
@@ -274,7 +275,7 @@ async fn workers_are_registered_changed_and_removed_with_write_only_credentials(
         .unwrap();
     let actions: Vec<(String, String)> = audit
         .iter()
-        .map(|a| (format!("{:?}", a.action), a.actor.clone()))
+        .map(|a| (format!("{:?}", a.action), a.actor.to_string()))
         .collect();
     assert!(
         actions.contains(&("WorkerAdded".into(), "api:admin".into())),
@@ -466,7 +467,7 @@ async fn the_full_story_refresh_list_delete_list_refresh_and_an_async_delete_tha
     let audit = t
         .audit(&labsync_application::domain::LabId::parse(victim).unwrap())
         .await;
-    assert_eq!(audit[0].actor, "api:operator");
+    assert_eq!(audit[0].actor, Actor::api("operator"));
 
     // A running lab: 409 without force, with the outcome; 200 with it.
     let running = labs.iter().find(|l| l["state"] == "STARTED").unwrap()["lab_id"]

@@ -1,5 +1,6 @@
 //! The two-phase delete and its invariants (docs/DESIGN.md 1-3).
 
+use labsync_application::domain::Actor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,8 +39,11 @@ async fn deleting_a_wiped_lab_removes_it_from_cml_and_mongodb_at_once() {
     assert!(!ids(&t.records().await).contains(&id));
     let audit = t.audit(&id).await;
     assert_eq!(
-        (audit[0].actor.as_str(), audit[0].outcome.as_str()),
-        ("test:operator", "deleted")
+        (
+            audit[0].actor.to_string().as_str(),
+            audit[0].outcome.as_str()
+        ),
+        ("api:operator", "deleted")
     );
     // A refresh after it keeps it gone.
     let r = t.refresh().await;
@@ -139,7 +143,7 @@ async fn when_cml_fails_the_record_stays_and_the_attempt_is_in_its_history() {
         );
         assert_eq!(rec.history.len(), before.history.len() + n + 1);
         assert!(matches!(&rec.history.last().unwrap().event,
-            HistoryEvent::DeleteAttempt { outcome, requested_by, .. } if outcome == word && requested_by == "test:operator"));
+            HistoryEvent::DeleteAttempt { outcome, requested_by, .. } if outcome == word && *requested_by == Actor::api("operator")));
         assert_eq!(t.audit(&id).await[0].outcome, *word);
     }
     t.faults(json!({}));
@@ -277,7 +281,7 @@ async fn a_crash_between_the_cml_delete_and_the_record_removal_is_repaired_by_th
         worker_id: t.worker_id(),
         lab_id: id,
         force: false,
-        requested_by: "test:operator".into(),
+        requested_by: Actor::api("operator"),
     }
     .execute(&services)
     .await
@@ -319,8 +323,7 @@ async fn the_tombstone_hides_a_lab_cml_still_lists_until_it_expires() {
         .unwrap();
     let tomb = raw.get_document("tombstone").unwrap();
     assert!(
-        tomb.get_datetime("expires_at").is_ok()
-            && tomb.get_str("deleted_by") == Ok("test:operator")
+        tomb.get_datetime("expires_at").is_ok() && tomb.get_str("deleted_by") == Ok("api:operator")
     );
     let indexes = t
         .app

@@ -135,7 +135,7 @@ async fn refreshes_and_deletes_write_their_events_in_the_outbox() {
     assert_eq!(ce.get_str("source"), Ok("/labsync/workers/cml-1"));
     assert_eq!(
         ce.get_document("data").unwrap().get_str("requested_by"),
-        Ok("test:operator")
+        Ok("api:operator")
     );
 
     let running = t.add_lab("STARTED");

@@ -2,6 +2,7 @@
 //! shared MongoDB-wire test server and to an in-process CML simulator that
 //! it reaches over HTTP.
 
+use labsync_application::domain::Actor;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -144,7 +145,7 @@ impl TestApp {
 
     pub async fn refresh_with(&self, options: RefreshOptions) -> RunReport {
         RefreshWorkerLabs::new(self.services().clone())
-            .execute(&self.worker_id(), Trigger::Admin, options)
+            .execute(&self.worker_id(), &Actor::api("admin"), options)
             .await
             .expect("refresh runs")
     }
@@ -174,7 +175,7 @@ impl TestApp {
             worker_id: self.worker_id(),
             lab_id: *lab,
             force,
-            requested_by: "test:operator".into(),
+            requested_by: Actor::api("operator"),
         }
         .execute(self.services())
         .await
@@ -291,7 +292,7 @@ impl TestApp {
         let worker = self.worker_id();
         tokio::spawn(async move {
             RefreshWorkerLabs::new(services)
-                .execute(&worker, Trigger::Schedule, RefreshOptions::default())
+                .execute(&worker, &Actor::Schedule, RefreshOptions::default())
                 .await
                 .expect("refresh runs")
         })

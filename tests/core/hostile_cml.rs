@@ -5,6 +5,7 @@
 //! takes nothing but CML's own answers for a delete or a list, and stores,
 //! logs and returns only short, escaped texts.
 
+use labsync_application::domain::Actor;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId};
 use labsync_application::{
     DeleteLab, DeleteOutcome, DeleteOutcomeKind, RefreshOptions, RefreshWorkerLabs, RunReport,
-    RunStatus, SyncState, Trigger,
+    RunStatus, SyncState,
 };
 use mongodb::bson::{Document, doc};
 use secrecy::SecretString;
@@ -240,7 +241,11 @@ pub async fn register(t: &TestApp, cml: &HostileCml) {
 
 async fn refresh(t: &TestApp) -> RunReport {
     RefreshWorkerLabs::new(t.services().clone())
-        .execute(&hostile_id(), Trigger::Admin, RefreshOptions::default())
+        .execute(
+            &hostile_id(),
+            &Actor::api("admin"),
+            RefreshOptions::default(),
+        )
         .await
         .expect("refresh runs")
 }
@@ -250,7 +255,7 @@ async fn delete(t: &TestApp, lab: &LabId, force: bool) -> DeleteOutcome {
         worker_id: hostile_id(),
         lab_id: *lab,
         force,
-        requested_by: "test:operator".into(),
+        requested_by: Actor::api("operator"),
     }
     .execute(t.services())
     .await

@@ -5,8 +5,9 @@
 //! Each test has a server of its own (the shared one must stay up for the
 //! other tests).
 
+use labsync_application::domain::Actor;
 use labsync_application::{
-    AppError, DeleteLab, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
+    AppError, DeleteLab, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus,
 };
 use labsync_test_support::MongoServer;
 use reqwest::{Method, StatusCode};
@@ -54,7 +55,7 @@ async fn an_outage_mid_refresh_and_mid_delete_is_reported_and_repaired_without_a
     let worker = t.worker_id();
     let run = tokio::spawn(async move {
         RefreshWorkerLabs::new(services)
-            .execute(&worker, Trigger::Admin, RefreshOptions::default())
+            .execute(&worker, &Actor::api("admin"), RefreshOptions::default())
             .await
     });
     eventually("the refresh to fetch details", || async {
@@ -110,7 +111,7 @@ async fn an_outage_mid_refresh_and_mid_delete_is_reported_and_repaired_without_a
             worker_id: worker,
             lab_id: victim,
             force: false,
-            requested_by: "test:operator".into(),
+            requested_by: Actor::api("operator"),
         }
         .execute(&services)
         .await

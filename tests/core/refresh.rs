@@ -1,5 +1,6 @@
 //! The refresh: create, update, unchanged, prune, and the prune guards.
 
+use labsync_application::domain::Actor;
 use labsync_application::domain::{HistoryEvent, LabState, Worker};
 use labsync_application::ports::AuditAction;
 use labsync_application::{RefreshOptions, RunStatus};
@@ -151,9 +152,53 @@ async fn a_lab_deleted_behind_labsyncs_back_is_pruned_and_audited() {
     let audit = t.audit(&gone).await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
-        (audit[0].actor.as_str(), audit[0].outcome.as_str()),
-        ("refresh", "pruned")
+        (
+            audit[0].actor.to_string().as_str(),
+            audit[0].outcome.as_str()
+        ),
+        ("api:admin", "pruned")
     );
+}
+
+#[tokio::test]
+async fn every_refresh_is_audited_naming_who_started_it_the_schedule_and_the_cli_included() {
+    let t = TestApp::spawn().await;
+    let api_run = t.refresh().await;
+    let scheduled = t.spawn_refresh().await.expect("scheduled run");
+    let o = t.cli(&["refresh", "--worker", "cml-1"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let audit = t
+        .services()
+        .audit
+        .recent(&t.worker_id(), None, 50)
+        .await
+        .unwrap();
+    let runs: Vec<(String, String)> = audit
+        .iter()
+        .filter(|a| a.action == AuditAction::Refresh && a.lab_id.is_none())
+        .map(|a| (a.actor.to_string(), a.outcome.clone()))
+        .collect();
+    assert_eq!(runs.len(), 3, "one entry per run: {runs:?}");
+    assert!(
+        runs.contains(&("api:admin".into(), "succeeded".into())),
+        "{runs:?}"
+    );
+    assert!(
+        runs.contains(&("schedule".into(), "succeeded".into())),
+        "{runs:?}"
+    );
+    assert!(
+        runs.iter().any(|(actor, _)| actor.starts_with("cli:")),
+        "{runs:?}"
+    );
+    for run in [&api_run, &scheduled] {
+        assert!(
+            audit.iter().any(|a| a
+                .detail
+                .starts_with(&format!("run {} succeeded", run.run_id))),
+            "the entry names its run: {audit:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -307,10 +352,7 @@ async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
     let cml3 = labsync_application::domain::WorkerId::parse("cml-3").unwrap();
     assert!(t.app.workers.set_enabled(&cml3, false).await.unwrap());
     let reports = labsync_application::RefreshAll::new(t.services().clone())
-        .execute(
-            labsync_application::Trigger::Admin,
-            RefreshOptions::default(),
-        )
+        .execute(&Actor::api("admin"), RefreshOptions::default())
         .await
         .unwrap();
     let names: Vec<&str> = reports.iter().map(|r| r.worker_id.as_str()).collect();
@@ -322,11 +364,7 @@ async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
     );
     assert!(t.services().labs.list(&cml3).await.unwrap().is_empty());
     let direct = labsync_application::RefreshWorkerLabs::new(t.services().clone())
-        .execute(
-            &cml3,
-            labsync_application::Trigger::Admin,
-            RefreshOptions::default(),
-        )
+        .execute(&cml3, &Actor::api("admin"), RefreshOptions::default())
         .await
         .unwrap();
     assert_eq!(direct.status, RunStatus::Skipped);

@@ -2,6 +2,7 @@
 //! every tick, the per-worker lease lets exactly one refresh each worker,
 //! and when one replica is killed the other carries on alone.
 
+use labsync_application::domain::Actor;
 use std::collections::BTreeMap;
 use std::process::Stdio;
 
@@ -197,7 +198,7 @@ async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
             worker_id: t.worker_id(),
             lab_id: lab,
             force: true,
-            requested_by: "test:operator".into(),
+            requested_by: Actor::api("operator"),
         })
         .await
         .unwrap();

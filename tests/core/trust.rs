@@ -4,6 +4,7 @@
 //! sent to a changed URL, failures that look healthy, unbounded input.
 
 use labsync::wiring::App;
+use labsync_application::domain::Actor;
 use labsync_application::domain::{LabId, LabState, TlsSettings, Worker, WorkerId};
 use labsync_application::ports::{RecordChanges, RecordUpdate, Tombstone};
 use labsync_application::{
@@ -40,7 +41,7 @@ async fn use_student_account(t: &TestApp) {
                 password: Some(SecretString::from(STUDENT_PASSWORD)),
                 ..WorkerChanges::default()
             },
-            "test:admin",
+            &Actor::api("admin"),
         )
         .await
         .expect("credentials changed");
@@ -194,7 +195,7 @@ async fn a_lab_deleted_between_the_state_check_and_the_delete_is_already_absent(
             worker_id: worker,
             lab_id: lab,
             force: false,
-            requested_by: "test:operator".into(),
+            requested_by: Actor::api("operator"),
         }
         .execute(&services)
         .await
@@ -360,11 +361,7 @@ async fn a_refresh_that_cannot_start_is_a_stored_failed_run_the_worker_shows() {
         .await
         .unwrap();
     let r = labsync_application::RefreshWorkerLabs::new(other.services.clone())
-        .execute(
-            &t.worker_id(),
-            labsync_application::Trigger::Schedule,
-            RefreshOptions::default(),
-        )
+        .execute(&t.worker_id(), &Actor::Schedule, RefreshOptions::default())
         .await
         .unwrap();
     assert_eq!(r.status, RunStatus::Failed);
@@ -415,7 +412,7 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
         },
     ] {
         let err = inventory
-            .update(&t.worker_id(), changes, "test:admin")
+            .update(&t.worker_id(), changes, &Actor::api("admin"))
             .await
             .unwrap_err();
         assert!(
@@ -492,7 +489,7 @@ async fn a_plain_http_worker_needs_an_explicit_yes_and_is_shown_with_a_warning()
         .register(
             worker("plain", false),
             SecretString::from(ADMIN_PASSWORD),
-            "test",
+            &Actor::api("test"),
         )
         .await
         .unwrap_err();
@@ -505,7 +502,7 @@ async fn a_plain_http_worker_needs_an_explicit_yes_and_is_shown_with_a_warning()
         .register(
             worker("plain", true),
             SecretString::from(ADMIN_PASSWORD),
-            "test",
+            &Actor::api("test"),
         )
         .await
         .unwrap();
@@ -522,7 +519,7 @@ async fn a_plain_http_worker_needs_an_explicit_yes_and_is_shown_with_a_warning()
                 allow_http: Some(false),
                 ..WorkerChanges::default()
             },
-            "test",
+            &Actor::api("test"),
         )
         .await
         .unwrap_err();
@@ -541,7 +538,7 @@ async fn removing_a_worker_while_it_refreshes_leaves_nothing_behind_to_resurrect
     let removed = t
         .app
         .inventory
-        .remove(&t.worker_id(), "test:admin")
+        .remove(&t.worker_id(), &Actor::api("admin"))
         .await
         .unwrap();
     assert_eq!(removed, 0, "the run had written nothing yet");
@@ -628,13 +625,13 @@ async fn a_late_update_is_refused_by_the_database_over_a_tombstone_without_the_p
         &id,
         Tombstone {
             deleted_at: now,
-            deleted_by: "test".into(),
+            deleted_by: Actor::api("test"),
             expires_at: now + chrono::Duration::hours(1),
         },
         event(LabEventKind::Deleted),
         labsync_application::ports::AuditEntry {
             at: now,
-            actor: "test".into(),
+            actor: Actor::api("test"),
             action: labsync_application::ports::AuditAction::Delete,
             worker_id: t.worker_id(),
             lab_id: Some(id),
@@ -746,13 +743,13 @@ async fn a_delete_names_who_asked_before_cml_is_asked() {
         .audit(&lab)
         .await
         .into_iter()
-        .map(|a| (a.outcome, a.actor))
+        .map(|a| (a.outcome, a.actor.to_string()))
         .collect();
     assert_eq!(
         audit,
         [
-            ("already_absent".to_owned(), "test:operator".to_owned()),
-            ("started".to_owned(), "test:operator".to_owned())
+            ("already_absent".to_owned(), "api:operator".to_owned()),
+            ("started".to_owned(), "api:operator".to_owned())
         ],
         "newest first"
     );
@@ -829,13 +826,13 @@ async fn a_prune_that_did_not_happen_is_neither_announced_nor_audited() {
         &id,
         Tombstone {
             deleted_at: now,
-            deleted_by: "test".into(),
+            deleted_by: Actor::api("test"),
             expires_at: now + chrono::Duration::hours(1),
         },
         LabEvent::new(LabEventKind::Deleted, &t.worker_id(), id, now, json!({})),
         labsync_application::ports::AuditEntry {
             at: now,
-            actor: "test".into(),
+            actor: Actor::api("test"),
             action: labsync_application::ports::AuditAction::Delete,
             worker_id: t.worker_id(),
             lab_id: Some(id),

@@ -22,8 +22,8 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use labsync::wiring::App;
-use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId};
-use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus, Trigger};
+use labsync_application::domain::{Actor, LabId, TlsSettings, Worker, WorkerId};
+use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus};
 use labsync_infrastructure::configuration::Settings;
 use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
@@ -406,7 +406,7 @@ impl Harness {
 
     async fn refresh(&self) -> anyhow::Result<String> {
         let reports = RefreshAll::new(self.app.services.clone())
-            .execute(Trigger::Admin, RefreshOptions::default())
+            .execute(&Actor::cli("bench"), RefreshOptions::default())
             .await?;
         let failed = reports
             .iter()
@@ -581,7 +581,7 @@ async fn main() -> anyhow::Result<()> {
                             worker_id: w,
                             lab_id: l,
                             force: false,
-                            requested_by: "bench".into(),
+                            requested_by: Actor::cli("bench"),
                         }
                         .execute(&services)
                         .await;
@@ -632,7 +632,7 @@ async fn main() -> anyhow::Result<()> {
                         worker_id: w,
                         lab_id: l,
                         force: false,
-                        requested_by: "bench".into(),
+                        requested_by: Actor::cli("bench"),
                     }
                     .execute(&services)
                     .await?;

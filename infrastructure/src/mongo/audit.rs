@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::RepoError;
 use labsync_application::ports::{AuditAction, AuditEntry, AuditLog};
-use labsync_domain::{LabId, WorkerId};
+use labsync_domain::{Actor, LabId, WorkerId};
 use mongodb::bson::{self, doc};
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,7 @@ impl From<AuditEntry> for AuditDoc {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct AuditDoc {
     at: bson::DateTime,
-    actor: String,
+    actor: Actor,
     action: AuditAction,
     worker_id: WorkerId,
     lab_id: Option<LabId>,

@@ -223,7 +223,7 @@ mod tests {
             HistoryEntry {
                 at: record.first_seen_at,
                 event: HistoryEvent::DeleteAttempt {
-                    requested_by: "cli:ops".into(),
+                    requested_by: labsync_domain::Actor::cli("ops"),
                     force: false,
                     outcome: "refused_running".into(),
                     detail: "running".into(),

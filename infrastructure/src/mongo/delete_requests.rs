@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use labsync_application::{DeleteRequest, DeleteRequestStatus, DeleteRequests, RepoError};
-use labsync_domain::WorkerId;
+use labsync_domain::{Actor, WorkerId};
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
@@ -237,7 +237,11 @@ impl DeleteRequests for MongoDeleteRequests {
             .find_one(doc! {"_id": &r.id, "status": "running", "claim": claim})
             .await
             .map_err(map_error)?
-            .and_then(|d| d.get_str("cancel_requested_by").ok().map(str::to_owned))
+            .and_then(|d| {
+                d.get_str("cancel_requested_by")
+                    .ok()
+                    .and_then(|s| s.parse::<Actor>().ok())
+            })
         else {
             return Ok(false);
         };
@@ -264,7 +268,7 @@ impl DeleteRequests for MongoDeleteRequests {
     async fn cancel(
         &self,
         id: &str,
-        by: &str,
+        by: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Option<DeleteRequest>, RepoError> {
         let cancelled = self
@@ -275,7 +279,7 @@ impl DeleteRequests for MongoDeleteRequests {
                     // Its runner died: nothing runs it any more.
                     {"status": "running", "claimed_until": {"$lte": date(now)}},
                 ]},
-                doc! {"$set": {"status": "cancelled", "cancelled_by": by, "updated_at": date(now)}},
+                doc! {"$set": {"status": "cancelled", "cancelled_by": by.to_string(), "updated_at": date(now)}},
             )
             .return_document(ReturnDocument::After)
             .await
@@ -291,7 +295,7 @@ impl DeleteRequests for MongoDeleteRequests {
             .requests
             .find_one_and_update(
                 doc! {"_id": id, "status": "running"},
-                doc! {"$set": {"cancel_requested_by": by}},
+                doc! {"$set": {"cancel_requested_by": by.to_string()}},
             )
             .return_document(ReturnDocument::After)
             .await

@@ -621,7 +621,7 @@ impl LabRepository for MongoLabRepository {
         let mut replacement = key(worker, lab);
         replacement.insert(
             "tombstone",
-            doc! {"deleted_at": date(t.deleted_at), "deleted_by": t.deleted_by, "expires_at": date(t.expires_at)},
+            doc! {"deleted_at": date(t.deleted_at), "deleted_by": t.deleted_by.to_string(), "expires_at": date(t.expires_at)},
         );
         // Written with the tombstones of concurrent deletes (see
         // `super::tombstones`): events and audit entries first, then the
