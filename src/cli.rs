@@ -16,13 +16,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use labsync_application::domain::{Actor, LabId, TlsSettings, Worker, WorkerId, parse_base_url};
+use labsync_application::domain::{
+    Actor, BaseUrl, CertificateTrust, LabId, TlsSettings, Worker, WorkerId,
+};
+use labsync_application::inventory::MAX_PAGE;
+use labsync_application::ports::LabQuery;
 use labsync_application::{
     AppError, DeleteLab, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus,
 };
 use labsync_infrastructure::configuration::Settings;
 use secrecy::SecretString;
 
+use crate::http::dto::WorkerView;
 use crate::wiring::App;
 
 /// Exit code when a command ran but did not achieve what was asked (a
@@ -365,24 +370,25 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Workers(WorkersCommand::Add(a)) => add_worker(&app, a).await,
         Command::Workers(WorkersCommand::List { json }) => {
-            let workers = s.workers.list().await?;
+            let workers = app.inventory.workers().await?;
             if json {
-                print_json(&workers)?;
+                let views: Vec<WorkerView> = workers.into_iter().map(WorkerView::from).collect();
+                print_json(&views)?;
             } else {
-                for w in &workers {
-                    let tls = match (w.plain_http(), &w.tls.ca_cert_pem, w.tls.insecure) {
-                        (true, ..) => {
+                for w in workers.iter().map(|o| &o.worker) {
+                    let tls = match (w.plain_http(), &w.tls.trust) {
+                        (true, _) => {
                             "tls=NONE (plain http: the password crosses the network unencrypted)"
                         }
-                        (_, _, true) => "tls=INSECURE",
-                        (_, Some(_), _) => "tls=ca-bundle",
-                        _ => "tls=system",
+                        (_, CertificateTrust::Insecure) => "tls=INSECURE",
+                        (_, CertificateTrust::CaBundle(_)) => "tls=ca-bundle",
+                        (_, CertificateTrust::SystemRoots) => "tls=system",
                     };
                     println!(
                         "{:<20} {:<8} {} user={} {}",
                         w.id.as_str(),
                         if w.enabled { "enabled" } else { "disabled" },
-                        shown(&w.base_url),
+                        shown(w.base_url.as_str()),
                         shown(&w.username),
                         tls
                     );
@@ -400,10 +406,21 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Labs(LabsCommand::List { worker, json }) => {
-            if s.workers.get(&worker).await?.is_none() {
-                return Err(AppError::UnknownWorker(worker).into());
+            let mut records = Vec::new();
+            let mut after = None;
+            loop {
+                let query = LabQuery {
+                    after,
+                    limit: MAX_PAGE,
+                    ..LabQuery::default()
+                };
+                let page = app.inventory.labs(&worker, query).await?;
+                records.extend(page.items);
+                match page.next_cursor {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
             }
-            let records = s.labs.list(&worker).await?;
             if json {
                 print_json(&records)?;
             } else {
@@ -423,7 +440,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
-    let base_url = parse_base_url(&a.url).map_err(|e| anyhow::anyhow!(e))?;
+    let base_url = BaseUrl::parse(&a.url).map_err(|e| anyhow::anyhow!(e))?;
     let password = std::env::var(&a.password_env)
         .ok()
         .filter(|p| !p.is_empty())
@@ -434,38 +451,37 @@ async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let ca_cert_pem = match &a.ca_cert {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .with_context(|| format!("reading CA bundle {}", path.display()))?;
-            anyhow::ensure!(
-                pem.contains("-----BEGIN CERTIFICATE-----"),
-                "{} is not a PEM certificate bundle",
-                path.display()
-            );
-            Some(pem)
-        }
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading CA bundle {}", path.display()))?,
+        ),
         None => None,
     };
-    let worker = Worker {
-        name: a.name.unwrap_or_else(|| a.id.to_string()),
-        id: a.id,
+    let tls = TlsSettings::from_parts(ca_cert_pem, a.insecure, a.allow_http).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} ({})",
+            a.ca_cert
+                .as_deref()
+                .map_or_else(String::new, |p| p.display().to_string())
+        )
+    })?;
+    let mut worker = Worker::new(
+        a.id.clone(),
+        a.name.unwrap_or_else(|| a.id.to_string()),
         base_url,
-        username: a.username,
-        tls: TlsSettings {
-            ca_cert_pem,
-            insecure: a.insecure,
-            allow_http: a.allow_http,
-        },
-        enabled: !a.disabled,
-        lab_tiles: a.lab_tiles,
-    };
+        a.username,
+        tls,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    worker.enabled = !a.disabled;
+    worker.lab_tiles = a.lab_tiles;
     app.inventory
         .register(worker.clone(), SecretString::from(password), &cli_actor())
         .await?;
     println!(
         "registered worker {} at {}",
         worker.id,
-        shown(&worker.base_url)
+        shown(worker.base_url.as_str())
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use labsync_application::RefreshAll;
 use labsync_infrastructure::configuration::Settings;
+use labsync_infrastructure::mongo::MongoHealth;
 use labsync_infrastructure::mongo::outbox::{EventRelay, RelaySettings};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use secrecy::ExposeSecret;
@@ -115,7 +116,7 @@ pub async fn start_with(
         delete_queue: app.delete_queue.clone(),
         tokens: Arc::new(settings.api.parsed_tokens()),
         metrics: app.metrics.clone(),
-        db: app.db.clone(),
+        health: Arc::new(MongoHealth::new(&app.db)),
         scheduler_running: scheduler_running.clone(),
         metrics_auth: settings.api.metrics_auth,
     };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use labsync_domain::{
-    Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
+    BaseUrl, Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
 };
 use secrecy::SecretString;
 
@@ -458,7 +458,7 @@ fn test_worker() -> Worker {
     Worker {
         id: worker_id(),
         name: "cml-1".into(),
-        base_url: "https://cml.invalid".into(),
+        base_url: BaseUrl::parse("https://cml.invalid").expect("a worker URL"),
         username: "admin".into(),
         tls: Default::default(),
         enabled: true,

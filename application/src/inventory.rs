@@ -3,7 +3,7 @@
 //! and the admin's changes to workers. Reads come from the store only,
 //! never live from CML.
 
-use labsync_domain::{Actor, LabId, LabRecord, Worker, WorkerId};
+use labsync_domain::{Actor, LabId, LabRecord, Worker, WorkerChanges, WorkerId};
 use secrecy::SecretString;
 use serde::Serialize;
 
@@ -47,90 +47,9 @@ pub struct LabDetail {
     pub audit: Vec<AuditEntry>,
 }
 
-/// Changes to a worker; absent fields stay as they are.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerChanges {
-    pub name: Option<String>,
-    pub base_url: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<SecretString>,
-    /// `Some(None)` removes the CA bundle.
-    pub ca_cert_pem: Option<Option<String>>,
-    pub insecure: Option<bool>,
-    pub allow_http: Option<bool>,
-    pub enabled: Option<bool>,
-    pub lab_tiles: Option<bool>,
-}
-
 /// How often a change to a worker is applied again when another change
 /// landed between its read and its write.
 pub const UPDATE_ATTEMPTS: usize = 5;
-
-/// `before` with `changes` applied, and the names of the fields they set;
-/// checked as a whole, as a registration is.
-///
-/// # Errors
-/// [`AppError::Invalid`] for a worker that registration would refuse, or
-/// for a change of where or how the password goes without the password.
-fn apply_changes(
-    before: &Worker,
-    changes: &WorkerChanges,
-) -> Result<(Worker, Vec<&'static str>), AppError> {
-    let mut worker = before.clone();
-    let mut changed: Vec<&'static str> = Vec::new();
-    if let Some(v) = &changes.name {
-        worker.name.clone_from(v);
-        changed.push("name");
-    }
-    if let Some(v) = &changes.base_url {
-        worker.base_url = labsync_domain::parse_base_url(v).map_err(AppError::Invalid)?;
-        changed.push("base_url");
-    }
-    if let Some(v) = &changes.username {
-        worker.username.clone_from(v);
-        changed.push("username");
-    }
-    if let Some(v) = &changes.ca_cert_pem {
-        worker.tls.ca_cert_pem.clone_from(v);
-        changed.push("ca_cert_pem");
-    }
-    if let Some(v) = changes.insecure {
-        worker.tls.insecure = v;
-        changed.push("insecure");
-    }
-    if let Some(v) = changes.allow_http {
-        worker.tls.allow_http = v;
-        changed.push("allow_http");
-    }
-    if let Some(v) = changes.enabled {
-        worker.enabled = v;
-        changed.push("enabled");
-    }
-    if let Some(v) = changes.lab_tiles {
-        worker.lab_tiles = v;
-        changed.push("lab_tiles");
-    }
-    if changes.password.is_some() {
-        changed.push("password");
-    }
-    // The same check as a registration: a change cannot store what
-    // registering would refuse.
-    worker.validate().map_err(AppError::Invalid)?;
-    // Whoever may change the URL must not thereby learn the password:
-    // it goes to a new place (or as a new user) only when given again.
-    // Nor by loosening how it is protected on the way (a CA of one's
-    // own, no verification, plain HTTP): a man in the middle reads it.
-    if (worker.base_url != before.base_url
-        || worker.username != before.username
-        || worker.tls != before.tls)
-        && changes.password.is_none()
-    {
-        return Err(AppError::Invalid(
-            "changing a worker's URL, username or TLS settings needs its password again".into(),
-        ));
-    }
-    Ok((worker, changed))
-}
 
 /// Queries and admin commands over the inventory.
 #[derive(Debug, Clone)]
@@ -249,15 +168,18 @@ impl Inventory {
         &self,
         id: &WorkerId,
         changes: WorkerChanges,
+        password: Option<SecretString>,
         actor: &Actor,
     ) -> Result<WorkerOverview, AppError> {
         for _ in 0..UPDATE_ATTEMPTS {
             let before = self.require_worker(id).await?;
-            let (worker, changed) = apply_changes(&before, &changes)?;
+            let (worker, changed) = before
+                .changed(&changes, password.is_some())
+                .map_err(AppError::Invalid)?;
             if self
                 .services
                 .workers
-                .update(&before, &worker, changes.password.as_ref())
+                .update(&before, &worker, password.as_ref())
                 .await?
             {
                 self.audit(

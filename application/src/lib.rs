@@ -28,7 +28,7 @@ pub use delete_queue::{
 };
 pub use errors::{AppError, CmlError, RepoError};
 pub use events::{LabEvent, LabEventKind, NoObserver, Observer};
-pub use inventory::{Inventory, LabDetail, LabPage, SyncState, WorkerChanges, WorkerOverview};
+pub use inventory::{Inventory, LabDetail, LabPage, SyncState, WorkerOverview};
 pub use refresh::{
     LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
 };

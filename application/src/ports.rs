@@ -505,6 +505,15 @@ pub trait RunReports: Send + Sync {
     ) -> Result<Vec<RunReport>, RepoError>;
 }
 
+/// Whether labsync's store answers, for readiness probes.
+#[async_trait]
+pub trait Health: Send + Sync {
+    /// True when the store answered a no-op within `timeout`. MUST return
+    /// by then whatever the store does, and MUST NOT leave a driver call
+    /// half done when it gives up (a probe must not wedge the pool).
+    async fn store_answers(&self, timeout: Duration) -> bool;
+}
+
 /// The time, injectable so that tests control it.
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;

@@ -5,7 +5,8 @@
 //! about a lab ([`LabSnapshot`]), the stored [`LabRecord`] and its history,
 //! registered [`Worker`]s, and the reconcile [`plan`] of a refresh.
 //!
-//! What it may depend on: `serde`, `chrono` and `thiserror`. No I/O, no async
+//! What it may depend on: `serde`, `chrono`, `thiserror` and `url` (to parse
+//! a worker's URL as the HTTP client will). No I/O, no async
 //! runtime, no database or HTTP types: every other crate depends on this one,
 //! and it depends on none of them.
 
@@ -23,4 +24,4 @@ pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan
 pub use record::{DEFAULT_HISTORY_LIMIT, HistoryEntry, HistoryEvent, LabRecord};
 pub use snapshot::{ContentHash, FieldChange, LabGroup, LabSnapshot, MAX_CHANGE_TEXT, excerpt};
 pub use state::LabState;
-pub use worker::{TlsSettings, Worker, parse_base_url};
+pub use worker::{BaseUrl, CertificateTrust, TlsSettings, Worker, WorkerChanges};

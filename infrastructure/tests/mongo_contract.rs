@@ -18,7 +18,7 @@ use labsync_application::ports::{
 };
 use labsync_application::{LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger};
 use labsync_domain::{
-    Actor, Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState,
+    Actor, BaseUrl, Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState,
     TlsSettings, Worker, WorkerId,
 };
 use labsync_infrastructure::crypto::PasswordCipher;
@@ -1678,7 +1678,7 @@ fn registered(id: &str) -> Worker {
     Worker {
         id: worker(id),
         name: id.into(),
-        base_url: "https://cml.example.net".into(),
+        base_url: BaseUrl::parse("https://cml.example.net").expect("a worker URL"),
         username: "admin".into(),
         tls: TlsSettings::default(),
         enabled: true,
@@ -1721,7 +1721,7 @@ async fn a_worker_update_lands_only_on_the_worker_as_it_was_read() {
     assert!(!repo.update(&ghost, &ghost, None).await.unwrap());
     // Without the password, where it goes cannot change, whatever `before` says.
     let moved = Worker {
-        base_url: "https://elsewhere.example.net".into(),
+        base_url: BaseUrl::parse("https://elsewhere.example.net").expect("a worker URL"),
         ..both.clone()
     };
     assert!(repo.update(&both, &moved, None).await.is_err());

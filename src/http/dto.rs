@@ -46,11 +46,11 @@ impl From<WorkerOverview> for WorkerView {
         Self {
             id: w.id.to_string(),
             name: w.name,
-            base_url: w.base_url,
+            base_url: w.base_url.to_string(),
             username: w.username,
             tls: TlsView {
-                ca_bundle: w.tls.ca_cert_pem.is_some(),
-                insecure: w.tls.insecure,
+                ca_bundle: w.tls.ca_cert_pem().is_some(),
+                insecure: w.tls.insecure(),
                 allow_http: w.tls.allow_http,
             },
             warnings,
@@ -80,7 +80,7 @@ fn warnings(w: &labsync_application::domain::Worker) -> Vec<String> {
     if w.plain_http() {
         out.push("plain http: the CML password crosses the network unencrypted".to_owned());
     }
-    if w.tls.insecure {
+    if w.tls.insecure() {
         out.push("certificate verification is off".to_owned());
     }
     out

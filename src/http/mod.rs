@@ -22,11 +22,10 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use labsync_application::ports::Health;
 use labsync_application::{DeleteQueue, Inventory, Services};
 use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
-use mongodb::Database;
-use mongodb::bson::doc;
 use tokio::sync::Semaphore;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -44,7 +43,7 @@ pub struct ApiState {
     pub delete_queue: DeleteQueue,
     pub tokens: Arc<Vec<ApiToken>>,
     pub metrics: Metrics,
-    pub db: Database,
+    pub health: Arc<dyn Health>,
     pub scheduler_running: Arc<AtomicBool>,
     /// Who may read `/metrics`.
     pub metrics_auth: MetricsAuth,
@@ -59,17 +58,16 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// Whether MongoDB answers a ping within two seconds. The ping runs in
-    /// its own task, so a slow server never leaves a driver call half done.
+    /// Whether MongoDB answers within [`READINESS_TIMEOUT`].
     pub async fn ping(&self) -> bool {
-        let db = self.db.clone();
-        let ping = tokio::spawn(async move { db.run_command(doc! {"ping": 1}).await.is_ok() });
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), ping).await,
-            Ok(Ok(true))
-        )
+        self.health.store_answers(READINESS_TIMEOUT).await
     }
 }
+
+/// How long a readiness probe waits for MongoDB: less than the usual
+/// probe timeout, so that a slow database reads as "not ready", not as a
+/// probe that hung.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 const REQUEST_ID: &str = "x-request-id";
 

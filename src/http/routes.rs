@@ -5,11 +5,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use labsync_application::domain::{LabId, TlsSettings, Worker, WorkerId, parse_base_url};
+use labsync_application::domain::{BaseUrl, LabId, TlsSettings, Worker, WorkerChanges, WorkerId};
 use labsync_application::ports::LabQuery;
 use labsync_application::{
     AppError, CancelError, DeleteLab, DeleteRequestStatus, RefreshAll, RefreshOptions,
-    RefreshWorkerLabs, RunStatus, WorkerChanges,
+    RefreshWorkerLabs, RunStatus,
 };
 use labsync_infrastructure::configuration::MetricsAuth;
 use labsync_infrastructure::configuration::Role;
@@ -60,25 +60,22 @@ pub async fn create_worker(
     ApiJson(body): ApiJson<WorkerCreate>,
 ) -> ApiResult<(StatusCode, Json<WorkerView>)> {
     let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
-    let base_url = parse_base_url(&body.base_url).map_err(ApiError::bad_request)?;
+    let base_url = BaseUrl::parse(&body.base_url).map_err(ApiError::bad_request)?;
     if body.password.is_empty() {
         return Err(ApiError::bad_request("password must not be empty"));
     }
-    // Everything else about the worker is checked by the use case, the
-    // same way for a registration and a change (`Worker::validate`).
-    let worker = Worker {
-        name: body.name.unwrap_or_else(|| id.to_string()),
-        id,
+    let tls = TlsSettings::from_parts(body.ca_cert_pem, body.insecure, body.allow_http)
+        .map_err(AppError::Invalid)?;
+    let mut worker = Worker::new(
+        id.clone(),
+        body.name.unwrap_or_else(|| id.to_string()),
         base_url,
-        username: body.username,
-        tls: TlsSettings {
-            ca_cert_pem: body.ca_cert_pem,
-            insecure: body.insecure,
-            allow_http: body.allow_http,
-        },
-        enabled: body.enabled,
-        lab_tiles: body.lab_tiles,
-    };
+        body.username,
+        tls,
+    )
+    .map_err(AppError::Invalid)?;
+    worker.enabled = body.enabled;
+    worker.lab_tiles = body.lab_tiles;
     let view = s
         .inventory
         .register(worker, SecretString::from(body.password), &caller.actor())
@@ -113,11 +110,16 @@ pub async fn patch_worker(
     if body.password.as_deref() == Some("") {
         return Err(ApiError::bad_request("password must not be empty"));
     }
+    let base_url = body
+        .base_url
+        .as_deref()
+        .map(BaseUrl::parse)
+        .transpose()
+        .map_err(AppError::Invalid)?;
     let changes = WorkerChanges {
         name: body.name,
-        base_url: body.base_url,
+        base_url,
         username: body.username,
-        password: body.password.map(SecretString::from),
         ca_cert_pem: body.ca_cert_pem.map(|p| (!p.is_empty()).then_some(p)),
         insecure: body.insecure,
         allow_http: body.allow_http,
@@ -126,7 +128,12 @@ pub async fn patch_worker(
     };
     Ok(Json(
         s.inventory
-            .update(&id, changes, &caller.actor())
+            .update(
+                &id,
+                changes,
+                body.password.map(SecretString::from),
+                &caller.actor(),
+            )
             .await?
             .into(),
     ))

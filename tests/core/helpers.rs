@@ -3,6 +3,7 @@
 //! it reaches over HTTP.
 
 use labsync_application::domain::Actor;
+use labsync_application::domain::BaseUrl;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -104,7 +105,7 @@ impl TestApp {
                     &Worker {
                         id: WorkerId::parse(&w.name).unwrap(),
                         name: w.name.clone(),
-                        base_url: w.base_url(),
+                        base_url: BaseUrl::parse(&w.base_url()).expect("the simulator's URL"),
                         username: "admin".into(),
                         tls: TlsSettings {
                             allow_http: true,

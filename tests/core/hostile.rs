@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use labsync_application::domain::parse_base_url;
+use labsync_application::domain::BaseUrl;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -691,8 +691,13 @@ fn body_shape_ok(create: bool, v: &Value) -> bool {
 fn expected_for_body(create: bool, v: &Value, created: &mut HashSet<String>) -> u16 {
     let s = |k: &str| v.get(k).and_then(Value::as_str);
     if !create {
-        // The password check comes before the worker lookup.
-        return if s("password") == Some("") { 400 } else { 404 };
+        // The edge parses (the password, a URL) before the worker lookup.
+        let bad_url = s("base_url").is_some_and(|u| BaseUrl::parse(u).is_err());
+        return if s("password") == Some("") || bad_url {
+            400
+        } else {
+            404
+        };
     }
     let id = s("id").unwrap_or_default();
     let pem = s("ca_cert_pem");
@@ -700,7 +705,7 @@ fn expected_for_body(create: bool, v: &Value, created: &mut HashSet<String>) -> 
     let bad_text =
         |t: &str| t.is_empty() || t.chars().count() > 200 || t.chars().any(char::is_control);
     let invalid = !is_worker_id(id)
-        || parse_base_url(s("base_url").unwrap_or_default()).is_err()
+        || BaseUrl::parse(s("base_url").unwrap_or_default()).is_err()
         || s("password") == Some("")
         || s("username").is_some_and(bad_text)
         || s("name").is_some_and(bad_text)

@@ -6,6 +6,7 @@
 //! logs and returns only short, escaped texts.
 
 use labsync_application::domain::Actor;
+use labsync_application::domain::BaseUrl;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -224,7 +225,7 @@ pub async fn register(t: &TestApp, cml: &HostileCml) {
             &Worker {
                 id: hostile_id(),
                 name: HOSTILE.into(),
-                base_url: cml.base_url(),
+                base_url: BaseUrl::parse(&cml.base_url()).expect("the simulator's URL"),
                 username: "admin".into(),
                 tls: TlsSettings {
                     allow_http: true,

@@ -350,7 +350,17 @@ async fn an_expired_token_mid_run_is_renewed_once_and_the_run_succeeds() {
 async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
     let t = TestApp::spawn_with(3, &[]).await;
     let cml3 = labsync_application::domain::WorkerId::parse("cml-3").unwrap();
-    assert!(t.app.workers.set_enabled(&cml3, false).await.unwrap());
+    let disable = labsync_application::domain::WorkerChanges {
+        enabled: Some(false),
+        ..Default::default()
+    };
+    let cml3_now = t
+        .app
+        .inventory
+        .update(&cml3, disable, None, &Actor::api("admin"))
+        .await
+        .unwrap();
+    assert!(!cml3_now.worker.enabled);
     let reports = labsync_application::RefreshAll::new(t.services().clone())
         .execute(&Actor::api("admin"), RefreshOptions::default())
         .await

@@ -5,6 +5,8 @@
 
 use cml_sim::{SimConfig, Simulator, WorkerSpec};
 use labsync_application::RunStatus;
+use labsync_application::domain::BaseUrl;
+use labsync_application::domain::CertificateTrust;
 use labsync_application::domain::{TlsSettings, Worker};
 use secrecy::SecretString;
 use serde_json::Value;
@@ -40,7 +42,7 @@ async fn register(t: &TestApp, tls: TlsSettings) {
             &Worker {
                 id: t.worker_id(),
                 name: "cml-1".into(),
-                base_url: t.sim().base_url(),
+                base_url: BaseUrl::parse(&t.sim().base_url()).expect("the simulator's URL"),
                 username: "admin".into(),
                 tls,
                 enabled: true,
@@ -81,8 +83,7 @@ async fn a_self_signed_worker_is_refreshed_when_its_ca_bundle_is_trusted() {
     register(
         &t,
         TlsSettings {
-            ca_cert_pem: Some(ca_pem(&t)),
-            insecure: false,
+            trust: CertificateTrust::CaBundle(ca_pem(&t)),
             allow_http: false,
         },
     )

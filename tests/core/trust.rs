@@ -5,11 +5,12 @@
 
 use labsync::wiring::App;
 use labsync_application::domain::Actor;
+use labsync_application::domain::BaseUrl;
+use labsync_application::domain::WorkerChanges;
 use labsync_application::domain::{LabId, LabState, TlsSettings, Worker, WorkerId};
 use labsync_application::ports::{RecordChanges, RecordUpdate, Tombstone};
 use labsync_application::{
     AppError, DeleteOutcomeKind, LabEvent, LabEventKind, RefreshOptions, RunStatus, SyncState,
-    WorkerChanges,
 };
 use labsync_infrastructure::configuration::Settings;
 use mongodb::bson::{Document, doc};
@@ -38,9 +39,9 @@ async fn use_student_account(t: &TestApp) {
             &t.worker_id(),
             WorkerChanges {
                 username: Some("student".into()),
-                password: Some(SecretString::from(STUDENT_PASSWORD)),
                 ..WorkerChanges::default()
             },
+            Some(SecretString::from(STUDENT_PASSWORD)),
             &Actor::api("admin"),
         )
         .await
@@ -391,7 +392,7 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
     let inventory = &t.app.inventory;
     for changes in [
         WorkerChanges {
-            base_url: Some("https://elsewhere.example.net".into()),
+            base_url: Some(BaseUrl::parse("https://elsewhere.example.net").unwrap()),
             ..WorkerChanges::default()
         },
         WorkerChanges {
@@ -412,7 +413,7 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
         },
     ] {
         let err = inventory
-            .update(&t.worker_id(), changes, &Actor::api("admin"))
+            .update(&t.worker_id(), changes, None, &Actor::api("admin"))
             .await
             .unwrap_err();
         assert!(
@@ -429,7 +430,7 @@ async fn a_changed_url_or_user_needs_the_password_again_and_a_copied_ciphertext_
         .unwrap()
         .unwrap();
     let mut moved = access.worker.clone();
-    moved.base_url = "https://elsewhere.example.net".into();
+    moved.base_url = BaseUrl::parse("https://elsewhere.example.net").unwrap();
     assert!(
         t.services()
             .workers
@@ -474,7 +475,7 @@ async fn a_plain_http_worker_needs_an_explicit_yes_and_is_shown_with_a_warning()
     let worker = |id: &str, allow_http: bool| Worker {
         id: WorkerId::parse(id).unwrap(),
         name: id.into(),
-        base_url: t.sim().base_url(),
+        base_url: BaseUrl::parse(&t.sim().base_url()).expect("the simulator's URL"),
         username: "admin".into(),
         tls: TlsSettings {
             allow_http,
@@ -519,6 +520,7 @@ async fn a_plain_http_worker_needs_an_explicit_yes_and_is_shown_with_a_warning()
                 allow_http: Some(false),
                 ..WorkerChanges::default()
             },
+            None,
             &Actor::api("test"),
         )
         .await

@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use labsync::wiring::App;
-use labsync_application::domain::{Actor, LabId, TlsSettings, Worker, WorkerId};
+use labsync_application::domain::{Actor, BaseUrl, LabId, TlsSettings, Worker, WorkerId};
 use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus};
 use labsync_infrastructure::configuration::Settings;
 use mongodb::event::command::CommandEvent;
@@ -303,7 +303,7 @@ impl Harness {
                     &Worker {
                         id: WorkerId::parse(&w.name)?,
                         name: w.name.clone(),
-                        base_url: w.url.clone(),
+                        base_url: BaseUrl::parse(&w.url).expect("the fleet's URL"),
                         username: "admin".into(),
                         tls: TlsSettings {
                             allow_http: true,

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use labsync_application::CmlError;
 use labsync_application::ports::{CmlAccount, CmlGateway, LabList, WorkerAccess};
-use labsync_domain::{LabId, LabSnapshot, LabState, WorkerId};
+use labsync_domain::{BaseUrl, LabId, LabSnapshot, LabState, TlsSettings, WorkerId};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
@@ -84,9 +84,8 @@ impl CmlHttpGateway {
     /// The HTTP client for a worker's TLS settings.
     fn http_for(&self, access: &WorkerAccess) -> Result<reqwest::Client, CmlError> {
         let w = &access.worker;
-        let mut builder =
-            http_builder(&self.settings).https_only(w.base_url.starts_with("https://"));
-        if let Some(pem) = &w.tls.ca_cert_pem {
+        let mut builder = http_builder(&self.settings).https_only(!w.base_url.is_plain_http());
+        if let Some(pem) = w.tls.ca_cert_pem() {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
                 CmlError::Unreachable(format!("worker {}: invalid CA bundle: {e}", w.id))
             })?;
@@ -94,7 +93,7 @@ impl CmlHttpGateway {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        if w.tls.insecure {
+        if w.tls.insecure() {
             warn!(
                 worker_id = %w.id,
                 base_url = %w.base_url,
@@ -137,11 +136,10 @@ impl CmlHttpGateway {
 /// What a client was built from; a change means a new client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
-    base_url: String,
+    base_url: BaseUrl,
     username: String,
     password: SecretBytesEq,
-    ca_cert_pem: Option<String>,
-    insecure: bool,
+    tls: TlsSettings,
 }
 
 /// Compares passwords without ever printing them.
@@ -160,8 +158,7 @@ impl Fingerprint {
             base_url: a.worker.base_url.clone(),
             username: a.worker.username.clone(),
             password: SecretBytesEq(a.password.expose_secret().as_bytes().to_vec()),
-            ca_cert_pem: a.worker.tls.ca_cert_pem.clone(),
-            insecure: a.worker.tls.insecure,
+            tls: a.worker.tls.clone(),
         }
     }
 }
@@ -391,7 +388,7 @@ impl CmlClient {
         Self {
             fingerprint,
             http,
-            api: format!("{}/api/v0", w.base_url.trim_end_matches('/')),
+            api: format!("{}/api/v0", w.base_url),
             worker: w.id.clone(),
             username: w.username.clone(),
             password: access.password.clone(),

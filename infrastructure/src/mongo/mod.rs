@@ -17,6 +17,7 @@ use crate::configuration::MongoSettings;
 mod audit;
 mod convert;
 mod delete_requests;
+mod health;
 mod labs;
 mod lease;
 pub mod outbox;
@@ -26,6 +27,7 @@ mod workers;
 
 pub use audit::MongoAuditLog;
 pub use delete_requests::MongoDeleteRequests;
+pub use health::MongoHealth;
 pub use labs::MongoLabRepository;
 pub use lease::MongoRefreshLease;
 pub use reports::MongoRunReports;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::RepoError;
 use labsync_application::ports::{WorkerAccess, WorkerRepository};
-use labsync_domain::{TlsSettings, Worker, WorkerId};
+use labsync_domain::{BaseUrl, TlsSettings, Worker, WorkerId};
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, doc};
 use mongodb::{Collection, Database};
@@ -60,13 +60,10 @@ impl WorkerDoc {
         Ok(Worker {
             id: WorkerId::parse(&self.id).map_err(|e| RepoError::Corrupt(e.to_string()))?,
             name: self.name.clone(),
-            base_url: self.base_url.clone(),
+            base_url: BaseUrl::parse(&self.base_url).map_err(RepoError::Corrupt)?,
             username: self.username.clone(),
-            tls: TlsSettings {
-                ca_cert_pem: self.ca_cert_pem.clone(),
-                insecure: self.insecure,
-                allow_http: self.allow_http,
-            },
+            tls: TlsSettings::from_parts(self.ca_cert_pem.clone(), self.insecure, self.allow_http)
+                .map_err(RepoError::Corrupt)?,
             enabled: self.enabled,
             lab_tiles: self.lab_tiles,
         })
@@ -136,24 +133,6 @@ impl MongoWorkerRepository {
             )
         })
     }
-
-    /// Enables or disables a worker; returns whether it exists.
-    ///
-    /// # Errors
-    /// [`RepoError`].
-    pub async fn set_enabled(&self, id: &WorkerId, enabled: bool) -> Result<bool, RepoError> {
-        self.forget(id);
-        let r = self
-            .workers
-            .update_one(
-                doc! {"_id": id.as_str()},
-                doc! {"$set": {"enabled": enabled}},
-            )
-            .await
-            .map_err(map_error)?;
-        self.forget(id);
-        Ok(r.matched_count > 0)
-    }
 }
 
 /// Matches the worker's document only while every setting is still as in
@@ -171,10 +150,10 @@ fn unchanged_since(worker: &Worker) -> mongodb::bson::Document {
     doc! {
         "_id": worker.id.as_str(),
         "name": &worker.name,
-        "base_url": &worker.base_url,
+        "base_url": worker.base_url.as_str(),
         "username": &worker.username,
-        "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
-        "insecure": worker.tls.insecure,
+        "ca_cert_pem": worker.tls.ca_cert_pem(),
+        "insecure": worker.tls.insecure(),
         "enabled": worker.enabled,
         "lab_tiles": flag(worker.lab_tiles),
         "allow_http": flag(worker.tls.allow_http),
@@ -191,14 +170,14 @@ impl WorkerRepository for MongoWorkerRepository {
         let doc = WorkerDoc {
             id: worker.id.to_string(),
             name: worker.name.clone(),
-            base_url: worker.base_url.clone(),
+            base_url: worker.base_url.to_string(),
             username: worker.username.clone(),
             password: SealedDoc {
                 nonce: binary(sealed.nonce),
                 ciphertext: binary(sealed.ciphertext),
             },
-            ca_cert_pem: worker.tls.ca_cert_pem.clone(),
-            insecure: worker.tls.insecure,
+            ca_cert_pem: worker.tls.ca_cert_pem().map(str::to_owned),
+            insecure: worker.tls.insecure(),
             enabled: worker.enabled,
             lab_tiles: worker.lab_tiles,
             allow_http: worker.tls.allow_http,
@@ -297,10 +276,10 @@ impl WorkerRepository for MongoWorkerRepository {
         }
         let mut set = doc! {
             "name": &worker.name,
-            "base_url": &worker.base_url,
+            "base_url": worker.base_url.as_str(),
             "username": &worker.username,
-            "ca_cert_pem": worker.tls.ca_cert_pem.clone(),
-            "insecure": worker.tls.insecure,
+            "ca_cert_pem": worker.tls.ca_cert_pem(),
+            "insecure": worker.tls.insecure(),
             "allow_http": worker.tls.allow_http,
             "enabled": worker.enabled,
             "lab_tiles": worker.lab_tiles,
