@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use labsync_application::RefreshAll;
+use labsync_application::retry::Backoff;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::mongo::MongoHealth;
-use labsync_infrastructure::mongo::outbox::{EventRelay, RelaySettings};
+use labsync_infrastructure::mongo::outbox::{EventRelay, RELAY_BACKOFF_BASE, RelaySettings};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -102,7 +103,10 @@ pub async fn start_with(
             sink_url: sink,
             poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
             request_timeout: Duration::from_millis(settings.events.request_timeout_ms),
-            max_backoff: Duration::from_secs(settings.events.max_backoff_secs),
+            backoff: Backoff {
+                base: RELAY_BACKOFF_BASE,
+                max: Duration::from_secs(settings.events.max_backoff_secs),
+            },
             max_in_flight: usize::try_from(settings.events.max_in_flight).unwrap_or(1),
         },
         Some(app.metrics.clone()),

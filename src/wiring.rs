@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use labsync_application::domain::PrunePolicy;
 use labsync_application::ports::SystemClock;
-use labsync_application::{CoreSettings, DeleteQueue, Inventory, RetryPolicy, Services};
+use labsync_application::retry::Backoff;
+use labsync_application::{CoreSettings, DeleteQueue, DeleteQueueSettings, Inventory, Services};
 use labsync_infrastructure::cml::CmlHttpGateway;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::crypto::PasswordCipher;
@@ -52,11 +53,13 @@ pub fn core_settings(settings: &Settings) -> CoreSettings {
     }
 }
 
-fn retry_policy(settings: &Settings) -> RetryPolicy {
+fn queue_settings(settings: &Settings) -> DeleteQueueSettings {
     let d = &settings.delete;
-    RetryPolicy {
-        base: Duration::from_millis(d.async_retry_base_ms),
-        max_backoff: Duration::from_secs(d.async_max_backoff_secs),
+    DeleteQueueSettings {
+        backoff: Backoff {
+            base: Duration::from_millis(d.async_retry_base_ms),
+            max: Duration::from_secs(d.async_max_backoff_secs),
+        },
         poll: Duration::from_millis(d.async_poll_ms),
         claim: Duration::from_secs(d.async_claim_secs),
         max_attempts: u32::try_from(d.async_max_attempts).unwrap_or(u32::MAX),
@@ -102,7 +105,7 @@ impl App {
         let delete_queue = DeleteQueue::new(
             services.clone(),
             Arc::new(MongoDeleteRequests::new(&db)),
-            retry_policy(settings),
+            queue_settings(settings),
         );
         Ok(Self {
             inventory: Inventory::new(services.clone()),

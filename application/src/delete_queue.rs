@@ -50,6 +50,7 @@ use tracing::{info, warn};
 
 use crate::delete::DeleteLab;
 use crate::errors::{AppError, RepoError};
+use crate::retry::{Backoff, next_pass};
 use crate::services::Services;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,11 +172,12 @@ pub trait DeleteRequests: Send + Sync {
     ) -> Result<Option<DeleteRequest>, RepoError>;
 }
 
-/// Tunables of the retry loop.
+/// Tunables of the queue.
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub base: Duration,
-    pub max_backoff: Duration,
+pub struct DeleteQueueSettings {
+    /// The wait before a failed attempt is tried again.
+    pub backoff: Backoff,
+    /// How often due requests are looked for.
     pub poll: Duration,
     /// How long a claim lasts before another runner may take the request.
     pub claim: Duration,
@@ -185,30 +187,6 @@ pub struct RetryPolicy {
     pub max_age: Duration,
     /// Requests carried out at once (one per worker).
     pub max_parallel: usize,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-            poll: Duration::from_millis(500),
-            claim: Duration::from_secs(60),
-            max_attempts: 20,
-            max_age: Duration::from_secs(3600),
-            max_parallel: 8,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// base, 2 base, 4 base, ... capped at `max_backoff`.
-    pub fn backoff(&self, attempts: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempts.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max_backoff)
-    }
 }
 
 /// Why a request may not be cancelled.
@@ -230,7 +208,7 @@ pub enum CancelError {
 pub struct DeleteQueue {
     services: Services,
     requests: std::sync::Arc<dyn DeleteRequests>,
-    policy: RetryPolicy,
+    policy: DeleteQueueSettings,
 }
 
 // Debug output only: no behaviour depends on it (mutants here are
@@ -247,7 +225,7 @@ impl DeleteQueue {
     pub fn new(
         services: Services,
         requests: std::sync::Arc<dyn DeleteRequests>,
-        policy: RetryPolicy,
+        policy: DeleteQueueSettings,
     ) -> Self {
         Self {
             services,
@@ -466,7 +444,7 @@ impl DeleteQueue {
             warn!(request_id = %r.id, attempts = r.attempts, "async delete given up: too many attempts");
         } else if retry {
             r.status = DeleteRequestStatus::Pending;
-            let wait = self.policy.backoff(r.attempts);
+            let wait = self.policy.backoff.delay(r.attempts);
             r.next_attempt_at =
                 now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60));
             warn!(request_id = %r.id, attempts = r.attempts, error = r.last_error.as_deref().unwrap_or(""), "async delete will be retried");
@@ -484,12 +462,15 @@ impl DeleteQueue {
             if let Err(e) = self.fill(&mut running).await {
                 warn!(error = %e, "async deletes could not be processed");
             }
-            tokio::select! {
-                Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
-                    running.finished(done);
+            // A delete that ends makes room for the next at once.
+            let one_ends = async {
+                match running.tasks.join_next_with_id().await {
+                    Some(done) => running.finished(done),
+                    None => std::future::pending().await,
                 }
-                _ = tokio::time::sleep(self.policy.poll) => {}
-                _ = stop.wait_for(|s| *s) => break,
+            };
+            if !next_pass(self.policy.poll, &mut stop, one_ends).await {
+                break;
             }
         }
         while let Some(done) = running.tasks.join_next_with_id().await {
@@ -543,6 +524,22 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
+    /// Test values of the queue's tunables (the defaults live in
+    /// config/default.toml).
+    fn test_settings() -> DeleteQueueSettings {
+        DeleteQueueSettings {
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            poll: Duration::from_millis(500),
+            claim: Duration::from_secs(60),
+            max_attempts: 20,
+            max_age: Duration::from_secs(3600),
+            max_parallel: 8,
+        }
+    }
+
     use std::sync::{Arc, Mutex};
 
     use labsync_domain::{LabRecord, LabState};
@@ -669,9 +666,12 @@ mod tests {
 
     fn queue(f: &Fixture) -> (DeleteQueue, Arc<FakeRequests>) {
         let requests = Arc::new(FakeRequests::default());
-        let policy = RetryPolicy {
-            base: Duration::from_secs(10),
-            ..RetryPolicy::default()
+        let policy = DeleteQueueSettings {
+            backoff: Backoff {
+                base: Duration::from_secs(10),
+                max: Duration::from_secs(60),
+            },
+            ..test_settings()
         };
         (
             DeleteQueue::new(f.services.clone(), requests.clone(), policy),
@@ -732,7 +732,10 @@ mod tests {
             (DeleteRequestStatus::Pending, 1)
         );
         let wait = pending.next_attempt_at - pending.updated_at;
-        assert_eq!(wait, chrono::Duration::seconds(10), "the base backoff");
+        assert!(
+            wait <= chrono::Duration::seconds(10) && wait >= chrono::Duration::seconds(8),
+            "the base backoff, less its jitter: {wait}"
+        );
         assert!(pending.last_error.unwrap().contains("down"));
 
         let f = fixture();
@@ -755,9 +758,9 @@ mod tests {
         let q = DeleteQueue::new(
             f.services.clone(),
             requests.clone(),
-            RetryPolicy {
+            DeleteQueueSettings {
                 claim: Duration::from_secs(3),
-                ..RetryPolicy::default()
+                ..test_settings()
             },
         );
         let (r, _) = q.submit(&cmd()).await.unwrap();
@@ -793,18 +796,6 @@ mod tests {
             (DeleteRequestStatus::Running, 0),
             "the holder's state, untouched"
         );
-    }
-
-    #[test]
-    fn backoff_doubles_from_the_base_and_is_capped() {
-        let p = RetryPolicy {
-            base: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            ..RetryPolicy::default()
-        };
-        let got: Vec<u128> = (1..=6).map(|n| p.backoff(n).as_millis()).collect();
-        assert_eq!(got, [100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(p.backoff(u32::MAX), Duration::from_secs(1));
     }
 
     #[tokio::test]
@@ -886,10 +877,13 @@ mod tests {
         let q = DeleteQueue::new(
             f.services.clone(),
             requests.clone(),
-            RetryPolicy {
-                base: Duration::ZERO,
+            DeleteQueueSettings {
+                backoff: Backoff {
+                    base: Duration::ZERO,
+                    max: Duration::ZERO,
+                },
                 max_attempts: 3,
-                ..RetryPolicy::default()
+                ..test_settings()
             },
         );
         let (r, _) = q.submit(&cmd()).await.unwrap();
@@ -916,9 +910,9 @@ mod tests {
         let q = DeleteQueue::new(
             f.services.clone(),
             requests.clone(),
-            RetryPolicy {
+            DeleteQueueSettings {
                 max_age: Duration::from_secs(60),
-                ..RetryPolicy::default()
+                ..test_settings()
             },
         );
         let (r, _) = q
@@ -986,9 +980,9 @@ mod tests {
         let q = DeleteQueue::new(
             f.services.clone(),
             requests.clone(),
-            RetryPolicy {
+            DeleteQueueSettings {
                 max_parallel: 1,
-                ..RetryPolicy::default()
+                ..test_settings()
             },
         );
         for w in ["cml-1", "cml-2"] {

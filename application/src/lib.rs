@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod lease;
 pub mod ports;
 pub mod refresh;
+pub mod retry;
 mod services;
 
 #[cfg(test)]
@@ -24,7 +25,8 @@ mod fakes;
 
 pub use delete::{DeleteEnd, DeleteLab, DeleteOutcome, DeleteOutcomeKind};
 pub use delete_queue::{
-    CancelError, DeleteQueue, DeleteRequest, DeleteRequestStatus, DeleteRequests, RetryPolicy,
+    CancelError, DeleteQueue, DeleteQueueSettings, DeleteRequest, DeleteRequestStatus,
+    DeleteRequests,
 };
 pub use errors::{AppError, CmlError, RepoError};
 pub use events::{LabEvent, LabEventKind, NoObserver, Observer};

@@ -1489,7 +1489,10 @@ fn relay(
             sink_url: Some(url.to_owned().into()),
             poll_interval: Duration::from_millis(10),
             request_timeout: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(60),
+            backoff: labsync_application::retry::Backoff {
+                base: labsync_infrastructure::mongo::outbox::RELAY_BACKOFF_BASE,
+                max: Duration::from_secs(60),
+            },
             max_in_flight,
         },
         Some(metrics.clone()),

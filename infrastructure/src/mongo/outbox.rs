@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
+use labsync_application::retry::{Backoff, next_pass};
 use labsync_application::{LabEvent, RepoError};
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::ReturnDocument;
@@ -98,7 +99,8 @@ pub struct RelaySettings {
     pub sink_url: Option<SecretString>,
     pub poll_interval: Duration,
     pub request_timeout: Duration,
-    pub max_backoff: Duration,
+    /// The wait before a failed delivery is tried again.
+    pub backoff: Backoff,
     /// Deliveries in flight at once, each for a different lab.
     pub max_in_flight: usize,
 }
@@ -146,11 +148,8 @@ pub struct EventRelay {
     metrics: Option<crate::metrics::Metrics>,
 }
 
-/// Capped exponential backoff: 1 s, 2 s, 4 s ... up to `max`.
-pub fn backoff(attempts: u32, max: Duration) -> Duration {
-    let exp = Duration::from_secs(1u64 << attempts.min(20));
-    exp.min(max)
-}
+/// The wait after a first failed delivery; it doubles after each other.
+pub const RELAY_BACKOFF_BASE: Duration = Duration::from_secs(2);
 
 /// Due events looked at per query.
 const PAGE: i64 = 256;
@@ -332,7 +331,7 @@ impl EventRelay {
                     Err(e) => format!("sink unreachable: {}", e.without_url()),
                 };
                 let n = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
-                let wait = chrono::Duration::from_std(backoff(n, self.settings.max_backoff))
+                let wait = chrono::Duration::from_std(self.settings.backoff.delay(n))
                     .unwrap_or(chrono::Duration::seconds(300));
                 warn!(event_id = %id, attempts = n, error = %why, "event delivery failed; will retry");
                 (
@@ -432,12 +431,32 @@ impl EventRelay {
             if let Err(e) = self.measure().await {
                 warn!(error = %e, "event relay could not measure the outbox");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                _ = stop.wait_for(|s| *s) => return,
+            if !next_pass(
+                self.settings.poll_interval,
+                &mut stop,
+                std::future::pending(),
+            )
+            .await
+            {
+                return;
             }
         }
     }
+}
+
+/// Outbox documents, for tests and operators.
+///
+/// # Errors
+/// [`RepoError`].
+pub async fn list(db: &Database, filter: Document) -> Result<Vec<Document>, RepoError> {
+    db.collection::<Document>(collections::OUTBOX)
+        .find(filter)
+        .sort(doc! {"created_at": 1})
+        .await
+        .map_err(map_error)?
+        .try_collect()
+        .await
+        .map_err(map_error)
 }
 
 #[cfg(test)]
@@ -484,33 +503,5 @@ mod relay_tests {
         let x = ev("1", "a", 10);
         let (ready, _) = heads(&[x.clone(), x.clone()], &[]);
         assert_eq!(ready.len(), 1);
-    }
-}
-
-/// Outbox documents, for tests and operators.
-///
-/// # Errors
-/// [`RepoError`].
-pub async fn list(db: &Database, filter: Document) -> Result<Vec<Document>, RepoError> {
-    db.collection::<Document>(collections::OUTBOX)
-        .find(filter)
-        .sort(doc! {"created_at": 1})
-        .await
-        .map_err(map_error)?
-        .try_collect()
-        .await
-        .map_err(map_error)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let max = Duration::from_secs(60);
-        let got: Vec<u64> = (0..9).map(|n| backoff(n, max).as_secs()).collect();
-        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(backoff(u32::MAX, max), max);
     }
 }
