@@ -14,16 +14,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Context;
 use labsync_application::RefreshAll;
-use labsync_application::retry::Backoff;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::mongo::MongoHealth;
-use labsync_infrastructure::mongo::outbox::{EventRelay, RELAY_BACKOFF_BASE, RelaySettings};
+use labsync_infrastructure::mongo::outbox::EventRelay;
 use labsync_infrastructure::scheduler::RefreshScheduler;
-use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -92,26 +89,13 @@ pub async fn start_with(
 
     let mut background: Vec<JoinHandle<()>> = Vec::new();
     background.push(tokio::spawn(app.delete_queue.clone().run(stop_rx.clone())));
-    let sink = Some(settings.events.sink_url.clone()).filter(|s| !s.expose_secret().is_empty());
-    if sink.is_none() {
+    let relay_settings = settings.relay();
+    if relay_settings.sink_url.is_none() {
         info!("no events.sink_url: lab events stay in the outbox until they expire");
     }
     // Without a sink the relay only measures the backlog.
-    let relay = EventRelay::new(
-        &app.db,
-        RelaySettings {
-            sink_url: sink,
-            poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
-            request_timeout: Duration::from_millis(settings.events.request_timeout_ms),
-            backoff: Backoff {
-                base: RELAY_BACKOFF_BASE,
-                max: Duration::from_secs(settings.events.max_backoff_secs),
-            },
-            max_in_flight: usize::try_from(settings.events.max_in_flight).unwrap_or(1),
-        },
-        Some(app.metrics.clone()),
-    )
-    .context("building the event relay")?;
+    let relay = EventRelay::new(&app.db, relay_settings, Some(app.metrics.clone()))
+        .context("building the event relay")?;
     background.push(tokio::spawn(relay.run(stop_rx.clone())));
 
     let state = ApiState {

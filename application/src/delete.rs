@@ -49,6 +49,11 @@ use crate::events::{LabEvent, LabEventKind};
 use crate::ports::{AuditAction, AuditEntry, Tombstone, WorkerAccess};
 use crate::services::Services;
 
+/// The longest wait between two convergence checks, whatever
+/// `delete.converge_poll_ms` says: a long poll would make a forced delete
+/// overshoot its `converge_timeout` by as much.
+pub const MAX_CONVERGE_POLL: Duration = Duration::from_secs(5);
+
 /// A request to delete one lab.
 #[derive(Debug, Clone)]
 pub struct DeleteLab {
@@ -372,7 +377,7 @@ impl DeleteLab {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            tokio::time::sleep(s.settings.converge_poll.min(Duration::from_secs(5))).await;
+            tokio::time::sleep(s.settings.converge_poll.min(MAX_CONVERGE_POLL)).await;
         }
     }
 

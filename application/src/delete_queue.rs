@@ -53,6 +53,10 @@ use crate::errors::{AppError, RepoError};
 use crate::retry::{Backoff, next_pass};
 use crate::services::Services;
 
+/// The shortest time between two renewals of a claim, however short the
+/// claim: a tiny `delete.async_claim_secs` must not make the keeper spin.
+pub const MIN_CLAIM_RENEW_EVERY: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeleteRequestStatus {
@@ -368,7 +372,7 @@ impl DeleteQueue {
         let hold = self.policy.claim;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep((hold / 3).max(Duration::from_millis(50))).await;
+                tokio::time::sleep((hold / 3).max(MIN_CLAIM_RENEW_EVERY)).await;
                 match requests.renew_claim(&id, &claim, clock.now(), hold).await {
                     Ok(true) => {}
                     Ok(false) => {

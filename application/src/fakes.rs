@@ -466,6 +466,26 @@ fn test_worker() -> Worker {
     }
 }
 
+/// The use cases' tunables in unit tests: short waits, small limits.
+pub fn test_settings() -> CoreSettings {
+    CoreSettings {
+        max_concurrent_workers: 8,
+        max_concurrent_labs_per_worker: 16,
+        prune: labsync_domain::PrunePolicy {
+            max_prune_share: 0.5,
+            prune_floor: 10,
+            force: false,
+        },
+        lease_ttl: Duration::from_secs(60),
+        run_deadline: Duration::from_secs(1500),
+        history_limit: 50,
+        tombstone_ttl: Duration::from_secs(7 * 24 * 3600),
+        converge_timeout: Duration::from_secs(120),
+        converge_poll: Duration::from_millis(1),
+        instance_id: "labsync-test".into(),
+    }
+}
+
 pub fn fixture() -> Fixture {
     let cml = Arc::new(FakeCml::default());
     let store = Arc::new(FakeStore::default());
@@ -479,10 +499,7 @@ pub fn fixture() -> Fixture {
         reports: store.clone(),
         clock: Arc::new(SystemClock),
         observer: Arc::new(NoObserver),
-        settings: CoreSettings {
-            converge_poll: Duration::from_millis(1),
-            ..CoreSettings::default()
-        },
+        settings: test_settings(),
     };
     Fixture {
         cml,

@@ -32,6 +32,12 @@ pub struct WorkerOverview {
 
 /// Largest page a caller may ask for.
 pub const MAX_PAGE: usize = 1000;
+
+/// The newest audit entries shown with a lab.
+pub const LAB_AUDIT_SHOWN: usize = 50;
+
+/// Run reports listed when no limit is asked for.
+pub const DEFAULT_RUNS: usize = 50;
 pub const DEFAULT_PAGE: usize = 100;
 
 #[derive(Debug, Clone)]
@@ -262,7 +268,11 @@ impl Inventory {
             .get(id, lab)
             .await?
             .ok_or_else(|| AppError::UnknownLab(id.clone(), *lab))?;
-        let audit = self.services.audit.recent(id, Some(lab), 50).await?;
+        let audit = self
+            .services
+            .audit
+            .recent(id, Some(lab), LAB_AUDIT_SHOWN)
+            .await?;
         Ok(LabDetail { record, audit })
     }
 

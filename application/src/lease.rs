@@ -45,6 +45,10 @@ use tracing::warn;
 use crate::errors::RepoError;
 use crate::ports::RefreshLease;
 
+/// The shortest time between two renewals, however short the lease: a
+/// tiny `lease_ttl` must not make the keeper spin.
+pub const MIN_RENEW_EVERY: Duration = Duration::from_millis(100);
+
 /// Renews a held lease in the background.
 pub struct LeaseKeeper {
     lease: Arc<dyn RefreshLease>,
@@ -82,7 +86,7 @@ impl LeaseKeeper {
             let (lease, worker, holder, lost) =
                 (lease.clone(), worker.clone(), holder.clone(), lost.clone());
             async move {
-                let every = (ttl / 3).max(Duration::from_millis(100));
+                let every = (ttl / 3).max(MIN_RENEW_EVERY);
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(every) => {}

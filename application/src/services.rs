@@ -3,14 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use labsync_domain::{DEFAULT_HISTORY_LIMIT, PrunePolicy};
+use labsync_domain::PrunePolicy;
 
 use crate::events::Observer;
 use crate::ports::{
     AuditLog, Clock, CmlGateway, LabRepository, RefreshLease, RunReports, WorkerRepository,
 };
 
-/// Tunables of the use cases (from configuration).
+/// Tunables of the use cases. Their defaults are config/default.toml and
+/// nowhere else; `infrastructure::configuration` builds this from it.
 #[derive(Debug, Clone)]
 pub struct CoreSettings {
     pub max_concurrent_workers: usize,
@@ -28,23 +29,6 @@ pub struct CoreSettings {
     pub converge_poll: Duration,
     /// Identifies this process as a lease holder.
     pub instance_id: String,
-}
-
-impl Default for CoreSettings {
-    fn default() -> Self {
-        Self {
-            max_concurrent_workers: 8,
-            max_concurrent_labs_per_worker: 16,
-            prune: PrunePolicy::default(),
-            lease_ttl: Duration::from_secs(60),
-            run_deadline: Duration::from_secs(1500),
-            history_limit: DEFAULT_HISTORY_LIMIT,
-            tombstone_ttl: Duration::from_secs(7 * 24 * 3600),
-            converge_timeout: Duration::from_secs(120),
-            converge_poll: Duration::from_millis(500),
-            instance_id: format!("labsync-{}", uuid::Uuid::new_v4().simple()),
-        }
-    }
 }
 
 /// Everything a use case needs; cheap to clone.

@@ -53,16 +53,6 @@ pub struct PrunePolicy {
     pub force: bool,
 }
 
-impl Default for PrunePolicy {
-    fn default() -> Self {
-        Self {
-            max_prune_share: 0.5,
-            prune_floor: 10,
-            force: false,
-        }
-    }
-}
-
 /// Why prunes were held.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
@@ -202,6 +192,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The shipped prune guard (config/default.toml's values).
+    fn policy() -> PrunePolicy {
+        PrunePolicy {
+            max_prune_share: 0.5,
+            prune_floor: 10,
+            force: false,
+        }
+    }
     use crate::snapshot::tests::snapshot;
 
     fn lab(n: u128) -> LabId {
@@ -246,7 +245,7 @@ mod tests {
                 (lab(2), found("new")),
                 (lab(4), found("fresh")),
             ]),
-            PrunePolicy::default(),
+            policy(),
         );
         assert_eq!(p.unchanged, vec![lab(1)]);
         assert_eq!(
@@ -308,7 +307,7 @@ mod tests {
         let p = plan(
             &existing,
             complete(vec![(lab(1), found("a")), (lab(2), found("b"))]),
-            PrunePolicy::default(),
+            policy(),
         );
         assert!(p.is_noop());
         assert_eq!(p.unchanged.len(), 2);
@@ -329,7 +328,7 @@ mod tests {
                 (lab(3), found("c")),
                 (lab(9), Detail::Gone),
             ]),
-            PrunePolicy::default(),
+            policy(),
         );
         assert_eq!(p.prune, vec![lab(1)]);
         assert!(p.create.is_empty());
@@ -341,7 +340,7 @@ mod tests {
         let p = plan(
             &existing,
             complete(vec![(lab(1), Detail::Failed("500".into()))]),
-            PrunePolicy::default(),
+            policy(),
         );
         assert_eq!(p.failed.len(), 1);
         assert!(p.is_noop());
@@ -355,7 +354,7 @@ mod tests {
             complete(vec![(lab(1), found("a"))]),
             PrunePolicy {
                 force: true,
-                ..PrunePolicy::default()
+                ..policy()
             },
         );
         assert_eq!(p.suppressed, vec![lab(1)]);
@@ -369,10 +368,7 @@ mod tests {
             let p = plan(
                 &existing,
                 complete(vec![]),
-                PrunePolicy {
-                    force,
-                    ..PrunePolicy::default()
-                },
+                PrunePolicy { force, ..policy() },
             );
             assert!(p.prune.is_empty(), "force {force}");
             assert_eq!(p.held.len(), 2);
@@ -391,7 +387,7 @@ mod tests {
             },
             PrunePolicy {
                 force: true,
-                ..PrunePolicy::default()
+                ..policy()
             },
         );
         assert!(p.prune.is_empty());
@@ -402,7 +398,7 @@ mod tests {
     fn a_mass_prune_is_held_above_the_floor_and_applied_when_forced() {
         let existing: HashMap<LabId, Existing> = (0..20).map(|i| (lab(i), live("x"))).collect();
         let keep: Vec<(LabId, Detail)> = (0..9).map(|i| (lab(i), found("x"))).collect();
-        let p = plan(&existing, complete(keep.clone()), PrunePolicy::default());
+        let p = plan(&existing, complete(keep.clone()), policy());
         assert_eq!((p.prune.len(), p.held.len()), (0, 11));
         assert!(matches!(
             p.hold_reason,
@@ -417,25 +413,16 @@ mod tests {
             complete(keep),
             PrunePolicy {
                 force: true,
-                ..PrunePolicy::default()
+                ..policy()
             },
         );
         assert_eq!(p.prune.len(), 11);
         // Exactly half is allowed.
         let half: Vec<(LabId, Detail)> = (0..10).map(|i| (lab(i), found("x"))).collect();
-        assert_eq!(
-            plan(&existing, complete(half), PrunePolicy::default())
-                .prune
-                .len(),
-            10
-        );
+        assert_eq!(plan(&existing, complete(half), policy()).prune.len(), 10);
         // At or below the floor, a worker may lose most of its labs.
         let small: HashMap<LabId, Existing> = (0..10).map(|i| (lab(i), live("x"))).collect();
-        let p = plan(
-            &small,
-            complete(vec![(lab(0), found("x"))]),
-            PrunePolicy::default(),
-        );
+        let p = plan(&small, complete(vec![(lab(0), found("x"))]), policy());
         assert_eq!(p.prune.len(), 9);
     }
 

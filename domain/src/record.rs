@@ -5,9 +5,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Actor, ContentHash, FieldChange, LabId, LabSnapshot, LabState, WorkerId};
 
-/// How many history entries a record keeps; older ones fall off.
-pub const DEFAULT_HISTORY_LIMIT: usize = 50;
-
 /// A lab as labsync knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabRecord {
@@ -24,7 +21,7 @@ pub struct LabRecord {
     pub revision: u64,
     pub content_hash: ContentHash,
     /// Real changes and delete attempts, oldest first, at most
-    /// [`DEFAULT_HISTORY_LIMIT`] (or the configured limit).
+    /// `refresh.history_limit` of them.
     pub history: Vec<HistoryEntry>,
 }
 

@@ -11,8 +11,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
+use labsync_application::domain::PrunePolicy;
+use labsync_application::retry::Backoff;
+use labsync_application::{CoreSettings, DeleteQueueSettings};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+
+use crate::mongo::outbox::{RELAY_BACKOFF_BASE, RelaySettings};
 
 /// The defaults shipped with the binary; the same file is checked in as
 /// `config/default.toml` so that operators can read it.
@@ -276,6 +281,72 @@ pub enum ConfigError {
     Source(#[from] config::ConfigError),
     #[error("invalid configuration: `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// The settings as the parts of labsync take them: every `*_secs` and
+/// `*_ms` becomes a [`Duration`] here and nowhere else, and every default
+/// comes from config/default.toml.
+impl Settings {
+    /// The use cases' tunables, with a new lease holder id for this process.
+    pub fn core(&self) -> CoreSettings {
+        let r = &self.refresh;
+        let d = &self.delete;
+        CoreSettings {
+            max_concurrent_workers: r.max_concurrent_workers,
+            max_concurrent_labs_per_worker: r.max_concurrent_labs_per_worker,
+            prune: PrunePolicy {
+                max_prune_share: r.max_prune_share,
+                prune_floor: r.prune_floor,
+                force: false,
+            },
+            lease_ttl: Duration::from_secs(r.lease_ttl_secs),
+            run_deadline: Duration::from_secs(r.run_deadline_secs),
+            history_limit: r.history_limit,
+            tombstone_ttl: Duration::from_secs(d.tombstone_ttl_secs),
+            converge_timeout: Duration::from_secs(d.converge_timeout_secs),
+            converge_poll: Duration::from_millis(d.converge_poll_ms),
+            instance_id: format!("labsync-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The asynchronous deletes' tunables.
+    pub fn delete_queue(&self) -> DeleteQueueSettings {
+        let d = &self.delete;
+        DeleteQueueSettings {
+            backoff: Backoff {
+                base: Duration::from_millis(d.async_retry_base_ms),
+                max: Duration::from_secs(d.async_max_backoff_secs),
+            },
+            poll: Duration::from_millis(d.async_poll_ms),
+            claim: Duration::from_secs(d.async_claim_secs),
+            max_attempts: u32::try_from(d.async_max_attempts).unwrap_or(u32::MAX),
+            max_age: Duration::from_secs(d.async_max_age_secs),
+            max_parallel: usize::try_from(d.async_max_parallel).unwrap_or(1),
+        }
+    }
+
+    /// The event relay's tunables; the sink is the configured one (none
+    /// when it is empty).
+    pub fn relay(&self) -> RelaySettings {
+        let e = &self.events;
+        RelaySettings {
+            sink_url: Some(e.sink_url.clone()).filter(|s| !s.expose_secret().is_empty()),
+            poll_interval: Duration::from_millis(e.poll_interval_ms),
+            request_timeout: Duration::from_millis(e.request_timeout_ms),
+            backoff: Backoff {
+                base: RELAY_BACKOFF_BASE,
+                max: Duration::from_secs(e.max_backoff_secs),
+            },
+            max_in_flight: usize::try_from(e.max_in_flight).unwrap_or(1),
+        }
+    }
+}
+
+impl EventSettings {
+    /// How long a delivered event is kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
+    }
 }
 
 impl MongoSettings {

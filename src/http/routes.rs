@@ -19,6 +19,8 @@ use super::ApiState;
 use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
+use labsync_application::inventory::{DEFAULT_RUNS, MAX_PAGE};
+
 use super::problem::{ApiError, Problem, ProblemKind};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -435,9 +437,11 @@ pub async fn refresh_runs(
         Some(w) => Some(WorkerId::parse(w).map_err(AppError::from)?),
         None => None,
     };
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    let limit = p.limit.unwrap_or(DEFAULT_RUNS);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
     }
     let runs = s.inventory.runs(worker.as_ref(), limit).await?;
     let details = caller.may_read_worker_details();
