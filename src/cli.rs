@@ -266,7 +266,8 @@ fn report_line(r: &RunReport) -> String {
         r.duration_ms,
         if r.dry_run { " [dry run]" } else { "" },
     );
-    for extra in [&r.hold_reason, &r.skip_reason, &r.error, &r.note]
+    let skip = r.skip_reason.map(|s| s.as_str().to_owned());
+    for extra in [&r.hold_reason, &skip, &r.error, &r.note]
         .into_iter()
         .flatten()
     {

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError};
-use crate::events::{LabEvent, LabEventKind};
+use crate::events::{EventData, LabEvent};
 use crate::ports::{AuditAction, AuditEntry, Tombstone, WorkerAccess};
 use crate::services::Services;
 
@@ -238,15 +238,14 @@ impl DeleteLab {
             expires_at,
         };
         let event = LabEvent::new(
-            LabEventKind::Deleted,
             &self.worker_id,
             self.lab_id,
             now,
-            serde_json::json!({
-                "requested_by": self.requested_by,
-                "outcome": kind.word(),
-                "force": self.force,
-            }),
+            &EventData::Deleted {
+                requested_by: self.requested_by.clone(),
+                outcome: kind.word(),
+                force: self.force,
+            },
         );
         let audit_detail = match kind {
             DeleteOutcomeKind::Deleted => "deleted in CML",
@@ -404,15 +403,14 @@ impl DeleteLab {
         warn!(outcome = kind.word(), %detail, "delete failed");
         let now = s.clock.now();
         let event = LabEvent::new(
-            LabEventKind::DeleteFailed,
             &self.worker_id,
             self.lab_id,
             now,
-            serde_json::json!({
-                "requested_by": self.requested_by,
-                "outcome": kind.word(),
-                "detail": detail,
-            }),
+            &EventData::DeleteFailed {
+                requested_by: self.requested_by.clone(),
+                outcome: kind.word(),
+                detail: detail.clone(),
+            },
         );
         let entry = HistoryEntry {
             at: now,

@@ -4,7 +4,7 @@
 //! in order per lab, to whoever listens.
 
 use chrono::{DateTime, Utc};
-use labsync_domain::{LabId, WorkerId};
+use labsync_domain::{Actor, FieldChange, LabId, WorkerId};
 use serde::{Deserialize, Serialize};
 
 /// What happened to a lab.
@@ -44,6 +44,79 @@ impl LabEventKind {
     }
 }
 
+/// What an event says, typed by its kind; it becomes JSON (the
+/// CloudEvent's `data`) only when the event is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    Discovered {
+        title: String,
+        state: String,
+    },
+    Changed {
+        changes: Vec<FieldChange>,
+    },
+    StateChanged {
+        from: String,
+        to: String,
+    },
+    Pruned {
+        reason: &'static str,
+    },
+    Deleted {
+        requested_by: Actor,
+        outcome: &'static str,
+        force: bool,
+    },
+    DeleteFailed {
+        requested_by: Actor,
+        outcome: &'static str,
+        detail: String,
+    },
+}
+
+impl EventData {
+    /// A payload of `kind` with empty values, for tests and tools that
+    /// need an event of a kind and nothing more.
+    pub fn placeholder(kind: LabEventKind) -> Self {
+        match kind {
+            LabEventKind::Discovered => Self::Discovered {
+                title: String::new(),
+                state: String::new(),
+            },
+            LabEventKind::Changed => Self::Changed {
+                changes: Vec::new(),
+            },
+            LabEventKind::StateChanged => Self::StateChanged {
+                from: String::new(),
+                to: String::new(),
+            },
+            LabEventKind::Pruned => Self::Pruned { reason: "" },
+            LabEventKind::Deleted => Self::Deleted {
+                requested_by: Actor::Schedule,
+                outcome: "",
+                force: false,
+            },
+            LabEventKind::DeleteFailed => Self::DeleteFailed {
+                requested_by: Actor::Schedule,
+                outcome: "",
+                detail: String::new(),
+            },
+        }
+    }
+
+    pub const fn kind(&self) -> LabEventKind {
+        match self {
+            Self::Discovered { .. } => LabEventKind::Discovered,
+            Self::Changed { .. } => LabEventKind::Changed,
+            Self::StateChanged { .. } => LabEventKind::StateChanged,
+            Self::Pruned { .. } => LabEventKind::Pruned,
+            Self::Deleted { .. } => LabEventKind::Deleted,
+            Self::DeleteFailed { .. } => LabEventKind::DeleteFailed,
+        }
+    }
+}
+
 /// One event, before it is framed as a CloudEvent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabEvent {
@@ -58,21 +131,16 @@ pub struct LabEvent {
 }
 
 impl LabEvent {
-    pub fn new(
-        kind: LabEventKind,
-        worker_id: &WorkerId,
-        lab_id: LabId,
-        at: DateTime<Utc>,
-        data: serde_json::Value,
-    ) -> Self {
+    pub fn new(worker_id: &WorkerId, lab_id: LabId, at: DateTime<Utc>, data: &EventData) -> Self {
         Self {
             // Time-ordered: the relay sends a lab's events in this order.
             id: uuid::Uuid::now_v7().to_string(),
-            kind,
+            kind: data.kind(),
             worker_id: worker_id.clone(),
             lab_id,
             at,
-            data,
+            // Strings, numbers and field lists: it serializes.
+            data: serde_json::to_value(data).unwrap_or_default(),
         }
     }
 
@@ -106,16 +174,21 @@ impl Observer for NoObserver {}
 
 #[cfg(test)]
 mod tests {
+    use labsync_domain::LabField;
+
     use super::*;
 
     #[test]
     fn a_cloudevent_has_the_required_attributes() {
         let e = LabEvent::new(
-            LabEventKind::Deleted,
             &WorkerId::parse("cml-1").unwrap(),
             LabId::parse("a6a334de-b497-47ae-bbff-44a83f890114").unwrap(),
             Utc::now(),
-            serde_json::json!({"by": "api:ui"}),
+            &EventData::Deleted {
+                requested_by: Actor::api("ui"),
+                outcome: "deleted",
+                force: false,
+            },
         );
         let ce = e.to_cloudevent();
         for key in ["specversion", "id", "source", "type"] {
@@ -124,6 +197,21 @@ mod tests {
         assert_eq!(ce["specversion"], "1.0");
         assert_eq!(ce["type"], "io.labsync.lab.deleted");
         assert_eq!(ce["subject"], "a6a334de-b497-47ae-bbff-44a83f890114");
-        assert_eq!(ce["data"]["by"], "api:ui");
+        assert_eq!(
+            ce["data"],
+            serde_json::json!({"requested_by": "api:ui", "outcome": "deleted", "force": false})
+        );
+        let changed = EventData::Changed {
+            changes: vec![FieldChange {
+                field: LabField::State,
+                old: "STOPPED".into(),
+                new: "STARTED".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&changed).unwrap(),
+            serde_json::json!({"changes": [{"field": "state", "old": "STOPPED", "new": "STARTED"}]})
+        );
+        assert_eq!(changed.kind(), LabEventKind::Changed);
     }
 }

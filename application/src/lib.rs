@@ -16,6 +16,7 @@ pub mod events;
 pub mod inventory;
 pub mod lease;
 pub mod ports;
+pub mod reconcile;
 pub mod refresh;
 pub mod retry;
 mod services;
@@ -29,10 +30,11 @@ pub use delete_queue::{
     DeleteRequests,
 };
 pub use errors::{AppError, CmlError, RepoError};
-pub use events::{LabEvent, LabEventKind, NoObserver, Observer};
+pub use events::{EventData, LabEvent, LabEventKind, NoObserver, Observer};
 pub use inventory::{Inventory, LabDetail, LabPage, SyncState, WorkerOverview};
 pub use refresh::{
-    LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, Trigger,
+    LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, SkipReason,
+    Trigger,
 };
 pub use services::{CoreSettings, Services};
 

@@ -12,9 +12,12 @@
 //!    they answer, within `run_deadline`. A failed list ends the run with
 //!    nothing written.
 //! 4. Read the worker's index (hashes and tombstones) in one read and
-//!    [`plan`] create / update / unchanged / prune / held as a pure function.
+//!    [`plan`] create / update / unchanged / prune / held as a pure function;
+//!    [`crate::reconcile`] turns the plan into record changes with typed
+//!    events, and counts ([`crate::reconcile::Tally`]), also pure.
 //! 5. Confirm the lease, apply in bulk (nothing for unchanged labs), audit
-//!    the prunes, store and return the run report, release the lease.
+//!    the prunes that happened, store, audit and return the run report,
+//!    release the lease.
 //!
 //! # Guarantees
 //! - Never prunes on a failed, empty, incomplete (an entry that is not a lab
@@ -40,17 +43,14 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use labsync_domain::{
-    Actor, Detail, Fetched, HistoryEntry, HistoryEvent, LabId, LabRecord, PrunePolicy, WorkerId,
-    plan,
-};
+use labsync_domain::{Actor, Detail, Fetched, LabId, LabRecord, PrunePolicy, WorkerId, plan};
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError, RepoError};
-use crate::events::{LabEvent, LabEventKind};
 use crate::lease::LeaseKeeper;
-use crate::ports::{AuditAction, AuditEntry, RecordChanges, RecordUpdate, WorkerAccess};
+use crate::ports::{AuditAction, AuditEntry, WorkerAccess};
+use crate::reconcile::{Tally, prune_audit, prunes_done, record_changes};
 use crate::services::Services;
 
 /// Why a run failed, in words for its report.
@@ -152,7 +152,7 @@ pub struct RunReport {
     #[serde(default)]
     pub invalid_ids: u64,
     pub hold_reason: Option<String>,
-    pub skip_reason: Option<String>,
+    pub skip_reason: Option<SkipReason>,
     pub error: Option<String>,
     /// The first few per-lab failures, for the operator.
     pub failures: Vec<LabFailure>,
@@ -168,7 +168,31 @@ pub struct LabFailure {
     pub error: String,
 }
 
-const MAX_REPORTED_FAILURES: usize = 20;
+/// Why a run did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SkipReason {
+    #[serde(rename = "worker is disabled")]
+    WorkerDisabled,
+    /// Another refresh of the worker holds its lease, here or elsewhere.
+    #[serde(rename = "another refresh of this worker is running")]
+    LeaseHeld,
+}
+
+impl SkipReason {
+    /// The reason in words, as stored and shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WorkerDisabled => "worker is disabled",
+            Self::LeaseHeld => "another refresh of this worker is running",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 impl RunReport {
     fn new(worker: &WorkerId, actor: &Actor, options: RefreshOptions, now: DateTime<Utc>) -> Self {
@@ -196,6 +220,25 @@ impl RunReport {
             error: None,
             failures: Vec::new(),
             note: None,
+        }
+    }
+
+    /// The report with what the run counted.
+    #[must_use]
+    fn counted(self, t: Tally) -> Self {
+        Self {
+            listed: t.listed,
+            invalid_ids: t.invalid_ids,
+            created: t.created,
+            updated: t.updated,
+            unchanged: t.unchanged,
+            pruned: t.pruned,
+            held: t.held,
+            failed: t.failed,
+            suppressed: t.suppressed,
+            hold_reason: t.hold_reason,
+            failures: t.failures,
+            ..self
         }
     }
 
@@ -282,7 +325,7 @@ impl RefreshWorkerLabs {
         let mut report = RunReport::new(&worker_id, actor, options, s.clock.now());
         if !access.worker.enabled {
             report.status = RunStatus::Skipped;
-            report.skip_reason = Some("worker is disabled".into());
+            report.skip_reason = Some(SkipReason::WorkerDisabled);
             return self.finish(report, clock_start, actor).await;
         }
         // Per run, not per process: two runs in one process exclude each
@@ -296,7 +339,7 @@ impl RefreshWorkerLabs {
             Ok(Some(fence)) => fence,
             Ok(None) => {
                 report.status = RunStatus::Skipped;
-                report.skip_reason = Some("another refresh of this worker is running".into());
+                report.skip_reason = Some(SkipReason::LeaseHeld);
                 info!("refresh skipped: lease held elsewhere");
                 return self.finish(report, clock_start, actor).await;
             }
@@ -313,7 +356,7 @@ impl RefreshWorkerLabs {
             s.settings.lease_ttl,
         );
         let result = self
-            .reconcile(&access, actor, options, &mut report, &keeper, fence)
+            .reconcile(&access, actor, options, &keeper, fence)
             .await;
         keeper.stop().await;
         s.cml.release(&access);
@@ -321,10 +364,15 @@ impl RefreshWorkerLabs {
             // The lease expires on its own; a failed release only delays the next run.
             warn!(error = %e, "could not release the refresh lease");
         }
-        if let Err(e) = result {
-            report.status = RunStatus::Failed;
-            report.error = Some(e.to_string());
-        }
+        let report = match result {
+            Ok(tally) => report.counted(tally),
+            Err((tally, e)) => {
+                let mut report = report.counted(tally);
+                report.status = RunStatus::Failed;
+                report.error = Some(e.to_string());
+                report
+            }
+        };
         self.finish(report, clock_start, actor).await
     }
 
@@ -363,15 +411,11 @@ impl RefreshWorkerLabs {
         report
     }
 
-    async fn fetch(
-        &self,
-        access: &WorkerAccess,
-        report: &mut RunReport,
-    ) -> Result<Fetched, CmlError> {
+    /// CML's labs, and how many entries of its list were not lab ids.
+    async fn fetch(&self, access: &WorkerAccess) -> Result<(Fetched, u64), CmlError> {
         // The list is the truth about which labs exist, whichever way the
         // details come.
         let list = self.services.cml.list_lab_ids(access).await?;
-        report.invalid_ids = list.invalid as u64;
         if let Some(first) = &list.first_invalid {
             warn!(
                 invalid = list.invalid,
@@ -434,10 +478,13 @@ impl RefreshWorkerLabs {
             .buffer_unordered(concurrency)
             .collect()
             .await;
-        Ok(Fetched {
-            list_complete: list.invalid == 0,
-            labs,
-        })
+        Ok((
+            Fetched {
+                list_complete: list.invalid == 0,
+                labs,
+            },
+            list.invalid as u64,
+        ))
     }
 
     /// The account's admin flag as its last login said, or why not.
@@ -457,21 +504,33 @@ impl RefreshWorkerLabs {
         }
     }
 
+    /// The run under its lease: settle what a dead run staged, confirm the
+    /// account, fetch, plan, and apply; the pure steps are in
+    /// [`crate::reconcile`]. Returns what the run counted, also when it
+    /// failed half-way.
     async fn reconcile(
         &self,
         access: &WorkerAccess,
         actor: &Actor,
         options: RefreshOptions,
-        report: &mut RunReport,
         keeper: &LeaseKeeper,
         fence: u64,
-    ) -> Result<(), RunError> {
+    ) -> Result<Tally, (Tally, RunError)> {
         let s = &self.services;
         let worker_id = &access.worker.id;
+        let failed = |tally: &Tally| {
+            let tally = tally.clone();
+            move |e: RunError| (tally, e)
+        };
+        let mut tally = Tally::default();
         if !options.dry_run {
             // Events a dead run staged: delivered if their change is in
             // the store, dropped if not.
-            let (released, dropped) = s.labs.settle_staged_events(worker_id).await?;
+            let (released, dropped) = s
+                .labs
+                .settle_staged_events(worker_id)
+                .await
+                .map_err(|e| failed(&tally)(e.into()))?;
             // Only what is logged depends on this (a mutant here is equivalent).
             if released + dropped > 0 {
                 info!(
@@ -482,151 +541,80 @@ impl RefreshWorkerLabs {
         }
         // A token outlives a change of rights: log in afresh, so that what
         // the list means is known before it is read.
-        self.require_admin(access, true).await?;
-        let deadline = s.settings.run_deadline;
-        let fetched = tokio::time::timeout(deadline, self.fetch(access, report))
+        self.require_admin(access, true)
             .await
-            .map_err(|_| RunError::Deadline(deadline.as_secs()))??;
+            .map_err(failed(&tally))?;
+        let deadline = s.settings.run_deadline;
+        let (fetched, invalid_ids) = tokio::time::timeout(deadline, self.fetch(access))
+            .await
+            .map_err(|_| failed(&tally)(RunError::Deadline(deadline.as_secs())))?
+            .map_err(|e| failed(&tally)(e.into()))?;
+        tally.invalid_ids = invalid_ids;
         // A 401 mid-run logged in again: what did that login say?
-        self.require_admin(access, false).await?;
+        self.require_admin(access, false)
+            .await
+            .map_err(failed(&tally))?;
         crate::crash::point(crate::crash::points::REFRESH_AFTER_FETCH);
-        report.listed = fetched.labs.len() as u64;
-        let index = s.labs.index(worker_id).await?;
+        let listed = fetched.labs.len() as u64;
+        let index = s
+            .labs
+            .index(worker_id)
+            .await
+            .map_err(|e| failed(&tally)(e.into()))?;
         let policy = PrunePolicy {
             force: options.force_prune,
             ..s.settings.prune
         };
         let plan = plan(&index, fetched, policy);
-        report.unchanged = plan.unchanged.len() as u64;
-        report.held = plan.held.len() as u64;
-        report.failed = plan.failed.len() as u64;
-        report.suppressed = plan.suppressed.len() as u64;
-        report.hold_reason = plan.hold_reason.as_ref().map(ToString::to_string);
-        report.failures = plan
-            .failed
-            .iter()
-            .take(MAX_REPORTED_FAILURES)
-            .map(|(id, e)| LabFailure {
-                lab_id: *id,
-                error: e.clone(),
-            })
-            .collect();
+        let tally = Tally::of_plan(&plan, listed, invalid_ids, options.dry_run);
         if let Some(reason) = &plan.hold_reason {
             warn!(held = plan.held.len(), %reason, "prune held");
         }
-        if options.dry_run {
-            report.created = plan.create.len() as u64;
-            report.updated = plan.update.len() as u64;
-            report.pruned = plan.prune.len() as u64;
-            return Ok(());
-        }
-        if plan.is_noop() {
-            return Ok(());
+        if options.dry_run || plan.is_noop() {
+            return Ok(tally);
         }
         let now = s.clock.now();
-        let limit = s.settings.history_limit;
         // Only changed labs need their old snapshot (for the field diff).
         let update_ids: Vec<LabId> = plan.update.iter().map(|(id, _)| *id).collect();
-        let mut old: HashMap<LabId, LabRecord> = if update_ids.is_empty() {
+        let old: HashMap<LabId, LabRecord> = if update_ids.is_empty() {
             HashMap::new()
         } else {
             s.labs
                 .records(worker_id, &update_ids)
-                .await?
+                .await
+                .map_err(|e| failed(&tally)(e.into()))?
                 .into_iter()
                 .map(|r| (r.lab_id, r))
                 .collect()
         };
-        let mut changes = RecordChanges {
-            fence,
-            prune: plan.prune.clone(),
-            ..RecordChanges::default()
-        };
-        let event = |kind, lab, data| LabEvent::new(kind, worker_id, lab, now, data);
-        let discovered = |id, snapshot: labsync_domain::LabSnapshot| {
-            let data =
-                serde_json::json!({"title": snapshot.title, "state": snapshot.state.as_str()});
-            let e = event(LabEventKind::Discovered, id, data);
-            (
-                LabRecord::discovered(worker_id.clone(), id, snapshot, now),
-                e,
-            )
-        };
-        for (id, snapshot) in plan.create {
-            let (record, e) = discovered(id, snapshot);
-            changes.create.push(record);
-            changes.events.push(e);
+        let limit = s.settings.history_limit;
+        let changes = record_changes(plan, old, worker_id, now, limit, fence);
+        let planned_prunes = changes.prune.clone();
+        if !keeper
+            .confirm()
+            .await
+            .map_err(|e| failed(&tally)(e.into()))?
+        {
+            return Err((tally, RunError::LeaseLost));
         }
-        for (id, snapshot) in plan.update {
-            match old.remove(&id) {
-                Some(mut record) => {
-                    let entry = record.apply_change(snapshot, now, limit);
-                    if let Some(HistoryEntry {
-                        event: HistoryEvent::Changed { changes: fields },
-                        ..
-                    }) = &entry
-                    {
-                        let data = serde_json::json!({ "changes": fields });
-                        changes.events.push(event(LabEventKind::Changed, id, data));
-                        if let Some(state) = fields.iter().find(|c| c.field == "state") {
-                            let data = serde_json::json!({"from": state.old, "to": state.new});
-                            changes
-                                .events
-                                .push(event(LabEventKind::StateChanged, id, data));
-                        }
-                    }
-                    changes.update.push(RecordUpdate { record, entry });
-                }
-                // Pruned or tombstoned since the index read: treat as new;
-                // the repository refuses it if it is a tombstone.
-                None => {
-                    let (record, e) = discovered(id, snapshot);
-                    changes.create.push(record);
-                    changes.events.push(e);
-                }
-            }
-        }
-        for id in &plan.prune {
-            let data = serde_json::json!({"reason": "gone from CML"});
-            changes.events.push(event(LabEventKind::Pruned, *id, data));
-        }
-        let pruned = changes.prune.clone();
-        if !keeper.confirm().await? {
-            return Err(RunError::LeaseLost);
-        }
-        let outcome = s.labs.apply(worker_id, changes, limit).await?;
-        report.created = outcome.created;
-        report.updated = outcome.updated;
-        report.pruned = outcome.pruned;
-        report.suppressed += outcome.suppressed.len() as u64;
-        report.failed += outcome.too_large.len() as u64;
-        for (lab_id, error) in outcome.too_large {
+        let outcome = s
+            .labs
+            .apply(worker_id, changes, limit)
+            .await
+            .map_err(|e| failed(&tally)(e.into()))?;
+        for (lab_id, error) in &outcome.too_large {
             warn!(lab_id = %lab_id, %error, "lab record too large to store; left as it was");
-            if report.failures.len() < MAX_REPORTED_FAILURES {
-                report.failures.push(LabFailure { lab_id, error });
-            }
         }
-        let pruned: Vec<LabId> = pruned
-            .into_iter()
-            .filter(|id| !outcome.not_pruned.contains(id))
-            .collect();
+        let tally = tally.applied(&outcome);
+        let pruned = prunes_done(planned_prunes, &outcome);
         if !pruned.is_empty() {
             crate::crash::point(crate::crash::points::REFRESH_BEFORE_PRUNE_AUDIT);
-            let entries = pruned
-                .iter()
-                .map(|lab| AuditEntry {
-                    at: now,
-                    actor: actor.clone(),
-                    action: AuditAction::Prune,
-                    worker_id: worker_id.clone(),
-                    lab_id: Some(*lab),
-                    outcome: "pruned".into(),
-                    detail: "gone from CML".into(),
-                })
-                .collect();
-            s.audit.record(entries).await?;
+            s.audit
+                .record(prune_audit(&pruned, actor, worker_id, now))
+                .await
+                .map_err(|e| failed(&tally)(e.into()))?;
         }
-        Ok(())
+        Ok(tally)
     }
 }
 
@@ -1083,7 +1071,10 @@ mod tests {
             .insert("details", CmlError::Protocol("bad".into()));
         // 25 failed details: 20 reported, 25 counted.
         let r = run(&f).await;
-        assert_eq!((r.failed, r.failures.len()), (25, MAX_REPORTED_FAILURES));
+        assert_eq!(
+            (r.failed, r.failures.len()),
+            (25, crate::reconcile::MAX_REPORTED_FAILURES)
+        );
         // 19 failed details and 2 records too large: still 20 reported.
         let f = fixture();
         for n in 1..=21 {
@@ -1098,7 +1089,7 @@ mod tests {
         let r = run(&f).await;
         assert_eq!(
             (r.failed, r.failures.len()),
-            (21, MAX_REPORTED_FAILURES),
+            (21, crate::reconcile::MAX_REPORTED_FAILURES),
             "{r:?}"
         );
     }

@@ -22,6 +22,8 @@ pub use actor::{Actor, ActorError, MAX_ACTOR_NAME};
 pub use ids::{IdError, LabId, WorkerId, is_uuid4};
 pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan, plan};
 pub use record::{HistoryEntry, HistoryEvent, LabRecord};
-pub use snapshot::{ContentHash, FieldChange, LabGroup, LabSnapshot, MAX_CHANGE_TEXT, excerpt};
+pub use snapshot::{
+    ContentHash, FieldChange, LabField, LabGroup, LabSnapshot, MAX_CHANGE_TEXT, excerpt,
+};
 pub use state::LabState;
 pub use worker::{BaseUrl, CertificateTrust, TlsSettings, Worker, WorkerChanges};

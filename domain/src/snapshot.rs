@@ -125,10 +125,10 @@ impl LabSnapshot {
     /// text, in a fixed order.
     pub fn changes_from(&self, old: &LabSnapshot) -> Vec<FieldChange> {
         let mut out = Vec::new();
-        let mut cmp = |field: &'static str, old: String, new: String| {
+        let mut cmp = |field: LabField, old: String, new: String| {
             if old != new {
                 out.push(FieldChange {
-                    field: field.to_owned(),
+                    field,
                     old: excerpt(&old),
                     new: excerpt(&new),
                 });
@@ -139,32 +139,36 @@ impl LabSnapshot {
         let opt = |s: &Option<String>| s.clone().unwrap_or_else(|| "(unset)".to_owned());
         let time =
             |t: &Option<DateTime<Utc>>| t.map_or_else(|| "(unset)".to_owned(), |t| t.to_rfc3339());
-        cmp("title", old.title.clone(), self.title.clone());
+        cmp(LabField::Title, old.title.clone(), self.title.clone());
         cmp(
-            "description",
+            LabField::Description,
             old.description.clone(),
             self.description.clone(),
         );
-        cmp("notes", old.notes.clone(), self.notes.clone());
-        cmp("owner_id", opt(&old.owner_id), opt(&self.owner_id));
+        cmp(LabField::Notes, old.notes.clone(), self.notes.clone());
+        cmp(LabField::OwnerId, opt(&old.owner_id), opt(&self.owner_id));
         cmp(
-            "owner_username",
+            LabField::OwnerUsername,
             opt(&old.owner_username),
             opt(&self.owner_username),
         );
         cmp(
-            "owner_fullname",
+            LabField::OwnerFullname,
             opt(&old.owner_fullname),
             opt(&self.owner_fullname),
         );
-        cmp("state", old.state.to_string(), self.state.to_string());
         cmp(
-            "node_count",
+            LabField::State,
+            old.state.to_string(),
+            self.state.to_string(),
+        );
+        cmp(
+            LabField::NodeCount,
             old.node_count.to_string(),
             self.node_count.to_string(),
         );
         cmp(
-            "link_count",
+            LabField::LinkCount,
             old.link_count.to_string(),
             self.link_count.to_string(),
         );
@@ -181,10 +185,58 @@ impl LabSnapshot {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        cmp("groups", groups(&old.groups), groups(&self.groups));
-        cmp("created", time(&old.created), time(&self.created));
-        cmp("modified", time(&old.modified), time(&self.modified));
+        cmp(LabField::Groups, groups(&old.groups), groups(&self.groups));
+        cmp(LabField::Created, time(&old.created), time(&self.created));
+        cmp(
+            LabField::Modified,
+            time(&old.modified),
+            time(&self.modified),
+        );
         out
+    }
+}
+
+/// A field of a lab that labsync keeps, named in its history as in CML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabField {
+    Title,
+    Description,
+    Notes,
+    OwnerId,
+    OwnerUsername,
+    OwnerFullname,
+    State,
+    NodeCount,
+    LinkCount,
+    Groups,
+    Created,
+    Modified,
+}
+
+impl LabField {
+    /// The field's name, as stored and shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Title => "title",
+            Self::Description => "description",
+            Self::Notes => "notes",
+            Self::OwnerId => "owner_id",
+            Self::OwnerUsername => "owner_username",
+            Self::OwnerFullname => "owner_fullname",
+            Self::State => "state",
+            Self::NodeCount => "node_count",
+            Self::LinkCount => "link_count",
+            Self::Groups => "groups",
+            Self::Created => "created",
+            Self::Modified => "modified",
+        }
+    }
+}
+
+impl std::fmt::Display for LabField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -194,7 +246,7 @@ impl LabSnapshot {
 /// MongoDB's 16 MiB document limit whatever CML sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldChange {
-    pub field: String,
+    pub field: LabField,
     pub old: String,
     pub new: String,
 }
@@ -226,6 +278,25 @@ pub fn excerpt(text: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_is_stored_by_the_name_it_shows() {
+        let old = snapshot("a");
+        let mut new = old.clone();
+        new.title = "t".into();
+        new.notes = "n".into();
+        new.node_count = 3;
+        for c in new.changes_from(&old) {
+            assert_eq!(
+                serde_json::to_value(c.field).unwrap(),
+                serde_json::json!(c.field.as_str())
+            );
+        }
+        assert_eq!(
+            serde_json::from_str::<LabField>("\"owner_username\"").unwrap(),
+            LabField::OwnerUsername
+        );
+    }
 
     pub fn snapshot(title: &str) -> LabSnapshot {
         LabSnapshot {
@@ -336,12 +407,12 @@ pub(crate) mod tests {
             changes,
             vec![
                 FieldChange {
-                    field: "title".into(),
+                    field: LabField::Title,
                     old: "Old".into(),
                     new: "New".into()
                 },
                 FieldChange {
-                    field: "state".into(),
+                    field: LabField::State,
                     old: "STOPPED".into(),
                     new: "STARTED".into()
                 },

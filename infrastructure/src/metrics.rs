@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use labsync_application::{Observer, RunReport, RunStatus};
+use labsync_application::{Observer, RunReport, RunStatus, SkipReason};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -271,11 +271,7 @@ impl Observer for Metrics {
             RunStatus::Skipped => "skipped",
         };
         self.refresh_runs.with_label_values(&[status]).inc();
-        if r.status == RunStatus::Skipped
-            && r.skip_reason
-                .as_deref()
-                .is_some_and(|s| s.contains("another refresh"))
-        {
+        if r.skip_reason == Some(SkipReason::LeaseHeld) {
             self.lease_skips.inc();
         }
         if r.status != RunStatus::Skipped {

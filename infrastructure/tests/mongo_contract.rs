@@ -16,7 +16,9 @@ use labsync_application::ports::{
     AuditAction, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, RefreshLease,
     RunReports, Tombstone, WorkerRepository,
 };
-use labsync_application::{LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger};
+use labsync_application::{
+    EventData, LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger,
+};
 use labsync_domain::{
     Actor, BaseUrl, Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabSnapshot, LabState,
     TlsSettings, Worker, WorkerId,
@@ -82,7 +84,7 @@ fn changed(mut r: LabRecord, title: &str) -> RecordUpdate {
 }
 
 fn event(kind: LabEventKind, w: &WorkerId, id: LabId) -> LabEvent {
-    LabEvent::new(kind, w, id, now(), serde_json::json!({}))
+    LabEvent::new(w, id, now(), &EventData::placeholder(kind))
 }
 
 fn audit(w: &WorkerId, id: LabId) -> AuditEntry {
@@ -1503,7 +1505,7 @@ fn relay(
 /// An event of `lab` made at `ms` past a fixed time, pending.
 async fn pending_event(db: &Database, w: &WorkerId, lab: LabId, ms: i64) -> LabEvent {
     let at = DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap();
-    let e = LabEvent::new(LabEventKind::Changed, w, lab, at, serde_json::json!({}));
+    let e = LabEvent::new(w, lab, at, &EventData::placeholder(LabEventKind::Changed));
     db.collection::<Document>(collections::OUTBOX)
         .insert_one(outbox::outbox_doc(&e, RETENTION).unwrap())
         .await
@@ -1619,11 +1621,10 @@ async fn a_staged_older_event_holds_its_lab_back_and_a_redirect_is_a_failure() {
     let w = worker("cml-1");
     let (a, b) = (lab(), lab());
     let staged = LabEvent::new(
-        LabEventKind::Changed,
         &w,
         a,
         DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
-        serde_json::json!({}),
+        &EventData::placeholder(LabEventKind::Changed),
     );
     db.collection::<Document>(collections::OUTBOX)
         .insert_one(outbox::staged_doc(&staged, RETENTION, None).unwrap())
@@ -1846,7 +1847,7 @@ async fn a_lab_blocked_behind_more_than_a_page_of_its_events_holds_back_no_other
         .map(|n| {
             let at = DateTime::from_timestamp_millis(1_700_000_000_000 + n).unwrap();
             outbox::outbox_doc(
-                &LabEvent::new(LabEventKind::Changed, &w, busy, at, serde_json::json!({})),
+                &LabEvent::new(&w, busy, at, &EventData::placeholder(LabEventKind::Changed)),
                 RETENTION,
             )
             .unwrap()

@@ -233,7 +233,7 @@ impl From<RunReport> for RunReportView {
             failed: r.failed,
             suppressed: r.suppressed,
             hold_reason: r.hold_reason,
-            skip_reason: r.skip_reason,
+            skip_reason: r.skip_reason.map(|s| s.as_str().to_owned()),
             error: r.error,
             failures: r
                 .failures

@@ -9,7 +9,7 @@ use labsync_application::domain::{BaseUrl, LabId, TlsSettings, Worker, WorkerCha
 use labsync_application::ports::LabQuery;
 use labsync_application::{
     AppError, CancelError, DeleteLab, DeleteRequestStatus, RefreshAll, RefreshOptions,
-    RefreshWorkerLabs, RunStatus,
+    RefreshWorkerLabs, RunStatus, SkipReason,
 };
 use labsync_infrastructure::configuration::MetricsAuth;
 use labsync_infrastructure::configuration::Role;
@@ -363,7 +363,7 @@ fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunRepor
     match r.status {
         RunStatus::Succeeded => Ok(Json(r.into())),
         RunStatus::Skipped => {
-            let detail = r.skip_reason.clone().unwrap_or_else(|| "skipped".into());
+            let detail = r.skip_reason.map_or("skipped", SkipReason::as_str);
             Err(ApiError::new(ProblemKind::RefreshSkipped, detail)
                 .with("report", RunReportView::from(r)))
         }

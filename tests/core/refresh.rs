@@ -1,9 +1,10 @@
 //! The refresh: create, update, unchanged, prune, and the prune guards.
 
 use labsync_application::domain::Actor;
+use labsync_application::domain::LabField;
 use labsync_application::domain::{HistoryEvent, LabState, Worker};
 use labsync_application::ports::AuditAction;
-use labsync_application::{RefreshOptions, RunStatus};
+use labsync_application::{RefreshOptions, RunStatus, SkipReason};
 use mongodb::bson::{Bson, Document, doc};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -124,7 +125,7 @@ async fn a_lab_changed_in_cml_is_updated_with_one_history_entry_naming_the_field
     }
     want.sort_unstable();
     assert_eq!(fields, want);
-    let title = changes.iter().find(|c| c.field == "title").unwrap();
+    let title = changes.iter().find(|c| c.field == LabField::Title).unwrap();
     assert_eq!(
         (title.old.as_str(), title.new.as_str()),
         (target.snapshot.title.as_str(), "Renamed in CML")
@@ -288,13 +289,7 @@ async fn two_concurrent_refreshes_of_a_worker_run_once() {
     .await;
     let second = t.refresh().await;
     assert_eq!(second.status, RunStatus::Skipped, "{second:?}");
-    assert!(
-        second
-            .skip_reason
-            .as_deref()
-            .unwrap()
-            .contains("another refresh")
-    );
+    assert_eq!(second.skip_reason, Some(SkipReason::LeaseHeld));
     let first = first.await.unwrap();
     assert_eq!(
         (first.status, first.created),

@@ -10,7 +10,8 @@ use labsync_application::domain::WorkerChanges;
 use labsync_application::domain::{LabId, LabState, TlsSettings, Worker, WorkerId};
 use labsync_application::ports::{RecordChanges, RecordUpdate, Tombstone};
 use labsync_application::{
-    AppError, DeleteOutcomeKind, LabEvent, LabEventKind, RefreshOptions, RunStatus, SyncState,
+    AppError, DeleteOutcomeKind, EventData, LabEvent, LabEventKind, RefreshOptions, RunStatus,
+    SyncState,
 };
 use labsync_infrastructure::configuration::Settings;
 use mongodb::bson::{Document, doc};
@@ -621,7 +622,7 @@ async fn a_late_update_is_refused_by_the_database_over_a_tombstone_without_the_p
     let id = record.lab_id;
     let now = chrono::Utc::now();
     let labs = &t.services().labs;
-    let event = |kind| LabEvent::new(kind, &t.worker_id(), id, now, json!({}));
+    let event = |kind| LabEvent::new(&t.worker_id(), id, now, &EventData::placeholder(kind));
     labs.tombstone(
         &t.worker_id(),
         &id,
@@ -831,7 +832,12 @@ async fn a_prune_that_did_not_happen_is_neither_announced_nor_audited() {
             deleted_by: Actor::api("test"),
             expires_at: now + chrono::Duration::hours(1),
         },
-        LabEvent::new(LabEventKind::Deleted, &t.worker_id(), id, now, json!({})),
+        LabEvent::new(
+            &t.worker_id(),
+            id,
+            now,
+            &EventData::placeholder(LabEventKind::Deleted),
+        ),
         labsync_application::ports::AuditEntry {
             at: now,
             actor: Actor::api("test"),
@@ -844,7 +850,12 @@ async fn a_prune_that_did_not_happen_is_neither_announced_nor_audited() {
     )
     .await
     .unwrap();
-    let pruned = LabEvent::new(LabEventKind::Pruned, &t.worker_id(), id, now, json!({}));
+    let pruned = LabEvent::new(
+        &t.worker_id(),
+        id,
+        now,
+        &EventData::placeholder(LabEventKind::Pruned),
+    );
     let out = labs
         .apply(
             &t.worker_id(),

@@ -67,14 +67,9 @@ fn cut_down(report: &RunReport, size: usize) -> RunReport {
     for f in &mut r.failures {
         f.error = clip_text(&f.error, MAX_CUT_TEXT);
     }
-    for text in [
-        &mut r.error,
-        &mut r.hold_reason,
-        &mut r.skip_reason,
-        &mut r.note,
-    ]
-    .into_iter()
-    .flatten()
+    for text in [&mut r.error, &mut r.hold_reason, &mut r.note]
+        .into_iter()
+        .flatten()
     {
         *text = clip_text(text, MAX_CUT_TEXT);
     }
