@@ -245,27 +245,24 @@ impl RunReport {
     /// One line for the audit log (a dry run says so: its counts are what
     /// it would have done).
     pub fn summary(&self) -> String {
-        if self.dry_run {
-            format!(
-                "dry run {} {}: would create {}, update {}, prune {}, hold {}; no record written",
-                self.run_id,
-                self.status.word(),
-                self.created,
-                self.updated,
-                self.pruned,
-                self.held
+        let (run, [create, update, prune, hold], end) = if self.dry_run {
+            (
+                "dry run",
+                ["would create", "update", "prune", "hold"],
+                "; no record written",
             )
         } else {
-            format!(
-                "run {} {}: created {}, updated {}, pruned {}, held {}",
-                self.run_id,
-                self.status.word(),
-                self.created,
-                self.updated,
-                self.pruned,
-                self.held
-            )
-        }
+            ("run", ["created", "updated", "pruned", "held"], "")
+        };
+        format!(
+            "{run} {} {}: {create} {}, {update} {}, {prune} {}, {hold} {}{end}",
+            self.run_id,
+            self.status.word(),
+            self.created,
+            self.updated,
+            self.pruned,
+            self.held
+        )
     }
 
     /// True when the run did what it was asked (a skip is not a failure).
