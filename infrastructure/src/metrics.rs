@@ -29,6 +29,10 @@ pub struct Metrics {
     http_connections_closed: IntCounterVec,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "the metrics are constants: an invalid or repeated one is a bug, found at start-up"
+)]
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
@@ -37,6 +41,10 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     c
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "the metrics are constants: an invalid or repeated one is a bug, found at start-up"
+)]
 fn histogram(
     registry: &Registry,
     name: &str,
@@ -59,6 +67,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[allow(
+        clippy::expect_used,
+        reason = "the metrics are constants: an invalid or repeated one is a bug, found at start-up"
+    )]
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("labsync".into()), None).expect("valid prefix");
         let last_success = GaugeVec::new(

@@ -8,6 +8,12 @@
 //! service; these tests prove them in seconds, which is what lets mutation
 //! testing (docs/RELIABILITY.md) run against the adapters at all.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test that cannot go on fails at once, saying where"
+)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -2,6 +2,12 @@
 //! through the real adapters, against the MongoDB-wire test server and the
 //! CML simulator over HTTP.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test that cannot go on fails at once, saying where"
+)]
+
 mod api;
 mod cli;
 mod crash;

@@ -303,7 +303,7 @@ impl Harness {
                     &Worker {
                         id: WorkerId::parse(&w.name)?,
                         name: w.name.clone(),
-                        base_url: BaseUrl::parse(&w.url).expect("the fleet's URL"),
+                        base_url: BaseUrl::parse(&w.url).map_err(|e| anyhow::anyhow!(e))?,
                         username: "admin".into(),
                         tls: TlsSettings {
                             allow_http: true,

@@ -1,6 +1,12 @@
 //! Contract tests: the simulator, over real HTTP, keeps each rule of the CML
 //! 2.9 API that labsync relies on, in the shapes recorded from real servers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test that cannot go on fails at once, saying where"
+)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
