@@ -380,7 +380,7 @@ impl DeleteQueue {
                         return;
                     }
                     Err(e) => {
-                        warn!(request_id = %id, error = %e, "could not renew the claim on an async delete")
+                        warn!(request_id = %id, error = %e, "could not renew the claim on an async delete");
                     }
                 }
             }

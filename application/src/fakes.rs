@@ -19,7 +19,7 @@ use crate::refresh::RunReport;
 use crate::services::{CoreSettings, Services};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A scriptable CML: labs with states, and errors to return per call name.

@@ -103,7 +103,7 @@ impl LeaseKeeper {
                         // The next renewal, or the confirmation before a
                         // write, decides.
                         Err(e) => {
-                            warn!(worker_id = %worker, error = %e, "could not renew the refresh lease")
+                            warn!(worker_id = %worker, error = %e, "could not renew the refresh lease");
                         }
                     }
                 }

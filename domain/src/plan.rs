@@ -204,7 +204,7 @@ mod tests {
     use crate::snapshot::tests::snapshot;
 
     fn lab(n: u128) -> LabId {
-        let hex = format!("{:032x}", n);
+        let hex = format!("{n:032x}");
         let s = format!(
             "{}-{}-4{}-8{}-{}",
             &hex[0..8],

@@ -337,7 +337,7 @@ pub(crate) mod tests {
                     id: "g".into(),
                     permission: "read_only".into(),
                     name: None,
-                })
+                });
             },
             |s| s.created = Some(DateTime::UNIX_EPOCH),
             |s| s.modified = Some(DateTime::UNIX_EPOCH),

@@ -1328,8 +1328,7 @@ async fn a_run_report_too_large_for_a_document_is_stored_cut_down_with_a_note_sa
     let error = back.error.unwrap();
     assert!(
         error.starts_with("\\u{1b}[2Jeee") && error.len() <= 4100,
-        "{:.100}",
-        error
+        "{error:.100}"
     );
     let note = back.note.expect("a note says it was cut down");
     assert!(

@@ -199,7 +199,7 @@ impl RunReportView {
             self.error = Some(RUN_ERROR_FOR_ADMINS.to_owned());
         }
         for f in &mut self.failures {
-            f.error = LAB_ERROR_FOR_ADMINS.to_owned();
+            LAB_ERROR_FOR_ADMINS.clone_into(&mut f.error);
         }
         self
     }

@@ -174,7 +174,7 @@ async fn the_cli_registers_refreshes_deletes_and_says_so_with_its_exit_code() {
     let o = t.cli(&["workers", "remove", "cli-worker"]).await;
     assert!(o.status.success(), "{}", output_text(&o));
     assert!(
-        output_text(&o).contains(&format!("{} lab records", SEEDED_LABS)),
+        output_text(&o).contains(&format!("{SEEDED_LABS} lab records")),
         "{}",
         output_text(&o)
     );

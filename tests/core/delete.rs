@@ -131,7 +131,7 @@ async fn when_cml_fails_the_record_stays_and_the_attempt_is_in_its_history() {
         assert!(!out.lab_gone, "{faults}");
         match (&out.kind, *word) {
             (DeleteOutcomeKind::CmlRefused { error, .. }, "cml_refused") => {
-                assert!(error.contains("500"), "{error}")
+                assert!(error.contains("500"), "{error}");
             }
             (DeleteOutcomeKind::CmlUnreachable { .. }, "cml_unreachable") => {}
             other => panic!("{faults}: {other:?}"),

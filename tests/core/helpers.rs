@@ -346,9 +346,10 @@ impl TestApp {
 pub type Fields = BTreeMap<&'static str, String>;
 
 fn millis_of_text(t: &str) -> String {
-    chrono::DateTime::parse_from_rfc3339(t)
-        .map(|t| t.timestamp_millis().to_string())
-        .unwrap_or_else(|_| format!("unparsable {t:?}"))
+    chrono::DateTime::parse_from_rfc3339(t).map_or_else(
+        |_| format!("unparsable {t:?}"),
+        |t| t.timestamp_millis().to_string(),
+    )
 }
 
 /// A lab's stored fields as CML holds them.
@@ -393,9 +394,10 @@ pub fn fields_in_mongodb(d: &Document) -> Fields {
             .unwrap_or_else(|_| "(absent)".to_owned())
     };
     let date = |k: &str| {
-        d.get_datetime(k)
-            .map(|t| t.timestamp_millis().to_string())
-            .unwrap_or_else(|_| "(absent)".to_owned())
+        d.get_datetime(k).map_or_else(
+            |_| "(absent)".to_owned(),
+            |t| t.timestamp_millis().to_string(),
+        )
     };
     let mut groups: Vec<String> = d
         .get_array("groups")

@@ -303,8 +303,7 @@ fn assert_short_and_escaped(what: &str, text: &str, max: usize) {
     );
     assert!(
         !text.chars().any(char::is_control),
-        "{what} holds a control character: {:.300?}",
-        text
+        "{what} holds a control character: {text:.300?}"
     );
 }
 

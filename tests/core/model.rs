@@ -314,7 +314,7 @@ async fn a_random_sequence_of_operations_keeps_labsync_true_to_a_model_of_cml() 
                         }
                         // Every record written.
                         points::REFRESH_BEFORE_RELEASE | points::REFRESH_BEFORE_PRUNE_AUDIT => {
-                            model.refreshed()
+                            model.refreshed();
                         }
                         _ => {}
                     }

@@ -96,7 +96,7 @@ async fn a_lab_changed_in_cml_is_updated_with_one_history_entry_naming_the_field
             cml_sim::LabSpec {
                 lab_title: Some("Renamed in CML".into()),
                 state: Some("STARTED".into()),
-                node_count: Some(target.snapshot.node_count as u32 + 5),
+                node_count: Some(u32::try_from(target.snapshot.node_count).unwrap() + 5),
                 ..Default::default()
             },
         )

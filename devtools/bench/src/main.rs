@@ -10,6 +10,13 @@
 //! table and writes the figures as JSON. Figures are reported, never
 //! asserted: they depend on the machine.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "a tool's shares, percentiles and delays of small numbers"
+)]
+
 mod baseline;
 mod fleet;
 
@@ -106,16 +113,13 @@ pub struct MongoCounters {
 fn touches_inventory(command_name: &str, command: &mongodb::bson::Document) -> bool {
     let inventory = |c: &str| c == "labs" || c == "outbox";
     if command_name == "bulkWrite" {
-        return command
-            .get_array("nsInfo")
-            .map(|ns| {
-                ns.iter().any(|n| {
-                    n.as_document()
-                        .and_then(|d| d.get_str("ns").ok())
-                        .is_some_and(|ns| ns.rsplit('.').next().is_some_and(inventory))
-                })
+        return command.get_array("nsInfo").is_ok_and(|ns| {
+            ns.iter().any(|n| {
+                n.as_document()
+                    .and_then(|d| d.get_str("ns").ok())
+                    .is_some_and(|ns| ns.rsplit('.').next().is_some_and(inventory))
             })
-            .unwrap_or(false);
+        });
     }
     command.get_str(command_name).is_ok_and(inventory)
 }
@@ -152,7 +156,7 @@ impl MongoCounters {
                 let inventory = touches_inventory(name, &s.command);
                 self.inflight
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .insert(s.request_id, inventory);
                 match name {
                     "find" | "getMore" | "aggregate" | "count" => {
@@ -181,15 +185,13 @@ impl MongoCounters {
                     }
                     "insert" | "delete" => int("n"),
                     "update" => {
-                        int("nModified")
-                            + r.get_array("upserted").map(|a| a.len() as i64).unwrap_or(0)
+                        int("nModified") + r.get_array("upserted").map_or(0, |a| a.len() as i64)
                     }
                     "findAndModify" => r
                         .get_document("lastErrorObject")
                         .ok()
                         .and_then(|l| l.get_i32("n").ok())
-                        .map(i64::from)
-                        .unwrap_or(0),
+                        .map_or(0, i64::from),
                     _ => 0,
                 };
                 let written = u64::try_from(written).unwrap_or(0);
@@ -197,7 +199,7 @@ impl MongoCounters {
                 let inventory = self
                     .inflight
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&s.request_id);
                 if inventory == Some(true) {
                     self.inventory_docs_written
@@ -207,7 +209,7 @@ impl MongoCounters {
             CommandEvent::Failed(f) => {
                 self.inflight
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&f.request_id);
             }
             _ => {}
@@ -292,7 +294,7 @@ impl Harness {
         let mut options = ClientOptions::parse(mongo_uri).await?;
         let c = counters.clone();
         options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |ev| {
-            c.observe(ev)
+            c.observe(ev);
         }));
         let client = mongodb::Client::with_options(options)?;
         let app = App::with_database(&settings, client.database(&db_name)).await?;

@@ -14,6 +14,13 @@
 //! no code with labsync on purpose: a simulator that reused labsync's
 //! parsing would agree with labsync's bugs.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "a tool's shares, percentiles and delays of small numbers"
+)]
+
 mod api;
 mod auth;
 mod control;

@@ -144,7 +144,7 @@ impl Inventory {
     /// configured delay is zero.
     pub fn begin_transition(lab: &mut Lab, target: &str, delay: Duration, now: Instant) {
         if delay.is_zero() {
-            lab.state = target.to_owned();
+            target.clone_into(&mut lab.state);
             lab.pending = None;
         } else {
             lab.pending = Some((target.to_owned(), now + delay));

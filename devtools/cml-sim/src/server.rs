@@ -120,13 +120,19 @@ impl WorkerState {
     /// poisoned lock is taken over: the state stays consistent because every
     /// mutation is a single assignment.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         g.inventory.settle_all(Instant::now());
         g
     }
 
     pub(crate) fn record(&self, endpoint: Endpoint, status: u16) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *g.stats
             .statuses
             .entry(format!("{}xx", status / 100))
@@ -137,7 +143,10 @@ impl WorkerState {
     }
 
     pub(crate) fn count_after_the_fact(&self, endpoint: Endpoint) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *g.stats.lost_answers.entry(endpoint).or_default() += 1;
     }
 
@@ -159,7 +168,10 @@ impl WorkerState {
 
     /// Counts a request and draws the random numbers its faults need.
     pub(crate) fn begin_request(&self, endpoint: Endpoint) -> (Faults, f64, f64) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         g.stats.total += 1;
         *g.stats.requests.entry(endpoint).or_default() += 1;
         let jitter: f64 = g.rng.random();
@@ -242,8 +254,8 @@ impl WorkerState {
                 .iter()
                 .find(|u| &u.username == name)
                 .ok_or_else(|| format!("no such user {name:?}"))?;
-            lab.owner = owner.id.clone();
-            lab.owner_fullname = owner.fullname.clone();
+            lab.owner.clone_from(&owner.id);
+            lab.owner_fullname.clone_from(&owner.fullname);
         }
         apply(lab, spec)?;
         lab.modified = timestamp(chrono::Utc::now());
@@ -282,7 +294,8 @@ impl WorkerState {
         let mut g = self.lock();
         let initial = g.initial.clone();
         g.inventory.labs = initial.into_iter().map(|l| (l.id.clone(), l)).collect();
-        g.users = g.initial_users.clone();
+        let users = g.initial_users.clone();
+        g.users = users;
         g.faults = Faults::default();
         g.stats = Stats::default();
         g.tokens.revoke_all();

@@ -28,6 +28,9 @@ pub const EXTERNAL_URI_ENV: &str = "LABSYNC_TEST_MONGODB_URI";
 pub const TOOLS_DIR_ENV: &str = "LABSYNC_TOOLS_DIR";
 
 /// Finds `secantusd-rs`: `$LABSYNC_SECANTUSD`, then the tools directory, then `PATH`.
+///
+/// # Errors
+/// When it is in none of them (`scripts/install-tools.sh` puts it there).
 pub fn server_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os(SERVER_BIN_ENV) {
         return Ok(PathBuf::from(p));

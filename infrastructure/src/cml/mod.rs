@@ -107,7 +107,10 @@ impl CmlHttpGateway {
 
     fn client(&self, access: &WorkerAccess) -> Result<Arc<CmlClient>, CmlError> {
         let fingerprint = Fingerprint::of(access);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = clients.get(&access.worker.id)
             && c.fingerprint == fingerprint
         {
@@ -116,7 +119,7 @@ impl CmlHttpGateway {
         let saved = self
             .saved_tokens
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&access.worker.id)
             .filter(|(f, _)| *f == fingerprint)
             .map(|(_, t)| t);
@@ -545,7 +548,7 @@ impl CmlGateway for CmlHttpGateway {
         let removed = self
             .clients
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&access.worker.id);
         // Keep the session: its token is good for a day, a connection is
         // cheap. (A refresh logs in afresh anyway, see `relogin`.)
@@ -555,7 +558,7 @@ impl CmlGateway for CmlHttpGateway {
         {
             self.saved_tokens
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(
                     access.worker.id.clone(),
                     (client.fingerprint.clone(), session),

@@ -72,7 +72,9 @@ impl MongoRefreshLease {
     }
 
     fn unreleased(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, String>> {
-        self.unreleased.lock().unwrap_or_else(|p| p.into_inner())
+        self.unreleased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The database server's clock.

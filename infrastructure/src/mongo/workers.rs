@@ -115,7 +115,9 @@ impl MongoWorkerRepository {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, CacheState> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn forget(&self, id: &WorkerId) {
