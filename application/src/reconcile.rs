@@ -4,9 +4,9 @@
 //! writes.
 //!
 //! # Expected flow
-//! 1. [`Tally::of_plan`]: the counts the plan already knows.
+//! 1. [`RunReport::planned`]: the counts the plan already knows.
 //! 2. [`record_changes`]: the plan as records, history and typed events.
-//! 3. [`Tally::applied`]: the counts once the store says what it wrote.
+//! 3. [`RunReport::applied`]: the counts once the store says what it wrote.
 //! 4. [`prunes_done`] and [`prune_audit`]: the audit of the prunes that
 //!    happened, and only those.
 //!
@@ -26,7 +26,7 @@ use labsync_domain::{
 
 use crate::events::{EventData, LabEvent};
 use crate::ports::{ApplyOutcome, AuditAction, AuditEntry, RecordChanges, RecordUpdate};
-use crate::refresh::LabFailure;
+use crate::refresh::{LabFailure, RunReport};
 
 /// The per-lab failures a report keeps; the rest are only counted.
 pub const MAX_REPORTED_FAILURES: usize = 20;
@@ -34,29 +34,13 @@ pub const MAX_REPORTED_FAILURES: usize = 20;
 /// Why a prune happened, as its event and audit entry say.
 pub const PRUNE_REASON: &str = "gone from CML";
 
-/// What a run counted, for its report.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Tally {
-    /// Labs CML listed, each counted once.
-    pub listed: u64,
-    /// Entries of CML's list that are not lab ids.
-    pub invalid_ids: u64,
-    pub created: u64,
-    pub updated: u64,
-    pub unchanged: u64,
-    pub pruned: u64,
-    pub held: u64,
-    pub failed: u64,
-    pub suppressed: u64,
-    pub hold_reason: Option<String>,
-    pub failures: Vec<LabFailure>,
-}
-
-impl Tally {
-    /// The counts the plan knows before anything is written; a dry run's
-    /// creates, updates and prunes are what it would do.
-    pub fn of_plan(plan: &ReconcilePlan, listed: u64, invalid_ids: u64, dry_run: bool) -> Self {
-        let (created, updated, pruned) = if dry_run {
+impl RunReport {
+    /// The report with the counts the plan knows before anything is
+    /// written; a dry run's creates, updates and prunes are what it would
+    /// do.
+    #[must_use]
+    pub fn planned(self, plan: &ReconcilePlan, listed: u64, invalid_ids: u64) -> Self {
+        let (created, updated, pruned) = if self.dry_run {
             (
                 plan.create.len() as u64,
                 plan.update.len() as u64,
@@ -85,10 +69,11 @@ impl Tally {
                     error: e.clone(),
                 })
                 .collect(),
+            ..self
         }
     }
 
-    /// The counts once the store has said what it wrote: a record too
+    /// The report once the store has said what it wrote: a record too
     /// large to store is that lab's failure, and a lab tombstoned since
     /// the plan is suppressed.
     #[must_use]
@@ -275,7 +260,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tally_counts_the_plan_then_what_the_store_wrote() {
+    fn a_report_counts_the_plan_then_what_the_store_wrote() {
         let plan = ReconcilePlan {
             create: vec![(lab(1), snapshot("a", LabState::Stopped))],
             unchanged: vec![lab(2), lab(3)],
@@ -283,13 +268,24 @@ mod tests {
             failed: (10..40).map(|n| (lab(n), "broken".to_owned())).collect(),
             ..ReconcilePlan::default()
         };
-        let dry = Tally::of_plan(&plan, 40, 1, true);
+        let report = |dry_run| {
+            RunReport::new(
+                &worker_id(),
+                &Actor::Schedule,
+                crate::RefreshOptions {
+                    dry_run,
+                    force_prune: false,
+                },
+                Utc::now(),
+            )
+        };
+        let dry = report(true).planned(&plan, 40, 1);
         assert_eq!(
             (dry.created, dry.pruned, dry.unchanged, dry.failed),
             (1, 2, 2, 30)
         );
         assert_eq!(dry.failures.len(), MAX_REPORTED_FAILURES);
-        let wet = Tally::of_plan(&plan, 40, 1, false);
+        let wet = report(false).planned(&plan, 40, 1);
         assert_eq!((wet.created, wet.pruned, wet.invalid_ids), (0, 0, 1));
         let outcome = ApplyOutcome {
             created: 1,

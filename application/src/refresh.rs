@@ -14,7 +14,8 @@
 //! 4. Read the worker's index (hashes and tombstones) in one read and
 //!    [`plan`] create / update / unchanged / prune / held as a pure function;
 //!    [`crate::reconcile`] turns the plan into record changes with typed
-//!    events, and counts ([`crate::reconcile::Tally`]), also pure.
+//!    events, and the report's counts ([`RunReport::planned`],
+//!    [`RunReport::applied`]), also pure.
 //! 5. Confirm the lease, apply in bulk (nothing for unchanged labs), audit
 //!    the prunes that happened, store, audit and return the run report,
 //!    release the lease.
@@ -50,7 +51,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::errors::{AppError, CmlError, RepoError};
 use crate::lease::LeaseKeeper;
 use crate::ports::{AuditAction, AuditEntry, WorkerAccess};
-use crate::reconcile::{Tally, prune_audit, prunes_done, record_changes};
+use crate::reconcile::{prune_audit, prunes_done, record_changes};
 use crate::services::Services;
 
 /// Why a run failed, in words for its report.
@@ -195,7 +196,12 @@ impl std::fmt::Display for SkipReason {
 }
 
 impl RunReport {
-    fn new(worker: &WorkerId, actor: &Actor, options: RefreshOptions, now: DateTime<Utc>) -> Self {
+    pub(crate) fn new(
+        worker: &WorkerId,
+        actor: &Actor,
+        options: RefreshOptions,
+        now: DateTime<Utc>,
+    ) -> Self {
         Self {
             run_id: uuid::Uuid::new_v4().to_string(),
             worker_id: worker.clone(),
@@ -220,25 +226,6 @@ impl RunReport {
             error: None,
             failures: Vec::new(),
             note: None,
-        }
-    }
-
-    /// The report with what the run counted.
-    #[must_use]
-    fn counted(self, t: Tally) -> Self {
-        Self {
-            listed: t.listed,
-            invalid_ids: t.invalid_ids,
-            created: t.created,
-            updated: t.updated,
-            unchanged: t.unchanged,
-            pruned: t.pruned,
-            held: t.held,
-            failed: t.failed,
-            suppressed: t.suppressed,
-            hold_reason: t.hold_reason,
-            failures: t.failures,
-            ..self
         }
     }
 
@@ -353,7 +340,7 @@ impl RefreshWorkerLabs {
             s.settings.lease_ttl,
         );
         let result = self
-            .reconcile(&access, actor, options, &keeper, fence)
+            .reconcile(&access, actor, options, &keeper, fence, report)
             .await;
         keeper.stop().await;
         s.cml.release(&access);
@@ -362,9 +349,8 @@ impl RefreshWorkerLabs {
             warn!(error = %e, "could not release the refresh lease");
         }
         let report = match result {
-            Ok(tally) => report.counted(tally),
-            Err((tally, e)) => {
-                let mut report = report.counted(tally);
+            Ok(report) => report,
+            Err((mut report, e)) => {
                 report.status = RunStatus::Failed;
                 report.error = Some(e.to_string());
                 report
@@ -512,14 +498,15 @@ impl RefreshWorkerLabs {
         options: RefreshOptions,
         keeper: &LeaseKeeper,
         fence: u64,
-    ) -> Result<Tally, (Tally, RunError)> {
+        report: RunReport,
+    ) -> Result<RunReport, (RunReport, RunError)> {
         let s = &self.services;
         let worker_id = &access.worker.id;
-        let failed = |tally: &Tally| {
-            let tally = tally.clone();
-            move |e: RunError| (tally, e)
+        let failed = |report: &RunReport| {
+            let report = report.clone();
+            move |e: RunError| (report, e)
         };
-        let mut tally = Tally::default();
+        let mut report = report;
         if !options.dry_run {
             // Events a dead run staged: delivered if their change is in
             // the store, dropped if not.
@@ -527,7 +514,7 @@ impl RefreshWorkerLabs {
                 .labs
                 .settle_staged_events(worker_id)
                 .await
-                .map_err(|e| failed(&tally)(e.into()))?;
+                .map_err(|e| failed(&report)(e.into()))?;
             // Only what is logged depends on this (a mutant here is equivalent).
             if released + dropped > 0 {
                 info!(
@@ -540,35 +527,36 @@ impl RefreshWorkerLabs {
         // the list means is known before it is read.
         self.require_admin(access, true)
             .await
-            .map_err(failed(&tally))?;
+            .map_err(failed(&report))?;
         let deadline = s.settings.run_deadline;
         let (fetched, invalid_ids) = tokio::time::timeout(deadline, self.fetch(access))
             .await
-            .map_err(|_| failed(&tally)(RunError::Deadline(deadline.as_secs())))?
-            .map_err(|e| failed(&tally)(e.into()))?;
-        tally.invalid_ids = invalid_ids;
+            .map_err(|_| failed(&report)(RunError::Deadline(deadline.as_secs())))?
+            .map_err(|e| failed(&report)(e.into()))?;
+        // Known from here on, whatever fails next.
+        report.invalid_ids = invalid_ids;
         // A 401 mid-run logged in again: what did that login say?
         self.require_admin(access, false)
             .await
-            .map_err(failed(&tally))?;
+            .map_err(failed(&report))?;
         crate::crash::point(crate::crash::points::REFRESH_AFTER_FETCH);
         let listed = fetched.labs.len() as u64;
         let index = s
             .labs
             .index(worker_id)
             .await
-            .map_err(|e| failed(&tally)(e.into()))?;
+            .map_err(|e| failed(&report)(e.into()))?;
         let policy = PrunePolicy {
             force: options.force_prune,
             ..s.settings.prune
         };
         let plan = plan(&index, fetched, policy);
-        let tally = Tally::of_plan(&plan, listed, invalid_ids, options.dry_run);
+        let report = report.planned(&plan, listed, invalid_ids);
         if let Some(reason) = &plan.hold_reason {
             warn!(held = plan.held.len(), %reason, "prune held");
         }
         if options.dry_run || plan.is_noop() {
-            return Ok(tally);
+            return Ok(report);
         }
         let now = s.clock.now();
         // Only changed labs need their old snapshot (for the field diff).
@@ -579,7 +567,7 @@ impl RefreshWorkerLabs {
             s.labs
                 .records(worker_id, &update_ids)
                 .await
-                .map_err(|e| failed(&tally)(e.into()))?
+                .map_err(|e| failed(&report)(e.into()))?
                 .into_iter()
                 .map(|r| (r.lab_id, r))
                 .collect()
@@ -590,28 +578,28 @@ impl RefreshWorkerLabs {
         if !keeper
             .confirm()
             .await
-            .map_err(|e| failed(&tally)(e.into()))?
+            .map_err(|e| failed(&report)(e.into()))?
         {
-            return Err((tally, RunError::LeaseLost));
+            return Err((report, RunError::LeaseLost));
         }
         let outcome = s
             .labs
             .apply(worker_id, changes, limit)
             .await
-            .map_err(|e| failed(&tally)(e.into()))?;
+            .map_err(|e| failed(&report)(e.into()))?;
         for (lab_id, error) in &outcome.too_large {
             warn!(lab_id = %lab_id, %error, "lab record too large to store; left as it was");
         }
-        let tally = tally.applied(&outcome);
+        let report = report.applied(&outcome);
         let pruned = prunes_done(planned_prunes, &outcome);
         if !pruned.is_empty() {
             crate::crash::point(crate::crash::points::REFRESH_BEFORE_PRUNE_AUDIT);
             s.audit
                 .record(prune_audit(&pruned, actor, worker_id, now))
                 .await
-                .map_err(|e| failed(&tally)(e.into()))?;
+                .map_err(|e| failed(&report)(e.into()))?;
         }
-        Ok(tally)
+        Ok(report)
     }
 }
 
