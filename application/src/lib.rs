@@ -1,7 +1,9 @@
 //! labsync's application layer: the use cases ([`DeleteLab`],
 //! [`RefreshWorkerLabs`] and [`RefreshAll`], one reconciler for the schedule,
-//! the admin and the CLI), the ports they drive ([`ports`]: CML gateway,
-//! repositories, refresh lease, audit log, clock) and their reports.
+//! the admin and the CLI; the [`DeleteQueue`]; the [`Inventory`]), the pure
+//! steps of a refresh ([`reconcile`]), the retry policy of background work
+//! ([`retry`]), and the ports they drive ([`ports`]: CML gateway,
+//! repositories, refresh lease, audit log, run reports, health, clock).
 //!
 //! What it may depend on: `labsync-domain`, and runtime-level crates (tokio
 //! for time, futures, async-trait, tracing, secrecy). Never on MongoDB, HTTP
