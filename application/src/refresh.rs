@@ -94,7 +94,7 @@ impl Trigger {
         match actor {
             Actor::Api(_) => Self::Admin,
             Actor::Cli(_) => Self::Cli,
-            Actor::Schedule => Self::Schedule,
+            Actor::Schedule | Actor::Recorded(_) => Self::Schedule,
         }
     }
 }
@@ -502,10 +502,9 @@ impl RefreshWorkerLabs {
     ) -> Result<RunReport, (RunReport, RunError)> {
         let s = &self.services;
         let worker_id = &access.worker.id;
-        let failed = |report: &RunReport| {
-            let report = report.clone();
-            move |e: RunError| (report, e)
-        };
+        // The report so far goes with an error: a failed run's report
+        // says how far it got.
+        let fail = |report: &RunReport, e: RunError| (report.clone(), e);
         let mut report = report;
         if !options.dry_run {
             // Events a dead run staged: delivered if their change is in
@@ -514,7 +513,7 @@ impl RefreshWorkerLabs {
                 .labs
                 .settle_staged_events(worker_id)
                 .await
-                .map_err(|e| failed(&report)(e.into()))?;
+                .map_err(|e| fail(&report, e.into()))?;
             // Only what is logged depends on this (a mutant here is equivalent).
             if released + dropped > 0 {
                 info!(
@@ -527,25 +526,26 @@ impl RefreshWorkerLabs {
         // the list means is known before it is read.
         self.require_admin(access, true)
             .await
-            .map_err(failed(&report))?;
+            .map_err(|e| fail(&report, e))?;
         let deadline = s.settings.run_deadline;
         let (fetched, invalid_ids) = tokio::time::timeout(deadline, self.fetch(access))
             .await
-            .map_err(|_| failed(&report)(RunError::Deadline(deadline.as_secs())))?
-            .map_err(|e| failed(&report)(e.into()))?;
+            .map_err(|_| fail(&report, RunError::Deadline(deadline.as_secs())))?
+            .map_err(|e| fail(&report, e.into()))?;
+        let listed = fetched.labs.len() as u64;
         // Known from here on, whatever fails next.
+        report.listed = listed;
         report.invalid_ids = invalid_ids;
         // A 401 mid-run logged in again: what did that login say?
         self.require_admin(access, false)
             .await
-            .map_err(failed(&report))?;
+            .map_err(|e| fail(&report, e))?;
         crate::crash::point(crate::crash::points::REFRESH_AFTER_FETCH);
-        let listed = fetched.labs.len() as u64;
         let index = s
             .labs
             .index(worker_id)
             .await
-            .map_err(|e| failed(&report)(e.into()))?;
+            .map_err(|e| fail(&report, e.into()))?;
         let policy = PrunePolicy {
             force: options.force_prune,
             ..s.settings.prune
@@ -567,7 +567,7 @@ impl RefreshWorkerLabs {
             s.labs
                 .records(worker_id, &update_ids)
                 .await
-                .map_err(|e| failed(&report)(e.into()))?
+                .map_err(|e| fail(&report, e.into()))?
                 .into_iter()
                 .map(|r| (r.lab_id, r))
                 .collect()
@@ -578,7 +578,7 @@ impl RefreshWorkerLabs {
         if !keeper
             .confirm()
             .await
-            .map_err(|e| failed(&report)(e.into()))?
+            .map_err(|e| fail(&report, e.into()))?
         {
             return Err((report, RunError::LeaseLost));
         }
@@ -586,7 +586,7 @@ impl RefreshWorkerLabs {
             .labs
             .apply(worker_id, changes, limit)
             .await
-            .map_err(|e| failed(&report)(e.into()))?;
+            .map_err(|e| fail(&report, e.into()))?;
         for (lab_id, error) in &outcome.too_large {
             warn!(lab_id = %lab_id, %error, "lab record too large to store; left as it was");
         }
@@ -597,7 +597,7 @@ impl RefreshWorkerLabs {
             s.audit
                 .record(prune_audit(&pruned, actor, worker_id, now))
                 .await
-                .map_err(|e| failed(&report)(e.into()))?;
+                .map_err(|e| fail(&report, e.into()))?;
         }
         Ok(report)
     }
@@ -634,12 +634,14 @@ impl RefreshAll {
             .map(|w| async move {
                 match self.one.execute(&w.id, actor, options).await {
                     Ok(report) => report,
+                    // Removed since the list was read: a failed run like any
+                    // other, stored and audited.
                     Err(e) => {
                         let now = self.services.clock.now();
                         let mut r = RunReport::new(&w.id, actor, options, now);
                         r.status = RunStatus::Failed;
                         r.error = Some(e.to_string());
-                        r
+                        self.one.finish(r, Instant::now(), actor).await
                     }
                 }
             })

@@ -39,7 +39,12 @@ impl Backoff {
     /// choosing how much of [`JITTER`] is taken off.
     pub fn delay_with(&self, failures: u32, draw: f64) -> Duration {
         let ceiling = self.ceiling(failures);
-        ceiling.mul_f64(1.0 - JITTER * draw.clamp(0.0, 1.0))
+        let draw = if draw.is_nan() {
+            0.0
+        } else {
+            draw.clamp(0.0, 1.0)
+        };
+        ceiling.mul_f64(1.0 - JITTER * draw)
     }
 
     /// The wait after `failures` failed attempts, jittered at random.
@@ -79,6 +84,7 @@ mod tests {
         assert_eq!(b.delay_with(3, 0.0), Duration::from_millis(400));
         assert_eq!(b.delay_with(3, 1.0), Duration::from_millis(320));
         assert_eq!(b.delay_with(3, 7.0), Duration::from_millis(320), "clamped");
+        assert_eq!(b.delay_with(3, f64::NAN), Duration::from_millis(400));
         for n in 1..=10 {
             let d = b.delay(n);
             assert!(

@@ -3,15 +3,17 @@
 //!
 //! Stored and shown as text (`api:<token>`, `cli:<user>`, `schedule`), so
 //! that the audit log reads the same in MongoDB, the API and the CLI.
+//! Reading never fails: text stored before actors had a type (`refresh`
+//! for every prune, `cli:` for an empty login name) reads back as it was
+//! written, so one old entry cannot make a lab's history unreadable.
 
 use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 /// Who asked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
+#[serde(into = "String", from = "String")]
 pub enum Actor {
     /// An API client, by the name of its token.
     Api(String),
@@ -19,12 +21,10 @@ pub enum Actor {
     Cli(String),
     /// The periodic refresh, which no one asked for at the time.
     Schedule,
+    /// Text stored before actors had a type, kept as it was (prunes were
+    /// audited as `refresh`, whoever started the run).
+    Recorded(String),
 }
-
-/// Text that names no actor.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} names no actor: expected api:<name>, cli:<name> or schedule")]
-pub struct ActorError(String);
 
 /// The longest name an actor keeps; a longer one is cut, so that a huge
 /// login name or token name never makes an audit entry huge.
@@ -57,21 +57,20 @@ impl fmt::Display for Actor {
             Self::Api(name) => write!(f, "api:{name}"),
             Self::Cli(user) => write!(f, "cli:{user}"),
             Self::Schedule => f.write_str("schedule"),
+            Self::Recorded(text) => f.write_str(text),
         }
     }
 }
 
-impl FromStr for Actor {
-    type Err = ActorError;
-
-    fn from_str(s: &str) -> Result<Self, ActorError> {
+impl From<&str> for Actor {
+    /// The actor a stored text names; any other text is kept as
+    /// [`Actor::Recorded`].
+    fn from(s: &str) -> Self {
         match s.split_once(':') {
-            Some(("api", name)) if !name.is_empty() => Ok(Self::api(name)),
-            Some(("cli", user)) if !user.is_empty() => Ok(Self::cli(user)),
-            // Prunes were audited as `refresh` before actors had a type;
-            // those runs were the schedule's.
-            None if s == "schedule" || s == "refresh" => Ok(Self::Schedule),
-            _ => Err(ActorError(s.chars().take(MAX_ACTOR_NAME).collect())),
+            Some(("api", name)) => Self::api(name),
+            Some(("cli", user)) => Self::cli(user),
+            None if s == "schedule" => Self::Schedule,
+            _ => Self::Recorded(s.chars().take(MAX_ACTOR_NAME).collect()),
         }
     }
 }
@@ -82,11 +81,9 @@ impl From<Actor> for String {
     }
 }
 
-impl TryFrom<String> for Actor {
-    type Error = ActorError;
-
-    fn try_from(s: String) -> Result<Self, ActorError> {
-        s.parse()
+impl From<String> for Actor {
+    fn from(s: String) -> Self {
+        Self::from(s.as_str())
     }
 }
 
@@ -97,19 +94,20 @@ mod tests {
     #[test]
     fn an_actor_reads_back_as_it_was_written() {
         for a in [Actor::api("ui"), Actor::cli("ops:x"), Actor::Schedule] {
-            assert_eq!(a.to_string().parse::<Actor>(), Ok(a.clone()));
+            assert_eq!(Actor::from(a.to_string()), a);
             let json = serde_json::to_string(&a).unwrap();
             assert_eq!(serde_json::from_str::<Actor>(&json).unwrap(), a);
         }
         assert_eq!(Actor::api("ui").to_string(), "api:ui");
-        assert_eq!("refresh".parse::<Actor>(), Ok(Actor::Schedule));
     }
 
     #[test]
-    fn text_that_names_no_actor_is_refused_and_huge_names_are_cut() {
-        for bad in ["", "api:", "someone", "root:x", "cli"] {
-            assert!(bad.parse::<Actor>().is_err(), "{bad:?}");
+    fn text_stored_before_actors_had_a_type_still_reads_and_huge_names_are_cut() {
+        for old in ["refresh", "bench", "", "root:x"] {
+            let a: Actor = serde_json::from_value(serde_json::json!(old)).unwrap();
+            assert_eq!(a.to_string(), old, "kept as written");
         }
+        assert_eq!(Actor::from("cli:"), Actor::Cli("unknown".into()));
         let long = Actor::cli(&"u".repeat(10_000));
         assert_eq!(long.to_string().len(), "cli:".len() + MAX_ACTOR_NAME);
         assert_eq!(Actor::cli(" "), Actor::Cli("unknown".into()));

@@ -18,7 +18,7 @@ mod snapshot;
 mod state;
 mod worker;
 
-pub use actor::{Actor, ActorError, MAX_ACTOR_NAME};
+pub use actor::{Actor, MAX_ACTOR_NAME};
 pub use ids::{IdError, LabId, WorkerId, is_uuid4};
 pub use plan::{Detail, Existing, Fetched, HoldReason, PrunePolicy, ReconcilePlan, plan};
 pub use record::{HistoryEntry, HistoryEvent, LabRecord};

@@ -57,6 +57,19 @@ impl TlsSettings {
         Ok(Self { trust, allow_http })
     }
 
+    /// The settings as labsync stored them, not checked again (a bundle
+    /// stored before bundles were checked fails that worker's requests,
+    /// not the read). Stored with both a bundle and no verification, it
+    /// is what applied then: no verification.
+    pub fn from_stored(ca_cert_pem: Option<String>, insecure: bool, allow_http: bool) -> Self {
+        let trust = match (ca_cert_pem, insecure) {
+            (_, true) => CertificateTrust::Insecure,
+            (Some(pem), false) => CertificateTrust::CaBundle(pem),
+            (None, false) => CertificateTrust::SystemRoots,
+        };
+        Self { trust, allow_http }
+    }
+
     /// The CA bundle, if the worker has one.
     pub fn ca_cert_pem(&self) -> Option<&str> {
         match &self.trust {
@@ -110,6 +123,14 @@ impl BaseUrl {
             ));
         }
         Ok(Self(s.to_owned()))
+    }
+
+    /// A URL as labsync stored it, not checked again: a URL that an older
+    /// release accepted still reads (one odd worker must not make the
+    /// others unreadable), and the CML client refuses it at its first
+    /// request if it is no URL.
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
     }
 
     pub fn as_str(&self) -> &str {

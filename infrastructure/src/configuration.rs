@@ -144,6 +144,7 @@ impl ApiToken {
             return Err("each entry must be name:role:sha256-hex".into());
         };
         if name.is_empty()
+            || name.len() > labsync_application::domain::MAX_ACTOR_NAME
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))

@@ -1740,6 +1740,34 @@ async fn a_worker_update_lands_only_on_the_worker_as_it_was_read() {
 }
 
 #[tokio::test]
+async fn a_worker_stored_by_an_older_release_with_what_is_refused_now_still_reads() {
+    let (db, repo) = workers().await;
+    let pw = secrecy::SecretString::from("pw");
+    repo.add(&registered("cml-1"), &pw).await.unwrap();
+    repo.add(&registered("cml-2"), &pw).await.unwrap();
+    // A host the url crate refuses, a bundle that is no PEM and no
+    // verification besides: each passed an older release's checks.
+    db.collection::<Document>(collections::WORKERS)
+        .update_one(
+            doc! {"_id": "cml-1"},
+            doc! {"$set": {"base_url": "https://cml.10", "ca_cert_pem": "x", "insecure": true}},
+        )
+        .await
+        .unwrap();
+    let listed = repo
+        .list()
+        .await
+        .expect("one odd worker leaves the list readable");
+    let ids: Vec<&str> = listed.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["cml-1", "cml-2"]);
+    // (Its password, sealed to the URL it had, opens only for that URL:
+    // reading it is `get`'s business, and fails for this one alone.)
+    let odd = &listed[0];
+    assert_eq!(odd.base_url.as_str(), "https://cml.10");
+    assert!(odd.tls.insecure(), "what applied then: no verification");
+}
+
+#[tokio::test]
 async fn a_worker_stored_before_its_newer_flags_is_updated_as_if_they_were_off() {
     let (db, repo) = workers().await;
     let read = registered("cml-1");

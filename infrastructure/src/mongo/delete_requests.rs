@@ -237,11 +237,7 @@ impl DeleteRequests for MongoDeleteRequests {
             .find_one(doc! {"_id": &r.id, "status": "running", "claim": claim})
             .await
             .map_err(map_error)?
-            .and_then(|d| {
-                d.get_str("cancel_requested_by")
-                    .ok()
-                    .and_then(|s| s.parse::<Actor>().ok())
-            })
+            .and_then(|d| d.get_str("cancel_requested_by").ok().map(Actor::from))
         else {
             return Ok(false);
         };

@@ -60,10 +60,9 @@ impl WorkerDoc {
         Ok(Worker {
             id: WorkerId::parse(&self.id).map_err(|e| RepoError::Corrupt(e.to_string()))?,
             name: self.name.clone(),
-            base_url: BaseUrl::parse(&self.base_url).map_err(RepoError::Corrupt)?,
+            base_url: BaseUrl::from_stored(self.base_url.clone()),
             username: self.username.clone(),
-            tls: TlsSettings::from_parts(self.ca_cert_pem.clone(), self.insecure, self.allow_http)
-                .map_err(RepoError::Corrupt)?,
+            tls: TlsSettings::from_stored(self.ca_cert_pem.clone(), self.insecure, self.allow_http),
             enabled: self.enabled,
             lab_tiles: self.lab_tiles,
         })
