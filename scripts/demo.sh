@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs labsync end to end on this machine: the MongoDB-wire server, the CML
-# simulator with two workers of demo labs, and `labsync serve` (the HTTP API
-# and the schedule), after registering both workers and running a first
-# refresh. Ctrl-C stops everything it started.
+# simulator with two workers of demo labs, and `labsync serve` (the console,
+# the HTTP API and the schedule), after registering both workers and running
+# a first refresh. It prints the console's address and the token to sign in
+# with. Ctrl-C stops everything it started.
 #
 # Data lives in .labsync-demo/ (delete it for a fresh start). The encryption
 # key and the API token below are for this demo only; never reuse them.
@@ -79,6 +80,8 @@ demo: MongoDB-wire server  $LABSYNC__MONGODB__URI  (log: $DEMO_DIR/mongo.log)
 demo: CML simulator        http://127.0.0.1:$SIM_PORT (cml-1), http://127.0.0.1:$((SIM_PORT + 1)) (cml-2)
 demo: labsync serve        $API  refresh on "$LABSYNC__REFRESH__CRON"  (log: $DEMO_DIR/labsync.log)
 demo: API token            $DEMO_TOKEN  (role admin)   OpenAPI: $API/openapi.json
+
+Open the console:  http://127.0.0.1:$API_PORT/   and sign in with the token  $DEMO_TOKEN
 
 Try the API:
   T=$DEMO_TOKEN

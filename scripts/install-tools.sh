@@ -4,6 +4,9 @@
 # - secantusd-rs: a MongoDB-wire server (crates.io `secantus-mdb`, GPL-2.0). It is
 #   only ever run as a separate process; nothing of ours links it.
 # - cmake (from PyPI, in a private venv): needed to build secantusd-rs's storage engine.
+# - chromium and chromium-driver (Debian packages): the console's browser tests drive a
+#   real headless Chromium through chromedriver. Installed with apt-get when missing
+#   (as root, as on the project's machines and CI).
 #
 # Everything goes under $LABSYNC_TOOLS_DIR (default ~/.local/share/labsync-tools), so a
 # fresh clone on the same machine reuses it. Skips whatever is already present.
@@ -16,6 +19,16 @@ BIN="$TOOLS_DIR/bin/secantusd-rs"
 STAMP="$TOOLS_DIR/secantus-mdb.version"
 
 log() { printf 'install-tools: %s\n' "$*" >&2; }
+
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium and chromium-driver (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
+  else
+    log "chromium and chromium-driver are missing: install them (Debian: apt-get install chromium chromium-driver) for the console's browser tests"
+  fi
+fi
 
 if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$SECANTUS_VERSION" ]]; then
   log "secantusd-rs $SECANTUS_VERSION already installed"

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use labsync_application::RefreshAll;
 use labsync_infrastructure::configuration::Settings;
-use labsync_infrastructure::mongo::MongoHealth;
 use labsync_infrastructure::mongo::outbox::EventRelay;
+use labsync_infrastructure::mongo::{MongoHealth, MongoSessions};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -105,6 +105,8 @@ pub async fn start_with(
         tokens: Arc::new(settings.api.parsed_tokens()),
         metrics: app.metrics.clone(),
         health: Arc::new(MongoHealth::new(&app.db)),
+        sessions: Arc::new(MongoSessions::new(&app.db)),
+        secure_cookie: settings.api.secure_cookie,
         scheduler_running: scheduler_running.clone(),
         metrics_auth: settings.api.metrics_auth,
     };

@@ -272,6 +272,17 @@ impl LabRepository for FakeStore {
         v.truncate(q.limit);
         Ok(v)
     }
+    async fn fleet_page(&self, q: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        let mut v: Vec<LabRecord> = lock(&self.live).values().cloned().collect();
+        v.sort_by(|a, b| (&a.worker_id, a.lab_id).cmp(&(&b.worker_id, b.lab_id)));
+        v.retain(|r| {
+            q.after_in
+                .as_ref()
+                .is_none_or(|(w, l)| (&r.worker_id, r.lab_id) > (w, *l))
+        });
+        v.truncate(q.filter.limit);
+        Ok(v)
+    }
     async fn add_history(
         &self,
         _: &WorkerId,

@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::errors::{AppError, RepoError};
-use crate::ports::{AuditAction, AuditEntry, LabQuery};
+use crate::ports::{AuditAction, AuditEntry, FleetLabQuery, LabQuery};
 use crate::refresh::{RunReport, RunStatus};
 use crate::services::Services;
 
@@ -45,6 +45,14 @@ pub struct LabPage {
     pub items: Vec<LabRecord>,
     /// Pass as `after` to get the next page; `None` on the last page.
     pub next_cursor: Option<LabId>,
+}
+
+/// A page of labs across the fleet.
+#[derive(Debug, Clone)]
+pub struct FleetLabPage {
+    pub items: Vec<LabRecord>,
+    /// Pass as `after_in` to get the next page; `None` on the last page.
+    pub next_cursor: Option<(WorkerId, LabId)>,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +262,30 @@ impl Inventory {
             None
         };
         Ok(LabPage { items, next_cursor })
+    }
+
+    /// A page of labs across the fleet (or one worker), in (worker, lab)
+    /// order.
+    ///
+    /// # Errors
+    /// [`AppError::Invalid`] for a bad limit, [`AppError::Repository`].
+    pub async fn fleet_labs(&self, mut query: FleetLabQuery) -> Result<FleetLabPage, AppError> {
+        let limit = query.filter.limit;
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(AppError::Invalid(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        // One more than asked tells whether there is a next page.
+        query.filter.limit += 1;
+        let mut items = self.services.labs.fleet_page(&query).await?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| (r.worker_id.clone(), r.lab_id))
+        } else {
+            None
+        };
+        Ok(FleetLabPage { items, next_cursor })
     }
 
     /// One lab with its history and its audit trail.

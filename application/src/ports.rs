@@ -213,6 +213,16 @@ pub struct LabQuery {
     pub limit: usize,
 }
 
+/// A page of labs across the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetLabQuery {
+    /// One worker's labs only.
+    pub worker: Option<WorkerId>,
+    pub filter: LabQuery,
+    /// Only labs after this (worker, lab) pair: the cursor.
+    pub after_in: Option<(WorkerId, LabId)>,
+}
+
 /// What [`LabRepository::apply`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
@@ -263,6 +273,15 @@ pub trait LabRepository: Send + Sync {
     /// # Errors
     /// [`RepoError`].
     async fn page(&self, worker: &WorkerId, query: &LabQuery) -> Result<Vec<LabRecord>, RepoError>;
+
+    /// Live records of every worker (or of `query.worker`) matching
+    /// `query`, ordered by (worker id, lab id), at most `query.limit`,
+    /// without their history. MUST be served by the unique (worker id,
+    /// lab id) index, so that a page costs the same at any depth.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn fleet_page(&self, query: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError>;
 
     /// Writes a refresh's changes in bulk: its events first, staged (never
     /// delivered as they are), then the creates, the updates and every
@@ -512,6 +531,45 @@ pub trait Health: Send + Sync {
     /// by then whatever the store does, and MUST NOT leave a driver call
     /// half done when it gives up (a probe must not wedge the pool).
     async fn store_answers(&self, timeout: Duration) -> bool;
+}
+
+/// A console session: who signed in, until when, and the token that
+/// every state-changing request of the session must echo (CSRF).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// The SHA-256 (hex) of the secret in the browser's cookie; the secret
+    /// itself is never stored.
+    pub key: String,
+    /// The name of the API token the person signed in with.
+    pub subject: String,
+    pub csrf: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Stored console sessions, shared by every replica.
+#[async_trait]
+pub trait Sessions: Send + Sync {
+    /// # Errors
+    /// [`RepoError`].
+    async fn create(&self, session: &ConsoleSession) -> Result<(), RepoError>;
+
+    /// The session stored under `key`; MUST be `None` once it has expired
+    /// by `now`, whether or not the store has removed it yet.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn find(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConsoleSession>, RepoError>;
+
+    /// Ends the session (sign-out); ending one that is gone is no error.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn end(&self, key: &str) -> Result<(), RepoError>;
 }
 
 /// The time, injectable so that tests control it.

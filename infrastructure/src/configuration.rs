@@ -43,6 +43,9 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     pub listen: String,
+    /// Marks the console's session cookie `Secure`: set it when labsync is
+    /// reached over HTTPS (a proxy in front of it).
+    pub secure_cookie: bool,
     pub body_limit_bytes: usize,
     pub shutdown_grace_secs: u64,
     /// `name:role:sha256hex` entries; see [`ApiToken::parse`].

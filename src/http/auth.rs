@@ -102,8 +102,23 @@ pub fn caller(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiErr
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
+    /// A bearer token when the request has an `Authorization` header;
+    /// otherwise the console session its cookie names (see
+    /// [`super::session`]).
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        caller(&parts.headers, &state.tokens)
+        if parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return caller(&parts.headers, &state.tokens);
+        }
+        match super::session::session_caller(state, &parts.method, &parts.headers).await? {
+            Some((caller, session)) => {
+                parts.extensions.insert(session);
+                Ok(caller)
+            }
+            None => caller(&parts.headers, &state.tokens),
+        }
     }
 }
 

@@ -4,12 +4,14 @@
 //! and nothing else.
 
 pub mod auth;
+pub mod console;
 pub mod dto;
 pub mod extract;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod server;
+pub mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,7 +24,7 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use labsync_application::ports::Health;
+use labsync_application::ports::{Health, Sessions};
 use labsync_application::{DeleteQueue, Inventory, Services};
 use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
@@ -47,6 +49,11 @@ pub struct ApiState {
     pub scheduler_running: Arc<AtomicBool>,
     /// Who may read `/metrics`.
     pub metrics_auth: MetricsAuth,
+    /// Console sign-ins.
+    pub sessions: Arc<dyn Sessions>,
+    /// Whether the session cookie is marked `Secure` (labsync behind an
+    /// HTTPS proxy).
+    pub secure_cookie: bool,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -277,6 +284,14 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/openapi.json", get(routes::openapi));
     Router::new()
         .nest("/api/v1", v1)
+        // The console: pages, sign-in and its assets.
+        .route("/", get(console::home))
+        .route("/login", get(console::login_page).post(console::login))
+        .route("/logout", post(console::logout))
+        .route("/fleet", get(console::fleet))
+        .route("/labs", get(console::labs))
+        .route("/assets/console.js", get(console::script))
+        .route("/assets/console.css", get(console::style))
         // The usual unversioned probe paths, for orchestrators.
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
@@ -292,6 +307,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
             Arc::new(Semaphore::new(max_in_flight)),
             limit_in_flight,
         ))
+        .layer(axum::middleware::from_fn(console::security_headers))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn_with_state(state.clone(), problems))
         .layer(

@@ -9,7 +9,7 @@ use labsync_application::domain::{
     Existing, HistoryEntry, HistoryEvent, LabId, LabRecord, LabState, WorkerId,
 };
 use labsync_application::ports::{
-    ApplyOutcome, AuditEntry, LabQuery, LabRepository, RecordChanges, Tombstone,
+    ApplyOutcome, AuditEntry, FleetLabQuery, LabQuery, LabRepository, RecordChanges, Tombstone,
 };
 use labsync_application::{AppError, DeleteOutcomeKind, LabEvent, RepoError, RunStatus};
 use serde_json::json;
@@ -233,6 +233,9 @@ impl LabRepository for TombstoneFailsOnce {
     }
     async fn page(&self, w: &WorkerId, q: &LabQuery) -> Result<Vec<LabRecord>, RepoError> {
         self.inner.page(w, q).await
+    }
+    async fn fleet_page(&self, q: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        self.inner.fleet_page(q).await
     }
     async fn add_history(
         &self,

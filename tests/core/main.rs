@@ -10,6 +10,7 @@
 
 mod api;
 mod cli;
+mod console;
 mod crash;
 mod delete;
 mod edges;

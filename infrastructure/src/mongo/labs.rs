@@ -34,7 +34,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::ports::{
-    ApplyOutcome, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, Tombstone,
+    ApplyOutcome, AuditEntry, FleetLabQuery, LabQuery, LabRepository, RecordChanges, RecordUpdate,
+    Tombstone,
 };
 use labsync_application::{LabEvent, RepoError, crash};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
@@ -412,18 +413,7 @@ impl LabRepository for MongoLabRepository {
 
     async fn page(&self, worker: &WorkerId, q: &LabQuery) -> Result<Vec<LabRecord>, RepoError> {
         let mut filter = doc! {"worker_id": worker.as_str(), "tombstone": {"$exists": false}};
-        if let Some(state) = &q.state {
-            filter.insert("state", state);
-        }
-        if let Some(owner) = &q.owner {
-            filter.insert("owner_username", owner);
-        }
-        if let Some(text) = &q.title_contains {
-            filter.insert(
-                "title",
-                doc! {"$regex": regex_escape(text), "$options": "i"},
-            );
-        }
+        filter.extend(lab_filter(q));
         if let Some(after) = &q.after {
             filter.insert("lab_id", doc! {"$gt": after.as_str()});
         }
@@ -433,6 +423,35 @@ impl LabRepository for MongoLabRepository {
             .projection(doc! {"history": 0})
             .sort(doc! {"lab_id": 1})
             .limit(i64::try_from(q.limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        docs.into_iter().map(LabDoc::into_record).collect()
+    }
+
+    async fn fleet_page(&self, q: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        let mut filter = doc! {"tombstone": {"$exists": false}};
+        filter.extend(lab_filter(&q.filter));
+        if let Some(worker) = &q.worker {
+            filter.insert("worker_id", worker.as_str());
+        }
+        if let Some((worker, lab)) = &q.after_in {
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"worker_id": {"$gt": worker.as_str()}},
+                    doc! {"worker_id": worker.as_str(), "lab_id": {"$gt": lab.as_str()}},
+                ],
+            );
+        }
+        let docs: Vec<LabDoc> = self
+            .records
+            .find(filter)
+            .projection(doc! {"history": 0})
+            .sort(doc! {"worker_id": 1, "lab_id": 1})
+            .limit(i64::try_from(q.filter.limit).unwrap_or(i64::MAX))
             .await
             .map_err(map_error)?
             .try_collect()
@@ -706,6 +725,24 @@ impl LabRepository for MongoLabRepository {
             .map_err(map_error)?;
         Ok(r.deleted_count)
     }
+}
+
+/// The state, owner and title filters of a page.
+fn lab_filter(q: &LabQuery) -> mongodb::bson::Document {
+    let mut filter = doc! {};
+    if let Some(state) = &q.state {
+        filter.insert("state", state);
+    }
+    if let Some(owner) = &q.owner {
+        filter.insert("owner_username", owner);
+    }
+    if let Some(text) = &q.title_contains {
+        filter.insert(
+            "title",
+            doc! {"$regex": regex_escape(text), "$options": "i"},
+        );
+    }
+    filter
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod labs;
 mod lease;
 pub mod outbox;
 mod reports;
+mod sessions;
 mod tombstones;
 mod workers;
 
@@ -31,6 +32,7 @@ pub use health::MongoHealth;
 pub use labs::MongoLabRepository;
 pub use lease::MongoRefreshLease;
 pub use reports::MongoRunReports;
+pub use sessions::MongoSessions;
 pub use workers::MongoWorkerRepository;
 
 /// Why MongoDB could not be reached. The URI is never part of the message: it
@@ -88,6 +90,8 @@ pub mod collections {
     pub const DELETE_REQUESTS: &str = "delete_requests";
     /// One per lab with an active delete request (see `delete_requests`).
     pub const DELETE_REQUEST_LOCKS: &str = "delete_request_locks";
+    /// Console sign-ins.
+    pub const SESSIONS: &str = "sessions";
 }
 
 /// Creates every index labsync relies on. Run at start-up, before serving:
@@ -183,6 +187,10 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
             named(doc! {"worker_id": 1, "started_at": -1}, "worker_started"),
             named(doc! {"started_at": -1}, "started"),
         ])
+        .await
+        .map_err(map_error)?;
+    db.collection::<Document>(collections::SESSIONS)
+        .create_index(ttl(doc! {"expires_at": 1}, "session_ttl"))
         .await
         .map_err(map_error)?;
     Ok(())

@@ -1,0 +1,102 @@
+// labsync's console: the delete dialog. Every text from the server goes
+// into the page with textContent, never as markup; every change goes
+// through the API with the session's CSRF token.
+
+const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? "";
+
+async function api(method, path) {
+  const r = await fetch(path, {
+    method,
+    credentials: "same-origin",
+    headers: { "x-csrf-token": csrf, accept: "application/json" },
+  });
+  let body = null;
+  try {
+    body = await r.json();
+  } catch {
+    body = null;
+  }
+  return { status: r.status, body };
+}
+
+// A problem document in words: its detail and the request to quote.
+function problemText(body, status) {
+  if (body && typeof body.detail === "string") {
+    return `${body.detail} (request ${body.request_id ?? "unknown"})`;
+  }
+  return `labsync answered ${status}`;
+}
+
+const dialog = document.getElementById("confirm");
+let row = null;
+
+function say(text) {
+  document.getElementById("c-message").textContent = text;
+}
+
+function labPath(r) {
+  return `/api/v1/workers/${encodeURIComponent(r.dataset.worker)}/labs/${encodeURIComponent(r.dataset.lab)}`;
+}
+
+function gone(r) {
+  r.remove();
+  dialog.close();
+}
+
+async function follow(id) {
+  for (;;) {
+    const { status, body } = await api("GET", `/api/v1/delete-requests/${encodeURIComponent(id)}`);
+    if (status !== 200) {
+      say(problemText(body, status));
+      return;
+    }
+    const last = body.last_error ? `; last error: ${body.last_error}` : "";
+    say(`Stop, wipe and delete: ${body.status}, attempt ${body.attempts}${last}`);
+    if (body.status === "done") {
+      gone(row);
+      return;
+    }
+    if (body.status === "failed" || body.status === "cancelled") {
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
+if (dialog) {
+  document.addEventListener("click", (e) => {
+    const button = e.target.closest("button[data-delete]");
+    if (!button) return;
+    row = button.closest("tr");
+    document.getElementById("c-title").textContent = row.dataset.title;
+    document.getElementById("c-worker").textContent = row.dataset.worker;
+    document.getElementById("c-state").textContent = row.dataset.state;
+    document.getElementById("c-force").hidden = true;
+    document.getElementById("c-delete").hidden = false;
+    say("");
+    dialog.showModal();
+  });
+  document.getElementById("c-cancel").addEventListener("click", () => dialog.close());
+  document.getElementById("c-delete").addEventListener("click", async () => {
+    say("Deleting…");
+    const { status, body } = await api("DELETE", labPath(row));
+    if (status === 200) {
+      gone(row);
+    } else if (status === 409 && String(body?.type).endsWith(":lab-running")) {
+      say(`${problemText(body, status)}. Stop and wipe it, then delete it?`);
+      document.getElementById("c-delete").hidden = true;
+      document.getElementById("c-force").hidden = false;
+    } else {
+      say(problemText(body, status));
+    }
+  });
+  document.getElementById("c-force").addEventListener("click", async () => {
+    document.getElementById("c-force").hidden = true;
+    const { status, body } = await api("DELETE", `${labPath(row)}?force=true&mode=async`);
+    if (status === 202 && body?.delete_request_id) {
+      await follow(body.delete_request_id);
+    } else {
+      say(problemText(body, status));
+    }
+  });
+}

@@ -1,0 +1,421 @@
+//! The console in a real headless Chromium, driven through chromedriver
+//! (WebDriver), against the service on a real MongoDB-wire server and the
+//! CML simulator. Each story saves a screenshot under target/screenshots/.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use cml_sim::LabSpec;
+use fantoccini::{Client, ClientBuilder, Locator};
+use labsync_application::domain::{Actor, LabId};
+use labsync_application::{RefreshAll, RefreshOptions};
+use labsync_test_support::eventually;
+use serde_json::json;
+
+use crate::helpers::{OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
+
+/// A headless Chromium behind its own chromedriver, gone when dropped.
+struct Browser {
+    client: Client,
+    driver: tokio::process::Child,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver runs (scripts/install-tools.sh installs chromium-driver)");
+        let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(json!({
+            "goog:chromeOptions": {
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,900"]
+            }
+        }))
+        .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut last = None;
+        for _ in 0..200 {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => return Self { client, driver },
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("chromedriver did not answer: {last:?}");
+    }
+
+    async fn sign_in(&self, api: &TestApi, token: &str) {
+        let c = &self.client;
+        c.goto(&api.url("/login")).await.unwrap();
+        c.find(Locator::Css("#token"))
+            .await
+            .unwrap()
+            .send_keys(token)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form[action='/login'] button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait()
+            .for_element(Locator::Css("meta[name='csrf-token']"))
+            .await
+            .expect("signed in");
+    }
+
+    /// Saves what the page shows to target/screenshots/`name`.png.
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+
+    /// The rows of the labs table, as (lab id, state).
+    async fn rows(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for r in self
+            .client
+            .find_all(Locator::Css("table.labs tbody tr"))
+            .await
+            .unwrap()
+        {
+            out.push((
+                r.attr("data-lab").await.unwrap().unwrap_or_default(),
+                r.attr("data-state").await.unwrap().unwrap_or_default(),
+            ));
+        }
+        out
+    }
+
+    async fn has_row(&self, lab: &LabId) -> bool {
+        self.client
+            .find_all(Locator::Css(&format!("tr[data-lab='{lab}']")))
+            .await
+            .unwrap()
+            .len()
+            == 1
+    }
+
+    async fn stop(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill().await;
+    }
+}
+
+/// Two simulated workers, both refreshed.
+async fn fleet() -> TestApp {
+    let t = TestApp::spawn_with(2, &[]).await;
+    refresh_all(&t).await;
+    t
+}
+
+async fn refresh_all(t: &TestApp) {
+    RefreshAll::new(t.services().clone())
+        .execute(&Actor::api("admin"), RefreshOptions::default())
+        .await
+        .unwrap();
+}
+
+fn add_lab(t: &TestApp, title: &str, state: &str) -> LabId {
+    let lab = t
+        .sim()
+        .add_lab(LabSpec {
+            state: Some(state.into()),
+            lab_title: Some(title.into()),
+            ..LabSpec::default()
+        })
+        .unwrap();
+    LabId::parse(&lab.id).unwrap()
+}
+
+#[tokio::test]
+async fn a_person_signs_in_and_sees_the_fleet_synced_and_the_labs_filtered() {
+    let t = fleet().await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+    b.client.goto(&api.url("/fleet")).await.unwrap();
+    let mut synced = Vec::new();
+    for row in b
+        .client
+        .find_all(Locator::Css("table.fleet tbody tr"))
+        .await
+        .unwrap()
+    {
+        let worker = row.attr("data-worker").await.unwrap().unwrap_or_default();
+        let sync = row
+            .find(Locator::Css("[data-sync]"))
+            .await
+            .unwrap()
+            .attr("data-sync")
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        synced.push((worker, sync));
+    }
+    assert_eq!(
+        synced,
+        [
+            ("cml-1".to_owned(), "synced".to_owned()),
+            ("cml-2".to_owned(), "synced".to_owned())
+        ]
+    );
+    b.screenshot("fleet").await;
+
+    b.client
+        .goto(&api.url("/labs?state=STARTED"))
+        .await
+        .unwrap();
+    let rows = b.rows().await;
+    assert!(!rows.is_empty(), "the seeded fleet has started labs");
+    assert!(rows.iter().all(|(_, state)| state == "STARTED"), "{rows:?}");
+    let target = add_lab(&t, "Needle in the fleet", "STOPPED");
+    refresh_all(&t).await;
+    b.client.goto(&api.url("/labs?q=needle")).await.unwrap();
+    assert_eq!(b.rows().await, [(target.to_string(), "STOPPED".to_owned())]);
+    b.screenshot("labs-filtered").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_hostile_title_shows_as_text_and_runs_nothing() {
+    let t = fleet().await;
+    let hostile = "<img src=x onerror=alert(1)><script>alert(2)</script>";
+    let lab = add_lab(&t, hostile, "STOPPED");
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+    b.client.goto(&api.url("/labs?q=onerror")).await.unwrap();
+    let cell = b
+        .client
+        .find(Locator::Css(&format!("tr[data-lab='{lab}'] td.title")))
+        .await
+        .unwrap();
+    assert_eq!(cell.text().await.unwrap(), hostile);
+    assert!(
+        cell.find_all(Locator::Css("img, script"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no element was made from the title"
+    );
+    assert!(b.client.get_alert_text().await.is_err(), "no dialog opened");
+    // The dialog names the lab as text too.
+    cell.find(Locator::XPath("..//button[@data-delete]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let named = b.client.find(Locator::Css("#c-title")).await.unwrap();
+    assert_eq!(named.text().await.unwrap(), hostile);
+    assert!(b.client.get_alert_text().await.is_err(), "no dialog opened");
+    b.screenshot("hostile-title").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_operator_deletes_a_wiped_lab_and_a_running_one_after_stop_and_wipe() {
+    let t = fleet().await;
+    let wiped = add_lab(&t, "Wiped, to delete", "DEFINED_ON_CORE");
+    let running = add_lab(&t, "Running, to delete", "STARTED");
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+
+    b.client.goto(&api.url("/labs?q=to+delete")).await.unwrap();
+    let delete = |lab: &LabId| format!("tr[data-lab='{lab}'] button[data-delete]");
+    b.client
+        .find(Locator::Css(&delete(&wiped)))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.client
+        .find(Locator::Css("#c-delete"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the wiped lab's row goes", || async {
+        !b.has_row(&wiped).await
+    })
+    .await;
+    assert!(
+        t.sim().lab(wiped.as_str()).is_none(),
+        "CML no longer has it"
+    );
+
+    b.client
+        .find(Locator::Css(&delete(&running)))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.client
+        .find(Locator::Css("#c-delete"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let force = b.client.find(Locator::Css("#c-force")).await.unwrap();
+    eventually("the refusal offers stop, wipe and delete", || async {
+        force.is_displayed().await.unwrap_or(false)
+    })
+    .await;
+    let said = b
+        .client
+        .find(Locator::Css("#c-message"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        said.contains("request"),
+        "the problem's detail and request id: {said}"
+    );
+    b.screenshot("delete-running-refused").await;
+    force.click().await.unwrap();
+    eventually("the running lab's row goes", || async {
+        !b.has_row(&running).await
+    })
+    .await;
+    assert!(
+        t.sim().lab(running.as_str()).is_none(),
+        "CML no longer has it"
+    );
+    b.screenshot("deleted").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
+    let t = fleet().await;
+    let lab = add_lab(&t, "Viewer's view", "DEFINED_ON_CORE");
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, VIEWER_TOKEN).await;
+    b.client.goto(&api.url("/labs?q=viewer")).await.unwrap();
+    assert_eq!(b.rows().await.len(), 1);
+    assert!(
+        b.client
+            .find_all(Locator::Css("button[data-delete]"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a viewer has no Delete button"
+    );
+    b.screenshot("viewer").await;
+    // A delete forged from the viewer's own session, with its CSRF token.
+    let path = format!("/api/v1/workers/cml-1/labs/{lab}");
+    let forged = b
+        .client
+        .execute_async(
+            "const [path, done] = arguments;
+             const csrf = document.querySelector('meta[name=\"csrf-token\"]').content;
+             fetch(path, {method: 'DELETE', headers: {'x-csrf-token': csrf}})
+               .then(r => done(r.status));",
+            vec![json!(path)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(forged, json!(403));
+    b.stop().await;
+
+    // An operator's session without the CSRF token changes nothing either.
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+    b.client.goto(&api.url("/labs")).await.unwrap();
+    let tokenless = b
+        .client
+        .execute_async(
+            "const [path, done] = arguments;
+             fetch(path, {method: 'DELETE'}).then(r => done(r.status));",
+            vec![json!(path)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tokenless, json!(403));
+    assert!(t.sim().lab(lab.as_str()).is_some(), "CML still has the lab");
+    // Signed out, the session opens nothing.
+    b.client
+        .find(Locator::Css("form.signout button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.client
+        .wait()
+        .for_element(Locator::Css("#token"))
+        .await
+        .unwrap();
+    b.client.goto(&api.url("/labs")).await.unwrap();
+    assert!(
+        b.client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/login")
+    );
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn every_answer_forbids_inline_script_framing_and_sniffing() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    for path in ["/login", "/api/v1/healthz", "/assets/console.js"] {
+        let r = api.http.get(api.url(path)).send().await.unwrap();
+        let h = r.headers();
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+    }
+    // A page without a session sends the browser to sign in.
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(api.url("/labs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/login");
+    api.stop().await;
+}
