@@ -341,11 +341,15 @@ pub async fn labs(
         }
         @match &page_result {
             Ok(page) => {
+                @if may_delete {
+                    p.bulk { button #delete-selected type="button" { "Delete selected" } }
+                }
                 table.labs {
-                    thead { tr { th { "Title" } th { "Worker" } th { "Owner" } th { "State" } th { "Nodes / links" } th { "Modified" } th { "Last seen" } @if may_delete { th {} } } }
+                    thead { tr { @if may_delete { th {} } th { "Title" } th { "Worker" } th { "Owner" } th { "State" } th { "Nodes / links" } th { "Modified" } th { "Last seen" } @if may_delete { th {} th { "Outcome" } } } }
                     tbody {
                         @for r in &page.items {
                             tr data-worker=(r.worker_id.as_str()) data-lab=(r.lab_id.as_str()) data-title=(r.snapshot.title) data-state=(r.snapshot.state.as_str()) {
+                                @if may_delete { td { input type="checkbox" data-select="" aria-label="select"; } }
                                 td.title { (r.snapshot.title) }
                                 td { (r.worker_id.as_str()) }
                                 td { (r.snapshot.owner_username.clone().unwrap_or_default()) }
@@ -353,7 +357,10 @@ pub async fn labs(
                                 td { (r.snapshot.node_count) " / " (r.snapshot.link_count) }
                                 td { (r.snapshot.modified.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default()) }
                                 td { (r.last_seen_at.format("%Y-%m-%d %H:%M").to_string()) }
-                                @if may_delete { td { button.delete type="button" data-delete="" { "Delete" } } }
+                                @if may_delete {
+                                    td { button.delete type="button" data-delete="" { "Delete" } }
+                                    td.outcome role="status" {}
+                                }
                             }
                         }
                     }

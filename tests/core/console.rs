@@ -196,6 +196,41 @@ async fn a_person_signs_in_and_sees_the_fleet_synced_and_the_labs_filtered() {
 }
 
 #[tokio::test]
+async fn a_person_pages_through_five_hundred_labs_seeing_each_once() {
+    let t = fleet().await;
+    for n in 0..500 {
+        add_lab(&t, &format!("bulk lab {n:03}"), "STOPPED");
+    }
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, VIEWER_TOKEN).await;
+    b.client.goto(&api.url("/labs?q=bulk")).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        for (lab, _) in b.rows().await {
+            assert!(seen.insert(lab.clone()), "{lab} shown twice");
+        }
+        let next = b.client.find_all(Locator::Css("a.next")).await.unwrap();
+        let Some(next) = next.into_iter().next() else {
+            break;
+        };
+        let before = b.client.current_url().await.unwrap();
+        next.click().await.unwrap();
+        eventually("the next page", || async {
+            b.client.current_url().await.unwrap() != before
+        })
+        .await;
+    }
+    assert_eq!((seen.len(), pages), (500, 5));
+    b.screenshot("labs-paged").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn a_hostile_title_shows_as_text_and_runs_nothing() {
     let t = fleet().await;
     let hostile = "<img src=x onerror=alert(1)><script>alert(2)</script>";
@@ -311,6 +346,60 @@ async fn an_operator_deletes_a_wiped_lab_and_a_running_one_after_stop_and_wipe()
         "CML no longer has it"
     );
     b.screenshot("deleted").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn three_labs_deleted_at_once_each_say_how_they_ended() {
+    let t = fleet().await;
+    let first = add_lab(&t, "Batch one", "DEFINED_ON_CORE");
+    let refused = add_lab(&t, "Batch two", "STARTED");
+    let third = add_lab(&t, "Batch three", "DEFINED_ON_CORE");
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+    b.client.goto(&api.url("/labs?q=batch")).await.unwrap();
+    for lab in [&first, &refused, &third] {
+        b.client
+            .find(Locator::Css(&format!(
+                "tr[data-lab='{lab}'] input[data-select]"
+            )))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+    b.client
+        .find(Locator::Css("#delete-selected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the two wiped labs' rows go", || async {
+        !b.has_row(&first).await && !b.has_row(&third).await
+    })
+    .await;
+    let reason = b
+        .client
+        .find(Locator::Css(&format!(
+            "tr[data-lab='{refused}'] td.outcome"
+        )))
+        .await
+        .unwrap();
+    eventually("the refused lab says why", || async {
+        reason.text().await.unwrap_or_default().contains("STARTED")
+    })
+    .await;
+    assert!(t.sim().lab(first.as_str()).is_none() && t.sim().lab(third.as_str()).is_none());
+    assert!(
+        t.sim().lab(refused.as_str()).is_some(),
+        "CML keeps the refused lab"
+    );
+    b.screenshot("batch-delete").await;
     b.stop().await;
     api.stop().await;
 }

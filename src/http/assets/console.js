@@ -100,3 +100,24 @@ if (dialog) {
     }
   });
 }
+
+// Several labs at once: each is deleted on its own, and each row says how
+// its delete ended (one refusal never hides the others' results).
+document.getElementById("delete-selected")?.addEventListener("click", async () => {
+  const rows = [...document.querySelectorAll("tr[data-lab]")].filter(
+    (r) => r.querySelector("input[data-select]")?.checked,
+  );
+  await Promise.all(
+    rows.map(async (r) => {
+      const outcome = r.querySelector("td.outcome");
+      outcome.textContent = "deleting…";
+      const { status, body } = await api("DELETE", labPath(r));
+      if (status === 200) {
+        r.remove();
+      } else {
+        outcome.textContent = problemText(body, status);
+        outcome.classList.add("error");
+      }
+    }),
+  );
+});
