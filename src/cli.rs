@@ -78,11 +78,35 @@ pub enum Command {
     /// Shows the stored inventory.
     #[command(subcommand)]
     Labs(LabsCommand),
+    /// Who deleted, pruned or refreshed what, and how it ended, newest
+    /// first; labs that are gone included.
+    Audit(AuditArgs),
     /// Checks the configuration and prints it with secrets redacted.
     Config,
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[arg(long)]
+    pub worker: Option<String>,
+    #[arg(long)]
+    pub lab: Option<String>,
+    /// Exactly: api:<token>, cli:<user> or schedule.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// delete, prune, refresh, worker_added, worker_updated or worker_removed.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// RFC 3339: entries at or after this time.
+    #[arg(long)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -405,6 +429,42 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Audit(a) => {
+            let query = crate::http::routes::audit_query(crate::http::dto::AuditParams {
+                worker_id: a.worker,
+                lab_id: a.lab,
+                actor: a.actor,
+                action: a.action,
+                since: a.since,
+                cursor: None,
+                limit: Some(a.limit),
+            })
+            .map_err(|e| AppError::Invalid(e.detail))?;
+            let page = app.inventory.audit(query).await?;
+            if a.json {
+                let views: Vec<crate::http::dto::AuditItemView> = page
+                    .items
+                    .into_iter()
+                    .map(crate::http::dto::AuditItemView::from)
+                    .collect();
+                print_json(&views)?;
+            } else {
+                for s in &page.items {
+                    let e = &s.entry;
+                    println!(
+                        "{} {:<16} {:<14} {} {} {} {}",
+                        e.at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        shown(&e.actor.to_string()),
+                        e.action.as_str(),
+                        e.worker_id,
+                        e.lab_id.map_or_else(|| "-".into(), |l| l.to_string()),
+                        shown(&e.outcome),
+                        shown(&e.detail)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Labs(LabsCommand::List { worker, json }) => {
             let mut records = Vec::new();

@@ -372,6 +372,19 @@ impl AuditLog for FakeStore {
     ) -> Result<Vec<AuditEntry>, RepoError> {
         Ok(lock(&self.audit).iter().rev().cloned().collect())
     }
+    async fn search(&self, q: &AuditQuery) -> Result<Vec<StoredAudit>, RepoError> {
+        Ok(lock(&self.audit)
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, e)| q.lab.is_none_or(|l| e.lab_id == Some(l)))
+            .take(q.limit)
+            .map(|(n, e)| StoredAudit {
+                id: n.to_string(),
+                entry: e.clone(),
+            })
+            .collect())
+    }
 }
 
 #[async_trait]

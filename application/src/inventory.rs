@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::errors::{AppError, RepoError};
-use crate::ports::{AuditAction, AuditEntry, FleetLabQuery, LabQuery};
+use crate::ports::{AuditAction, AuditEntry, AuditQuery, FleetLabQuery, LabQuery, StoredAudit};
 use crate::refresh::{RunReport, RunStatus};
 use crate::services::Services;
 
@@ -45,6 +45,14 @@ pub struct LabPage {
     pub items: Vec<LabRecord>,
     /// Pass as `after` to get the next page; `None` on the last page.
     pub next_cursor: Option<LabId>,
+}
+
+/// A page of the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditPage {
+    pub items: Vec<StoredAudit>,
+    /// Pass as `before` to get the next (older) page; `None` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// A page of labs across the fleet.
@@ -86,7 +94,13 @@ impl Inventory {
             .worker)
     }
 
-    async fn audit(&self, actor: &Actor, action: AuditAction, worker: &WorkerId, detail: String) {
+    async fn record_audit(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        worker: &WorkerId,
+        detail: String,
+    ) {
         let entry = AuditEntry {
             at: self.services.clock.now(),
             actor: actor.clone(),
@@ -157,7 +171,7 @@ impl Inventory {
             Err(RepoError::Duplicate(_)) => return Err(AppError::WorkerExists(worker.id)),
             Err(e) => return Err(e.into()),
         }
-        self.audit(
+        self.record_audit(
             actor,
             AuditAction::WorkerAdded,
             &worker.id,
@@ -196,7 +210,7 @@ impl Inventory {
                 .update(&before, &worker, password.as_ref())
                 .await?
             {
-                self.audit(
+                self.record_audit(
                     actor,
                     AuditAction::WorkerUpdated,
                     id,
@@ -229,7 +243,7 @@ impl Inventory {
             return Err(AppError::UnknownWorker(id.clone()));
         }
         let records = self.services.labs.remove_worker(id).await?;
-        self.audit(
+        self.record_audit(
             actor,
             AuditAction::WorkerRemoved,
             id,
@@ -286,6 +300,29 @@ impl Inventory {
             None
         };
         Ok(FleetLabPage { items, next_cursor })
+    }
+
+    /// Audit entries, newest first: who deleted, pruned or refreshed what,
+    /// and how it ended, labs that are gone included.
+    ///
+    /// # Errors
+    /// [`AppError::Invalid`] for a bad limit, [`AppError::Repository`].
+    pub async fn audit(&self, mut query: AuditQuery) -> Result<AuditPage, AppError> {
+        let limit = query.limit;
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(AppError::Invalid(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        query.limit += 1;
+        let mut items = self.services.audit.search(&query).await?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|a| a.id.clone())
+        } else {
+            None
+        };
+        Ok(AuditPage { items, next_cursor })
     }
 
     /// One lab with its history and its audit trail.

@@ -33,7 +33,9 @@ pub use delete_queue::{
 };
 pub use errors::{AppError, CmlError, RepoError};
 pub use events::{EventData, LabEvent, LabEventKind, NoObserver, Observer};
-pub use inventory::{FleetLabPage, Inventory, LabDetail, LabPage, SyncState, WorkerOverview};
+pub use inventory::{
+    AuditPage, FleetLabPage, Inventory, LabDetail, LabPage, SyncState, WorkerOverview,
+};
 pub use refresh::{
     LabFailure, RefreshAll, RefreshOptions, RefreshWorkerLabs, RunReport, RunStatus, SkipReason,
     Trigger,

@@ -473,6 +473,20 @@ pub enum AuditAction {
     WorkerRemoved,
 }
 
+impl AuditAction {
+    /// The action as it is stored and shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::Prune => "prune",
+            Self::Refresh => "refresh",
+            Self::WorkerAdded => "worker_added",
+            Self::WorkerUpdated => "worker_updated",
+            Self::WorkerRemoved => "worker_removed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
@@ -485,6 +499,28 @@ pub struct AuditEntry {
     /// A short, stable word: `deleted`, `already_absent`, `refused_running`...
     pub outcome: String,
     pub detail: String,
+}
+
+/// Which audit entries to read: every filter given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub worker: Option<WorkerId>,
+    pub lab: Option<LabId>,
+    /// The actor's text, exactly (`api:ui`, `cli:ops`, `schedule`).
+    pub actor: Option<String>,
+    pub action: Option<AuditAction>,
+    /// Entries at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only entries older than the one with this id: the cursor.
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+/// An audit entry with the id the store gave it (the cursor of a page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAudit {
+    pub id: String,
+    pub entry: AuditEntry,
 }
 
 /// The audit trail of deletes and prunes.
@@ -504,6 +540,14 @@ pub trait AuditLog: Send + Sync {
         lab: Option<&LabId>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, RepoError>;
+
+    /// The entries matching `query`, newest first, at most `query.limit`;
+    /// labs that are gone included. An unknown cursor MUST read as "from
+    /// the newest", never fail.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn search(&self, query: &AuditQuery) -> Result<Vec<StoredAudit>, RepoError>;
 }
 
 /// Stored run reports.
@@ -584,5 +628,27 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_audit_action_is_stored_by_the_word_it_shows() {
+        for a in [
+            AuditAction::Delete,
+            AuditAction::Prune,
+            AuditAction::Refresh,
+            AuditAction::WorkerAdded,
+            AuditAction::WorkerUpdated,
+            AuditAction::WorkerRemoved,
+        ] {
+            assert_eq!(
+                serde_json::to_value(a).unwrap(),
+                serde_json::json!(a.as_str())
+            );
+        }
     }
 }

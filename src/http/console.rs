@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use super::ApiState;
 use super::auth::Caller;
+use super::dto::AuditParams;
 use super::session;
 
 /// The console's script, served at `/assets/console.js`.
@@ -70,6 +71,7 @@ fn page(title: &str, person: Option<&Person>, body: Markup) -> Markup {
                         nav {
                             a href="/fleet" { "Fleet" }
                             a href="/labs" { "Labs" }
+                            a href="/audit" { "Audit" }
                         }
                         span.who { (p.caller.name) " · " (p.caller.role.as_str()) }
                         form.signout method="post" action="/logout" {
@@ -384,6 +386,57 @@ pub async fn labs(
         }
     };
     html_response(StatusCode::OK, page("Labs", Some(&person), body))
+}
+
+/// `/audit`: who deleted, pruned or refreshed what, and how it ended, labs
+/// that are gone included.
+pub async fn audit(
+    State(s): State<ApiState>,
+    person: Person,
+    Query(p): Query<AuditParams>,
+) -> Response {
+    let filters = [
+        ("worker_id", "Worker", p.worker_id.clone()),
+        ("lab_id", "Lab id", p.lab_id.clone()),
+        ("actor", "Who", p.actor.clone()),
+        ("action", "Action", p.action.clone()),
+    ];
+    let entries = match super::routes::audit_query(p) {
+        Ok(q) => s.inventory.audit(q).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.detail),
+    };
+    let body = html! {
+        h1 { "Audit" }
+        form.filters method="get" action="/audit" {
+            @for (name, label, value) in &filters {
+                label { (label) " " input type="text" name=(name) value=(value.clone().unwrap_or_default()); }
+            }
+            button type="submit" { "Filter" }
+        }
+        @match &entries {
+            Ok(page) => {
+                table.audit {
+                    thead { tr { th { "When" } th { "Who" } th { "Action" } th { "Worker" } th { "Lab" } th { "Outcome" } th { "Detail" } } }
+                    tbody {
+                        @for a in &page.items {
+                            tr data-id=(a.id) {
+                                td { (a.entry.at.format("%Y-%m-%d %H:%M:%S UTC")) }
+                                td.actor { (a.entry.actor.to_string()) }
+                                td.action { (a.entry.action.as_str()) }
+                                td { (a.entry.worker_id.as_str()) }
+                                td { code { (a.entry.lab_id.map(|l| l.to_string()).unwrap_or_default()) } }
+                                td.outcome { (a.entry.outcome) }
+                                td.detail { (a.entry.detail) }
+                            }
+                        }
+                    }
+                }
+                @if page.items.is_empty() { p.empty { "No entry matches." } }
+            }
+            Err(e) => { p.error role="alert" { (e) } }
+        }
+    };
+    html_response(StatusCode::OK, page("Audit", Some(&person), body))
 }
 
 pub async fn script() -> Response {

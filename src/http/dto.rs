@@ -372,6 +372,67 @@ impl From<AuditEntry> for AuditView {
     }
 }
 
+/// One audit entry, with the id that pages the log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditItemView {
+    pub id: String,
+    pub at: DateTime<Utc>,
+    /// `api:<token>`, `cli:<user>` or `schedule`.
+    pub actor: String,
+    /// `delete`, `prune`, `refresh`, `worker_added`, `worker_updated` or
+    /// `worker_removed`.
+    pub action: String,
+    pub worker_id: String,
+    pub lab_id: Option<String>,
+    /// A short word: `deleted`, `already_absent`, `refused_running`,
+    /// `pruned`, `succeeded`...
+    pub outcome: String,
+    pub detail: String,
+}
+
+impl From<labsync_application::ports::StoredAudit> for AuditItemView {
+    fn from(s: labsync_application::ports::StoredAudit) -> Self {
+        let a = s.entry;
+        Self {
+            id: s.id,
+            at: a.at,
+            actor: a.actor.to_string(),
+            action: a.action.as_str().to_owned(),
+            worker_id: a.worker_id.to_string(),
+            lab_id: a.lab_id.map(|l| l.to_string()),
+            outcome: a.outcome,
+            detail: a.detail,
+        }
+    }
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPageView {
+    pub items: Vec<AuditItemView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    pub worker_id: Option<String>,
+    pub lab_id: Option<String>,
+    /// The actor, exactly: `api:<token>`, `cli:<user>`, `schedule`.
+    pub actor: Option<String>,
+    /// `delete`, `prune`, `refresh`, `worker_added`, `worker_updated`,
+    /// `worker_removed`.
+    pub action: Option<String>,
+    /// RFC 3339: entries at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1 to 1000, default 100.
+    pub limit: Option<usize>,
+}
+
 /// A lab with its history (real changes and delete attempts) and audit trail.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LabDetailView {

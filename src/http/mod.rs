@@ -278,6 +278,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         )
         .route("/labs/refresh", post(routes::refresh_all))
         .route("/refresh-runs", get(routes::refresh_runs))
+        .route("/audit", get(routes::audit))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
@@ -290,6 +291,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/logout", post(console::logout))
         .route("/fleet", get(console::fleet))
         .route("/labs", get(console::labs))
+        .route("/audit", get(console::audit))
         .route("/assets/console.js", get(console::script))
         .route("/assets/console.css", get(console::style))
         // The usual unversioned probe paths, for orchestrators.

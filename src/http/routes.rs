@@ -24,7 +24,8 @@ use super::ApiState;
 use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
-use labsync_application::inventory::{DEFAULT_RUNS, MAX_PAGE};
+use labsync_application::inventory::{DEFAULT_PAGE, DEFAULT_RUNS, MAX_PAGE};
+use labsync_application::ports::{AuditAction, AuditQuery};
 
 use super::problem::{ApiError, Problem, ProblemKind};
 
@@ -182,9 +183,7 @@ pub async fn list_labs(
         owner: text_filter("owner", p.owner)?,
         title_contains: text_filter("q", p.q)?,
         after,
-        limit: p
-            .limit
-            .unwrap_or(labsync_application::inventory::DEFAULT_PAGE),
+        limit: p.limit.unwrap_or(DEFAULT_PAGE),
     };
     let page = s.inventory.labs(&id, query).await?;
     Ok(Json(LabPageView {
@@ -199,6 +198,60 @@ pub const MAX_FILTER_CHARS: usize = 200;
 /// A text filter from the query string: empty means none; control
 /// characters (MongoDB refuses a NUL in a pattern) and very long text are
 /// refused here rather than by the database.
+/// The audit query an `/audit` request asks for: the one parsing of its
+/// filters, for the API and the console.
+///
+/// # Errors
+/// 400 for an id that does not parse, an unknown action, a bad text.
+pub fn audit_query(p: AuditParams) -> ApiResult<AuditQuery> {
+    let action = match p.action.filter(|a| !a.is_empty()) {
+        Some(a) => Some(
+            serde_json::from_value::<AuditAction>(serde_json::Value::String(a.clone())).map_err(
+                |_| {
+                    ApiError::bad_request(format!(
+                        "action must be delete, prune, refresh, worker_added, worker_updated \
+                         or worker_removed, not {:?}",
+                        a.chars().take(40).collect::<String>()
+                    ))
+                },
+            )?,
+        ),
+        None => None,
+    };
+    Ok(AuditQuery {
+        worker: text_filter("worker_id", p.worker_id)?
+            .map(|w| WorkerId::parse(&w))
+            .transpose()
+            .map_err(AppError::from)?,
+        lab: text_filter("lab_id", p.lab_id)?
+            .map(|l| LabId::parse(&l))
+            .transpose()
+            .map_err(AppError::from)?,
+        actor: text_filter("actor", p.actor)?,
+        action,
+        since: p.since,
+        before: text_filter("cursor", p.cursor)?,
+        limit: p.limit.unwrap_or(DEFAULT_PAGE),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    description = "Who deleted, pruned or refreshed what, and how it ended, newest first; labs that are gone included.",
+    params(AuditParams),
+    responses((status = 200, body = AuditPageView), (status = 400, body = Problem), (status = 401, body = Problem)),
+    security(("token" = [])))]
+pub async fn audit(
+    State(s): State<ApiState>,
+    Viewer(_): Viewer,
+    ApiQuery(p): ApiQuery<AuditParams>,
+) -> ApiResult<Json<AuditPageView>> {
+    let page = s.inventory.audit(audit_query(p)?).await?;
+    Ok(Json(AuditPageView {
+        items: page.items.into_iter().map(AuditItemView::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
 fn text_filter(name: &str, value: Option<String>) -> ApiResult<Option<String>> {
     let Some(v) = value.filter(|v| !v.is_empty()) else {
         return Ok(None);

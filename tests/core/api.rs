@@ -702,3 +702,107 @@ async fn readyz_follows_mongodb_and_the_scheduler() {
     );
     api.stop().await;
 }
+
+#[tokio::test]
+async fn the_audit_says_who_deleted_a_lab_after_it_is_gone_and_pages_without_repeats() {
+    let t = TestApp::spawn().await;
+    t.refresh().await;
+    let lab = t.add_lab("DEFINED_ON_CORE");
+    t.refresh().await;
+    let api = TestApi::start(&t).await;
+    let (s, out) = api
+        .send(api.req(
+            Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{lab}"),
+            Some(OPERATOR_TOKEN),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    let (s, _) = api
+        .get(&format!("/api/v1/workers/cml-1/labs/{lab}"), VIEWER_TOKEN)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "the lab is gone");
+    let (s, page) = api
+        .get(
+            &format!("/api/v1/audit?lab_id={lab}&action=delete"),
+            VIEWER_TOKEN,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let who: Vec<(&str, &str, &str)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["actor"].as_str().unwrap(),
+                i["outcome"].as_str().unwrap(),
+                i["worker_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        who.contains(&("api:operator", "deleted", "cml-1")),
+        "{page}"
+    );
+    assert!(
+        who.iter().all(|(actor, ..)| *actor == "api:operator"),
+        "only that lab's deletes: {page}"
+    );
+
+    // The whole log, one entry a page: each once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (s, page) = api
+            .get(&format!("/api/v1/audit?limit=1{cursor}"), VIEWER_TOKEN)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+        assert!(seen.len() < 100, "paging ends");
+    }
+    let (_, all) = api.get("/api/v1/audit?limit=1000", VIEWER_TOKEN).await;
+    let all: Vec<String> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, all, "pages add up to the whole log, in order");
+    assert!(all.len() >= 3, "refreshes and the delete: {all:?}");
+
+    for bad in [
+        "action=explode",
+        "lab_id=not-a-lab",
+        "limit=0",
+        "worker_id=Bad%20Id",
+    ] {
+        let (s, body) = api.get(&format!("/api/v1/audit?{bad}"), VIEWER_TOKEN).await;
+        assert_problem(s, &body, 400);
+    }
+    let (s, _) = api.send(api.req(Method::GET, "/api/v1/audit", None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // The CLI says the same.
+    let o = t
+        .cli(&[
+            "audit",
+            "--lab",
+            lab.as_str(),
+            "--action",
+            "delete",
+            "--json",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", crate::helpers::output_text(&o));
+    let cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cli[0]["actor"], "api:operator");
+    assert_eq!(cli[0]["outcome"], "deleted");
+    api.stop().await;
+}

@@ -405,6 +405,75 @@ async fn three_labs_deleted_at_once_each_say_how_they_ended() {
 }
 
 #[tokio::test]
+async fn the_audit_page_answers_who_deleted_a_lab_that_is_gone() {
+    let t = fleet().await;
+    let lab = add_lab(&t, "Deleted, then asked about", "DEFINED_ON_CORE");
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let (s, _) = api
+        .send(api.req(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{lab}"),
+            Some(OPERATOR_TOKEN),
+        ))
+        .await;
+    assert_eq!(s, reqwest::StatusCode::OK);
+    let b = Browser::start().await;
+    b.sign_in(&api, VIEWER_TOKEN).await;
+    b.client.goto(&api.url("/audit")).await.unwrap();
+    b.client
+        .find(Locator::Css("input[name='lab_id']"))
+        .await
+        .unwrap()
+        .send_keys(lab.as_str())
+        .await
+        .unwrap();
+    b.client
+        .find(Locator::Css("form.filters button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.client
+        .wait()
+        .for_element(Locator::Css("table.audit"))
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    for r in b
+        .client
+        .find_all(Locator::Css("table.audit tbody tr"))
+        .await
+        .unwrap()
+    {
+        let cell = |css: &'static str| {
+            let r = r.clone();
+            async move {
+                r.find(Locator::Css(css))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            }
+        };
+        rows.push((
+            cell("td.actor").await,
+            cell("td.action").await,
+            cell("td.outcome").await,
+        ));
+    }
+    assert!(
+        rows.contains(&("api:operator".into(), "delete".into(), "deleted".into())),
+        "{rows:?}"
+    );
+    b.screenshot("audit").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
     let t = fleet().await;
     let lab = add_lab(&t, "Viewer's view", "DEFINED_ON_CORE");

@@ -136,6 +136,7 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
         ("/api/v1/workers/{worker_id}/labs/refresh", "post"),
         ("/api/v1/labs/refresh", "post"),
         ("/api/v1/refresh-runs", "get"),
+        ("/api/v1/audit", "get"),
         ("/api/v1/healthz", "get"),
         ("/api/v1/readyz", "get"),
         ("/api/v1/metrics", "get"),
@@ -214,5 +215,7 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
     assert_matches(&doc, "/api/v1/workers/{worker_id}", "get", 404, &problem);
     let (_, runs) = api.get("/api/v1/refresh-runs", VIEWER_TOKEN).await;
     assert_matches(&doc, "/api/v1/refresh-runs", "get", 200, &runs);
+    let (_, audit) = api.get("/api/v1/audit?limit=5", VIEWER_TOKEN).await;
+    assert_matches(&doc, "/api/v1/audit", "get", 200, &audit);
     api.stop().await;
 }

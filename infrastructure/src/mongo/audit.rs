@@ -3,9 +3,10 @@
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::RepoError;
-use labsync_application::ports::{AuditAction, AuditEntry, AuditLog};
+use labsync_application::ports::{AuditAction, AuditEntry, AuditLog, AuditQuery, StoredAudit};
 use labsync_domain::{Actor, LabId, WorkerId};
-use mongodb::bson::{self, doc};
+use mongodb::bson::oid::ObjectId;
+use mongodb::bson::{self, Document, doc};
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
@@ -90,17 +91,72 @@ impl AuditLog for MongoAuditLog {
             .try_collect()
             .await
             .map_err(map_error)?;
-        Ok(docs
-            .into_iter()
-            .map(|d| AuditEntry {
-                at: d.at.to_chrono(),
-                actor: d.actor,
-                action: d.action,
-                worker_id: d.worker_id,
-                lab_id: d.lab_id,
-                outcome: d.outcome,
-                detail: d.detail,
+        Ok(docs.into_iter().map(AuditDoc::entry).collect())
+    }
+
+    async fn search(&self, q: &AuditQuery) -> Result<Vec<StoredAudit>, RepoError> {
+        let mut filter = doc! {};
+        if let Some(w) = &q.worker {
+            filter.insert("worker_id", w.as_str());
+        }
+        if let Some(l) = &q.lab {
+            filter.insert("lab_id", l.as_str());
+        }
+        if let Some(a) = &q.actor {
+            filter.insert("actor", a);
+        }
+        if let Some(action) = q.action {
+            let word = bson::to_bson(&action).map_err(|e| RepoError::Other(e.to_string()))?;
+            filter.insert("action", word);
+        }
+        if let Some(since) = q.since {
+            filter.insert("at", doc! {"$gte": date(since)});
+        }
+        if let Some(before) = q
+            .before
+            .as_deref()
+            .and_then(|b| ObjectId::parse_str(b).ok())
+        {
+            filter.insert("_id", doc! {"$lt": before});
+        }
+        let docs: Vec<Document> = self
+            .entries
+            .clone_with_type::<Document>()
+            .find(filter)
+            .sort(doc! {"_id": -1})
+            .limit(i64::try_from(q.limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        docs.into_iter()
+            .map(|d| {
+                let id = d
+                    .get_object_id("_id")
+                    .map(ObjectId::to_hex)
+                    .map_err(|e| RepoError::Corrupt(format!("audit _id: {e}")))?;
+                let entry: AuditDoc =
+                    bson::from_document(d).map_err(|e| RepoError::Corrupt(e.to_string()))?;
+                Ok(StoredAudit {
+                    id,
+                    entry: entry.entry(),
+                })
             })
-            .collect())
+            .collect()
+    }
+}
+
+impl AuditDoc {
+    fn entry(self) -> AuditEntry {
+        AuditEntry {
+            at: self.at.to_chrono(),
+            actor: self.actor,
+            action: self.action,
+            worker_id: self.worker_id,
+            lab_id: self.lab_id,
+            outcome: self.outcome,
+            detail: self.detail,
+        }
     }
 }

@@ -176,10 +176,14 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
         .await
         .map_err(map_error)?;
     db.collection::<Document>(collections::AUDIT)
-        .create_index(named(
-            doc! {"worker_id": 1, "lab_id": 1, "at": -1},
-            "worker_lab_at",
-        ))
+        .create_indexes([
+            named(
+                doc! {"worker_id": 1, "lab_id": 1, "at": -1},
+                "worker_lab_at",
+            ),
+            // "Who deleted lab X", across workers, newest first.
+            named(doc! {"lab_id": 1, "_id": -1}, "lab_newest"),
+        ])
         .await
         .map_err(map_error)?;
     db.collection::<Document>(collections::REFRESH_RUNS)
