@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use labsync_application::RefreshAll;
 use labsync_infrastructure::configuration::Settings;
-use labsync_infrastructure::mongo::outbox::EventRelay;
+use labsync_infrastructure::mongo::outbox::{EventRelay, MongoEventFeed};
 use labsync_infrastructure::mongo::{MongoHealth, MongoSessions};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use tokio::net::TcpListener;
@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::http::server::{self, Limits};
+use crate::http::stream::EventHub;
 use crate::http::{ApiState, router};
 use crate::wiring::App;
 
@@ -97,6 +98,11 @@ pub async fn start_with(
     let relay = EventRelay::new(&app.db, relay_settings, Some(app.metrics.clone()))
         .context("building the event relay")?;
     background.push(tokio::spawn(relay.run(stop_rx.clone())));
+    let events = EventHub::new(
+        Arc::new(MongoEventFeed::new(&app.db)),
+        settings.api.max_event_streams,
+    );
+    background.push(tokio::spawn(events.clone().run(stop_rx.clone())));
 
     let state = ApiState {
         services: app.services.clone(),
@@ -107,6 +113,7 @@ pub async fn start_with(
         health: Arc::new(MongoHealth::new(&app.db)),
         sessions: Arc::new(MongoSessions::new(&app.db)),
         secure_cookie: settings.api.secure_cookie,
+        events,
         scheduler_running: scheduler_running.clone(),
         metrics_auth: settings.api.metrics_auth,
     };

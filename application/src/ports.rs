@@ -568,6 +568,44 @@ pub trait RunReports: Send + Sync {
     ) -> Result<Vec<RunReport>, RepoError>;
 }
 
+/// A lab event once it is visible (stored and not staged), for live views.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisibleEvent {
+    pub id: String,
+    /// When the event became visible, by the clock of the replica that
+    /// made it so.
+    pub visible_at: DateTime<Utc>,
+    pub kind: String,
+    pub worker_id: String,
+    pub lab_id: String,
+    /// The CloudEvent as the sink receives it.
+    pub cloudevent: serde_json::Value,
+}
+
+/// Lab events as every replica stores them, read back for live views.
+#[async_trait]
+pub trait EventFeed: Send + Sync {
+    /// Events that became visible at or after `since`, oldest first, at
+    /// most `limit`. MUST include every event that is visible by then
+    /// (delivered or not), and none that is staged: a staged event is
+    /// visible from its release, not from its making.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn visible_since(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VisibleEvent>, RepoError>;
+
+    /// When the event `id` became visible; `None` when it is unknown,
+    /// staged, or expired.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn visible_at(&self, id: &str) -> Result<Option<DateTime<Utc>>, RepoError>;
+}
+
 /// Whether labsync's store answers, for readiness probes.
 #[async_trait]
 pub trait Health: Send + Sync {

@@ -46,6 +46,9 @@ pub struct ApiSettings {
     /// Marks the console's session cookie `Secure`: set it when labsync is
     /// reached over HTTPS (a proxy in front of it).
     pub secure_cookie: bool,
+    /// Event streams (`/api/v1/events/stream`) open at once in this
+    /// process; one more is a 503.
+    pub max_event_streams: usize,
     pub body_limit_bytes: usize,
     pub shutdown_grace_secs: u64,
     /// `name:role:sha256hex` entries; see [`ApiToken::parse`].

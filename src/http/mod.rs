@@ -12,6 +12,7 @@ pub mod problem;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod stream;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -54,6 +55,8 @@ pub struct ApiState {
     /// Whether the session cookie is marked `Secure` (labsync behind an
     /// HTTPS proxy).
     pub secure_cookie: bool,
+    /// Lab events for the live streams.
+    pub events: stream::EventHub,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -279,6 +282,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/labs/refresh", post(routes::refresh_all))
         .route("/refresh-runs", get(routes::refresh_runs))
         .route("/audit", get(routes::audit))
+        .route("/events/stream", get(stream::stream))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

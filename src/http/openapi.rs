@@ -27,7 +27,7 @@ impl Modify for BearerTokens {
         routes::list_workers, routes::create_worker, routes::get_worker, routes::patch_worker, routes::delete_worker,
         routes::list_labs, routes::get_lab, routes::delete_lab, routes::get_delete_request, routes::cancel_delete_request,
         routes::refresh_worker, routes::refresh_all, routes::refresh_runs, routes::audit,
-        routes::healthz, routes::readyz, routes::metrics, routes::openapi,
+        routes::healthz, routes::readyz, routes::metrics, routes::openapi, super::stream::stream,
     ),
     components(schemas(
         Problem, WorkerView, TlsView, WorkerCreate, WorkerPatch, RunReportView, LabFailureView, LabView, GroupView,

@@ -474,6 +474,58 @@ async fn the_audit_page_answers_who_deleted_a_lab_that_is_gone() {
 }
 
 #[tokio::test]
+async fn an_open_labs_page_follows_a_prune_and_another_replicas_delete_without_a_reload() {
+    let t = fleet().await;
+    let pruned = add_lab(&t, "Live: gone from CML", "STOPPED");
+    let deleted = add_lab(&t, "Live: deleted elsewhere", "DEFINED_ON_CORE");
+    refresh_all(&t).await;
+    let first = TestApi::start(&t).await;
+    let second = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&first, VIEWER_TOKEN).await;
+    b.client.goto(&first.url("/labs?q=live")).await.unwrap();
+    assert_eq!(b.rows().await.len(), 2);
+    eventually("the page's event stream is open", || async {
+        b.client
+            .find(Locator::Css("body[data-live='open']"))
+            .await
+            .is_ok()
+    })
+    .await;
+    // Behind labsync's back, then a refresh prunes it.
+    assert!(t.sim().remove_lab(pruned.as_str()));
+    refresh_all(&t).await;
+    eventually("the pruned lab's row goes", || async {
+        !b.has_row(&pruned).await
+    })
+    .await;
+    // Deleted through the other replica.
+    let (s, _) = second
+        .send(second.req(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{deleted}"),
+            Some(OPERATOR_TOKEN),
+        ))
+        .await;
+    assert_eq!(s, reqwest::StatusCode::OK);
+    eventually("the deleted lab's row goes", || async {
+        !b.has_row(&deleted).await
+    })
+    .await;
+    // A lab that appears shows up too.
+    let new = add_lab(&t, "Live: new in CML", "STOPPED");
+    refresh_all(&t).await;
+    eventually("the new lab's row comes", || async {
+        b.has_row(&new).await
+    })
+    .await;
+    b.screenshot("live").await;
+    b.stop().await;
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
 async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
     let t = fleet().await;
     let lab = add_lab(&t, "Viewer's view", "DEFINED_ON_CORE");

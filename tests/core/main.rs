@@ -19,6 +19,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod hostile_cml;
+mod live;
 mod model;
 mod openapi;
 mod outage;

@@ -137,6 +137,7 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
         ("/api/v1/labs/refresh", "post"),
         ("/api/v1/refresh-runs", "get"),
         ("/api/v1/audit", "get"),
+        ("/api/v1/events/stream", "get"),
         ("/api/v1/healthz", "get"),
         ("/api/v1/readyz", "get"),
         ("/api/v1/metrics", "get"),

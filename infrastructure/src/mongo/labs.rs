@@ -198,7 +198,7 @@ impl MongoLabRepository {
             .outbox
             .update_many(
                 doc! {"_id": {"$in": ids}, "status": outbox::STAGED},
-                doc! {"$set": {"status": "pending"}},
+                doc! {"$set": {"status": "pending", "visible_at": date(chrono::Utc::now())}},
             )
             .await
             .map_err(map_error)?

@@ -168,6 +168,8 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
             named(doc! {"status": 1, "next_attempt_at": 1}, "due"),
             // The relay's per-lab order: a lab's undelivered events.
             named(doc! {"lab_id": 1, "status": 1}, "lab_status"),
+            // Live views read events in the order they became visible.
+            named(doc! {"visible_at": 1}, "visible"),
         ])
         .await
         .map_err(map_error)?;

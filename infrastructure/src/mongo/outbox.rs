@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
+use labsync_application::ports::{EventFeed, VisibleEvent};
 use labsync_application::retry::{Backoff, next_pass};
 use labsync_application::{LabEvent, RepoError};
 use mongodb::bson::{self, Document, doc};
@@ -58,6 +59,8 @@ pub fn staged_doc(
 ) -> Result<Document, RepoError> {
     let mut d = outbox_doc(event, retention)?;
     d.insert("status", STAGED);
+    // Visible from its release, not from its making.
+    d.remove("visible_at");
     if let Some(h) = target_hash {
         d.insert("target_hash", h);
     }
@@ -84,6 +87,8 @@ pub fn outbox_doc(event: &LabEvent, retention: Duration) -> Result<Document, Rep
         "lab_id": event.lab_id.as_str(),
         "created_at": date(event.at),
         "status": "pending",
+        // When live views may see it: now, as it is written.
+        "visible_at": date(Utc::now()),
         "attempts": 0_i64,
         "next_attempt_at": date(event.at),
         "expires_at": date(expires),
@@ -457,6 +462,69 @@ pub async fn list(db: &Database, filter: Document) -> Result<Vec<Document>, Repo
         .try_collect()
         .await
         .map_err(map_error)
+}
+
+/// [`EventFeed`] on the outbox: every replica's events, in the order they
+/// became visible (`visible_at`, indexed).
+#[derive(Debug, Clone)]
+pub struct MongoEventFeed {
+    outbox: Collection<Document>,
+}
+
+impl MongoEventFeed {
+    pub fn new(db: &Database) -> Self {
+        Self {
+            outbox: db.collection(collections::OUTBOX),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventFeed for MongoEventFeed {
+    async fn visible_since(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VisibleEvent>, RepoError> {
+        let docs: Vec<Document> = self
+            .outbox
+            .find(doc! {"visible_at": {"$gte": date(since)}, "status": {"$ne": STAGED}})
+            .sort(doc! {"visible_at": 1, "_id": 1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let text = |k: &str| d.get_str(k).ok().map(str::to_owned);
+                Some(VisibleEvent {
+                    id: text("_id")?,
+                    visible_at: d.get_datetime("visible_at").ok()?.to_chrono(),
+                    kind: text("kind")?,
+                    worker_id: text("worker_id")?,
+                    lab_id: text("lab_id")?,
+                    cloudevent: d
+                        .get_document("cloudevent")
+                        .ok()
+                        .and_then(|c| serde_json::to_value(c).ok())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn visible_at(&self, id: &str) -> Result<Option<DateTime<Utc>>, RepoError> {
+        Ok(self
+            .outbox
+            .find_one(doc! {"_id": id, "status": {"$ne": STAGED}})
+            .projection(doc! {"visible_at": 1})
+            .await
+            .map_err(map_error)?
+            .and_then(|d| d.get_datetime("visible_at").ok().map(|t| t.to_chrono())))
+    }
 }
 
 #[cfg(test)]

@@ -121,3 +121,51 @@ document.getElementById("delete-selected")?.addEventListener("click", async () =
     }),
   );
 });
+
+// Live: lab events from every replica, as Server-Sent Events. A lab that
+// goes leaves the table at once; anything else redraws the table from the
+// server (its own, escaped HTML), so that what is shown is what is stored.
+const live = document.querySelector("table.labs, table.fleet");
+if (live && typeof EventSource !== "undefined") {
+  let pending = null;
+  const redraw = () => {
+    clearTimeout(pending);
+    pending = setTimeout(async () => {
+      const r = await fetch(location.href, { credentials: "same-origin" });
+      if (!r.ok) return;
+      const fresh = new DOMParser().parseFromString(await r.text(), "text/html");
+      const body = fresh.querySelector(`table.${live.classList[0]} tbody`);
+      const current = live.querySelector("tbody");
+      if (!body || !current) return;
+      // Keep what the person selected or is being told about.
+      const keep = new Set(
+        [...current.querySelectorAll("tr[data-lab]")]
+          .filter((r) => r.querySelector("input[data-select]")?.checked || r.querySelector("td.outcome")?.textContent)
+          .map((r) => r.dataset.lab),
+      );
+      if (keep.size === 0) current.replaceWith(body);
+    }, 300);
+  };
+  const stream = new EventSource("/api/v1/events/stream");
+  const onEvent = (e) => {
+    let data = null;
+    try {
+      data = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    const row = document.querySelector(`tr[data-lab="${CSS.escape(data.lab_id)}"]`);
+    if ((data.kind === "deleted" || data.kind === "pruned") && row) {
+      row.remove();
+    } else {
+      redraw();
+    }
+    document.body.dataset.lastEvent = e.lastEventId;
+  };
+  for (const kind of ["discovered", "changed", "state_changed", "deleted", "pruned", "delete_failed"]) {
+    stream.addEventListener(kind, onEvent);
+  }
+  stream.addEventListener("open", () => {
+    document.body.dataset.live = "open";
+  });
+}
