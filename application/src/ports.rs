@@ -585,8 +585,10 @@ pub struct VisibleEvent {
 /// Lab events as every replica stores them, read back for live views.
 #[async_trait]
 pub trait EventFeed: Send + Sync {
-    /// Events that became visible at or after `since`, oldest first, at
-    /// most `limit`. MUST include every event that is visible by then
+    /// Events that became visible at or after `since` (and, at `since`
+    /// itself, with an id after `after_id`), in (visible time, id) order,
+    /// at most `limit`: a caller pages through any number of events that
+    /// share one time. MUST include every event that is visible by then
     /// (delivered or not), and none that is staged: a staged event is
     /// visible from its release, not from its making.
     ///
@@ -595,6 +597,7 @@ pub trait EventFeed: Send + Sync {
     async fn visible_since(
         &self,
         since: DateTime<Utc>,
+        after_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<VisibleEvent>, RepoError>;
 
@@ -622,7 +625,7 @@ pub struct ConsoleSession {
     /// The SHA-256 (hex) of the secret in the browser's cookie; the secret
     /// itself is never stored.
     pub key: String,
-    /// The name of the API token the person signed in with.
+    /// The SHA-256 (hex) of the API token the person signed in with.
     pub subject: String,
     pub csrf: String,
     pub created_at: DateTime<Utc>,

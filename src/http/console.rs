@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use labsync_application::domain::{LabId, WorkerId};
 use labsync_application::inventory::DEFAULT_PAGE;
-use labsync_application::ports::{ConsoleSession, FleetLabQuery, LabQuery};
+use labsync_application::ports::{AuditAction, ConsoleSession, FleetLabQuery, LabQuery};
 use labsync_application::{SyncState, WorkerOverview};
 use labsync_infrastructure::configuration::Role;
 use maud::{DOCTYPE, Markup, html};
@@ -44,7 +44,20 @@ impl axum::extract::FromRequestParts<ApiState> for Person {
     ) -> Result<Self, Response> {
         match session::session_caller(state, &parts.method, &parts.headers).await {
             Ok(Some((caller, session))) => Ok(Self { caller, session }),
-            Ok(None) | Err(_) => Err(Redirect::to("/login").into_response()),
+            Ok(None) => Err(Redirect::to("/login").into_response()),
+            // Signed out, expired, or its token gone: sign in again.
+            Err(e) if e.status() == StatusCode::UNAUTHORIZED => {
+                Err(Redirect::to("/login").into_response())
+            }
+            // The database, most likely: say so, not "sign in".
+            Err(e) => Err(html_response(
+                e.status(),
+                page(
+                    "Unavailable",
+                    None,
+                    html! { h1 { "labsync cannot answer" } p.error role="alert" { (e.detail) } },
+                ),
+            )),
         }
     }
 }
@@ -87,12 +100,44 @@ fn page(title: &str, person: Option<&Person>, body: Markup) -> Markup {
 }
 
 fn html_response(status: StatusCode, markup: Markup) -> Response {
-    (
+    let mut r = (
         status,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // A page names its person and carries their CSRF token: no
+            // cache may keep it.
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         markup.into_string(),
     )
-        .into_response()
+        .into_response();
+    // An error page is the console's own answer, not a problem to rewrite.
+    r.extensions_mut().insert(super::problem::Finished);
+    r
+}
+
+/// Whether a request comes from another site: browsers say so in
+/// `Sec-Fetch-Site`, and in `Origin` on a form post.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if matches!(fetch_site, Some("cross-site" | "same-site")) {
+        return true;
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        // What browsers send under `Referrer-Policy: no-referrer`, for
+        // this site's own forms too: `Sec-Fetch-Site` decides then.
+        (Some("null"), _) => false,
+        (Some(origin), Some(host)) => {
+            let bare = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .unwrap_or(origin);
+            bare != host
+        }
+        _ => false,
+    }
 }
 
 /// `/`: the labs for a signed-in person, the sign-in form otherwise.
@@ -145,7 +190,19 @@ pub struct LoginForm {
     token: String,
 }
 
-pub async fn login(State(s): State<ApiState>, Form(f): Form<LoginForm>) -> Response {
+pub async fn login(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if cross_site(&headers) {
+        return html_response(
+            StatusCode::FORBIDDEN,
+            login_form(Some(
+                "Not signed in: sign-in is accepted from this site's own form only.",
+            )),
+        );
+    }
     match session::sign_in(&s, &f.token).await {
         Ok((secret, _)) => {
             let mut r = Redirect::to("/labs").into_response();
@@ -401,6 +458,8 @@ pub async fn audit(
         ("actor", "Who", p.actor.clone()),
         ("action", "Action", p.action.clone()),
     ];
+    // What CML said about a delete is for those who may delete.
+    let details = person.caller.role >= Role::Operator;
     let entries = match super::routes::audit_query(p) {
         Ok(q) => s.inventory.audit(q).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.detail),
@@ -426,7 +485,7 @@ pub async fn audit(
                                 td { (a.entry.worker_id.as_str()) }
                                 td { code { (a.entry.lab_id.map(|l| l.to_string()).unwrap_or_default()) } }
                                 td.outcome { (a.entry.outcome) }
-                                td.detail { (a.entry.detail) }
+                                td.detail { @if details || a.entry.action != AuditAction::Delete { (a.entry.detail) } }
                             }
                         }
                     }
@@ -483,5 +542,10 @@ pub async fn security_headers(
         HeaderValue::from_static("no-referrer"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Answers to a session's cookie are that person's: no shared cache may
+    // keep them (the assets say otherwise for themselves).
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     r
 }

@@ -242,12 +242,25 @@ pub fn audit_query(p: AuditParams) -> ApiResult<AuditQuery> {
     security(("token" = [])))]
 pub async fn audit(
     State(s): State<ApiState>,
-    Viewer(_): Viewer,
+    Viewer(caller): Viewer,
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<AuditPageView>> {
     let page = s.inventory.audit(audit_query(p)?).await?;
+    // What CML said about a delete is for those who may delete.
+    let details = caller.role >= Role::Operator;
     Ok(Json(AuditPageView {
-        items: page.items.into_iter().map(AuditItemView::from).collect(),
+        items: page
+            .items
+            .into_iter()
+            .map(|a| {
+                let hide = !details && a.entry.action == AuditAction::Delete;
+                let mut view = AuditItemView::from(a);
+                if hide {
+                    view.detail = String::new();
+                }
+                view
+            })
+            .collect(),
         next_cursor: page.next_cursor,
     }))
 }

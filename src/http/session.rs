@@ -10,7 +10,10 @@
 //!    its role is the token's role as configured *now*.
 //! 3. A state-changing request of a session (any method but GET, HEAD,
 //!    OPTIONS) must carry the session's CSRF token in `x-csrf-token` (the
-//!    console's script reads it from the page), or a `csrf` form field.
+//!    console's script reads it from the page); sign-out, a form, carries
+//!    it in a `csrf` field. Sign-in is refused from another site
+//!    (`Sec-Fetch-Site`, `Origin`), so no page elsewhere can sign a
+//!    browser in as someone else.
 //! 4. `POST /logout` ends the session for every replica.
 //!
 //! # Guarantees
@@ -19,8 +22,10 @@
 //! - Another site cannot act with a session: the cookie is not sent on
 //!   cross-site requests (`SameSite=Strict`), and a request without the
 //!   CSRF token is refused (403) even if it were.
-//! - A token removed from the configuration ends its sessions at their
-//!   next request; a role changed there applies at once.
+//! - A session belongs to the token itself (its hash), not to its name: a
+//!   token removed from the configuration, or rotated under the same name,
+//!   ends its sessions once the replica runs with the new configuration;
+//!   the token's role is read on every request.
 //! - Bearer tokens work as before, without CSRF (a header is not ambient).
 //!
 //! # Assumptions
@@ -82,14 +87,21 @@ pub fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
 /// # Errors
 /// 401 for a token that is not configured; the store's errors.
 pub async fn sign_in(s: &ApiState, token: &str) -> Result<(String, ConsoleSession), ApiError> {
-    let caller = authenticate(&s.tokens, token.trim())
-        .ok_or_else(|| ApiError::new(ProblemKind::Unauthorized, "unknown API token"))?;
+    let token = token.trim();
+    if authenticate(&s.tokens, token).is_none() {
+        return Err(ApiError::new(
+            ProblemKind::Unauthorized,
+            "unknown API token",
+        ));
+    }
     let secret = random_secret();
     let now = s.services.clock.now();
     let ttl = chrono::Duration::from_std(SESSION_TTL).unwrap_or(chrono::Duration::hours(12));
     let session = ConsoleSession {
         key: key_of(&secret),
-        subject: caller.name,
+        // The token itself (its hash): a token rotated under the same name
+        // ends the sessions of the old one.
+        subject: key_of(token),
         csrf: random_secret(),
         created_at: now,
         expires_at: now + ttl,
@@ -156,7 +168,7 @@ pub async fn session_caller(
     let token = s
         .tokens
         .iter()
-        .find(|t| t.name == session.subject)
+        .find(|t| hex::encode(t.sha256) == session.subject)
         .ok_or_else(expired)?;
     if changes_state(method) {
         let given = headers

@@ -28,7 +28,15 @@
 //! and every read looks back that far.
 //!
 //! # Caveats
-//! An event reaches streams up to [`POLL_EVERY`] after it became visible.
+//! - An event reaches streams up to [`POLL_EVERY`] after it became visible.
+//! - A stream is authorised when it opens: signing out or removing the
+//!   token ends it only at its next reconnect.
+//! - A client that stops reading keeps its slot until its connection
+//!   breaks; `api.max_event_streams` bounds how many such there can be.
+//! - `visible_at` is each replica's clock at the write: a replica more than
+//!   [`OVERLAP`] ahead of the others, or a write slower than that, can
+//!   make an event reach the streams late or, for a live stream, not at
+//!   all (a reconnect, or the console's redraw, still shows the truth).
 
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
@@ -99,7 +107,7 @@ impl EventHub {
         let mut since = Utc::now();
         loop {
             let from = since - chrono::Duration::from_std(OVERLAP).unwrap_or_default();
-            match self.feed.visible_since(from, READ_AT_MOST).await {
+            match read_all_since(self.feed.as_ref(), from).await {
                 Ok(events) => {
                     for e in events {
                         since = since.max(e.visible_at);
@@ -114,6 +122,29 @@ impl EventHub {
             if !next_pass(POLL_EVERY, &mut stop, std::future::pending()).await {
                 return;
             }
+        }
+    }
+}
+
+/// Every event visible since `from`, page by page: a burst of any size
+/// that shares one time is read whole, never the same first page again.
+async fn read_all_since(
+    feed: &dyn EventFeed,
+    from: DateTime<Utc>,
+) -> Result<Vec<VisibleEvent>, labsync_application::RepoError> {
+    let mut out: Vec<VisibleEvent> = Vec::new();
+    loop {
+        let page = match out.last() {
+            Some(last) => {
+                feed.visible_since(last.visible_at, Some(&last.id), READ_AT_MOST)
+                    .await?
+            }
+            None => feed.visible_since(from, None, READ_AT_MOST).await?,
+        };
+        let full = page.len() >= READ_AT_MOST;
+        out.extend(page);
+        if !full {
+            return Ok(out);
         }
     }
 }
@@ -141,12 +172,17 @@ impl Seen {
     }
 }
 
-fn sse_event(e: &VisibleEvent) -> Event {
+fn sse_event(e: &VisibleEvent, details: bool) -> Event {
+    let mut cloudevent = e.cloudevent.clone();
+    if !details && let Some(data) = cloudevent.get_mut("data").and_then(|d| d.as_object_mut()) {
+        // What CML said about a failed delete is for those who may delete.
+        data.remove("detail");
+    }
     let data = serde_json::json!({
         "kind": e.kind,
         "worker_id": e.worker_id,
         "lab_id": e.lab_id,
-        "cloudevent": e.cloudevent,
+        "cloudevent": cloudevent,
     });
     Event::default()
         .id(e.id.clone())
@@ -163,7 +199,12 @@ fn sse_event(e: &VisibleEvent) -> Event {
     responses((status = 200, description = "The stream", content_type = "text/event-stream"),
         (status = 401, body = super::problem::Problem), (status = 503, body = super::problem::Problem)),
     security(("token" = [])))]
-pub async fn stream(State(s): State<ApiState>, Viewer(_): Viewer, headers: HeaderMap) -> Response {
+pub async fn stream(
+    State(s): State<ApiState>,
+    Viewer(caller): Viewer,
+    headers: HeaderMap,
+) -> Response {
+    let details = caller.role >= labsync_infrastructure::configuration::Role::Operator;
     let Ok(permit) = s.events.permits.clone().try_acquire_owned() else {
         let mut r = ApiError::new(
             ProblemKind::Overloaded,
@@ -186,7 +227,7 @@ pub async fn stream(State(s): State<ApiState>, Viewer(_): Viewer, headers: Heade
         Some(id) => missed_since(s.events.feed.as_ref(), &id).await,
         None => Vec::new(),
     };
-    Sse::new(events(missed, live, permit))
+    Sse::new(events(missed, live, permit, details))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
@@ -198,28 +239,30 @@ async fn missed_since(feed: &dyn EventFeed, id: &str) -> Vec<VisibleEvent> {
         return Vec::new();
     };
     let from: DateTime<Utc> = at - chrono::Duration::from_std(OVERLAP).unwrap_or_default();
-    feed.visible_since(from, READ_AT_MOST)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.id != id)
-        .collect()
+    match read_all_since(feed, from).await {
+        Ok(events) => events.into_iter().filter(|e| e.id != id).collect(),
+        Err(e) => {
+            warn!(error = %e, "could not read the events a stream missed");
+            Vec::new()
+        }
+    }
 }
 
 fn events(
     missed: Vec<VisibleEvent>,
     live: broadcast::Receiver<Arc<VisibleEvent>>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    details: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let sent: HashSet<String> = missed.iter().map(|e| e.id.clone()).collect();
-    let first = futures::stream::iter(missed.into_iter().map(|e| Ok(sse_event(&e))));
+    let first = futures::stream::iter(missed.into_iter().map(move |e| Ok(sse_event(&e, details))));
     let rest = futures::stream::unfold(
         (live, sent, permit),
-        |(mut live, sent, permit)| async move {
+        move |(mut live, sent, permit)| async move {
             loop {
                 match live.recv().await {
                     Ok(e) if sent.contains(&e.id) => {}
-                    Ok(e) => return Some((Ok(sse_event(&e)), (live, sent, permit))),
+                    Ok(e) => return Some((Ok(sse_event(&e, details)), (live, sent, permit))),
                     // Behind, or the hub is gone: end; the client reconnects
                     // with its Last-Event-ID and reads what it missed.
                     Err(_) => return None,
@@ -233,6 +276,58 @@ fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A feed of events that all became visible at one instant.
+    struct Burst(Vec<VisibleEvent>);
+
+    #[async_trait::async_trait]
+    impl EventFeed for Burst {
+        async fn visible_since(
+            &self,
+            since: DateTime<Utc>,
+            after_id: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<VisibleEvent>, labsync_application::RepoError> {
+            Ok(self
+                .0
+                .iter()
+                .filter(|e| {
+                    e.visible_at > since
+                        || (e.visible_at == since && after_id.is_none_or(|a| e.id.as_str() > a))
+                })
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+        async fn visible_at(
+            &self,
+            id: &str,
+        ) -> Result<Option<DateTime<Utc>>, labsync_application::RepoError> {
+            Ok(self.0.iter().find(|e| e.id == id).map(|e| e.visible_at))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_larger_than_a_read_is_read_whole_and_a_reconnect_misses_none_of_it() {
+        let at = Utc::now();
+        let event = |n: usize| VisibleEvent {
+            id: format!("{n:06}"),
+            visible_at: at,
+            kind: "pruned".into(),
+            worker_id: "cml-1".into(),
+            lab_id: n.to_string(),
+            cloudevent: serde_json::Value::Null,
+        };
+        let feed = Burst((0..READ_AT_MOST * 2 + 5).map(event).collect());
+        let all = read_all_since(&feed, at).await.unwrap();
+        assert_eq!(all.len(), READ_AT_MOST * 2 + 5);
+        let missed = missed_since(&feed, "000000").await;
+        assert_eq!(
+            missed.len(),
+            READ_AT_MOST * 2 + 4,
+            "all but the last one seen"
+        );
+    }
 
     #[test]
     fn an_id_is_sent_once_and_the_oldest_are_forgotten_first() {

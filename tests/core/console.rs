@@ -602,6 +602,85 @@ async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
 }
 
 #[tokio::test]
+async fn a_session_ends_on_the_server_at_sign_out_and_sign_in_refuses_other_sites() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |origin: Option<&'static str>, token: &'static str| {
+        let mut r = http.post(api.url("/login")).form(&[("token", token)]);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    // A wrong token: the form again, as a page, saying why.
+    let wrong = login(None, "not-a-token").await.unwrap();
+    assert_eq!(wrong.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert!(
+        wrong.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = wrong.text().await.unwrap();
+    assert!(
+        page.contains("id=\"token\"") && page.contains("unknown API token"),
+        "{page}"
+    );
+    // Another site's form signs no one in.
+    let forged = login(Some("https://elsewhere.example"), OPERATOR_TOKEN)
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), reqwest::StatusCode::FORBIDDEN);
+    assert!(!forged.headers().contains_key("set-cookie"));
+
+    let ok = login(None, OPERATOR_TOKEN).await.unwrap();
+    assert_eq!(ok.status(), reqwest::StatusCode::SEE_OTHER);
+    let cookie = ok.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let labs = http
+        .get(api.url("/labs"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(labs.status(), reqwest::StatusCode::OK);
+    assert_eq!(labs.headers()["cache-control"], "no-store");
+    let html = labs.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let out = http
+        .post(api.url("/logout"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), reqwest::StatusCode::SEE_OTHER);
+    // The old cookie, replayed, opens nothing: the session is gone.
+    let replay = http
+        .get(api.url("/api/v1/workers"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), reqwest::StatusCode::UNAUTHORIZED);
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn every_answer_forbids_inline_script_framing_and_sniffing() {
     let t = TestApp::spawn().await;
     let api = TestApi::start(&t).await;

@@ -484,11 +484,21 @@ impl EventFeed for MongoEventFeed {
     async fn visible_since(
         &self,
         since: DateTime<Utc>,
+        after_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<VisibleEvent>, RepoError> {
+        let from = match after_id {
+            Some(id) => doc! {"$or": [
+                {"visible_at": {"$gt": date(since)}},
+                {"visible_at": date(since), "_id": {"$gt": id}},
+            ]},
+            None => doc! {"visible_at": {"$gte": date(since)}},
+        };
+        let mut filter = doc! {"status": {"$ne": STAGED}};
+        filter.extend(from);
         let docs: Vec<Document> = self
             .outbox
-            .find(doc! {"visible_at": {"$gte": date(since)}, "status": {"$ne": STAGED}})
+            .find(filter)
             .sort(doc! {"visible_at": 1, "_id": 1})
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await

@@ -43,7 +43,7 @@ function gone(r) {
   dialog.close();
 }
 
-async function follow(id) {
+async function follow(id, target) {
   for (;;) {
     const { status, body } = await api("GET", `/api/v1/delete-requests/${encodeURIComponent(id)}`);
     if (status !== 200) {
@@ -53,7 +53,7 @@ async function follow(id) {
     const last = body.last_error ? `; last error: ${body.last_error}` : "";
     say(`Stop, wipe and delete: ${body.status}, attempt ${body.attempts}${last}`);
     if (body.status === "done") {
-      gone(row);
+      gone(target);
       return;
     }
     if (body.status === "failed" || body.status === "cancelled") {
@@ -78,10 +78,12 @@ if (dialog) {
   });
   document.getElementById("c-cancel").addEventListener("click", () => dialog.close());
   document.getElementById("c-delete").addEventListener("click", async () => {
+    // The row this dialog was opened for, whatever is opened next.
+    const target = row;
     say("Deleting…");
-    const { status, body } = await api("DELETE", labPath(row));
+    const { status, body } = await api("DELETE", labPath(target));
     if (status === 200) {
-      gone(row);
+      gone(target);
     } else if (status === 409 && String(body?.type).endsWith(":lab-running")) {
       say(`${problemText(body, status)}. Stop and wipe it, then delete it?`);
       document.getElementById("c-delete").hidden = true;
@@ -91,10 +93,11 @@ if (dialog) {
     }
   });
   document.getElementById("c-force").addEventListener("click", async () => {
+    const target = row;
     document.getElementById("c-force").hidden = true;
-    const { status, body } = await api("DELETE", `${labPath(row)}?force=true&mode=async`);
+    const { status, body } = await api("DELETE", `${labPath(target)}?force=true&mode=async`);
     if (status === 202 && body?.delete_request_id) {
-      await follow(body.delete_request_id);
+      await follow(body.delete_request_id, target);
     } else {
       say(problemText(body, status));
     }
@@ -137,16 +140,23 @@ if (live && typeof EventSource !== "undefined") {
       const body = fresh.querySelector(`table.${live.classList[0]} tbody`);
       const current = live.querySelector("tbody");
       if (!body || !current) return;
-      // Keep what the person selected or is being told about.
-      const keep = new Set(
-        [...current.querySelectorAll("tr[data-lab]")]
-          .filter((r) => r.querySelector("input[data-select]")?.checked || r.querySelector("td.outcome")?.textContent)
-          .map((r) => r.dataset.lab),
-      );
-      if (keep.size === 0) current.replaceWith(body);
+      // Keep what the person selected and what they are being told.
+      for (const old of current.querySelectorAll("tr[data-lab]")) {
+        const fresh = body.querySelector(`tr[data-lab="${CSS.escape(old.dataset.lab)}"]`);
+        if (!fresh) continue;
+        const box = old.querySelector("input[data-select]");
+        const freshBox = fresh.querySelector("input[data-select]");
+        if (box && freshBox) freshBox.checked = box.checked;
+        const said = old.querySelector("td.outcome");
+        const freshSaid = fresh.querySelector("td.outcome");
+        if (said && freshSaid) {
+          freshSaid.textContent = said.textContent;
+          freshSaid.className = said.className;
+        }
+      }
+      current.replaceWith(body);
     }, 300);
   };
-  const stream = new EventSource("/api/v1/events/stream");
   const onEvent = (e) => {
     let data = null;
     try {
@@ -154,7 +164,9 @@ if (live && typeof EventSource !== "undefined") {
     } catch {
       return;
     }
-    const row = document.querySelector(`tr[data-lab="${CSS.escape(data.lab_id)}"]`);
+    const row = document.querySelector(
+      `tr[data-worker="${CSS.escape(data.worker_id)}"][data-lab="${CSS.escape(data.lab_id)}"]`,
+    );
     if ((data.kind === "deleted" || data.kind === "pruned") && row) {
       row.remove();
     } else {
@@ -162,10 +174,28 @@ if (live && typeof EventSource !== "undefined") {
     }
     document.body.dataset.lastEvent = e.lastEventId;
   };
-  for (const kind of ["discovered", "changed", "state_changed", "deleted", "pruned", "delete_failed"]) {
-    stream.addEventListener(kind, onEvent);
-  }
-  stream.addEventListener("open", () => {
-    document.body.dataset.live = "open";
-  });
+  // EventSource retries a dropped connection by itself, but gives up on
+  // an answer such as 503 (too many streams) or 401: then start again a
+  // little later, and redraw, which catches up with what was missed.
+  const connect = () => {
+    const stream = new EventSource("/api/v1/events/stream");
+    for (const kind of ["discovered", "changed", "state_changed", "deleted", "pruned", "delete_failed"]) {
+      stream.addEventListener(kind, onEvent);
+    }
+    stream.addEventListener("open", () => {
+      document.body.dataset.live = "open";
+    });
+    stream.addEventListener("error", () => {
+      if (stream.readyState === EventSource.CLOSED) {
+        document.body.dataset.live = "closed";
+        setTimeout(() => {
+          connect();
+          redraw();
+        }, 5000);
+      } else {
+        document.body.dataset.live = "reconnecting";
+      }
+    });
+  };
+  connect();
 }
