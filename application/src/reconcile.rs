@@ -31,6 +31,9 @@ use crate::refresh::{LabFailure, RunReport};
 /// The per-lab failures a report keeps; the rest are only counted.
 pub const MAX_REPORTED_FAILURES: usize = 20;
 
+/// The held prunes a report names; the rest are only counted.
+pub const MAX_HELD_SHOWN: usize = 200;
+
 /// Why a prune happened, as its event and audit entry say.
 pub const PRUNE_REASON: &str = "gone from CML";
 
@@ -57,6 +60,7 @@ impl RunReport {
             unchanged: plan.unchanged.len() as u64,
             pruned,
             held: plan.held.len() as u64,
+            held_labs: plan.held.iter().take(MAX_HELD_SHOWN).copied().collect(),
             failed: plan.failed.len() as u64,
             suppressed: plan.suppressed.len() as u64,
             hold_reason: plan.hold_reason.as_ref().map(ToString::to_string),

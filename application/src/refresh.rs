@@ -157,6 +157,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// The first few per-lab failures, for the operator.
     pub failures: Vec<LabFailure>,
+    /// The labs whose prune was held (the first few): what an admin
+    /// applies with `force_prune` after reviewing them.
+    #[serde(default)]
+    pub held_labs: Vec<LabId>,
     /// Set by the store when the report had to be cut down to be stored
     /// (its texts clipped, failures left out), saying what was cut.
     #[serde(default)]
@@ -225,6 +229,7 @@ impl RunReport {
             skip_reason: None,
             error: None,
             failures: Vec::new(),
+            held_labs: Vec::new(),
             note: None,
         }
     }

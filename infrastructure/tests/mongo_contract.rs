@@ -1102,6 +1102,7 @@ fn failed_run(w: &WorkerId, error: String, failures: Vec<LabFailure>) -> RunRepo
         skip_reason: None,
         error: Some(error),
         failures,
+        held_labs: Vec::new(),
         note: None,
     }
 }

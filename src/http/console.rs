@@ -258,7 +258,7 @@ fn sync_badge(state: SyncState) -> Markup {
     html! { span class={"badge " (class)} data-sync=(word) { (word) } }
 }
 
-fn worker_row(o: &WorkerOverview, details: bool) -> Markup {
+fn worker_row(o: &WorkerOverview, details: bool, admin: bool) -> Markup {
     let w = &o.worker;
     html! {
         tr data-worker=(w.id.as_str()) {
@@ -271,7 +271,18 @@ fn worker_row(o: &WorkerOverview, details: bool) -> Markup {
                         (r.status.word()) " · " (r.finished_at.format("%Y-%m-%d %H:%M:%S UTC")) " · " (r.duration_ms) " ms"
                         br;
                         small { "listed " (r.listed) ", created " (r.created) ", updated " (r.updated) ", pruned " (r.pruned) ", held " (r.held) ", failed " (r.failed) }
-                        @if let Some(h) = &r.hold_reason { br; span.warn { "prune held: " (h) } }
+                        @if let Some(h) = &r.hold_reason {
+                            div.held {
+                                span.warn { (r.held) " prunes held: " (h) }
+                                details {
+                                    summary { "Labs that would go" }
+                                    ul.held-labs { @for lab in &r.held_labs { li { code { (lab.as_str()) } } } }
+                                }
+                                @if admin {
+                                    button.apply-prune type="button" data-worker=(w.id.as_str()) { "Apply the held prune" }
+                                }
+                            }
+                        }
                         @if details { @if let Some(e) = &r.error { br; span.error { (e) } } }
                     }
                 }
@@ -283,13 +294,14 @@ fn worker_row(o: &WorkerOverview, details: bool) -> Markup {
 
 pub async fn fleet(State(s): State<ApiState>, person: Person) -> Response {
     let details = person.caller.may_read_worker_details();
+    let admin = person.caller.role >= Role::Admin;
     let body = match s.inventory.workers().await {
         Ok(workers) => html! {
             h1 { "Fleet" }
             table.fleet {
                 thead { tr { th { "Worker" } th { "URL" } th { "Sync" } th { "Last run" } } }
                 tbody {
-                    @for o in &workers { (worker_row(o, details)) }
+                    @for o in &workers { (worker_row(o, details, admin)) }
                 }
             }
         },

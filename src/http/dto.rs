@@ -177,6 +177,10 @@ pub struct RunReportView {
     /// Labs that failed, each with its error (for callers below admin,
     /// [`LAB_ERROR_FOR_ADMINS`]).
     pub failures: Vec<LabFailureView>,
+    /// The labs whose prune was held (the first 200): apply with
+    /// `force_prune=true` after reviewing them.
+    #[serde(default)]
+    pub held_labs: Vec<String>,
     /// Set when the stored report had to be cut down to fit a MongoDB
     /// document, saying what was cut.
     pub note: Option<String>,
@@ -243,6 +247,7 @@ impl From<RunReport> for RunReportView {
                     error: f.error,
                 })
                 .collect(),
+            held_labs: r.held_labs.iter().map(ToString::to_string).collect(),
             note: r.note,
         }
     }

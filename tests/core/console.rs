@@ -526,6 +526,68 @@ async fn an_open_labs_page_follows_a_prune_and_another_replicas_delete_without_a
 }
 
 #[tokio::test]
+async fn a_held_prune_is_shown_with_its_labs_and_applied_by_an_admin() {
+    let t = fleet().await;
+    // Most of cml-1's labs gone from CML at once: the prune guard holds.
+    let gone: Vec<String> = t
+        .sim()
+        .labs()
+        .iter()
+        .take(20)
+        .map(|l| l.id.clone())
+        .collect();
+    for id in &gone {
+        assert!(t.sim().remove_lab(id));
+    }
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, crate::helpers::ADMIN_TOKEN).await;
+    b.client.goto(&api.url("/fleet")).await.unwrap();
+    let held = b
+        .client
+        .find(Locator::Css("tr[data-worker='cml-1'] .held"))
+        .await
+        .unwrap();
+    assert!(held.text().await.unwrap().contains("20 prunes held"));
+    let mut listed = Vec::new();
+    for li in held
+        .find_all(Locator::Css("ul.held-labs li"))
+        .await
+        .unwrap()
+    {
+        listed.push(li.html(true).await.unwrap());
+    }
+    assert_eq!(listed.len(), 20, "every held lab is named");
+    assert!(
+        gone.iter()
+            .all(|id| listed.iter().any(|l| l.contains(id.as_str())))
+    );
+    b.screenshot("held-prune").await;
+    held.find(Locator::Css("button.apply-prune"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the prune is applied and the page says so", || async {
+        b.client
+            .find_all(Locator::Css("tr[data-worker='cml-1'] .held"))
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let left = t.records().await;
+    assert!(
+        left.iter().all(|r| !gone.contains(&r.lab_id.to_string())),
+        "the held labs are pruned"
+    );
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
     let t = fleet().await;
     let lab = add_lab(&t, "Viewer's view", "DEFINED_ON_CORE");

@@ -199,3 +199,19 @@ if (live && typeof EventSource !== "undefined") {
   };
   connect();
 }
+
+// A held prune, applied by an admin after reviewing its labs: a refresh
+// of that worker with force_prune; the page then shows its outcome.
+document.addEventListener("click", async (e) => {
+  const button = e.target.closest("button.apply-prune");
+  if (!button) return;
+  button.disabled = true;
+  const worker = encodeURIComponent(button.dataset.worker);
+  const { status, body } = await api("POST", `/api/v1/workers/${worker}/labs/refresh?force_prune=true`);
+  if (status === 200) {
+    location.reload();
+  } else {
+    button.disabled = false;
+    button.textContent = problemText(body, status);
+  }
+});
