@@ -196,11 +196,9 @@ pub async fn login(
     Form(f): Form<LoginForm>,
 ) -> Response {
     if cross_site(&headers) {
-        return html_response(
+        return not_signed_in(
             StatusCode::FORBIDDEN,
-            login_form(Some(
-                "Not signed in: sign-in is accepted from this site's own form only.",
-            )),
+            "sign-in is accepted from this site's own form only",
         );
     }
     match session::sign_in(&s, &f.token).await {
@@ -212,11 +210,12 @@ pub async fn login(
             );
             r
         }
-        Err(e) => html_response(
-            e.status(),
-            login_form(Some(&format!("Not signed in: {}", e.detail))),
-        ),
+        Err(e) => not_signed_in(e.status(), &e.detail),
     }
+}
+
+fn not_signed_in(status: StatusCode, why: &str) -> Response {
+    html_response(status, login_form(Some(&format!("Not signed in: {why}."))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,14 +231,25 @@ pub async fn logout(
     if let Some(secret) = session::cookie_secret(&headers) {
         let key = session::key_of(secret);
         let now = s.services.clock.now();
-        if let Ok(Some(found)) = s.sessions.find(&key, now).await {
-            if !session::csrf_matches(&found, &f.csrf) {
+        let ended = match s.sessions.find(&key, now).await {
+            Ok(Some(found)) if !session::csrf_matches(&found, &f.csrf) => {
                 return html_response(
                     StatusCode::FORBIDDEN,
                     login_form(Some("Sign-out refused: the form was not this session's.")),
                 );
             }
-            let _ = s.sessions.end(&key).await;
+            Ok(Some(_)) => s.sessions.end(&key).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ended {
+            // Clearing the cookie alone would leave the session valid.
+            return html_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                login_form(Some(&format!(
+                    "Sign-out failed, the session is still open: {e}. Try again."
+                ))),
+            );
         }
     }
     let mut r = Redirect::to("/login").into_response();

@@ -710,14 +710,7 @@ async fn the_audit_says_who_deleted_a_lab_after_it_is_gone_and_pages_without_rep
     let lab = t.add_lab("DEFINED_ON_CORE");
     t.refresh().await;
     let api = TestApi::start(&t).await;
-    let (s, out) = api
-        .send(api.req(
-            Method::DELETE,
-            &format!("/api/v1/workers/cml-1/labs/{lab}"),
-            Some(OPERATOR_TOKEN),
-        ))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{out}");
+    api.delete_lab(&lab).await;
     let (s, _) = api
         .get(&format!("/api/v1/workers/cml-1/labs/{lab}"), VIEWER_TOKEN)
         .await;

@@ -3,7 +3,6 @@
 //! CML simulator. Each story saves a screenshot under target/screenshots/.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use cml_sim::LabSpec;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -42,20 +41,18 @@ impl Browser {
         }))
         .unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        let mut last = None;
-        for _ in 0..200 {
-            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector)
-                .capabilities(caps.clone())
-                .connect(&url)
+        eventually("chromedriver listens", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-            {
-                Ok(client) => return Self { client, driver },
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("chromedriver did not answer: {last:?}");
+                .is_ok()
+        })
+        .await;
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("chromedriver starts a headless Chromium");
+        Self { client, driver }
     }
 
     async fn sign_in(&self, api: &TestApi, token: &str) {
@@ -77,6 +74,17 @@ impl Browser {
             .for_element(Locator::Css("meta[name='csrf-token']"))
             .await
             .expect("signed in");
+    }
+
+    /// Clicks the element `css` finds.
+    async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap();
     }
 
     /// Saves what the page shows to target/screenshots/`name`.png.
@@ -281,20 +289,8 @@ async fn an_operator_deletes_a_wiped_lab_and_a_running_one_after_stop_and_wipe()
 
     b.client.goto(&api.url("/labs?q=to+delete")).await.unwrap();
     let delete = |lab: &LabId| format!("tr[data-lab='{lab}'] button[data-delete]");
-    b.client
-        .find(Locator::Css(&delete(&wiped)))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Css("#c-delete"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click(&delete(&wiped)).await;
+    b.click("#c-delete").await;
     eventually("the wiped lab's row goes", || async {
         !b.has_row(&wiped).await
     })
@@ -304,20 +300,8 @@ async fn an_operator_deletes_a_wiped_lab_and_a_running_one_after_stop_and_wipe()
         "CML no longer has it"
     );
 
-    b.client
-        .find(Locator::Css(&delete(&running)))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Css("#c-delete"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click(&delete(&running)).await;
+    b.click("#c-delete").await;
     let force = b.client.find(Locator::Css("#c-force")).await.unwrap();
     eventually("the refusal offers stop, wipe and delete", || async {
         force.is_displayed().await.unwrap_or(false)
@@ -362,23 +346,10 @@ async fn three_labs_deleted_at_once_each_say_how_they_ended() {
     b.sign_in(&api, OPERATOR_TOKEN).await;
     b.client.goto(&api.url("/labs?q=batch")).await.unwrap();
     for lab in [&first, &refused, &third] {
-        b.client
-            .find(Locator::Css(&format!(
-                "tr[data-lab='{lab}'] input[data-select]"
-            )))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.click(&format!("tr[data-lab='{lab}'] input[data-select]"))
+            .await;
     }
-    b.client
-        .find(Locator::Css("#delete-selected"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("#delete-selected").await;
     eventually("the two wiped labs' rows go", || async {
         !b.has_row(&first).await && !b.has_row(&third).await
     })
@@ -410,14 +381,7 @@ async fn the_audit_page_answers_who_deleted_a_lab_that_is_gone() {
     let lab = add_lab(&t, "Deleted, then asked about", "DEFINED_ON_CORE");
     refresh_all(&t).await;
     let api = TestApi::start(&t).await;
-    let (s, _) = api
-        .send(api.req(
-            reqwest::Method::DELETE,
-            &format!("/api/v1/workers/cml-1/labs/{lab}"),
-            Some(OPERATOR_TOKEN),
-        ))
-        .await;
-    assert_eq!(s, reqwest::StatusCode::OK);
+    api.delete_lab(&lab).await;
     let b = Browser::start().await;
     b.sign_in(&api, VIEWER_TOKEN).await;
     b.client.goto(&api.url("/audit")).await.unwrap();
@@ -428,13 +392,7 @@ async fn the_audit_page_answers_who_deleted_a_lab_that_is_gone() {
         .send_keys(lab.as_str())
         .await
         .unwrap();
-    b.client
-        .find(Locator::Css("form.filters button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form.filters button").await;
     b.client
         .wait()
         .for_element(Locator::Css("table.audit"))
@@ -500,14 +458,7 @@ async fn an_open_labs_page_follows_a_prune_and_another_replicas_delete_without_a
     })
     .await;
     // Deleted through the other replica.
-    let (s, _) = second
-        .send(second.req(
-            reqwest::Method::DELETE,
-            &format!("/api/v1/workers/cml-1/labs/{deleted}"),
-            Some(OPERATOR_TOKEN),
-        ))
-        .await;
-    assert_eq!(s, reqwest::StatusCode::OK);
+    second.delete_lab(&deleted).await;
     eventually("the deleted lab's row goes", || async {
         !b.has_row(&deleted).await
     })
@@ -638,13 +589,7 @@ async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
     assert_eq!(tokenless, json!(403));
     assert!(t.sim().lab(lab.as_str()).is_some(), "CML still has the lab");
     // Signed out, the session opens nothing.
-    b.client
-        .find(Locator::Css("form.signout button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form.signout button").await;
     b.client
         .wait()
         .for_element(Locator::Css("#token"))

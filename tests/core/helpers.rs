@@ -574,6 +574,15 @@ impl TestApi {
         )
     }
 
+    /// Deletes a lab of cml-1 as an operator; CML must confirm it (200).
+    pub async fn delete_lab(&self, lab: &LabId) {
+        let path = format!("/api/v1/workers/cml-1/labs/{lab}");
+        let (s, out) = self
+            .send(self.req(reqwest::Method::DELETE, &path, Some(OPERATOR_TOKEN)))
+            .await;
+        assert_eq!(s, reqwest::StatusCode::OK, "{out}");
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> (reqwest::StatusCode, serde_json::Value) {
         self.send(self.req(reqwest::Method::GET, path, Some(token)))
             .await

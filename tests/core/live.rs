@@ -8,7 +8,7 @@ use futures::StreamExt;
 use labsync_application::domain::LabId;
 use reqwest::{Method, StatusCode};
 
-use crate::helpers::{OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
+use crate::helpers::{TestApi, TestApp, VIEWER_TOKEN};
 
 /// One Server-Sent Event: its id, its name and its data as JSON.
 #[derive(Debug, Clone)]
@@ -78,17 +78,6 @@ impl Stream {
     }
 }
 
-async fn delete(api: &TestApi, lab: &LabId) {
-    let (s, out) = api
-        .send(api.req(
-            Method::DELETE,
-            &format!("/api/v1/workers/cml-1/labs/{lab}"),
-            Some(OPERATOR_TOKEN),
-        ))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{out}");
-}
-
 #[tokio::test]
 async fn a_delete_through_one_replica_reaches_the_other_and_a_reconnect_gets_what_it_missed() {
     let t = TestApp::spawn().await;
@@ -98,14 +87,14 @@ async fn a_delete_through_one_replica_reaches_the_other_and_a_reconnect_gets_wha
     let second = TestApi::start(&t).await;
 
     let mut stream = Stream::open(&first, None).await;
-    delete(&second, &a).await;
+    second.delete_lab(&a).await;
     let seen = stream.until("deleted", &a).await;
     assert_eq!(seen.data["worker_id"], "cml-1");
     assert_eq!(seen.data["cloudevent"]["type"], "io.labsync.lab.deleted");
     drop(stream);
 
     // Gone while no stream was open: the reconnect reads it from the outbox.
-    delete(&second, &b).await;
+    second.delete_lab(&b).await;
     let mut resumed = Stream::open(&first, Some(&seen.id)).await;
     let missed = resumed.until("deleted", &b).await;
     assert_ne!(missed.id, seen.id);
@@ -135,20 +124,13 @@ async fn a_stream_past_the_limit_is_refused_with_a_503_and_a_retry_after() {
     assert!(resp.headers().contains_key("retry-after"));
     drop(open);
     // Its slot is free again once it closes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = api
-            .req(Method::GET, "/api/v1/events/stream", Some(VIEWER_TOKEN))
+    labsync_test_support::eventually("the slot comes back", || async {
+        api.req(Method::GET, "/api/v1/events/stream", Some(VIEWER_TOKEN))
             .send()
             .await
-            .unwrap()
-            .status();
-        if s == StatusCode::OK {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the slot came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
     let (s, _) = api
         .send(api.req(Method::GET, "/api/v1/events/stream", None))
         .await;
