@@ -44,6 +44,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(
             AppError::UnknownWorker(_)
             | AppError::UnknownLab(..)
+            | AppError::UnknownRun(_)
             | AppError::WorkerExists(_)
             | AppError::InvalidId(_)
             | AppError::Invalid(_),
@@ -81,11 +82,26 @@ pub enum Command {
     /// Who deleted, pruned or refreshed what, and how it ended, newest
     /// first; labs that are gone included.
     Audit(AuditArgs),
+    /// Refresh runs, newest first: what each did and how it ended.
+    Runs(RunsArgs),
     /// Checks the configuration and prints it with secrets redacted.
     Config,
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[arg(long)]
+    pub worker: Option<String>,
+    /// running, succeeded, failed or skipped.
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -272,9 +288,8 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 fn report_line(r: &RunReport) -> String {
     let status = match r.status {
-        RunStatus::Succeeded => "succeeded",
         RunStatus::Failed => "FAILED",
-        RunStatus::Skipped => "skipped",
+        other => other.word(),
     };
     let mut line = format!(
         "{:<20} {:<9} listed={} created={} updated={} unchanged={} pruned={} held={} failed={} ({} ms){}",
@@ -429,6 +444,33 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Runs(a) => {
+            let query = crate::http::routes::runs_query(&crate::http::dto::RunsParams {
+                worker_id: a.worker,
+                status: a.status,
+                limit: Some(a.limit),
+            })
+            .map_err(|e| AppError::Invalid(e.detail))?;
+            let runs = app.inventory.runs(query).await?;
+            if a.json {
+                let views: Vec<crate::http::dto::RunReportView> = runs
+                    .into_iter()
+                    .map(crate::http::dto::RunReportView::from)
+                    .collect();
+                print_json(&views)?;
+            } else {
+                for r in &runs {
+                    println!(
+                        "{} {} {:<8} {}",
+                        r.started_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        r.run_id,
+                        format!("{:?}", r.trigger).to_lowercase(),
+                        report_line(r)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit(a) => {
             let query = crate::http::routes::audit_query(crate::http::dto::AuditParams {

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use labsync_application::RefreshAll;
 use labsync_infrastructure::configuration::Settings;
-use labsync_infrastructure::mongo::outbox::{EventRelay, MongoEventFeed};
+use labsync_infrastructure::mongo::feed::MongoEventFeed;
+use labsync_infrastructure::mongo::outbox::EventRelay;
 use labsync_infrastructure::mongo::{MongoHealth, MongoSessions};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use tokio::net::TcpListener;
@@ -115,6 +116,7 @@ pub async fn start_with(
         secure_cookie: settings.api.secure_cookie,
         events,
         scheduler_running: scheduler_running.clone(),
+        cron: settings.refresh.cron.clone(),
         metrics_auth: settings.api.metrics_auth,
     };
     if state.tokens.is_empty() {

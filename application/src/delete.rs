@@ -137,7 +137,7 @@ impl DeleteOutcomeKind {
 
     fn from_cml(e: CmlError) -> Self {
         match e {
-            CmlError::Unreachable(_) => Self::CmlUnreachable {
+            CmlError::Unreachable(_) | CmlError::Tls(_) => Self::CmlUnreachable {
                 error: e.to_string(),
             },
             other => Self::CmlRefused {

@@ -14,6 +14,10 @@ pub enum CmlError {
     /// proxy's 502/503/504 while the controller boots.
     #[error("CML unreachable: {0}")]
     Unreachable(String),
+    /// The TLS connection failed: CML's certificate was refused (unknown
+    /// issuer, wrong name, expired) or the handshake failed.
+    #[error("CML's TLS connection failed: {0}")]
+    Tls(String),
     /// Login refused (403), or 401 again after one re-authentication.
     #[error("CML refused the credentials: {0}")]
     Auth(String),
@@ -54,6 +58,8 @@ pub enum AppError {
     UnknownWorker(WorkerId),
     #[error("worker {0} has no lab {1}")]
     UnknownLab(WorkerId, LabId),
+    #[error("no refresh run {0:?}")]
+    UnknownRun(String),
     #[error("worker {0} is already registered")]
     WorkerExists(WorkerId),
     /// An admin disabled the worker: labsync neither refreshes it nor

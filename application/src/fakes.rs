@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use labsync_domain::{
     BaseUrl, Existing, HistoryEntry, LabId, LabRecord, LabSnapshot, LabState, Worker, WorkerId,
 };
@@ -15,10 +16,10 @@ use secrecy::SecretString;
 use crate::errors::{CmlError, RepoError};
 use crate::events::{LabEvent, NoObserver};
 use crate::ports::*;
-use crate::refresh::RunReport;
+use crate::refresh::{RunReport, RunStatus};
 use crate::services::{CoreSettings, Services};
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -84,6 +85,13 @@ impl FakeCml {
 
 #[async_trait]
 impl CmlGateway for FakeCml {
+    async fn check(&self, a: &WorkerAccess) -> Result<(CmlAccount, LabList), CmlError> {
+        let account = self.relogin(a).await?;
+        if !account.admin {
+            return Ok((account, LabList::default()));
+        }
+        Ok((account, self.list_lab_ids(a).await?))
+    }
     async fn account(&self, _: &WorkerAccess) -> Result<CmlAccount, CmlError> {
         Ok(self.whoami())
     }
@@ -273,15 +281,35 @@ impl LabRepository for FakeStore {
         Ok(v)
     }
     async fn fleet_page(&self, q: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        // The order as a tuple: newest first for times, none last.
+        let place = |r: &LabRecord| {
+            let c = q.sort.cursor(r);
+            let key = match c.key {
+                SortKey::Time(t) => (t.is_none(), std::cmp::Reverse(t), String::new()),
+                SortKey::Text(t) => (false, std::cmp::Reverse(None), t),
+                SortKey::None => (false, std::cmp::Reverse(None), String::new()),
+            };
+            (key, c.worker, c.lab)
+        };
         let mut v: Vec<LabRecord> = lock(&self.live).values().cloned().collect();
-        v.sort_by(|a, b| (&a.worker_id, a.lab_id).cmp(&(&b.worker_id, b.lab_id)));
-        v.retain(|r| {
-            q.after_in
-                .as_ref()
-                .is_none_or(|(w, l)| (&r.worker_id, r.lab_id) > (w, *l))
-        });
+        v.sort_by_key(place);
+        if let Some(after) = &q.after {
+            let at = v
+                .iter()
+                .position(|r| r.worker_id == after.worker && r.lab_id == after.lab);
+            v = at.map_or_else(Vec::new, |i| v.split_off(i + 1));
+        }
         v.truncate(q.filter.limit);
         Ok(v)
+    }
+    async fn count_by_state(&self, w: &WorkerId) -> Result<Vec<(String, u64)>, RepoError> {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in self.list(w).await? {
+            *counts
+                .entry(r.snapshot.state.as_str().to_owned())
+                .or_insert(0) += 1;
+        }
+        Ok(counts.into_iter().collect())
     }
     async fn add_history(
         &self,
@@ -390,11 +418,44 @@ impl AuditLog for FakeStore {
 #[async_trait]
 impl RunReports for FakeStore {
     async fn store(&self, r: &RunReport) -> Result<(), RepoError> {
-        lock(&self.reports).push(r.clone());
+        let mut reports = lock(&self.reports);
+        reports.retain(|old| old.run_id != r.run_id);
+        reports.push(r.clone());
         Ok(())
     }
-    async fn recent(&self, _: Option<&WorkerId>, _: usize) -> Result<Vec<RunReport>, RepoError> {
-        Ok(lock(&self.reports).iter().rev().cloned().collect())
+    async fn get(&self, run_id: &str) -> Result<Option<RunReport>, RepoError> {
+        Ok(lock(&self.reports)
+            .iter()
+            .find(|r| r.run_id == run_id)
+            .cloned())
+    }
+    async fn recent(&self, q: &RunQuery) -> Result<Vec<RunReport>, RepoError> {
+        Ok(lock(&self.reports)
+            .iter()
+            .rev()
+            .filter(|r| q.status.is_none_or(|s| r.status == s))
+            .take(q.limit)
+            .cloned()
+            .collect())
+    }
+    async fn abandon_running(
+        &self,
+        worker: &WorkerId,
+        started_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, RepoError> {
+        let mut n = 0;
+        for r in lock(&self.reports).iter_mut().filter(|r| {
+            &r.worker_id == worker
+                && r.status == RunStatus::Running
+                && r.started_at < started_before
+        }) {
+            r.status = RunStatus::Failed;
+            r.error = Some(crate::refresh::ABANDONED.to_owned());
+            r.finished_at = now;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -478,7 +539,7 @@ impl Fixture {
     }
 }
 
-fn test_worker() -> Worker {
+pub fn test_worker() -> Worker {
     Worker {
         id: worker_id(),
         name: "cml-1".into(),

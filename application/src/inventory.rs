@@ -7,8 +7,12 @@ use labsync_domain::{Actor, LabId, LabRecord, Worker, WorkerChanges, WorkerId};
 use secrecy::SecretString;
 use serde::Serialize;
 
+use crate::connection::{ConnectionCheck, check_connection};
 use crate::errors::{AppError, RepoError};
-use crate::ports::{AuditAction, AuditEntry, AuditQuery, FleetLabQuery, LabQuery, StoredAudit};
+use crate::ports::{
+    AuditAction, AuditEntry, AuditQuery, FleetCursor, FleetLabQuery, LabQuery, RunQuery,
+    StoredAudit, WorkerAccess,
+};
 use crate::refresh::{RunReport, RunStatus};
 use crate::services::Services;
 
@@ -28,6 +32,8 @@ pub struct WorkerOverview {
     pub worker: Worker,
     pub sync_state: SyncState,
     pub last_run: Option<RunReport>,
+    /// A run of the worker started and not finished, if any.
+    pub running: Option<RunReport>,
 }
 
 /// Largest page a caller may ask for.
@@ -59,8 +65,8 @@ pub struct AuditPage {
 #[derive(Debug, Clone)]
 pub struct FleetLabPage {
     pub items: Vec<LabRecord>,
-    /// Pass as `after_in` to get the next page; `None` on the last page.
-    pub next_cursor: Option<(WorkerId, LabId)>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next_cursor: Option<FleetCursor>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,13 +143,22 @@ impl Inventory {
 
     async fn overview(&self, worker: Worker) -> Result<WorkerOverview, AppError> {
         // The last run that did something: skips say nothing about the inventory.
-        let last_run = self
+        let recent = self
             .services
             .reports
-            .recent(Some(&worker.id), 10)
-            .await?
+            .recent(&RunQuery {
+                worker: Some(worker.id.clone()),
+                status: None,
+                limit: 10,
+            })
+            .await?;
+        let running = recent
+            .iter()
+            .find(|r| r.status == RunStatus::Running)
+            .cloned();
+        let last_run = recent
             .into_iter()
-            .find(|r| r.status != RunStatus::Skipped && !r.dry_run);
+            .find(|r| !matches!(r.status, RunStatus::Skipped | RunStatus::Running) && !r.dry_run);
         let sync_state = match (&last_run, worker.enabled) {
             (_, false) => SyncState::Disabled,
             (None, _) => SyncState::NeverSynced,
@@ -154,6 +169,7 @@ impl Inventory {
             worker,
             sync_state,
             last_run,
+            running,
         })
     }
 
@@ -278,8 +294,8 @@ impl Inventory {
         Ok(LabPage { items, next_cursor })
     }
 
-    /// A page of labs across the fleet (or one worker), in (worker, lab)
-    /// order.
+    /// A page of labs across the fleet (or one worker), in the order the
+    /// query asks for.
     ///
     /// # Errors
     /// [`AppError::Invalid`] for a bad limit, [`AppError::Repository`].
@@ -295,11 +311,40 @@ impl Inventory {
         let mut items = self.services.labs.fleet_page(&query).await?;
         let next_cursor = if items.len() > limit {
             items.truncate(limit);
-            items.last().map(|r| (r.worker_id.clone(), r.lab_id))
+            items.last().map(|r| query.sort.cursor(r))
         } else {
             None
         };
         Ok(FleetLabPage { items, next_cursor })
+    }
+
+    /// Tries settings not saved yet against their CML server.
+    pub async fn check_settings(&self, worker: Worker, password: SecretString) -> ConnectionCheck {
+        let access = WorkerAccess { worker, password };
+        check_connection(self.services.cml.as_ref(), &access).await
+    }
+
+    /// Tries the worker's stored settings against its CML server.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`], [`AppError::Repository`] (a stored
+    /// password that does not decrypt included).
+    pub async fn check_worker(&self, id: &WorkerId) -> Result<ConnectionCheck, AppError> {
+        let access = self
+            .services
+            .workers
+            .get(id)
+            .await?
+            .ok_or_else(|| AppError::UnknownWorker(id.clone()))?;
+        Ok(check_connection(self.services.cml.as_ref(), &access).await)
+    }
+
+    /// How many labs the worker has in each state.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn lab_counts(&self, worker: &WorkerId) -> Result<Vec<(String, u64)>, AppError> {
+        Ok(self.services.labs.count_by_state(worker).await?)
     }
 
     /// Audit entries, newest first: who deleted, pruned or refreshed what,
@@ -349,15 +394,20 @@ impl Inventory {
     ///
     /// # Errors
     /// [`AppError::Repository`].
-    pub async fn runs(
-        &self,
-        worker: Option<&WorkerId>,
-        limit: usize,
-    ) -> Result<Vec<RunReport>, AppError> {
-        Ok(self
-            .services
+    pub async fn runs(&self, mut query: RunQuery) -> Result<Vec<RunReport>, AppError> {
+        query.limit = query.limit.clamp(1, MAX_PAGE);
+        Ok(self.services.reports.recent(&query).await?)
+    }
+
+    /// One run's report, `running` while it runs.
+    ///
+    /// # Errors
+    /// [`AppError::UnknownRun`], [`AppError::Repository`].
+    pub async fn run(&self, run_id: &str) -> Result<RunReport, AppError> {
+        self.services
             .reports
-            .recent(worker, limit.clamp(1, MAX_PAGE))
-            .await?)
+            .get(run_id)
+            .await?
+            .ok_or_else(|| AppError::UnknownRun(run_id.chars().take(64).collect()))
     }
 }

@@ -1,7 +1,8 @@
 //! labsync's application layer: the use cases ([`DeleteLab`],
 //! [`RefreshWorkerLabs`] and [`RefreshAll`], one reconciler for the schedule,
 //! the admin and the CLI; the [`DeleteQueue`]; the [`Inventory`]), the pure
-//! steps of a refresh ([`reconcile`]), the retry policy of background work
+//! steps of a refresh ([`reconcile`]), the connection check of a worker's
+//! settings ([`connection`]), the retry policy of background work
 //! ([`retry`]), and the ports they drive ([`ports`]: CML gateway,
 //! repositories, refresh lease, audit log, run reports, health, clock).
 //!
@@ -10,6 +11,7 @@
 //! or web-framework types: adapters in `labsync-infrastructure` implement the
 //! ports defined here, and the binary wires them together.
 
+pub mod connection;
 pub mod crash;
 pub mod delete;
 pub mod delete_queue;

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::errors::{CmlError, RepoError};
 use crate::events::LabEvent;
-use crate::refresh::RunReport;
+use crate::refresh::{RunReport, RunStatus};
 
 /// A worker with the password needed to talk to it. Only the CML gateway
 /// reads the password; nothing serializes it.
@@ -80,6 +80,15 @@ pub struct LabList {
 /// receives the password or a delete, or answers for CML.
 #[async_trait]
 pub trait CmlGateway: Send + Sync {
+    /// Logs in with settings that may not be saved yet, then lists the
+    /// labs if the account is an admin (an empty list otherwise): what an
+    /// admin tests before saving a worker. MUST use a connection of its
+    /// own, shared with no worker and kept by none.
+    ///
+    /// # Errors
+    /// Any [`CmlError`] of the login or the list.
+    async fn check(&self, access: &WorkerAccess) -> Result<(CmlAccount, LabList), CmlError>;
+
     /// The account of the current session, logging in if there is none.
     ///
     /// # Errors
@@ -219,8 +228,109 @@ pub struct FleetLabQuery {
     /// One worker's labs only.
     pub worker: Option<WorkerId>,
     pub filter: LabQuery,
-    /// Only labs after this (worker, lab) pair: the cursor.
-    pub after_in: Option<(WorkerId, LabId)>,
+    pub sort: LabSort,
+    /// Only labs after this one, in `sort`'s order: the cursor.
+    pub after: Option<FleetCursor>,
+}
+
+/// The order of a fleet page. Each ends with (worker id, lab id), so that
+/// it is total and a cursor names one place in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LabSort {
+    /// Worker id, then lab id.
+    #[default]
+    Worker,
+    /// Title, byte order (capitals first).
+    Title,
+    /// State name.
+    State,
+    /// Modified in CML, newest first; labs without a time last.
+    Modified,
+}
+
+impl LabSort {
+    pub const ALL: [Self; 4] = [Self::Worker, Self::Title, Self::State, Self::Modified];
+
+    pub const fn word(self) -> &'static str {
+        match self {
+            Self::Worker => "worker",
+            Self::Title => "title",
+            Self::State => "state",
+            Self::Modified => "modified",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.word() == word)
+    }
+
+    /// The record's place in this order.
+    pub fn cursor(self, r: &LabRecord) -> FleetCursor {
+        let key = match self {
+            Self::Worker => SortKey::None,
+            Self::Title => SortKey::Text(r.snapshot.title.clone()),
+            Self::State => SortKey::Text(r.snapshot.state.as_str().to_owned()),
+            Self::Modified => SortKey::Time(r.snapshot.modified),
+        };
+        FleetCursor {
+            key,
+            worker: r.worker_id.clone(),
+            lab: r.lab_id,
+        }
+    }
+}
+
+/// The value a [`LabSort`] orders by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SortKey {
+    None,
+    Text(String),
+    Time(Option<DateTime<Utc>>),
+}
+
+/// A place in a [`LabSort`] order: the last lab of a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetCursor {
+    pub key: SortKey,
+    pub worker: WorkerId,
+    pub lab: LabId,
+}
+
+impl FleetCursor {
+    /// As a URL parameter: `worker/lab`, then `/key` for a keyed order (a
+    /// time as RFC 3339, `-` for none).
+    pub fn to_param(&self) -> String {
+        let base = format!("{}/{}", self.worker, self.lab);
+        match &self.key {
+            SortKey::None => base,
+            SortKey::Text(t) => format!("{base}/{t}"),
+            SortKey::Time(Some(t)) => format!("{base}/{}", t.to_rfc3339()),
+            SortKey::Time(None) => format!("{base}/-"),
+        }
+    }
+
+    /// Reads [`FleetCursor::to_param`] for `sort`; `None` if it is not one.
+    pub fn parse(sort: LabSort, param: &str) -> Option<Self> {
+        let (worker, rest) = param.split_once('/')?;
+        let (lab, key) = match rest.split_once('/') {
+            Some((lab, key)) => (lab, Some(key)),
+            None => (rest, None),
+        };
+        let key = match (sort, key) {
+            (LabSort::Worker, None) => SortKey::None,
+            (LabSort::Title | LabSort::State, Some(k)) => SortKey::Text(k.to_owned()),
+            (LabSort::Modified, Some("-")) => SortKey::Time(None),
+            (LabSort::Modified, Some(k)) => SortKey::Time(Some(
+                DateTime::parse_from_rfc3339(k).ok()?.with_timezone(&Utc),
+            )),
+            _ => return None,
+        };
+        Some(Self {
+            key,
+            worker: WorkerId::parse(worker).ok()?,
+            lab: LabId::parse(lab).ok()?,
+        })
+    }
 }
 
 /// What [`LabRepository::apply`] did.
@@ -275,13 +385,20 @@ pub trait LabRepository: Send + Sync {
     async fn page(&self, worker: &WorkerId, query: &LabQuery) -> Result<Vec<LabRecord>, RepoError>;
 
     /// Live records of every worker (or of `query.worker`) matching
-    /// `query`, ordered by (worker id, lab id), at most `query.limit`,
-    /// without their history. MUST be served by the unique (worker id,
-    /// lab id) index, so that a page costs the same at any depth.
+    /// `query`, in `query.sort`'s order after `query.after`, at most
+    /// `query.limit`, without their history. MUST be served by an index of
+    /// that order, so that a page costs the same at any depth.
     ///
     /// # Errors
     /// [`RepoError`].
     async fn fleet_page(&self, query: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError>;
+
+    /// How many live records the worker has in each state, in state
+    /// order.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn count_by_state(&self, worker: &WorkerId) -> Result<Vec<(String, u64)>, RepoError>;
 
     /// Writes a refresh's changes in bulk: its events first, staged (never
     /// delivered as they are), then the creates, the updates and every
@@ -553,22 +670,59 @@ pub trait AuditLog: Send + Sync {
 /// Stored run reports.
 #[async_trait]
 pub trait RunReports: Send + Sync {
+    /// Stores the report, replacing the one stored under its run id (a
+    /// `running` report, replaced by how the run ended).
+    ///
     /// # Errors
     /// [`RepoError`].
     async fn store(&self, report: &RunReport) -> Result<(), RepoError>;
 
-    /// Newest first, for one worker or all.
+    /// # Errors
+    /// [`RepoError`].
+    async fn get(&self, run_id: &str) -> Result<Option<RunReport>, RepoError>;
+
+    /// Newest first, as `query` asks.
     ///
     /// # Errors
     /// [`RepoError`].
-    async fn recent(
+    async fn recent(&self, query: &RunQuery) -> Result<Vec<RunReport>, RepoError>;
+
+    /// Marks the worker's reports still `running` that started before
+    /// `started_before` failed ([`crate::refresh::ABANDONED`]), finished
+    /// `now`; returns how many. Called by a run that holds the worker's
+    /// lease: no run that started a lease's lifetime before it is live.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn abandon_running(
         &self,
-        worker: Option<&WorkerId>,
-        limit: usize,
-    ) -> Result<Vec<RunReport>, RepoError>;
+        worker: &WorkerId,
+        started_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, RepoError>;
 }
 
-/// A lab event once it is visible (stored and not staged), for live views.
+/// Which run reports to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunQuery {
+    pub worker: Option<WorkerId>,
+    pub status: Option<RunStatus>,
+    pub limit: usize,
+}
+
+impl RunQuery {
+    /// The newest `limit` runs of `worker`, or of every worker.
+    pub fn newest(worker: Option<&WorkerId>, limit: usize) -> Self {
+        Self {
+            worker: worker.cloned(),
+            status: None,
+            limit,
+        }
+    }
+}
+
+/// An event once it is visible, for live views: a lab's (stored and not
+/// staged) or a refresh run's (finished).
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisibleEvent {
     pub id: String,
@@ -577,12 +731,14 @@ pub struct VisibleEvent {
     pub visible_at: DateTime<Utc>,
     pub kind: String,
     pub worker_id: String,
-    pub lab_id: String,
+    /// None for an event that is not a lab's (a finished refresh run).
+    pub lab_id: Option<String>,
     /// The CloudEvent as the sink receives it.
     pub cloudevent: serde_json::Value,
 }
 
-/// Lab events as every replica stores them, read back for live views.
+/// Lab events and finished runs as every replica stores them, read back
+/// for live views.
 #[async_trait]
 pub trait EventFeed: Send + Sync {
     /// Events that became visible at or after `since` (and, at `since`

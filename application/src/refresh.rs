@@ -36,8 +36,13 @@
 //!   effects; the report itself is stored, marked `dry_run`).
 //!
 //! # Caveats
-//! A process that dies mid-run leaves its lease until it expires
-//! (`lease_ttl`, short because it is renewed); the next run converges.
+//! - A process that dies mid-run leaves its lease until it expires
+//!   (`lease_ttl`, short because it is renewed); the next run converges.
+//! - A run started in the background ([`RefreshWorkerLabs::start`]) is not
+//!   waited for at shutdown: its report stays `running` until the next run
+//!   of its worker marks it failed ([`ABANDONED`]).
+//! - A `running` report of a disabled worker stays so until the worker is
+//!   enabled and refreshed.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -108,6 +113,10 @@ pub struct RefreshOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// Started and not finished: a run started through the API, followed
+    /// by its id. One whose process died is marked failed by the next run
+    /// of its worker (see [`RefreshWorkerLabs::start`]).
+    Running,
     Succeeded,
     /// Nothing was fetched or written; `error` says why.
     Failed,
@@ -119,10 +128,18 @@ impl RunStatus {
     /// The status as it is stored and audited.
     pub const fn word(self) -> &'static str {
         match self {
+            Self::Running => "running",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Skipped => "skipped",
         }
+    }
+
+    /// The status a caller asks for by its word.
+    pub fn parse(word: &str) -> Option<Self> {
+        [Self::Running, Self::Succeeded, Self::Failed, Self::Skipped]
+            .into_iter()
+            .find(|s| s.word() == word)
     }
 }
 
@@ -261,7 +278,32 @@ impl RunReport {
     pub fn is_failure(&self) -> bool {
         self.status == RunStatus::Failed
     }
+
+    /// The report of a run started and not yet run: stored as `running`
+    /// so that its id can be followed at once.
+    pub(crate) fn announced(
+        worker: &WorkerId,
+        actor: &Actor,
+        options: RefreshOptions,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let mut r = Self::new(worker, actor, options, now);
+        r.status = RunStatus::Running;
+        r
+    }
+
+    fn options(&self) -> RefreshOptions {
+        RefreshOptions {
+            dry_run: self.dry_run,
+            force_prune: self.force_prune,
+        }
+    }
 }
+
+/// What says that a `running` report's process died: the run's lease
+/// expired and another run of its worker took it.
+pub const ABANDONED: &str = "the process running this refresh stopped before it finished \
+     (its lease expired and a later run of the worker took it); nothing more was written";
 
 /// Refreshes one worker.
 #[derive(Debug, Clone)]
@@ -287,31 +329,90 @@ impl RefreshWorkerLabs {
         actor: &Actor,
         options: RefreshOptions,
     ) -> Result<RunReport, AppError> {
-        let span = info_span!("refresh", worker_id = %worker_id, %actor, dry_run = options.dry_run);
+        let report = RunReport::new(worker_id, actor, options, self.services.clock.now());
+        match self.execute_as(report, actor).await {
+            (_, false) => Err(AppError::UnknownWorker(worker_id.clone())),
+            (report, true) => Ok(report),
+        }
+    }
+
+    /// Starts a run in the background and returns at once its report,
+    /// already stored as `running`: the non-blocking form,
+    /// for a refresh that must not hold an HTTP request open. The stored
+    /// report is replaced when the run finishes, however it ends.
+    ///
+    /// A process that dies mid-run leaves its report `running`; the next
+    /// run of the worker that takes the lease marks it failed
+    /// ([`ABANDONED`]).
+    ///
+    /// # Errors
+    /// [`AppError::UnknownWorker`]; [`AppError::Repository`] when the
+    /// worker cannot be read or the report cannot be stored (the run is
+    /// then not started).
+    pub async fn start(
+        &self,
+        worker_id: &WorkerId,
+        actor: &Actor,
+        options: RefreshOptions,
+    ) -> Result<RunReport, AppError> {
+        // A password that does not decrypt is the run's failure, stored
+        // like any other; a database that cannot be read fails the
+        // announcement too.
+        if let Ok(None) = self.services.workers.get(worker_id).await {
+            return Err(AppError::UnknownWorker(worker_id.clone()));
+        }
+        let report = self.announce(worker_id, actor, options).await?;
+        let me = self.clone();
+        let actor = actor.clone();
+        let run = report.clone();
+        tokio::spawn(async move { me.execute_as(run, &actor).await });
+        Ok(report)
+    }
+
+    async fn announce(
+        &self,
+        worker_id: &WorkerId,
+        actor: &Actor,
+        options: RefreshOptions,
+    ) -> Result<RunReport, AppError> {
+        let report = RunReport::announced(worker_id, actor, options, self.services.clock.now());
+        self.services.reports.store(&report).await?;
+        Ok(report)
+    }
+
+    /// Runs the refresh that `report` begins; false with it when the
+    /// worker is unknown (an announced run's report then says so).
+    async fn execute_as(&self, mut report: RunReport, actor: &Actor) -> (RunReport, bool) {
+        let worker_id = report.worker_id.clone();
+        let span = info_span!("refresh", worker_id = %worker_id, %actor, run_id = %report.run_id, dry_run = report.dry_run);
         async {
-            let access = match self.services.workers.get(worker_id).await {
-                Ok(Some(access)) => access,
-                Ok(None) => return Err(AppError::UnknownWorker(worker_id.clone())),
+            let started = Instant::now();
+            match self.services.workers.get(&worker_id).await {
+                Ok(Some(access)) => (self.run(access, actor, report).await, true),
+                Ok(None) if report.status == RunStatus::Running => {
+                    report.status = RunStatus::Failed;
+                    report.error = Some("the worker was removed before the run began".into());
+                    (self.finish(report, started, actor).await, false)
+                }
+                Ok(None) => (report, false),
                 Err(e) => {
-                    let started = Instant::now();
-                    let mut report =
-                        RunReport::new(worker_id, actor, options, self.services.clock.now());
                     report.status = RunStatus::Failed;
                     report.error = Some(format!("the run could not start: {e}"));
-                    return Ok(self.finish(report, started, actor).await);
+                    (self.finish(report, started, actor).await, true)
                 }
-            };
-            Ok(self.run(access, actor, options).await)
+            }
         }
         .instrument(span)
         .await
     }
 
-    async fn run(&self, access: WorkerAccess, actor: &Actor, options: RefreshOptions) -> RunReport {
+    async fn run(&self, access: WorkerAccess, actor: &Actor, mut report: RunReport) -> RunReport {
         let s = &self.services;
         let worker_id = access.worker.id.clone();
         let clock_start = Instant::now();
-        let mut report = RunReport::new(&worker_id, actor, options, s.clock.now());
+        let options = report.options();
+        // A run is a success until a step says otherwise.
+        report.status = RunStatus::Succeeded;
         if !access.worker.enabled {
             report.status = RunStatus::Skipped;
             report.skip_reason = Some(SkipReason::WorkerDisabled);
@@ -338,6 +439,18 @@ impl RefreshWorkerLabs {
                 return self.finish(report, clock_start, actor).await;
             }
         };
+        // Holding the lease, this is the worker's only live run: a report
+        // still `running` from before the lease's lifetime belongs to a
+        // process that died.
+        let stale_before = report.started_at
+            - chrono::Duration::from_std(s.settings.lease_ttl).unwrap_or_default();
+        if let Err(e) = s
+            .reports
+            .abandon_running(&worker_id, stale_before, s.clock.now())
+            .await
+        {
+            warn!(error = %e, "could not mark abandoned runs failed");
+        }
         let keeper = LeaseKeeper::start(
             s.lease.clone(),
             worker_id.clone(),
@@ -623,6 +736,47 @@ impl RefreshAll {
         }
     }
 
+    /// Starts a run of every enabled worker in the background, at most
+    /// `max_concurrent_workers` at once, and returns their ids at once
+    /// (see [`RefreshWorkerLabs::start`]).
+    ///
+    /// # Errors
+    /// [`AppError::Repository`] if the workers cannot be listed or a run's
+    /// report cannot be stored; the runs announced before it still run.
+    pub async fn start(
+        &self,
+        actor: &Actor,
+        options: RefreshOptions,
+    ) -> Result<Vec<RunReport>, AppError> {
+        let workers = self.services.workers.list().await?;
+        let mut announced = Vec::new();
+        let mut failure = None;
+        for w in workers.into_iter().filter(|w| w.enabled) {
+            match self.one.announce(&w.id, actor, options).await {
+                Ok(r) => announced.push(r),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let runs = announced.clone();
+        let me = self.clone();
+        let actor = actor.clone();
+        let concurrency = self.services.settings.max_concurrent_workers.max(1);
+        tokio::spawn(async move {
+            futures::stream::iter(runs)
+                .map(|r| me.one.execute_as(r, &actor))
+                .buffer_unordered(concurrency)
+                .collect::<Vec<_>>()
+                .await;
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(announced),
+        }
+    }
+
     /// One report per enabled worker, in worker id order.
     ///
     /// # Errors
@@ -674,6 +828,82 @@ mod tests {
             .execute(&worker_id(), &Actor::cli("test"), RefreshOptions::default())
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_started_run_is_stored_running_at_once_and_replaced_by_how_it_ended() {
+        let f = fixture();
+        with_four_labs(&f);
+        let started = refresh(&f)
+            .start(&worker_id(), &Actor::cli("test"), RefreshOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(started.status, RunStatus::Running);
+        let stored = || {
+            crate::fakes::lock(&f.store.reports)
+                .iter()
+                .find(|r| r.run_id == started.run_id)
+                .cloned()
+                .unwrap()
+        };
+        for _ in 0..500 {
+            if stored().status != RunStatus::Running {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let ended = stored();
+        assert_eq!((ended.status, ended.created), (RunStatus::Succeeded, 4));
+        assert_eq!(
+            crate::fakes::lock(&f.store.reports).len(),
+            1,
+            "one report per run: the running one was replaced"
+        );
+        let unknown = WorkerId::parse("nope").unwrap();
+        assert!(matches!(
+            refresh(&f)
+                .start(&unknown, &Actor::cli("test"), RefreshOptions::default())
+                .await,
+            Err(AppError::UnknownWorker(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_run_that_takes_the_lease_marks_a_dead_processs_running_report_failed() {
+        let f = fixture();
+        let mut dead = RunReport::announced(
+            &worker_id(),
+            &Actor::cli("test"),
+            RefreshOptions::default(),
+            Utc::now() - chrono::Duration::hours(1),
+        );
+        dead.run_id = "dead".into();
+        crate::fakes::lock(&f.store.reports).push(dead);
+        let mut young = RunReport::announced(
+            &worker_id(),
+            &Actor::cli("test"),
+            RefreshOptions::default(),
+            Utc::now(),
+        );
+        young.run_id = "young".into();
+        crate::fakes::lock(&f.store.reports).push(young);
+        run(&f).await;
+        let status = |id: &str| {
+            crate::fakes::lock(&f.store.reports)
+                .iter()
+                .find(|r| r.run_id == id)
+                .map(|r| (r.status, r.error.clone()))
+                .unwrap()
+        };
+        assert_eq!(
+            status("dead"),
+            (RunStatus::Failed, Some(ABANDONED.to_owned()))
+        );
+        assert_eq!(
+            status("young").0,
+            RunStatus::Running,
+            "younger than a lease: it may be live"
+        );
     }
 
     fn with_four_labs(f: &crate::fakes::Fixture) {

@@ -277,11 +277,7 @@ impl Drop for CmlTimer {
 
 impl Observer for Metrics {
     fn refresh_finished(&self, r: &RunReport) {
-        let status = match r.status {
-            RunStatus::Succeeded => "succeeded",
-            RunStatus::Failed => "failed",
-            RunStatus::Skipped => "skipped",
-        };
+        let status = r.status.word();
         self.refresh_runs.with_label_values(&[status]).inc();
         if r.skip_reason == Some(SkipReason::LeaseHeld) {
             self.lease_skips.inc();

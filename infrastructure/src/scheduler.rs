@@ -9,11 +9,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use labsync_application::{RefreshAll, RefreshOptions};
 use labsync_domain::Actor;
 use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tracing::{Instrument, error, info, info_span, warn};
+
+/// When the schedule fires next after `now`, parsed as the scheduler
+/// parses it (six fields, seconds required, UTC); `None` if it does not
+/// parse or never fires again.
+pub fn next_refresh(cron: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(cron)
+        .ok()?
+        .find_next_occurrence(&now, false)
+        .ok()
+}
 
 /// A running schedule.
 pub struct RefreshScheduler {
@@ -82,5 +96,25 @@ impl RefreshScheduler {
         tokio::time::timeout(grace, self.running.lock())
             .await
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_refresh_is_the_crons_next_tick_after_now() {
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().to_utc();
+        assert_eq!(
+            next_refresh("0 */30 * * * *", at("2026-11-30T10:29:59Z")),
+            Some(at("2026-11-30T10:30:00Z"))
+        );
+        assert_eq!(
+            next_refresh("0 */30 * * * *", at("2026-11-30T10:30:00Z")),
+            Some(at("2026-11-30T11:00:00Z")),
+            "strictly after now"
+        );
+        assert_eq!(next_refresh("not cron", at("2026-11-30T10:30:00Z")), None);
     }
 }

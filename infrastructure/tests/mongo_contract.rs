@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use labsync_application::ports::{
-    AuditAction, AuditEntry, LabQuery, LabRepository, RecordChanges, RecordUpdate, RefreshLease,
-    RunReports, Tombstone, WorkerRepository,
+    AuditAction, AuditEntry, EventFeed, FleetCursor, FleetLabQuery, LabQuery, LabRepository,
+    LabSort, RecordChanges, RecordUpdate, RefreshLease, RunQuery, RunReports, SortKey, Tombstone,
+    WorkerRepository,
 };
 use labsync_application::{
     EventData, LabEvent, LabEventKind, LabFailure, RunReport, RunStatus, Trigger,
@@ -30,6 +31,7 @@ use labsync_domain::{
     TlsSettings, Worker, WorkerId,
 };
 use labsync_infrastructure::crypto::PasswordCipher;
+use labsync_infrastructure::mongo::feed::{MongoEventFeed, RUN_FINISHED};
 use labsync_infrastructure::mongo::{
     MongoLabRepository, MongoRefreshLease, MongoRunReports, MongoWorkerRepository, collections,
     ensure_indexes, outbox,
@@ -274,6 +276,87 @@ async fn a_page_filters_by_state_owner_and_literal_title_text_after_a_cursor() {
     })
     .await;
     assert_eq!(rest.iter().map(|r| r.lab_id).collect::<Vec<_>>(), ids[2..]);
+}
+
+#[tokio::test]
+async fn every_fleet_order_pages_through_every_lab_once_in_order_and_counts_by_state() {
+    let (db, repo) = store().await;
+    ensure_indexes(&db).await.unwrap();
+    let (a, b) = (worker("cml-a"), worker("cml-b"));
+    let at = |min: i64| Some(now() - TimeDelta::minutes(min));
+    // Ties and labs without a modified time, on both workers.
+    let specs = [
+        (&a, "delta", "STARTED", at(5)),
+        (&a, "alpha", "STOPPED", None),
+        (&a, "Charlie", "STARTED", at(1)),
+        (&b, "alpha", "DEFINED_ON_CORE", at(5)),
+        (&b, "bravo", "STOPPED", None),
+        (&b, "echo", "STARTED", at(9)),
+        (&b, "alpha", "STOPPED", at(1)),
+    ];
+    let mut all = Vec::new();
+    for (w, title, state, modified) in specs {
+        let mut r = record(w, lab(), title);
+        r.snapshot.state = LabState::parse(state);
+        r.snapshot.modified = modified;
+        all.push(r);
+    }
+    for w in [&a, &b] {
+        let mine: Vec<LabRecord> = all.iter().filter(|r| &r.worker_id == w).cloned().collect();
+        create(&repo, w, mine, 1).await;
+    }
+    for sort in LabSort::ALL {
+        let mut expected = all.clone();
+        expected.sort_by_key(|r| {
+            let c = sort.cursor(r);
+            let key = match c.key {
+                SortKey::Time(t) => (t.is_none(), std::cmp::Reverse(t), String::new()),
+                SortKey::Text(t) => (false, std::cmp::Reverse(None), t),
+                SortKey::None => (false, std::cmp::Reverse(None), String::new()),
+            };
+            (key, c.worker, c.lab)
+        });
+        let mut shown = Vec::new();
+        let mut after = None;
+        loop {
+            let page = repo
+                .fleet_page(&FleetLabQuery {
+                    worker: None,
+                    filter: LabQuery {
+                        limit: 2,
+                        ..LabQuery::default()
+                    },
+                    sort,
+                    after: after.clone(),
+                })
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            // Through the URL form, as the console pages.
+            after = FleetCursor::parse(sort, &sort.cursor(last).to_param());
+            assert!(after.is_some(), "{sort:?}");
+            shown.extend(page.into_iter().map(|r| (r.worker_id, r.lab_id)));
+        }
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|r| (r.worker_id.clone(), r.lab_id))
+            .collect();
+        assert_eq!(shown, expected, "{sort:?}");
+    }
+    assert_eq!(
+        repo.count_by_state(&b).await.unwrap(),
+        [
+            ("DEFINED_ON_CORE".to_owned(), 1),
+            ("STARTED".to_owned(), 1),
+            ("STOPPED".to_owned(), 2)
+        ]
+    );
+    assert!(
+        repo.count_by_state(&worker("none"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -1107,6 +1190,109 @@ fn failed_run(w: &WorkerId, error: String, failures: Vec<LabFailure>) -> RunRepo
     }
 }
 
+/// The worker's newest run.
+fn newest(w: &WorkerId) -> RunQuery {
+    RunQuery::newest(Some(w), 1)
+}
+
+#[tokio::test]
+async fn a_running_report_is_replaced_by_how_the_run_ended_and_a_dead_ones_is_marked_failed() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let reports = MongoRunReports::new(&db);
+    let feed = MongoEventFeed::new(&db);
+    let w = worker("cml-1");
+    let before = now() - TimeDelta::seconds(1);
+
+    let mut live = failed_run(&w, String::new(), vec![]);
+    live.status = RunStatus::Running;
+    live.error = None;
+    reports.store(&live).await.unwrap();
+    assert_eq!(reports.get(&live.run_id).await.unwrap(), Some(live.clone()));
+    let running = |status| RunQuery {
+        worker: None,
+        status: Some(status),
+        limit: 10,
+    };
+    assert_eq!(
+        reports
+            .recent(&running(RunStatus::Running))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        feed.visible_since(before, None, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a running report is not an event"
+    );
+
+    let mut ended = live.clone();
+    ended.status = RunStatus::Succeeded;
+    ended.created = 9;
+    reports
+        .store(&ended)
+        .await
+        .expect("replaces the running report");
+    assert_eq!(
+        reports.get(&live.run_id).await.unwrap(),
+        Some(ended.clone())
+    );
+    assert!(
+        reports
+            .recent(&running(RunStatus::Running))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let events = feed.visible_since(before, None, 100).await.unwrap();
+    assert_eq!(events.len(), 1, "the finished run is one event");
+    assert_eq!(
+        (
+            events[0].kind.as_str(),
+            events[0].id.as_str(),
+            events[0].lab_id.as_ref()
+        ),
+        (RUN_FINISHED, ended.run_id.as_str(), None)
+    );
+    assert_eq!(events[0].cloudevent["data"]["status"], "succeeded");
+    assert_eq!(
+        feed.visible_at(&ended.run_id).await.unwrap(),
+        Some(events[0].visible_at),
+        "a reconnect resumes after a run's event too"
+    );
+
+    // A run whose process died: started long ago, still `running`.
+    let mut dead = live.clone();
+    dead.run_id = uuid::Uuid::new_v4().to_string();
+    dead.started_at = now() - TimeDelta::minutes(10);
+    let mut young = dead.clone();
+    young.run_id = uuid::Uuid::new_v4().to_string();
+    young.started_at = now();
+    reports.store(&dead).await.unwrap();
+    reports.store(&young).await.unwrap();
+    let n = reports
+        .abandon_running(&w, now() - TimeDelta::minutes(1), now())
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "only the one older than the lease");
+    let back = reports.get(&dead.run_id).await.unwrap().unwrap();
+    assert_eq!(back.status, RunStatus::Failed);
+    assert_eq!(
+        back.error.as_deref(),
+        Some(labsync_application::refresh::ABANDONED)
+    );
+    assert_eq!(
+        reports.get(&young.run_id).await.unwrap().unwrap().status,
+        RunStatus::Running,
+        "a run that may still be live is left alone"
+    );
+    assert_eq!(reports.get("no-such-run").await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn one_active_delete_request_per_lab_and_an_ended_one_frees_the_lab() {
     use labsync_application::{DeleteRequestStatus, DeleteRequests};
@@ -1291,7 +1477,7 @@ async fn a_run_report_too_large_for_a_document_is_stored_cut_down_with_a_note_sa
     // As it is when it fits.
     let small = failed_run(&w, "CML failed (500): boom".into(), vec![]);
     reports.store(&small).await.expect("stored");
-    assert_eq!(reports.recent(Some(&w), 1).await.unwrap(), [small]);
+    assert_eq!(reports.recent(&newest(&w)).await.unwrap(), [small]);
 
     // 17 MiB of error and 40 failures of 64 KB: over the 16 MiB a MongoDB
     // document may hold, which the test server would take all the same.
@@ -1311,7 +1497,7 @@ async fn a_run_report_too_large_for_a_document_is_stored_cut_down_with_a_note_sa
         .expect("the large report is stored");
     let size = mongodb::bson::to_vec(&stored).unwrap().len();
     assert!(size <= 16 << 20, "stored at {size} bytes");
-    let back = reports.recent(Some(&w), 1).await.unwrap().remove(0);
+    let back = reports.recent(&newest(&w)).await.unwrap().remove(0);
     assert_eq!(back.run_id, large.run_id);
     assert_eq!(
         (back.status, back.listed, back.failed),

@@ -613,6 +613,8 @@ pub struct RefreshParams {
 #[into_params(parameter_in = Query)]
 pub struct RunsParams {
     pub worker_id: Option<String>,
+    /// running, succeeded, failed or skipped.
+    pub status: Option<String>,
     /// 1 to 1000, default 50.
     pub limit: Option<usize>,
 }
@@ -627,4 +629,30 @@ pub struct Readiness {
     pub ready: bool,
     pub mongodb: bool,
     pub scheduler: bool,
+}
+
+/// What a connection check found.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectionCheckView {
+    pub ok: bool,
+    /// `unreachable`, `tls`, `credentials`, `not_admin` or `not_cml`.
+    pub problem: Option<String>,
+    /// What happened and what to do about it.
+    pub detail: String,
+    /// The account CML said it is, when the login worked.
+    pub username: Option<String>,
+    /// How many labs CML listed.
+    pub labs: Option<usize>,
+}
+
+impl From<labsync_application::connection::ConnectionCheck> for ConnectionCheckView {
+    fn from(c: labsync_application::connection::ConnectionCheck) -> Self {
+        Self {
+            ok: c.ok,
+            problem: c.problem.map(|p| word(&p)),
+            detail: c.detail,
+            username: c.username,
+            labs: c.labs,
+        }
+    }
 }

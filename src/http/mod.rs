@@ -48,6 +48,8 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub health: Arc<dyn Health>,
     pub scheduler_running: Arc<AtomicBool>,
+    /// The refresh schedule's cron expression, to say when it fires next.
+    pub cron: String,
     /// Who may read `/metrics`.
     pub metrics_auth: MetricsAuth,
     /// Console sign-ins.
@@ -266,6 +268,11 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
                 .patch(routes::patch_worker)
                 .delete(routes::delete_worker),
         )
+        .route(
+            "/workers/{worker_id}/connection-check",
+            post(routes::check_worker),
+        )
+        .route("/connection-checks", post(routes::check_settings))
         .route("/workers/{worker_id}/labs", get(routes::list_labs))
         .route(
             "/workers/{worker_id}/labs/refresh",
@@ -281,6 +288,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         )
         .route("/labs/refresh", post(routes::refresh_all))
         .route("/refresh-runs", get(routes::refresh_runs))
+        .route("/refresh-runs/{run_id}", get(routes::refresh_run))
         .route("/audit", get(routes::audit))
         .route("/events/stream", get(stream::stream))
         .route("/healthz", get(routes::healthz))
@@ -294,7 +302,11 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/login", get(console::login_page).post(console::login))
         .route("/logout", post(console::logout))
         .route("/fleet", get(console::fleet))
+        .route("/runs", get(console::runs))
         .route("/labs", get(console::labs))
+        .route("/labs/{worker_id}/{lab_id}", get(console::lab))
+        .route("/workers/new", get(console::new_worker))
+        .route("/workers/{worker_id}/edit", get(console::edit_worker))
         .route("/audit", get(console::audit))
         .route("/assets/console.js", get(console::script))
         .route("/assets/console.css", get(console::style))

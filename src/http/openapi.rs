@@ -26,13 +26,14 @@ impl Modify for BearerTokens {
     paths(
         routes::list_workers, routes::create_worker, routes::get_worker, routes::patch_worker, routes::delete_worker,
         routes::list_labs, routes::get_lab, routes::delete_lab, routes::get_delete_request, routes::cancel_delete_request,
-        routes::refresh_worker, routes::refresh_all, routes::refresh_runs, routes::audit,
+        routes::refresh_worker, routes::refresh_all, routes::refresh_runs, routes::refresh_run, routes::audit,
+        routes::check_settings, routes::check_worker,
         routes::healthz, routes::readyz, routes::metrics, routes::openapi, super::stream::stream,
     ),
     components(schemas(
         Problem, WorkerView, TlsView, WorkerCreate, WorkerPatch, RunReportView, LabFailureView, LabView, GroupView,
         LabPageView, LabDetailView, HistoryView, AuditView, AuditItemView, AuditPageView, DeleteOutcomeView, DeleteRequestView, AcceptedDelete,
-        Health, Readiness,
+        Health, Readiness, ConnectionCheckView,
     )),
     modifiers(&BearerTokens),
 )]

@@ -44,6 +44,7 @@ pub enum ProblemKind {
     UnknownWorker,
     UnknownLab,
     UnknownDeleteRequest,
+    UnknownRun,
     MethodNotAllowed,
     WorkerExists,
     WorkerDisabled,
@@ -66,7 +67,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind, for the tests that hold slugs and statuses together.
-    pub const ALL: [Self; 30] = [
+    pub const ALL: [Self; 31] = [
         Self::BadRequest,
         Self::InvalidId,
         Self::InvalidRequest,
@@ -79,6 +80,7 @@ impl ProblemKind {
         Self::UnknownWorker,
         Self::UnknownLab,
         Self::UnknownDeleteRequest,
+        Self::UnknownRun,
         Self::MethodNotAllowed,
         Self::WorkerExists,
         Self::WorkerDisabled,
@@ -114,6 +116,7 @@ impl ProblemKind {
             Self::UnknownWorker => "unknown-worker",
             Self::UnknownLab => "unknown-lab",
             Self::UnknownDeleteRequest => "unknown-delete-request",
+            Self::UnknownRun => "unknown-run",
             Self::MethodNotAllowed => "method-not-allowed",
             Self::WorkerExists => "worker-exists",
             Self::WorkerDisabled => "worker-disabled",
@@ -149,7 +152,8 @@ impl ProblemKind {
             Self::NotFound
             | Self::UnknownWorker
             | Self::UnknownLab
-            | Self::UnknownDeleteRequest => StatusCode::NOT_FOUND,
+            | Self::UnknownDeleteRequest
+            | Self::UnknownRun => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::WorkerExists
             | Self::WorkerDisabled
@@ -247,6 +251,7 @@ impl From<AppError> for ApiError {
             AppError::Invalid(_) => ProblemKind::InvalidRequest,
             AppError::UnknownWorker(_) => ProblemKind::UnknownWorker,
             AppError::UnknownLab(..) => ProblemKind::UnknownLab,
+            AppError::UnknownRun(_) => ProblemKind::UnknownRun,
             AppError::WorkerExists(_) => ProblemKind::WorkerExists,
             AppError::WorkerDisabled(_) => ProblemKind::WorkerDisabled,
             AppError::Conflict(_) => ProblemKind::Conflict,

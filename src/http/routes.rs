@@ -25,7 +25,7 @@ use super::auth::{self, Admin, Caller, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use labsync_application::inventory::{DEFAULT_PAGE, DEFAULT_RUNS, MAX_PAGE};
-use labsync_application::ports::{AuditAction, AuditQuery};
+use labsync_application::ports::{AuditAction, AuditQuery, RunQuery};
 
 use super::problem::{ApiError, Problem, ProblemKind};
 
@@ -67,6 +67,16 @@ pub async fn create_worker(
     Admin(caller): Admin,
     ApiJson(body): ApiJson<WorkerCreate>,
 ) -> ApiResult<(StatusCode, Json<WorkerView>)> {
+    let (worker, password) = new_worker(body)?;
+    let view = s
+        .inventory
+        .register(worker, password, &caller.actor())
+        .await?;
+    Ok((StatusCode::CREATED, Json(view.into())))
+}
+
+/// A worker to register (or check), as the domain accepts it.
+fn new_worker(body: WorkerCreate) -> Result<(Worker, SecretString), ApiError> {
     let id = WorkerId::parse(&body.id).map_err(AppError::from)?;
     let base_url = BaseUrl::parse(&body.base_url).map_err(ApiError::bad_request)?;
     if body.password.is_empty() {
@@ -84,11 +94,39 @@ pub async fn create_worker(
     .map_err(AppError::Invalid)?;
     worker.enabled = body.enabled;
     worker.lab_tiles = body.lab_tiles;
-    let view = s
-        .inventory
-        .register(worker, SecretString::from(body.password), &caller.actor())
-        .await?;
-    Ok((StatusCode::CREATED, Json(view.into())))
+    Ok((worker, SecretString::from(body.password)))
+}
+
+#[utoipa::path(post, path = "/api/v1/connection-checks", tag = "workers", request_body = WorkerCreate,
+    description = "Logs in to CML with these settings and lists its labs, saving nothing: what to try \
+        before registering a worker. A failed check is a 200 whose `problem` says what failed \
+        (`unreachable`, `tls`, `credentials`, `not_admin`, `not_cml`).",
+    responses((status = 200, body = ConnectionCheckView), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem)),
+    security(("token" = [])))]
+pub async fn check_settings(
+    State(s): State<ApiState>,
+    _: Admin,
+    ApiJson(body): ApiJson<WorkerCreate>,
+) -> ApiResult<Json<ConnectionCheckView>> {
+    let (worker, password) = new_worker(body)?;
+    Ok(Json(
+        s.inventory.check_settings(worker, password).await.into(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/workers/{worker_id}/connection-check", tag = "workers",
+    description = "Logs in to CML with the worker's stored settings and lists its labs, changing nothing.",
+    params(("worker_id" = String, Path, description = "A worker id (slug)")),
+    responses((status = 200, body = ConnectionCheckView), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn check_worker(
+    State(s): State<ApiState>,
+    _: Admin,
+    WorkerPath(id): WorkerPath,
+) -> ApiResult<Json<ConnectionCheckView>> {
+    Ok(Json(s.inventory.check_worker(&id).await?.into()))
 }
 
 #[utoipa::path(get, path = "/api/v1/workers/{worker_id}", tag = "workers",
@@ -432,7 +470,7 @@ pub async fn cancel_delete_request(
 
 fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunReportView>> {
     match r.status {
-        RunStatus::Succeeded => Ok(Json(r.into())),
+        RunStatus::Succeeded | RunStatus::Running => Ok(Json(r.into())),
         RunStatus::Skipped => {
             let detail = r.skip_reason.map_or("skipped", SkipReason::as_str);
             Err(ApiError::new(ProblemKind::RefreshSkipped, detail)
@@ -446,9 +484,51 @@ fn report_response(r: labsync_application::RunReport) -> ApiResult<Json<RunRepor
     }
 }
 
+/// Whether the caller asked for an answer before the work is done
+/// (RFC 7240 `Prefer: respond-async`).
+fn respond_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+fn run_href(run_id: &str) -> String {
+    format!("/api/v1/refresh-runs/{run_id}")
+}
+
+/// 202 with the started run's `running` report, and where to follow it.
+fn started(report: RunReportView) -> Response {
+    let href = run_href(&report.run_id);
+    let mut r = (StatusCode::ACCEPTED, Json(report)).into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&href) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(
+        "preference-applied",
+        header::HeaderValue::from_static("respond-async"),
+    );
+    r
+}
+
+fn refresh_options(p: &RefreshParams) -> RefreshOptions {
+    RefreshOptions {
+        dry_run: p.dry_run.unwrap_or(false),
+        force_prune: p.force_prune.unwrap_or(false),
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/workers/{worker_id}/labs/refresh", tag = "refresh",
-    params(("worker_id" = String, Path, description = "A worker id (slug)"), RefreshParams),
-    responses((status = 200, body = RunReportView), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+    description = "Refreshes the worker and answers with the run's report. With `Prefer: respond-async` \
+        it answers at once: 202, the run's report with status `running`, and its address in `Location` \
+        (`GET /api/v1/refresh-runs/{run_id}`), which says how it ended once it has.",
+    params(("worker_id" = String, Path, description = "A worker id (slug)"), RefreshParams,
+        ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 at once")),
+    responses((status = 200, body = RunReportView),
+        (status = 202, description = "Started (with `Prefer: respond-async`); follow `Location`", body = RunReportView),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 409, description = "A refresh of this worker is in progress, or it is disabled", body = Problem),
         (status = 502, description = "CML failed", body = Problem)),
     security(("token" = [])))]
@@ -456,14 +536,18 @@ pub async fn refresh_worker(
     State(s): State<ApiState>,
     Admin(caller): Admin,
     WorkerPath(id): WorkerPath,
+    headers: HeaderMap,
     ApiQuery(p): ApiQuery<RefreshParams>,
-) -> ApiResult<Json<RunReportView>> {
-    let options = RefreshOptions {
-        dry_run: p.dry_run.unwrap_or(false),
-        force_prune: p.force_prune.unwrap_or(false),
-    };
+) -> ApiResult<Response> {
+    let options = refresh_options(&p);
     let services = s.services.clone();
     let actor = caller.actor();
+    if respond_async(&headers) {
+        let report = RefreshWorkerLabs::new(services)
+            .start(&id, &actor, options)
+            .await?;
+        return Ok(started(RunReportView::from(report)));
+    }
     let report = tokio::spawn(async move {
         RefreshWorkerLabs::new(services)
             .execute(&id, &actor, options)
@@ -471,29 +555,26 @@ pub async fn refresh_worker(
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
-    report_response(report)
+    Ok(report_response(report)?.into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/labs/refresh", tag = "refresh", params(RefreshParams),
-    responses((status = 200, description = "One report per enabled worker", body = [RunReportView]),
-        (status = 401, body = Problem), (status = 403, body = Problem)),
+    description = "Starts a refresh of every enabled worker and answers at once: one `running` report per \
+        worker. Follow each at `GET /api/v1/refresh-runs/{run_id}`, or watch the event stream for \
+        `run_finished`.",
+    responses((status = 202, description = "One `running` report per enabled worker", body = [RunReportView]),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 503, body = Problem)),
     security(("token" = [])))]
 pub async fn refresh_all(
     State(s): State<ApiState>,
     Admin(caller): Admin,
     ApiQuery(p): ApiQuery<RefreshParams>,
-) -> ApiResult<Json<Vec<RunReportView>>> {
-    let options = RefreshOptions {
-        dry_run: p.dry_run.unwrap_or(false),
-        force_prune: p.force_prune.unwrap_or(false),
-    };
-    let services = s.services.clone();
-    let actor = caller.actor();
-    let reports =
-        tokio::spawn(async move { RefreshAll::new(services).execute(&actor, options).await })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(Json(reports.into_iter().map(RunReportView::from).collect()))
+) -> ApiResult<Response> {
+    let reports = RefreshAll::new(s.services.clone())
+        .start(&caller.actor(), refresh_options(&p))
+        .await?;
+    let views: Vec<RunReportView> = reports.into_iter().map(RunReportView::from).collect();
+    Ok((StatusCode::ACCEPTED, Json(views)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/refresh-runs", tag = "refresh", params(RunsParams),
@@ -504,8 +585,29 @@ pub async fn refresh_runs(
     Viewer(caller): Viewer,
     ApiQuery(p): ApiQuery<RunsParams>,
 ) -> ApiResult<Json<Vec<RunReportView>>> {
-    let worker = match p.worker_id.as_deref() {
+    let query = runs_query(&p)?;
+    let runs = s.inventory.runs(query).await?;
+    let details = caller.may_read_worker_details();
+    Ok(Json(
+        runs.into_iter()
+            .map(RunReportView::from)
+            .map(|r| if details { r } else { r.without_error_texts() })
+            .collect(),
+    ))
+}
+
+/// The runs a query asks for, checked: the API's and the console's.
+pub fn runs_query(p: &RunsParams) -> Result<RunQuery, ApiError> {
+    let worker = match p.worker_id.as_deref().filter(|w| !w.is_empty()) {
         Some(w) => Some(WorkerId::parse(w).map_err(AppError::from)?),
+        None => None,
+    };
+    let status = match p.status.as_deref().filter(|w| !w.is_empty()) {
+        Some(word) => Some(RunStatus::parse(word).ok_or_else(|| {
+            ApiError::bad_request(
+                "status must be one of running, succeeded, failed, skipped".to_owned(),
+            )
+        })?),
         None => None,
     };
     let limit = p.limit.unwrap_or(DEFAULT_RUNS);
@@ -514,14 +616,36 @@ pub async fn refresh_runs(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let runs = s.inventory.runs(worker.as_ref(), limit).await?;
-    let details = caller.may_read_worker_details();
-    Ok(Json(
-        runs.into_iter()
-            .map(RunReportView::from)
-            .map(|r| if details { r } else { r.without_error_texts() })
-            .collect(),
-    ))
+    Ok(RunQuery {
+        worker,
+        status,
+        limit,
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/refresh-runs/{run_id}", tag = "refresh",
+    description = "One run's report: `running` until it ends, then how it ended.",
+    params(("run_id" = String, Path, description = "A run id, as a refresh answered it")),
+    responses((status = 200, body = RunReportView), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem)),
+    security(("token" = [])))]
+pub async fn refresh_run(
+    State(s): State<ApiState>,
+    Viewer(caller): Viewer,
+    Path(run_id): Path<String>,
+) -> ApiResult<Json<RunReportView>> {
+    if uuid::Uuid::parse_str(&run_id).is_err() {
+        return Err(ApiError::new(
+            ProblemKind::InvalidId,
+            "a run id is a UUID, as a refresh answered it",
+        ));
+    }
+    let view = RunReportView::from(s.inventory.run(&run_id).await?);
+    Ok(Json(if caller.may_read_worker_details() {
+        view
+    } else {
+        view.without_error_texts()
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/healthz", tag = "operations", responses((status = 200, body = Health)))]

@@ -1,5 +1,5 @@
-//! The event stream: lab events as Server-Sent Events at
-//! `GET /api/v1/events/stream`, for live views (the console).
+//! The event stream: lab events and finished refresh runs as Server-Sent
+//! Events at `GET /api/v1/events/stream`, for live views (the console).
 //!
 //! # Expected flow
 //! 1. One poller per process reads the events that became visible since
@@ -191,9 +191,9 @@ fn sse_event(e: &VisibleEvent, details: bool) -> Event {
 }
 
 #[utoipa::path(get, path = "/api/v1/events/stream", tag = "events",
-    description = "Lab events as Server-Sent Events (`text/event-stream`), as every replica stores them: \
-        each has the event's id, its kind as the SSE event name, and JSON data (`kind`, `worker_id`, `lab_id`, \
-        `cloudevent`). Reconnect with `Last-Event-ID` to get what was missed, within the outbox's retention; \
+    description = "Lab events and finished refresh runs as Server-Sent Events (`text/event-stream`), as every \
+        replica stores them: each has the event's id, its kind as the SSE event name (`run_finished` for a run, \
+        whose id is the run's), and JSON data (`kind`, `worker_id`, `lab_id` (null for a run), `cloudevent`). Reconnect with `Last-Event-ID` to get what was missed, within the outbox's retention; \
         an event may come twice around a reconnect. At most `api.max_event_streams` streams per process: \
         one more is a 503.",
     responses((status = 200, description = "The stream", content_type = "text/event-stream"),
@@ -315,7 +315,7 @@ mod tests {
             visible_at: at,
             kind: "pruned".into(),
             worker_id: "cml-1".into(),
-            lab_id: n.to_string(),
+            lab_id: Some(n.to_string()),
             cloudevent: serde_json::Value::Null,
         };
         let feed = Burst((0..READ_AT_MOST * 2 + 5).map(event).collect());

@@ -620,13 +620,136 @@ async fn a_refresh_in_progress_is_a_409_and_a_failed_one_a_502() {
         .await;
     assert_problem(s, &body, 502);
     assert_eq!(body["report"]["status"], "failed");
-    let (_, body) = api
+    let (s, body) = api
         .send(api.req(Method::POST, "/api/v1/labs/refresh", Some(ADMIN_TOKEN)))
         .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "a fleet refresh answers at once");
+    assert_eq!(body[0]["status"], "running");
+    let ended = finished_run(&api, body[0]["run_id"].as_str().unwrap()).await;
     assert_eq!(
-        body[0]["status"], "failed",
+        ended["status"], "failed",
         "the fleet refresh reports each worker"
     );
+    api.stop().await;
+}
+
+/// The run's report once it is no longer `running`.
+async fn finished_run(api: &TestApi, run_id: &str) -> Value {
+    let path = format!("/api/v1/refresh-runs/{run_id}");
+    let read = || api.send(api.req(Method::GET, &path, Some(VIEWER_TOKEN)));
+    eventually("the run to finish", || async {
+        read().await.1["status"] != "running"
+    })
+    .await;
+    let (s, body) = read().await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_refresh_that_answers_at_once_is_a_202_with_a_running_report_to_follow() {
+    let t = TestApp::spawn().await;
+    let api = TestApi::start(&t).await;
+    t.faults(json!({"latency_ms": {"list_labs": 300}}));
+    let res = api
+        .req(
+            Method::POST,
+            "/api/v1/workers/cml-1/labs/refresh",
+            Some(ADMIN_TOKEN),
+        )
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(res.headers()["preference-applied"], "respond-async");
+    let started: Value = res.json().await.unwrap();
+    assert_eq!(started["status"], "running");
+    let run_id = started["run_id"].as_str().unwrap();
+    assert_eq!(location, format!("/api/v1/refresh-runs/{run_id}"));
+    // While it runs, the runs page says so, and no other run can start.
+    let (_, running) = api
+        .send(api.req(
+            Method::GET,
+            "/api/v1/refresh-runs?status=running",
+            Some(VIEWER_TOKEN),
+        ))
+        .await;
+    assert!(
+        running
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["run_id"] == run_id),
+        "{running}"
+    );
+    let ended = finished_run(&api, run_id).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert!(ended["created"].as_u64().unwrap() > 0);
+    t.assert_matches_truth("after the run that answered at once")
+        .await;
+    let (_, succeeded) = api
+        .send(api.req(
+            Method::GET,
+            "/api/v1/refresh-runs?status=succeeded&worker_id=cml-1",
+            Some(VIEWER_TOKEN),
+        ))
+        .await;
+    assert_eq!(succeeded[0]["run_id"], run_id);
+    // The CLI lists the same runs.
+    let o = t
+        .cli(&[
+            "runs",
+            "--worker",
+            "cml-1",
+            "--status",
+            "succeeded",
+            "--json",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", crate::helpers::output_text(&o));
+    let cli: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cli[0]["run_id"], run_id);
+    let o = t.cli(&["runs", "--status", "done"]).await;
+    assert_eq!(o.status.code(), Some(2), "a bad status is bad input");
+    let (s, body) = api
+        .send(api.req(
+            Method::GET,
+            "/api/v1/refresh-runs?status=done",
+            Some(VIEWER_TOKEN),
+        ))
+        .await;
+    assert_problem(s, &body, 400);
+    let (s, body) = api
+        .send(api.req(
+            Method::GET,
+            &format!("/api/v1/refresh-runs/{}", uuid::Uuid::new_v4()),
+            Some(VIEWER_TOKEN),
+        ))
+        .await;
+    assert_problem(s, &body, 404);
+    assert!(body["type"].as_str().unwrap().ends_with(":unknown-run"));
+    let (s, body) = api
+        .send(api.req(
+            Method::GET,
+            "/api/v1/refresh-runs/..%2Fetc",
+            Some(VIEWER_TOKEN),
+        ))
+        .await;
+    assert_problem(s, &body, 400);
+    // An unknown worker is refused before anything is started or stored.
+    let (s, body) = api
+        .send(
+            api.req(
+                Method::POST,
+                "/api/v1/workers/nope/labs/refresh",
+                Some(ADMIN_TOKEN),
+            )
+            .header("prefer", "respond-async"),
+        )
+        .await;
+    assert_problem(s, &body, 404);
     api.stop().await;
 }
 

@@ -121,6 +121,40 @@ impl Browser {
             == 1
     }
 
+    /// The text of the first element `css` finds, or "" when there is
+    /// none (yet).
+    async fn text(&self, css: &str) -> String {
+        match self
+            .client
+            .find_all(Locator::Css(css))
+            .await
+            .unwrap()
+            .first()
+        {
+            Some(e) => e.text().await.unwrap_or_default(),
+            None => String::new(),
+        }
+    }
+
+    /// Types `text` into the field `css` finds.
+    async fn fill(&self, css: &str, text: &str) {
+        let field = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        field.clear().await.unwrap();
+        field.send_keys(text).await.unwrap();
+    }
+
+    /// Waits until the element `css` finds says `what`.
+    async fn until_says(&self, css: &str, what: &str) {
+        eventually(&format!("{css} to say {what:?}"), || async {
+            self.text(css).await.contains(what)
+        })
+        .await;
+    }
+
     async fn stop(mut self) {
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill().await;
@@ -713,5 +747,306 @@ async fn every_answer_forbids_inline_script_framing_and_sniffing() {
         .await
         .unwrap();
     assert_eq!(r.headers()["location"], "/login");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_refreshes_one_worker_then_the_fleet_and_sees_each_run_end() {
+    let t = fleet().await;
+    add_lab(&t, "New in CML", "STOPPED");
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, crate::helpers::ADMIN_TOKEN).await;
+    b.client.goto(&api.url("/fleet")).await.unwrap();
+    let counts = b.text("tr[data-worker='cml-1'] td.counts").await;
+    assert!(
+        counts.contains(&format!("{} labs", crate::helpers::SEEDED_LABS)),
+        "{counts}"
+    );
+    assert!(
+        b.text("p.schedule").await.contains("next"),
+        "the next scheduled refresh is shown"
+    );
+    b.click("tr[data-worker='cml-1'] button.refresh").await;
+    b.until_says("#fleet-message", "Refresh of cml-1 succeeded (created 1")
+        .await;
+    let counts = b.text("tr[data-worker='cml-1'] td.counts").await;
+    assert!(
+        counts.contains(&format!("{} labs", crate::helpers::SEEDED_LABS + 1)),
+        "the page is drawn again with the run's effect: {counts}"
+    );
+    b.click("#refresh-all").await;
+    b.until_says("#fleet-message", "Refresh of cml-2 succeeded")
+        .await;
+    b.screenshot("fleet-refresh").await;
+    b.client
+        .goto(&api.url("/runs?worker_id=cml-1&status=succeeded"))
+        .await
+        .unwrap();
+    let runs = b
+        .client
+        .find_all(Locator::Css("table.runs tbody tr"))
+        .await
+        .unwrap();
+    assert!(
+        runs.len() >= 2,
+        "the fleet's first run and the two of this story"
+    );
+    for r in &runs {
+        assert_eq!(
+            r.attr("data-worker").await.unwrap().as_deref(),
+            Some("cml-1")
+        );
+    }
+    b.screenshot("runs").await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_made_elsewhere_shows_on_an_open_fleet_page_without_a_reload() {
+    let t = fleet().await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, VIEWER_TOKEN).await;
+    b.client.goto(&api.url("/fleet")).await.unwrap();
+    assert!(
+        b.client
+            .find_all(Locator::Css("button.refresh"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a viewer has no refresh button"
+    );
+    eventually("the stream to open", || async {
+        b.client
+            .find(Locator::Css("body"))
+            .await
+            .unwrap()
+            .attr("data-live")
+            .await
+            .unwrap()
+            .as_deref()
+            == Some("open")
+    })
+    .await;
+    // As the CLI or another replica would: a run not started by this page.
+    let cml_2 = t.sim.worker("cml-2").unwrap();
+    cml_2
+        .add_lab(LabSpec {
+            state: Some("STOPPED".into()),
+            lab_title: Some("Elsewhere".into()),
+            ..LabSpec::default()
+        })
+        .unwrap();
+    labsync_application::RefreshWorkerLabs::new(t.services().clone())
+        .execute(
+            &labsync_application::domain::WorkerId::parse("cml-2").unwrap(),
+            &Actor::cli("ops"),
+            RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    b.until_says("tr[data-worker='cml-2'] td.last-run", "created 1")
+        .await;
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_labs_page_sorted_by_title_pages_in_that_order() {
+    let t = fleet().await;
+    // Titles whose order is neither the lab ids' nor the workers'.
+    let mut titles: Vec<String> = (0..130)
+        .map(|n| format!("sorted {:03}", (n * 37) % 130))
+        .collect();
+    for title in &titles {
+        add_lab(&t, title, "STOPPED");
+    }
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, VIEWER_TOKEN).await;
+    b.client
+        .goto(&api.url("/labs?q=sorted&sort=title"))
+        .await
+        .unwrap();
+    let mut shown = Vec::new();
+    loop {
+        for cell in b
+            .client
+            .find_all(Locator::Css("table.labs td.title"))
+            .await
+            .unwrap()
+        {
+            shown.push(cell.text().await.unwrap());
+        }
+        let next = b.client.find_all(Locator::Css("a.next")).await.unwrap();
+        let Some(next) = next.into_iter().next() else {
+            break;
+        };
+        let before = b.client.current_url().await.unwrap();
+        next.click().await.unwrap();
+        eventually("the next page", || async {
+            b.client.current_url().await.unwrap() != before
+        })
+        .await;
+    }
+    titles.sort();
+    assert_eq!(
+        shown, titles,
+        "every lab once, in title order, across pages"
+    );
+    b.client
+        .goto(&api.url("/labs?q=sorted&sort=modified"))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.client
+            .find_all(Locator::Css("table.labs tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        100,
+        "a page of the newest"
+    );
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_labs_own_page_shows_its_fields_and_history_and_outlives_its_delete() {
+    let t = fleet().await;
+    let lab = add_lab(&t, "Detailed <b>lab</b>", "DEFINED_ON_CORE");
+    refresh_all(&t).await;
+    t.sim()
+        .update_lab(
+            lab.as_str(),
+            LabSpec {
+                lab_title: Some("Detailed, renamed".into()),
+                lab_notes: Some("line one\nline <two>".into()),
+                ..LabSpec::default()
+            },
+        )
+        .unwrap();
+    refresh_all(&t).await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, OPERATOR_TOKEN).await;
+    b.client.goto(&api.url("/labs?q=Detailed")).await.unwrap();
+    b.click(&format!("tr[data-lab='{lab}'] td.title a")).await;
+    b.until_says("article.lab h1", "Detailed, renamed").await;
+    let fields = b.text("dl.fields").await;
+    assert!(
+        fields.contains("line <two>") && fields.contains("DEFINED_ON_CORE"),
+        "{fields}"
+    );
+    let history = b.text("table.history").await;
+    assert!(
+        history.contains("title")
+            && history.contains("Detailed <b>lab</b>")
+            && history.contains("first seen"),
+        "{history}"
+    );
+    b.screenshot("lab-page").await;
+    b.click("article.lab button[data-delete]").await;
+    b.click("#c-delete").await;
+    b.until_says("p.gone", "not in the inventory").await;
+    let trail = b.text("table.audit").await;
+    assert!(
+        trail.contains("delete") && trail.contains("api:operator"),
+        "the trail names who deleted it: {trail}"
+    );
+    assert!(t.sim().lab(lab.as_str()).is_none(), "CML no longer has it");
+    b.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_adds_tests_edits_disables_and_removes_a_worker() {
+    let t = fleet().await;
+    let api = TestApi::start(&t).await;
+    let b = Browser::start().await;
+    b.sign_in(&api, crate::helpers::ADMIN_TOKEN).await;
+    b.client.goto(&api.url("/fleet")).await.unwrap();
+    b.click("a[href='/workers/new']").await;
+    // The second simulated server again, under another id.
+    let url = t.sim.worker("cml-2").unwrap().base_url();
+    b.fill("input[name=id]", "cml-3").await;
+    b.fill("input[name=base_url]", &url).await;
+    b.fill("input[name=username]", "admin").await;
+    b.fill("input[name=password]", "not the password").await;
+    b.click("input[name=allow_http]").await;
+    b.click("#w-test").await;
+    b.until_says("#w-message", "Failed (credentials)").await;
+    b.screenshot("worker-test-failed").await;
+    b.fill("input[name=password]", crate::helpers::ADMIN_PASSWORD)
+        .await;
+    b.click("#w-test").await;
+    b.until_says("#w-message", "Connection works").await;
+    b.click("#w-save").await;
+    b.until_says("tr[data-worker='cml-3']", "cml-3").await;
+    assert!(
+        t.services()
+            .workers
+            .get(&labsync_application::domain::WorkerId::parse("cml-3").unwrap())
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    b.click("tr[data-worker='cml-3'] a.edit").await;
+    b.fill("input[name=name]", "Third server").await;
+    b.click("#w-save").await;
+    b.until_says("tr[data-worker='cml-3']", "Third server")
+        .await;
+    b.click("tr[data-worker='cml-3'] button.toggle").await;
+    eventually("the worker shows disabled", || async {
+        b.client
+            .find_all(Locator::Css(
+                "tr[data-worker='cml-3'] [data-sync='disabled']",
+            ))
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    b.screenshot("fleet-workers").await;
+    b.click("tr[data-worker='cml-3'] button.remove").await;
+    b.click("#r-remove").await;
+    eventually("the worker's row goes", || async {
+        b.client
+            .find_all(Locator::Css("tr[data-worker='cml-3']"))
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let audit = t
+        .services()
+        .audit
+        .search(&labsync_application::ports::AuditQuery {
+            worker: Some(labsync_application::domain::WorkerId::parse("cml-3").unwrap()),
+            lab: None,
+            actor: None,
+            action: None,
+            since: None,
+            before: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.entry.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "worker_removed",
+            "worker_updated",
+            "worker_updated",
+            "worker_added"
+        ]
+    );
+    b.stop().await;
     api.stop().await;
 }

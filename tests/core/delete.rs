@@ -237,6 +237,9 @@ impl LabRepository for TombstoneFailsOnce {
     async fn fleet_page(&self, q: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
         self.inner.fleet_page(q).await
     }
+    async fn count_by_state(&self, w: &WorkerId) -> Result<Vec<(String, u64)>, RepoError> {
+        self.inner.count_by_state(w).await
+    }
     async fn add_history(
         &self,
         w: &WorkerId,

@@ -318,7 +318,7 @@ impl TestApp {
         let mut runs: Vec<RunReport> = self
             .services()
             .reports
-            .recent(None, 1000)
+            .recent(&labsync_application::ports::RunQuery::newest(None, 1000))
             .await
             .expect("run reports")
             .into_iter()

@@ -479,7 +479,10 @@ async fn texts_of_megabytes_full_of_escapes_are_stored_logged_and_returned_short
     let stored = t
         .services()
         .reports
-        .recent(Some(&hostile_id()), 1)
+        .recent(&labsync_application::ports::RunQuery::newest(
+            Some(&hostile_id()),
+            1,
+        ))
         .await
         .unwrap();
     assert_eq!(stored[0].status, RunStatus::Failed, "the run is stored");

@@ -136,6 +136,9 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
         ("/api/v1/workers/{worker_id}/labs/refresh", "post"),
         ("/api/v1/labs/refresh", "post"),
         ("/api/v1/refresh-runs", "get"),
+        ("/api/v1/refresh-runs/{run_id}", "get"),
+        ("/api/v1/connection-checks", "post"),
+        ("/api/v1/workers/{worker_id}/connection-check", "post"),
         ("/api/v1/audit", "get"),
         ("/api/v1/events/stream", "get"),
         ("/api/v1/healthz", "get"),
@@ -218,5 +221,34 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
     assert_matches(&doc, "/api/v1/refresh-runs", "get", 200, &runs);
     let (_, audit) = api.get("/api/v1/audit?limit=5", VIEWER_TOKEN).await;
     assert_matches(&doc, "/api/v1/audit", "get", 200, &audit);
+    let run_id = runs[0]["run_id"].as_str().unwrap();
+    let (_, run) = api
+        .get(&format!("/api/v1/refresh-runs/{run_id}"), VIEWER_TOKEN)
+        .await;
+    assert_matches(&doc, "/api/v1/refresh-runs/{run_id}", "get", 200, &run);
+    let (s, started) = api
+        .send(api.req(Method::POST, "/api/v1/labs/refresh", Some(ADMIN_TOKEN)))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_matches(&doc, "/api/v1/labs/refresh", "post", 202, &started);
+    let (s, check) = api
+        .send(api.req(
+            Method::POST,
+            "/api/v1/workers/cml-1/connection-check",
+            Some(ADMIN_TOKEN),
+        ))
+        .await;
+    assert_eq!(
+        (s, check["ok"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{check}"
+    );
+    assert_matches(
+        &doc,
+        "/api/v1/workers/{worker_id}/connection-check",
+        "post",
+        200,
+        &check,
+    );
     api.stop().await;
 }

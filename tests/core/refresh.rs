@@ -375,7 +375,12 @@ async fn disabled_workers_are_skipped_and_refresh_all_covers_the_fleet() {
         .await
         .unwrap();
     assert_eq!(direct.status, RunStatus::Skipped);
-    let stored = t.services().reports.recent(None, 10).await.unwrap();
+    let stored = t
+        .services()
+        .reports
+        .recent(&labsync_application::ports::RunQuery::newest(None, 10))
+        .await
+        .unwrap();
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[0].worker_id, cml3, "newest first");
 }

@@ -168,3 +168,86 @@ async fn an_insecure_worker_is_refreshed_with_a_logged_warning_that_reveals_no_s
         output_text(&o)
     );
 }
+
+#[tokio::test]
+async fn a_connection_check_says_which_of_tls_credentials_rights_or_reach_failed() {
+    let t = https_app().await;
+    let api = crate::helpers::TestApi::start(&t).await;
+    let check = |body: serde_json::Value| {
+        let req = api
+            .req(
+                reqwest::Method::POST,
+                "/api/v1/connection-checks",
+                Some(ADMIN_TOKEN),
+            )
+            .json(&body);
+        let api = &api;
+        async move {
+            let (s, v) = api.send(req).await;
+            assert_eq!(s, reqwest::StatusCode::OK, "{v}");
+            (
+                v["ok"].as_bool().unwrap(),
+                v["problem"].clone(),
+                v["detail"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let url = t.sim().base_url();
+    let settings = |password: &str, ca: Option<String>| {
+        serde_json::json!({"id": "candidate", "base_url": url, "username": "admin",
+            "password": password, "ca_cert_pem": ca})
+    };
+    let (ok, problem, detail) = check(settings(ADMIN_PASSWORD, None)).await;
+    assert!(!ok);
+    assert_eq!(problem, "tls", "{detail}");
+    assert!(detail.contains("certificate"), "{detail}");
+    let (ok, problem, detail) = check(settings("wrong", Some(ca_pem(&t)))).await;
+    assert_eq!(
+        (ok, problem.as_str()),
+        (false, Some("credentials")),
+        "{detail}"
+    );
+    let (ok, _, detail) = check(settings(ADMIN_PASSWORD, Some(ca_pem(&t)))).await;
+    assert!(ok, "{detail}");
+    assert!(
+        detail.contains(&format!("lists {SEEDED_LABS} labs")),
+        "{detail}"
+    );
+    assert!(!detail.contains(ADMIN_PASSWORD));
+    t.sim().set_admin("admin", false).unwrap();
+    let (ok, problem, detail) = check(settings(ADMIN_PASSWORD, Some(ca_pem(&t)))).await;
+    assert_eq!(
+        (ok, problem.as_str()),
+        (false, Some("not_admin")),
+        "{detail}"
+    );
+    // Nothing listens on a port just freed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (ok, problem, detail) = check(serde_json::json!({"id": "candidate",
+        "base_url": format!("https://127.0.0.1:{closed}"), "username": "admin",
+        "password": ADMIN_PASSWORD}))
+    .await;
+    assert_eq!(
+        (ok, problem.as_str()),
+        (false, Some("unreachable")),
+        "{detail}"
+    );
+    // A check saves nothing, and is an admin's.
+    assert!(t.services().workers.list().await.unwrap().is_empty());
+    let (s, _) = api
+        .send(
+            api.req(
+                reqwest::Method::POST,
+                "/api/v1/connection-checks",
+                Some(OPERATOR_TOKEN),
+            )
+            .json(&settings(ADMIN_PASSWORD, None)),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::FORBIDDEN);
+    api.stop().await;
+}

@@ -374,7 +374,10 @@ async fn a_refresh_that_cannot_start_is_a_stored_failed_run_the_worker_shows() {
     let runs = t
         .app
         .inventory
-        .runs(Some(&t.worker_id()), 10)
+        .runs(labsync_application::ports::RunQuery::newest(
+            Some(&t.worker_id()),
+            10,
+        ))
         .await
         .unwrap();
     assert_eq!(runs[0].run_id, r.run_id, "stored");

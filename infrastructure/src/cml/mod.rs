@@ -227,11 +227,22 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
     let text = clip_text(&text, MAX_TRANSPORT_ERROR);
     if e.is_timeout() {
         CmlError::Unreachable(format!("timed out: {text}"))
+    } else if e.is_connect() && tls_refused(&text) {
+        CmlError::Tls(text)
     } else if e.is_decode() || e.is_body() {
         CmlError::Protocol(text)
     } else {
         CmlError::Unreachable(text)
     }
+}
+
+/// Whether a connection failed on TLS: the server's certificate refused,
+/// or no TLS handshake (rustls names both in the error's chain).
+fn tls_refused(chain: &str) -> bool {
+    let chain = chain.to_ascii_lowercase();
+    ["certificate", "handshake", "tls"]
+        .iter()
+        .any(|w| chain.contains(w))
 }
 
 /// The most of CML's error description that reports and logs keep.
@@ -564,6 +575,27 @@ impl CmlGateway for CmlHttpGateway {
                     (client.fingerprint.clone(), session),
                 );
         }
+    }
+
+    async fn check(&self, access: &WorkerAccess) -> Result<(CmlAccount, LabList), CmlError> {
+        // A client of its own, never cached: settings not yet saved must
+        // not replace, or be taken for, the worker's own client.
+        let client = CmlClient::new(
+            access,
+            Fingerprint::of(access),
+            self.http_for(access)?,
+            self.metrics.clone(),
+            None,
+            self.settings.max_response_bytes,
+        );
+        let account = client.relogin().await?.account;
+        if !account.admin {
+            return Ok((account, LabList::default()));
+        }
+        let a = client
+            .call(Method::GET, "/labs?show_all=true", None)
+            .await?;
+        Ok((account, parse_lab_ids(&a.body)?))
     }
 
     async fn account(&self, access: &WorkerAccess) -> Result<CmlAccount, CmlError> {

@@ -34,12 +34,12 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use labsync_application::ports::{
-    ApplyOutcome, AuditEntry, FleetLabQuery, LabQuery, LabRepository, RecordChanges, RecordUpdate,
-    Tombstone,
+    ApplyOutcome, AuditEntry, FleetCursor, FleetLabQuery, LabQuery, LabRepository, LabSort,
+    RecordChanges, RecordUpdate, SortKey, Tombstone,
 };
 use labsync_application::{LabEvent, RepoError, crash};
 use labsync_domain::{Existing, HistoryEntry, LabId, LabRecord, WorkerId};
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Bson, Document, doc};
 use mongodb::{Collection, Database};
 
 use super::audit::audit_document;
@@ -437,20 +437,21 @@ impl LabRepository for MongoLabRepository {
         if let Some(worker) = &q.worker {
             filter.insert("worker_id", worker.as_str());
         }
-        if let Some((worker, lab)) = &q.after_in {
-            filter.insert(
-                "$or",
-                vec![
-                    doc! {"worker_id": {"$gt": worker.as_str()}},
-                    doc! {"worker_id": worker.as_str(), "lab_id": {"$gt": lab.as_str()}},
-                ],
-            );
+        let (field, direction) = sort_field(q.sort);
+        let mut sort = Document::new();
+        if let Some(field) = field {
+            sort.insert(field, direction);
+        }
+        sort.insert("worker_id", 1);
+        sort.insert("lab_id", 1);
+        if let Some(after) = &q.after {
+            filter.insert("$or", after_cursor(field, after));
         }
         let docs: Vec<LabDoc> = self
             .records
             .find(filter)
             .projection(doc! {"history": 0})
-            .sort(doc! {"worker_id": 1, "lab_id": 1})
+            .sort(sort)
             .limit(i64::try_from(q.filter.limit).unwrap_or(i64::MAX))
             .await
             .map_err(map_error)?
@@ -458,6 +459,34 @@ impl LabRepository for MongoLabRepository {
             .await
             .map_err(map_error)?;
         docs.into_iter().map(LabDoc::into_record).collect()
+    }
+
+    async fn count_by_state(&self, worker: &WorkerId) -> Result<Vec<(String, u64)>, RepoError> {
+        let groups: Vec<Document> = self
+            .records
+            .clone_with_type::<Document>()
+            .aggregate([
+                doc! {"$match": {"worker_id": worker.as_str(), "tombstone": {"$exists": false}}},
+                doc! {"$group": {"_id": "$state", "n": {"$sum": 1}}},
+                doc! {"$sort": {"_id": 1}},
+            ])
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        Ok(groups
+            .into_iter()
+            .filter_map(|g| {
+                let state = g.get_str("_id").ok()?.to_owned();
+                let n = match g.get("n")? {
+                    Bson::Int32(n) => u64::try_from(*n).ok()?,
+                    Bson::Int64(n) => u64::try_from(*n).ok()?,
+                    _ => return None,
+                };
+                Some((state, n))
+            })
+            .collect())
     }
 
     async fn apply(
@@ -728,6 +757,47 @@ impl LabRepository for MongoLabRepository {
 }
 
 /// The state, owner and title filters of a page.
+/// The field a sort orders by before (worker id, lab id), and its
+/// direction; each has its index (see `ensure_indexes`).
+const fn sort_field(sort: LabSort) -> (Option<&'static str>, i32) {
+    match sort {
+        LabSort::Worker => (None, 1),
+        LabSort::Title => (Some("title"), 1),
+        LabSort::State => (Some("state"), 1),
+        LabSort::Modified => (Some("modified"), -1),
+    }
+}
+
+/// The labs after `c` in the order of `field` (ascending for text,
+/// newest first for `modified`, where labs without a time come last).
+fn after_cursor(field: Option<&str>, c: &FleetCursor) -> Vec<Document> {
+    let (w, l) = (c.worker.as_str(), c.lab.as_str());
+    let ties = |key: Document| {
+        let mut next_worker = key.clone();
+        next_worker.insert("worker_id", doc! {"$gt": w});
+        let mut next_lab = key;
+        next_lab.insert("worker_id", w);
+        next_lab.insert("lab_id", doc! {"$gt": l});
+        vec![next_worker, next_lab]
+    };
+    match (field, &c.key) {
+        (Some(f), SortKey::Text(k)) => {
+            let mut or = vec![doc! {f: {"$gt": k}}];
+            or.extend(ties(doc! {f: k}));
+            or
+        }
+        (Some(f), SortKey::Time(Some(t))) => {
+            let mut or = vec![doc! {f: {"$lt": date(*t)}}];
+            or.extend(ties(doc! {f: date(*t)}));
+            // Null sorts below every time: after the last of them.
+            or.push(doc! {f: Bson::Null});
+            or
+        }
+        (Some(f), SortKey::Time(None)) => ties(doc! {f: Bson::Null}),
+        _ => ties(Document::new()),
+    }
+}
+
 fn lab_filter(q: &LabQuery) -> mongodb::bson::Document {
     let mut filter = doc! {};
     if let Some(state) = &q.state {

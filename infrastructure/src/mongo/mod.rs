@@ -17,6 +17,7 @@ use crate::configuration::MongoSettings;
 mod audit;
 mod convert;
 mod delete_requests;
+pub mod feed;
 mod health;
 mod labs;
 mod lease;
@@ -134,6 +135,20 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
             )
             .build(),
         ttl(doc! {"tombstone.expires_at": 1}, "tombstone_ttl"),
+        // The console's sorted fleet pages, each order ending in the
+        // unique key so that a cursor is one place in it.
+        named(
+            doc! {"title": 1, "worker_id": 1, "lab_id": 1},
+            "fleet_by_title",
+        ),
+        named(
+            doc! {"state": 1, "worker_id": 1, "lab_id": 1},
+            "fleet_by_state",
+        ),
+        named(
+            doc! {"modified": -1, "worker_id": 1, "lab_id": 1},
+            "fleet_by_modified",
+        ),
     ])
     .await
     .map_err(map_error)?;
@@ -192,6 +207,14 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
         .create_indexes([
             named(doc! {"worker_id": 1, "started_at": -1}, "worker_started"),
             named(doc! {"started_at": -1}, "started"),
+            // The runs page's filters, newest first.
+            named(doc! {"status": 1, "started_at": -1}, "status_started"),
+            named(
+                doc! {"worker_id": 1, "status": 1, "started_at": -1},
+                "worker_status_started",
+            ),
+            // Live views read finished runs in the order they finished.
+            named(doc! {"finished_at": 1, "_id": 1}, "finished"),
         ])
         .await
         .map_err(map_error)?;

@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
-use labsync_application::ports::{EventFeed, VisibleEvent};
 use labsync_application::retry::{Backoff, next_pass};
 use labsync_application::{LabEvent, RepoError};
 use mongodb::bson::{self, Document, doc};
@@ -462,79 +461,6 @@ pub async fn list(db: &Database, filter: Document) -> Result<Vec<Document>, Repo
         .try_collect()
         .await
         .map_err(map_error)
-}
-
-/// [`EventFeed`] on the outbox: every replica's events, in the order they
-/// became visible (`visible_at`, indexed).
-#[derive(Debug, Clone)]
-pub struct MongoEventFeed {
-    outbox: Collection<Document>,
-}
-
-impl MongoEventFeed {
-    pub fn new(db: &Database) -> Self {
-        Self {
-            outbox: db.collection(collections::OUTBOX),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl EventFeed for MongoEventFeed {
-    async fn visible_since(
-        &self,
-        since: DateTime<Utc>,
-        after_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<VisibleEvent>, RepoError> {
-        let from = match after_id {
-            Some(id) => doc! {"$or": [
-                {"visible_at": {"$gt": date(since)}},
-                {"visible_at": date(since), "_id": {"$gt": id}},
-            ]},
-            None => doc! {"visible_at": {"$gte": date(since)}},
-        };
-        let mut filter = doc! {"status": {"$ne": STAGED}};
-        filter.extend(from);
-        let docs: Vec<Document> = self
-            .outbox
-            .find(filter)
-            .sort(doc! {"visible_at": 1, "_id": 1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(map_error)?
-            .try_collect()
-            .await
-            .map_err(map_error)?;
-        Ok(docs
-            .into_iter()
-            .filter_map(|d| {
-                let text = |k: &str| d.get_str(k).ok().map(str::to_owned);
-                Some(VisibleEvent {
-                    id: text("_id")?,
-                    visible_at: d.get_datetime("visible_at").ok()?.to_chrono(),
-                    kind: text("kind")?,
-                    worker_id: text("worker_id")?,
-                    lab_id: text("lab_id")?,
-                    cloudevent: d
-                        .get_document("cloudevent")
-                        .ok()
-                        .and_then(|c| serde_json::to_value(c).ok())
-                        .unwrap_or_default(),
-                })
-            })
-            .collect())
-    }
-
-    async fn visible_at(&self, id: &str) -> Result<Option<DateTime<Utc>>, RepoError> {
-        Ok(self
-            .outbox
-            .find_one(doc! {"_id": id, "status": {"$ne": STAGED}})
-            .projection(doc! {"visible_at": 1})
-            .await
-            .map_err(map_error)?
-            .and_then(|d| d.get_datetime("visible_at").ok().map(|t| t.to_chrono())))
-    }
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //! that is not stored leaves its worker looking healthy.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use labsync_application::ports::RunReports;
-use labsync_application::{RepoError, RunReport};
+use labsync_application::ports::{RunQuery, RunReports};
+use labsync_application::refresh::ABANDONED;
+use labsync_application::{RepoError, RunReport, RunStatus};
 use labsync_domain::WorkerId;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::{Collection, Database};
@@ -103,24 +105,63 @@ fn from_doc(mut d: Document) -> Result<RunReport, RepoError> {
 #[async_trait]
 impl RunReports for MongoRunReports {
     async fn store(&self, report: &RunReport) -> Result<(), RepoError> {
+        // A run started through the API was stored as `running` when it
+        // began: how it ended replaces that.
         self.runs
-            .insert_one(to_doc(report)?)
+            .replace_one(doc! {"_id": &report.run_id}, to_doc(report)?)
+            .upsert(true)
             .await
             .map_err(map_error)?;
         Ok(())
     }
 
-    async fn recent(
+    async fn get(&self, run_id: &str) -> Result<Option<RunReport>, RepoError> {
+        self.runs
+            .find_one(doc! {"_id": run_id})
+            .await
+            .map_err(map_error)?
+            .map(from_doc)
+            .transpose()
+    }
+
+    async fn abandon_running(
         &self,
-        worker: Option<&WorkerId>,
-        limit: usize,
-    ) -> Result<Vec<RunReport>, RepoError> {
-        let filter = worker.map_or_else(Document::new, |w| doc! {"worker_id": w.as_str()});
+        worker: &WorkerId,
+        started_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, RepoError> {
+        let r = self
+            .runs
+            .update_many(
+                doc! {
+                    "worker_id": worker.as_str(),
+                    "status": RunStatus::Running.word(),
+                    "started_at": {"$lt": date(started_before)},
+                },
+                doc! {"$set": {
+                    "status": RunStatus::Failed.word(),
+                    "error": ABANDONED,
+                    "finished_at": date(now),
+                }},
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(r.modified_count)
+    }
+
+    async fn recent(&self, q: &RunQuery) -> Result<Vec<RunReport>, RepoError> {
+        let mut filter = Document::new();
+        if let Some(w) = &q.worker {
+            filter.insert("worker_id", w.as_str());
+        }
+        if let Some(status) = q.status {
+            filter.insert("status", status.word());
+        }
         let docs: Vec<Document> = self
             .runs
             .find(filter)
             .sort(doc! {"started_at": -1, "_id": -1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .limit(i64::try_from(q.limit).unwrap_or(i64::MAX))
             .await
             .map_err(map_error)?
             .try_collect()

@@ -4,11 +4,14 @@
 
 const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? "";
 
-async function api(method, path) {
+async function api(method, path, payload, extra) {
+  const headers = { "x-csrf-token": csrf, accept: "application/json", ...(extra ?? {}) };
+  if (payload !== undefined) headers["content-type"] = "application/json";
   const r = await fetch(path, {
     method,
     credentials: "same-origin",
-    headers: { "x-csrf-token": csrf, accept: "application/json" },
+    headers,
+    body: payload === undefined ? undefined : JSON.stringify(payload),
   });
   let body = null;
   try {
@@ -39,8 +42,13 @@ function labPath(r) {
 }
 
 function gone(r) {
-  r.remove();
   dialog.close();
+  // A lab's own page shows what happened to it: read it again.
+  if (r.matches("article.lab")) {
+    location.reload();
+  } else {
+    r.remove();
+  }
 }
 
 async function follow(id, target) {
@@ -67,7 +75,7 @@ if (dialog) {
   document.addEventListener("click", (e) => {
     const button = e.target.closest("button[data-delete]");
     if (!button) return;
-    row = button.closest("tr");
+    row = button.closest("[data-lab]");
     document.getElementById("c-title").textContent = row.dataset.title;
     document.getElementById("c-worker").textContent = row.dataset.worker;
     document.getElementById("c-state").textContent = row.dataset.state;
@@ -128,7 +136,7 @@ document.getElementById("delete-selected")?.addEventListener("click", async () =
 // Live: lab events from every replica, as Server-Sent Events. A lab that
 // goes leaves the table at once; anything else redraws the table from the
 // server (its own, escaped HTML), so that what is shown is what is stored.
-const live = document.querySelector("table.labs, table.fleet");
+const live = document.querySelector("table.labs, table.fleet, table.runs, article.lab");
 if (live && typeof EventSource !== "undefined") {
   let pending = null;
   const redraw = () => {
@@ -137,6 +145,13 @@ if (live && typeof EventSource !== "undefined") {
       const r = await fetch(location.href, { credentials: "same-origin" });
       if (!r.ok) return;
       const fresh = new DOMParser().parseFromString(await r.text(), "text/html");
+      if (live.matches("article.lab")) {
+        const article = fresh.querySelector("article.lab");
+        // Gone: the page says so, with its audit trail.
+        if (!article) location.reload();
+        else live.replaceChildren(...article.childNodes);
+        return;
+      }
       const body = fresh.querySelector(`table.${live.classList[0]} tbody`);
       const current = live.querySelector("tbody");
       if (!body || !current) return;
@@ -164,11 +179,17 @@ if (live && typeof EventSource !== "undefined") {
     } catch {
       return;
     }
-    const row = document.querySelector(
-      `tr[data-worker="${CSS.escape(data.worker_id)}"][data-lab="${CSS.escape(data.lab_id)}"]`,
-    );
+    const row = data.lab_id
+      ? document.querySelector(
+          `tr[data-worker="${CSS.escape(data.worker_id)}"][data-lab="${CSS.escape(data.lab_id)}"]`,
+        )
+      : null;
     if ((data.kind === "deleted" || data.kind === "pruned") && row) {
       row.remove();
+    } else if (data.kind === "run_finished" && live.matches("table.labs")) {
+      // What the run changed comes as lab events of its own.
+    } else if (live.matches("article.lab") && data.lab_id !== live.dataset.lab) {
+      // Another lab's.
     } else {
       redraw();
     }
@@ -179,7 +200,7 @@ if (live && typeof EventSource !== "undefined") {
   // little later, and redraw, which catches up with what was missed.
   const connect = () => {
     const stream = new EventSource("/api/v1/events/stream");
-    for (const kind of ["discovered", "changed", "state_changed", "deleted", "pruned", "delete_failed"]) {
+    for (const kind of ["discovered", "changed", "state_changed", "deleted", "pruned", "delete_failed", "run_finished"]) {
       stream.addEventListener(kind, onEvent);
     }
     stream.addEventListener("open", () => {
@@ -200,18 +221,175 @@ if (live && typeof EventSource !== "undefined") {
   connect();
 }
 
-// A held prune, applied by an admin after reviewing its labs: a refresh
-// of that worker with force_prune; the page then shows its outcome.
-document.addEventListener("click", async (e) => {
-  const button = e.target.closest("button.apply-prune");
-  if (!button) return;
-  button.disabled = true;
-  const worker = encodeURIComponent(button.dataset.worker);
-  const { status, body } = await api("POST", `/api/v1/workers/${worker}/labs/refresh?force_prune=true`);
-  if (status === 200) {
-    location.reload();
+// The fleet's actions (admins): each goes through the API, and the page
+// is drawn again from the server once it has done.
+const fleetMessage = document.getElementById("fleet-message");
+
+function tell(text, bad) {
+  if (!fleetMessage) return;
+  const line = document.createElement("div");
+  line.textContent = text;
+  if (bad) line.className = "error";
+  fleetMessage.prepend(line);
+}
+
+async function redrawFleet() {
+  const r = await fetch(location.href, { credentials: "same-origin" });
+  if (!r.ok) return;
+  const fresh = new DOMParser().parseFromString(await r.text(), "text/html");
+  const body = fresh.querySelector("table.fleet tbody");
+  const current = document.querySelector("table.fleet tbody");
+  if (body && current) current.replaceWith(body);
+}
+
+function runLine(run) {
+  const counts = `created ${run.created}, updated ${run.updated}, pruned ${run.pruned}, held ${run.held}, failed ${run.failed}`;
+  const why = run.error ? `: ${run.error}` : run.skip_reason ? `: ${run.skip_reason}` : "";
+  return `Refresh of ${run.worker_id} ${run.status} (${counts})${why}`;
+}
+
+// Follows a started run until it ends, then says how and redraws.
+async function followRun(run) {
+  for (;;) {
+    const { status, body } = await api("GET", `/api/v1/refresh-runs/${encodeURIComponent(run.run_id)}`);
+    if (status !== 200) {
+      tell(problemText(body, status), true);
+      return;
+    }
+    if (body.status !== "running") {
+      tell(runLine(body), body.status === "failed");
+      await redrawFleet();
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
+async function startRefresh(worker, query) {
+  const { status, body } = await api(
+    "POST",
+    `/api/v1/workers/${encodeURIComponent(worker)}/labs/refresh${query}`,
+    undefined,
+    { prefer: "respond-async" },
+  );
+  if (status === 202) {
+    tell(`Refresh of ${worker} started`);
+    await redrawFleet();
+    await followRun(body);
   } else {
+    tell(problemText(body, status), true);
+  }
+}
+
+let removing = null;
+
+document.addEventListener("click", async (e) => {
+  const button = e.target.closest("button");
+  if (!button) return;
+  const worker = button.dataset.worker;
+  if (button.matches("button.refresh")) {
+    button.disabled = true;
+    await startRefresh(worker, "");
+  } else if (button.matches("button.apply-prune")) {
+    // A held prune, applied by an admin after reviewing its labs.
+    button.disabled = true;
+    await startRefresh(worker, "?force_prune=true");
+  } else if (button.id === "refresh-all") {
+    button.disabled = true;
+    const { status, body } = await api("POST", "/api/v1/labs/refresh");
+    if (status === 202) {
+      tell(`Refresh of ${body.length} workers started`);
+      await redrawFleet();
+      await Promise.all(body.map(followRun));
+    } else {
+      tell(problemText(body, status), true);
+    }
     button.disabled = false;
-    button.textContent = problemText(body, status);
+  } else if (button.matches("button.check")) {
+    tell(`Testing the connection of ${worker}…`);
+    const { status, body } = await api("POST", `/api/v1/workers/${encodeURIComponent(worker)}/connection-check`);
+    if (status === 200) tell(`${worker}: ${body.ok ? "connection works" : body.problem}: ${body.detail}`, !body.ok);
+    else tell(problemText(body, status), true);
+  } else if (button.matches("button.toggle")) {
+    const enabled = button.dataset.enable === "true";
+    const { status, body } = await api("PATCH", `/api/v1/workers/${encodeURIComponent(worker)}`, { enabled });
+    if (status === 200) {
+      tell(`${worker} ${enabled ? "enabled" : "disabled"}`);
+      await redrawFleet();
+    } else {
+      tell(problemText(body, status), true);
+    }
+  } else if (button.matches("button.remove")) {
+    removing = worker;
+    document.getElementById("r-name").textContent = button.closest("tr").dataset.name;
+    document.getElementById("r-message").textContent = "";
+    document.getElementById("confirm-remove").showModal();
+  } else if (button.id === "r-cancel") {
+    document.getElementById("confirm-remove").close();
+  } else if (button.id === "r-remove") {
+    const { status, body } = await api("DELETE", `/api/v1/workers/${encodeURIComponent(removing)}`);
+    if (status === 204) {
+      document.getElementById("confirm-remove").close();
+      tell(`${removing} removed`);
+      await redrawFleet();
+    } else {
+      document.getElementById("r-message").textContent = problemText(body, status);
+    }
   }
 });
+
+// The worker form: test the connection, then save, both through the API.
+const workerForm = document.getElementById("worker-form");
+
+function workerFields(form) {
+  const f = new FormData(form);
+  const text = (k) => (f.get(k) ?? "").toString();
+  const body = {
+    name: text("name") || undefined,
+    base_url: text("base_url"),
+    username: text("username"),
+    insecure: f.has("insecure"),
+    allow_http: f.has("allow_http"),
+    enabled: f.has("enabled"),
+    lab_tiles: f.has("lab_tiles"),
+  };
+  if (text("password")) body.password = text("password");
+  if (text("ca_cert_pem").trim()) body.ca_cert_pem = text("ca_cert_pem");
+  if (form.dataset.mode === "new") body.id = text("id");
+  return body;
+}
+
+if (workerForm) {
+  const say = (text, bad) => {
+    const m = document.getElementById("w-message");
+    m.textContent = text;
+    m.className = bad ? "error" : "";
+  };
+  const editing = workerForm.dataset.mode === "edit";
+  const id = workerForm.dataset.worker;
+  // An edit sends what the person changed, nothing else.
+  const initial = workerFields(workerForm);
+  const changed = (fields) =>
+    Object.fromEntries(Object.entries(fields).filter(([k, v]) => JSON.stringify(v) !== JSON.stringify(initial[k])));
+  document.getElementById("w-test").addEventListener("click", async () => {
+    say("Testing…");
+    const fields = workerFields(workerForm);
+    // Without a password, an edit tests what is saved.
+    const r =
+      editing && !fields.password
+        ? await api("POST", `/api/v1/workers/${encodeURIComponent(id)}/connection-check`)
+        : await api("POST", "/api/v1/connection-checks", editing ? { ...fields, id } : fields);
+    if (r.status === 200) say(`${r.body.ok ? "Connection works" : `Failed (${r.body.problem})`}: ${r.body.detail}`, !r.body.ok);
+    else say(problemText(r.body, r.status), true);
+  });
+  workerForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    say("Saving…");
+    const fields = workerFields(workerForm);
+    const r = editing
+      ? await api("PATCH", `/api/v1/workers/${encodeURIComponent(id)}`, changed(fields))
+      : await api("POST", "/api/v1/workers", fields);
+    if (r.status === 200 || r.status === 201) location.assign("/fleet");
+    else say(problemText(r.body, r.status), true);
+  });
+}
