@@ -9,7 +9,10 @@
 //! flight finish (a delete in progress completes), stop the schedule and
 //! wait for a refresh in progress, stop the background loops after their
 //! current item; all bounded by `api.shutdown_grace_secs`. Leases are
-//! released by the runs themselves as they finish.
+//! released by the runs themselves as they finish. A run started through
+//! the API (`Prefer: respond-async`, the fleet refresh) is not waited for:
+//! it stops with the process, and its report reads as failed a lease's
+//! lifetime later (see `labsync_application::refresh`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

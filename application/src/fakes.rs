@@ -433,25 +433,40 @@ impl RunReports for FakeStore {
         Ok(lock(&self.reports)
             .iter()
             .rev()
+            .filter(|r| q.worker.as_ref().is_none_or(|w| &r.worker_id == w))
             .filter(|r| q.status.is_none_or(|s| r.status == s))
+            .filter(|r| {
+                !q.outcomes_only
+                    || (matches!(r.status, RunStatus::Succeeded | RunStatus::Failed) && !r.dry_run)
+            })
             .take(q.limit)
             .cloned()
             .collect())
     }
+    async fn keep_alive(&self, ids: &[String], now: DateTime<Utc>) -> Result<(), RepoError> {
+        for r in lock(&self.reports)
+            .iter_mut()
+            .filter(|r| ids.contains(&r.run_id) && r.status == RunStatus::Running)
+        {
+            r.alive_at = Some(now);
+        }
+        Ok(())
+    }
     async fn abandon_running(
         &self,
         worker: &WorkerId,
-        started_before: DateTime<Utc>,
+        silent_since: DateTime<Utc>,
         now: DateTime<Utc>,
+        reason: &str,
     ) -> Result<u64, RepoError> {
         let mut n = 0;
         for r in lock(&self.reports).iter_mut().filter(|r| {
             &r.worker_id == worker
                 && r.status == RunStatus::Running
-                && r.started_at < started_before
+                && r.alive_at.is_some_and(|a| a < silent_since)
         }) {
             r.status = RunStatus::Failed;
-            r.error = Some(crate::refresh::ABANDONED.to_owned());
+            r.error = Some(reason.to_owned());
             r.finished_at = now;
             n += 1;
         }

@@ -3,6 +3,7 @@
 //! and the admin's changes to workers. Reads come from the store only,
 //! never live from CML.
 
+use chrono::{DateTime, Utc};
 use labsync_domain::{Actor, LabId, LabRecord, Worker, WorkerChanges, WorkerId};
 use secrecy::SecretString;
 use serde::Serialize;
@@ -13,7 +14,7 @@ use crate::ports::{
     AuditAction, AuditEntry, AuditQuery, FleetCursor, FleetLabQuery, LabQuery, RunQuery,
     StoredAudit, WorkerAccess,
 };
-use crate::refresh::{RunReport, RunStatus};
+use crate::refresh::{RunReport, RunStatus, WORKER_REMOVED};
 use crate::services::Services;
 
 /// How a worker's inventory stands.
@@ -134,6 +135,15 @@ impl Inventory {
         Ok(out)
     }
 
+    /// Every worker, ordered by id, in one read: for pickers, which need
+    /// no runs.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn registered(&self) -> Result<Vec<Worker>, AppError> {
+        Ok(self.services.workers.list().await?)
+    }
+
     /// # Errors
     /// [`AppError::UnknownWorker`], [`AppError::Repository`].
     pub async fn worker(&self, id: &WorkerId) -> Result<WorkerOverview, AppError> {
@@ -142,23 +152,35 @@ impl Inventory {
     }
 
     async fn overview(&self, worker: Worker) -> Result<WorkerOverview, AppError> {
-        // The last run that did something: skips say nothing about the inventory.
-        let recent = self
+        let now = self.services.clock.now();
+        let ttl = self.services.settings.lease_ttl;
+        let running = self
+            .services
+            .reports
+            .recent(&RunQuery {
+                worker: Some(worker.id.clone()),
+                status: Some(RunStatus::Running),
+                outcomes_only: false,
+                limit: 1,
+            })
+            .await?
+            .into_iter()
+            .map(|r| r.as_seen_at(now, ttl))
+            .find(|r| r.status == RunStatus::Running);
+        // The last run that says something about the inventory: skips and
+        // dry runs do not, however many came since.
+        let last_run = self
             .services
             .reports
             .recent(&RunQuery {
                 worker: Some(worker.id.clone()),
                 status: None,
-                limit: 10,
+                outcomes_only: true,
+                limit: 1,
             })
-            .await?;
-        let running = recent
-            .iter()
-            .find(|r| r.status == RunStatus::Running)
-            .cloned();
-        let last_run = recent
+            .await?
             .into_iter()
-            .find(|r| !matches!(r.status, RunStatus::Skipped | RunStatus::Running) && !r.dry_run);
+            .next();
         let sync_state = match (&last_run, worker.enabled) {
             (_, false) => SyncState::Disabled,
             (None, _) => SyncState::NeverSynced,
@@ -259,6 +281,16 @@ impl Inventory {
             return Err(AppError::UnknownWorker(id.clone()));
         }
         let records = self.services.labs.remove_worker(id).await?;
+        // Its runs in progress end with it (they lost the lease above).
+        let now = self.services.clock.now();
+        if let Err(e) = self
+            .services
+            .reports
+            .abandon_running(id, DateTime::<Utc>::MAX_UTC, now, WORKER_REMOVED)
+            .await
+        {
+            tracing::warn!(error = %e, "could not end the removed worker's runs");
+        }
         self.record_audit(
             actor,
             AuditAction::WorkerRemoved,
@@ -324,18 +356,36 @@ impl Inventory {
         check_connection(self.services.cml.as_ref(), &access).await
     }
 
-    /// Tries the worker's stored settings against its CML server.
+    /// Tries the worker's stored settings, with `changes` applied as an
+    /// update would apply them, against its CML server: the stored
+    /// password unless `password` is given, and only where an update
+    /// would accept it without one (a new URL, user or TLS setting needs
+    /// it again).
     ///
     /// # Errors
-    /// [`AppError::UnknownWorker`], [`AppError::Repository`] (a stored
-    /// password that does not decrypt included).
-    pub async fn check_worker(&self, id: &WorkerId) -> Result<ConnectionCheck, AppError> {
-        let access = self
+    /// [`AppError::UnknownWorker`], [`AppError::Invalid`] for changes an
+    /// update would refuse, [`AppError::Repository`] (a stored password
+    /// that does not decrypt included).
+    pub async fn check_worker(
+        &self,
+        id: &WorkerId,
+        changes: &WorkerChanges,
+        password: Option<SecretString>,
+    ) -> Result<ConnectionCheck, AppError> {
+        let stored = self
             .services
             .workers
             .get(id)
             .await?
             .ok_or_else(|| AppError::UnknownWorker(id.clone()))?;
+        let (worker, _) = stored
+            .worker
+            .changed(changes, password.is_some())
+            .map_err(AppError::Invalid)?;
+        let access = WorkerAccess {
+            worker,
+            password: password.unwrap_or(stored.password),
+        };
         Ok(check_connection(self.services.cml.as_ref(), &access).await)
     }
 
@@ -396,7 +446,17 @@ impl Inventory {
     /// [`AppError::Repository`].
     pub async fn runs(&self, mut query: RunQuery) -> Result<Vec<RunReport>, AppError> {
         query.limit = query.limit.clamp(1, MAX_PAGE);
-        Ok(self.services.reports.recent(&query).await?)
+        let (now, ttl) = (self.services.clock.now(), self.services.settings.lease_ttl);
+        Ok(self
+            .services
+            .reports
+            .recent(&query)
+            .await?
+            .into_iter()
+            .map(|r| r.as_seen_at(now, ttl))
+            // Asked for runs in progress: not those whose process is gone.
+            .filter(|r| query.status.is_none_or(|s| r.status == s))
+            .collect())
     }
 
     /// One run's report, `running` while it runs.
@@ -408,6 +468,7 @@ impl Inventory {
             .reports
             .get(run_id)
             .await?
+            .map(|r| r.as_seen_at(self.services.clock.now(), self.services.settings.lease_ttl))
             .ok_or_else(|| AppError::UnknownRun(run_id.chars().take(64).collect()))
     }
 }

@@ -687,18 +687,25 @@ pub trait RunReports: Send + Sync {
     /// [`RepoError`].
     async fn recent(&self, query: &RunQuery) -> Result<Vec<RunReport>, RepoError>;
 
-    /// Marks the worker's reports still `running` that started before
-    /// `started_before` failed ([`crate::refresh::ABANDONED`]), finished
-    /// `now`; returns how many. Called by a run that holds the worker's
-    /// lease: no run that started a lease's lifetime before it is live.
+    /// Says that the `running` reports `run_ids` are alive at `now`
+    /// (`alive_at`); an ended report MUST be left as it is.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn keep_alive(&self, run_ids: &[String], now: DateTime<Utc>) -> Result<(), RepoError>;
+
+    /// Marks the worker's reports still `running` whose process has been
+    /// silent since `silent_since` (`alive_at` before it) failed with
+    /// `reason`, finished `now`; returns how many.
     ///
     /// # Errors
     /// [`RepoError`].
     async fn abandon_running(
         &self,
         worker: &WorkerId,
-        started_before: DateTime<Utc>,
+        silent_since: DateTime<Utc>,
         now: DateTime<Utc>,
+        reason: &str,
     ) -> Result<u64, RepoError>;
 }
 
@@ -707,6 +714,9 @@ pub trait RunReports: Send + Sync {
 pub struct RunQuery {
     pub worker: Option<WorkerId>,
     pub status: Option<RunStatus>,
+    /// Only runs that say something about the inventory: succeeded or
+    /// failed, and not dry.
+    pub outcomes_only: bool,
     pub limit: usize,
 }
 
@@ -716,6 +726,7 @@ impl RunQuery {
         Self {
             worker: worker.cloned(),
             status: None,
+            outcomes_only: false,
             limit,
         }
     }

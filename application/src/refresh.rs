@@ -39,10 +39,12 @@
 //! - A process that dies mid-run leaves its lease until it expires
 //!   (`lease_ttl`, short because it is renewed); the next run converges.
 //! - A run started in the background ([`RefreshWorkerLabs::start`]) is not
-//!   waited for at shutdown: its report stays `running` until the next run
-//!   of its worker marks it failed ([`ABANDONED`]).
-//! - A `running` report of a disabled worker stays so until the worker is
-//!   enabled and refreshed.
+//!   waited for at shutdown: its process stops saying it is alive, and its
+//!   report reads as failed ([`ABANDONED`]) a lease's lifetime later; the
+//!   next run of its worker stores it so, and removing the worker ends it.
+//! - Whether a process is silent is judged by the readers' clocks against
+//!   the writer's (`alive_at`): clocks that disagree by a good part of
+//!   `lease_ttl` can make a live run read as failed for a while.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -55,7 +57,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::errors::{AppError, CmlError, RepoError};
 use crate::lease::LeaseKeeper;
-use crate::ports::{AuditAction, AuditEntry, WorkerAccess};
+use crate::ports::{AuditAction, AuditEntry, RunQuery, WorkerAccess};
 use crate::reconcile::{prune_audit, prunes_done, record_changes};
 use crate::services::Services;
 
@@ -182,6 +184,11 @@ pub struct RunReport {
     /// (its texts clipped, failures left out), saying what was cut.
     #[serde(default)]
     pub note: Option<String>,
+    /// For a `running` report: when its process last said the run is
+    /// alive (every third of `lease_ttl`). Older than `lease_ttl`, the
+    /// process is gone ([`RunReport::as_seen_at`]).
+    #[serde(default)]
+    pub alive_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +255,7 @@ impl RunReport {
             failures: Vec::new(),
             held_labs: Vec::new(),
             note: None,
+            alive_at: None,
         }
     }
 
@@ -289,10 +297,28 @@ impl RunReport {
     ) -> Self {
         let mut r = Self::new(worker, actor, options, now);
         r.status = RunStatus::Running;
+        r.alive_at = Some(now);
         r
     }
 
-    fn options(&self) -> RefreshOptions {
+    /// The report as it stands at `now`: a `running` report whose process
+    /// has not said it is alive for `lease_ttl` is a failed run (the
+    /// process stopped), whether or not a later run has said so yet.
+    #[must_use]
+    pub fn as_seen_at(mut self, now: DateTime<Utc>, lease_ttl: std::time::Duration) -> Self {
+        let ttl = chrono::Duration::from_std(lease_ttl).unwrap_or(chrono::Duration::MAX);
+        if self.status == RunStatus::Running
+            && let Some(alive) = self.alive_at
+            && now.signed_duration_since(alive) > ttl
+        {
+            self.status = RunStatus::Failed;
+            self.error = Some(ABANDONED.to_owned());
+            self.finished_at = alive;
+        }
+        self
+    }
+
+    pub(crate) fn options(&self) -> RefreshOptions {
         RefreshOptions {
             dry_run: self.dry_run,
             force_prune: self.force_prune,
@@ -303,7 +329,40 @@ impl RunReport {
 /// What says that a `running` report's process died: the run's lease
 /// expired and another run of its worker took it.
 pub const ABANDONED: &str = "the process running this refresh stopped before it finished \
-     (its lease expired and a later run of the worker took it); nothing more was written";
+     (it stopped saying the run is alive); what it wrote stays, and the next run converges";
+
+/// What a `running` report of a removed worker says.
+pub const WORKER_REMOVED: &str = "the worker was removed while this refresh was running";
+
+/// Says every third of `lease_ttl` that the runs `ids` are alive, until
+/// dropped: a process that dies stops saying so, and its runs read as
+/// failed a lease's lifetime later.
+async fn keep_alive(services: &Services, ids: Vec<String>) {
+    let every = (services.settings.lease_ttl / 3).max(crate::lease::MIN_RENEW_EVERY);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = services
+            .reports
+            .keep_alive(&ids, services.clock.now())
+            .await
+        {
+            warn!(error = %e, "could not say that the runs are alive");
+        }
+    }
+}
+
+/// Runs `work` while saying that `ids` are alive.
+async fn while_alive<F: std::future::Future>(services: &Services, ids: Vec<String>, work: F) {
+    tokio::select! {
+        _ = work => {}
+        () = keep_alive(services, ids) => {}
+    }
+}
+
+/// How often a run's final report is tried before it is given up on.
+const STORE_ATTEMPTS: u32 = 3;
 
 /// Refreshes one worker.
 #[derive(Debug, Clone)]
@@ -361,12 +420,42 @@ impl RefreshWorkerLabs {
         if let Ok(None) = self.services.workers.get(worker_id).await {
             return Err(AppError::UnknownWorker(worker_id.clone()));
         }
+        // Asked again while the same run is going: that run, not another.
+        if let Some(live) = self.live_run(worker_id, options).await? {
+            return Ok(live);
+        }
         let report = self.announce(worker_id, actor, options).await?;
         let me = self.clone();
         let actor = actor.clone();
         let run = report.clone();
-        tokio::spawn(async move { me.execute_as(run, &actor).await });
+        tokio::spawn(async move {
+            let ids = vec![run.run_id.clone()];
+            while_alive(&me.services, ids, me.execute_as(run, &actor)).await;
+        });
         Ok(report)
+    }
+
+    /// The worker's run in progress with these options, if any.
+    async fn live_run(
+        &self,
+        worker_id: &WorkerId,
+        options: RefreshOptions,
+    ) -> Result<Option<RunReport>, AppError> {
+        let now = self.services.clock.now();
+        let ttl = self.services.settings.lease_ttl;
+        Ok(self
+            .services
+            .reports
+            .recent(&RunQuery {
+                worker: Some(worker_id.clone()),
+                status: Some(RunStatus::Running),
+                outcomes_only: false,
+                limit: 1,
+            })
+            .await?
+            .into_iter()
+            .map(|r| r.as_seen_at(now, ttl))
+            .find(|r| r.status == RunStatus::Running && r.options() == options))
     }
 
     async fn announce(
@@ -439,14 +528,15 @@ impl RefreshWorkerLabs {
                 return self.finish(report, clock_start, actor).await;
             }
         };
-        // Holding the lease, this is the worker's only live run: a report
-        // still `running` from before the lease's lifetime belongs to a
-        // process that died.
-        let stale_before = report.started_at
-            - chrono::Duration::from_std(s.settings.lease_ttl).unwrap_or_default();
+        // A report still `running` whose process stopped saying so a
+        // lease's lifetime ago belongs to a process that died: say so in
+        // the store too.
+        let now = s.clock.now();
+        let silent_since =
+            now - chrono::Duration::from_std(s.settings.lease_ttl).unwrap_or_default();
         if let Err(e) = s
             .reports
-            .abandon_running(&worker_id, stale_before, s.clock.now())
+            .abandon_running(&worker_id, silent_since, now, ABANDONED)
             .await
         {
             warn!(error = %e, "could not mark abandoned runs failed");
@@ -481,8 +571,22 @@ impl RefreshWorkerLabs {
     async fn finish(&self, mut report: RunReport, started: Instant, actor: &Actor) -> RunReport {
         report.finished_at = self.services.clock.now();
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if let Err(e) = self.services.reports.store(&report).await {
-            warn!(error = %e, "could not store the run report");
+        report.alive_at = None;
+        // A report that cannot be stored leaves the run `running` until it
+        // reads as abandoned: try a few times first.
+        let backoff = crate::retry::Backoff {
+            base: std::time::Duration::from_millis(200),
+            max: std::time::Duration::from_secs(2),
+        };
+        for attempt in 1..=STORE_ATTEMPTS {
+            match self.services.reports.store(&report).await {
+                Ok(()) => break,
+                Err(e) if attempt < STORE_ATTEMPTS => {
+                    warn!(error = %e, attempt, "could not store the run report; trying again");
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+                Err(e) => warn!(error = %e, "could not store the run report"),
+            }
         }
         let audit = AuditEntry {
             at: report.finished_at,
@@ -749,31 +853,49 @@ impl RefreshAll {
         options: RefreshOptions,
     ) -> Result<Vec<RunReport>, AppError> {
         let workers = self.services.workers.list().await?;
-        let mut announced = Vec::new();
+        // Every worker's run: one in progress with these options, or a new
+        // one (only these are started here).
+        let mut answer = Vec::new();
+        let mut new = Vec::new();
         let mut failure = None;
         for w in workers.into_iter().filter(|w| w.enabled) {
-            match self.one.announce(&w.id, actor, options).await {
-                Ok(r) => announced.push(r),
+            let found = match self.one.live_run(&w.id, options).await {
+                Ok(Some(live)) => Ok((live, false)),
+                Ok(None) => self
+                    .one
+                    .announce(&w.id, actor, options)
+                    .await
+                    .map(|r| (r, true)),
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok((r, started)) => {
+                    if started {
+                        new.push(r.clone());
+                    }
+                    answer.push(r);
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;
                 }
             }
         }
-        let runs = announced.clone();
         let me = self.clone();
         let actor = actor.clone();
         let concurrency = self.services.settings.max_concurrent_workers.max(1);
         tokio::spawn(async move {
-            futures::stream::iter(runs)
+            // Queued runs are alive too: said so until each has run.
+            let ids = new.iter().map(|r| r.run_id.clone()).collect();
+            let work = futures::stream::iter(new)
                 .map(|r| me.one.execute_as(r, &actor))
                 .buffer_unordered(concurrency)
-                .collect::<Vec<_>>()
-                .await;
+                .collect::<Vec<_>>();
+            while_alive(&me.services, ids, work).await;
         });
         match failure {
             Some(e) => Err(e),
-            None => Ok(announced),
+            None => Ok(answer),
         }
     }
 
@@ -869,7 +991,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_run_that_takes_the_lease_marks_a_dead_processs_running_report_failed() {
+    async fn a_run_that_takes_the_lease_marks_a_silent_processs_running_report_failed() {
         let f = fixture();
         let mut dead = RunReport::announced(
             &worker_id(),
@@ -887,6 +1009,16 @@ mod tests {
         );
         young.run_id = "young".into();
         crate::fakes::lock(&f.store.reports).push(young);
+        // Queued for long, but its process says it is alive.
+        let mut queued = RunReport::announced(
+            &worker_id(),
+            &Actor::cli("test"),
+            RefreshOptions::default(),
+            Utc::now() - chrono::Duration::hours(1),
+        );
+        queued.run_id = "queued".into();
+        queued.alive_at = Some(Utc::now());
+        crate::fakes::lock(&f.store.reports).push(queued);
         run(&f).await;
         let status = |id: &str| {
             crate::fakes::lock(&f.store.reports)
@@ -902,7 +1034,36 @@ mod tests {
         assert_eq!(
             status("young").0,
             RunStatus::Running,
-            "younger than a lease: it may be live"
+            "heard from within a lease: it may be live"
+        );
+        assert_eq!(status("queued").0, RunStatus::Running);
+    }
+
+    #[test]
+    fn a_running_report_reads_as_failed_once_its_process_is_silent_for_a_lease() {
+        let ttl = std::time::Duration::from_secs(60);
+        let now = Utc::now();
+        let at = |secs: i64| now - chrono::Duration::seconds(secs);
+        let r = RunReport::announced(
+            &worker_id(),
+            &Actor::Schedule,
+            RefreshOptions::default(),
+            at(61),
+        );
+        let seen = r.clone().as_seen_at(now, ttl);
+        assert_eq!(
+            (seen.status, seen.error.as_deref(), seen.finished_at),
+            (RunStatus::Failed, Some(ABANDONED), at(61))
+        );
+        let mut heard = r.clone();
+        heard.alive_at = Some(at(59));
+        assert_eq!(heard.as_seen_at(now, ttl).status, RunStatus::Running);
+        let mut ended = r;
+        ended.status = RunStatus::Succeeded;
+        assert_eq!(
+            ended.as_seen_at(now, ttl).status,
+            RunStatus::Succeeded,
+            "only a running report"
         );
     }
 

@@ -1187,6 +1187,7 @@ fn failed_run(w: &WorkerId, error: String, failures: Vec<LabFailure>) -> RunRepo
         failures,
         held_labs: Vec::new(),
         note: None,
+        alive_at: None,
     }
 }
 
@@ -1212,6 +1213,7 @@ async fn a_running_report_is_replaced_by_how_the_run_ended_and_a_dead_ones_is_ma
     let running = |status| RunQuery {
         worker: None,
         status: Some(status),
+        outcomes_only: false,
         limit: 10,
     };
     assert_eq!(
@@ -1250,45 +1252,80 @@ async fn a_running_report_is_replaced_by_how_the_run_ended_and_a_dead_ones_is_ma
     );
     let events = feed.visible_since(before, None, 100).await.unwrap();
     assert_eq!(events.len(), 1, "the finished run is one event");
+    let event_id = format!("{}.succeeded", ended.run_id);
     assert_eq!(
         (
             events[0].kind.as_str(),
             events[0].id.as_str(),
             events[0].lab_id.as_ref()
         ),
-        (RUN_FINISHED, ended.run_id.as_str(), None)
+        (RUN_FINISHED, event_id.as_str(), None)
     );
     assert_eq!(events[0].cloudevent["data"]["status"], "succeeded");
     assert_eq!(
-        feed.visible_at(&ended.run_id).await.unwrap(),
+        feed.visible_at(&event_id).await.unwrap(),
         Some(events[0].visible_at),
         "a reconnect resumes after a run's event too"
     );
 
-    // A run whose process died: started long ago, still `running`.
+    // A run whose process died: silent for ten minutes, still `running`.
     let mut dead = live.clone();
     dead.run_id = uuid::Uuid::new_v4().to_string();
     dead.started_at = now() - TimeDelta::minutes(10);
+    dead.alive_at = Some(dead.started_at);
+    // One queued as long, whose process says it is alive.
+    let mut queued = dead.clone();
+    queued.run_id = uuid::Uuid::new_v4().to_string();
     let mut young = dead.clone();
     young.run_id = uuid::Uuid::new_v4().to_string();
     young.started_at = now();
-    reports.store(&dead).await.unwrap();
-    reports.store(&young).await.unwrap();
-    let n = reports
-        .abandon_running(&w, now() - TimeDelta::minutes(1), now())
+    young.alive_at = Some(now());
+    for r in [&dead, &queued, &young] {
+        reports.store(r).await.unwrap();
+    }
+    reports
+        .keep_alive(std::slice::from_ref(&queued.run_id), now())
         .await
         .unwrap();
-    assert_eq!(n, 1, "only the one older than the lease");
+    let n = reports
+        .abandon_running(
+            &w,
+            now() - TimeDelta::minutes(1),
+            now(),
+            labsync_application::refresh::ABANDONED,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "only the one silent for longer than the lease");
     let back = reports.get(&dead.run_id).await.unwrap().unwrap();
     assert_eq!(back.status, RunStatus::Failed);
     assert_eq!(
         back.error.as_deref(),
         Some(labsync_application::refresh::ABANDONED)
     );
+    for live in [&young, &queued] {
+        assert_eq!(
+            reports.get(&live.run_id).await.unwrap().unwrap().status,
+            RunStatus::Running,
+            "a run that may still be live is left alone"
+        );
+    }
+    // An ended report is not said alive again.
+    reports
+        .keep_alive(std::slice::from_ref(&dead.run_id), now())
+        .await
+        .unwrap();
     assert_eq!(
-        reports.get(&young.run_id).await.unwrap().unwrap().status,
-        RunStatus::Running,
-        "a run that may still be live is left alone"
+        reports.get(&dead.run_id).await.unwrap().unwrap().alive_at,
+        dead.alive_at
+    );
+    // Its ending is an event of its own.
+    let events = feed.visible_since(before, None, 100).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.id == format!("{}.failed", dead.run_id)),
+        "{events:?}"
     );
     assert_eq!(reports.get("no-such-run").await.unwrap(), None);
 }

@@ -115,18 +115,27 @@ pub async fn check_settings(
     ))
 }
 
-#[utoipa::path(post, path = "/api/v1/workers/{worker_id}/connection-check", tag = "workers",
-    description = "Logs in to CML with the worker's stored settings and lists its labs, changing nothing.",
+#[utoipa::path(post, path = "/api/v1/workers/{worker_id}/connection-check", tag = "workers", request_body = WorkerPatch,
+    description = "Logs in to CML with the worker's stored settings, changed as the body says (a PATCH's \
+        body, `{}` for none; the stored password unless one is given, under the PATCH's rules), and lists \
+        its labs, saving nothing: what an edit would do, tried before it is saved.",
     params(("worker_id" = String, Path, description = "A worker id (slug)")),
-    responses((status = 200, body = ConnectionCheckView), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem)),
+    responses((status = 200, body = ConnectionCheckView), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("token" = [])))]
 pub async fn check_worker(
     State(s): State<ApiState>,
     _: Admin,
     WorkerPath(id): WorkerPath,
+    ApiJson(body): ApiJson<WorkerPatch>,
 ) -> ApiResult<Json<ConnectionCheckView>> {
-    Ok(Json(s.inventory.check_worker(&id).await?.into()))
+    let (changes, password) = worker_changes(body)?;
+    Ok(Json(
+        s.inventory
+            .check_worker(&id, &changes, password)
+            .await?
+            .into(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/workers/{worker_id}", tag = "workers",
@@ -153,6 +162,17 @@ pub async fn patch_worker(
     WorkerPath(id): WorkerPath,
     ApiJson(body): ApiJson<WorkerPatch>,
 ) -> ApiResult<Json<WorkerView>> {
+    let (changes, password) = worker_changes(body)?;
+    Ok(Json(
+        s.inventory
+            .update(&id, changes, password, &caller.actor())
+            .await?
+            .into(),
+    ))
+}
+
+/// A patch as the domain's changes, and the password it brings.
+fn worker_changes(body: WorkerPatch) -> Result<(WorkerChanges, Option<SecretString>), ApiError> {
     if body.password.as_deref() == Some("") {
         return Err(ApiError::bad_request("password must not be empty"));
     }
@@ -172,17 +192,7 @@ pub async fn patch_worker(
         enabled: body.enabled,
         lab_tiles: body.lab_tiles,
     };
-    Ok(Json(
-        s.inventory
-            .update(
-                &id,
-                changes,
-                body.password.map(SecretString::from),
-                &caller.actor(),
-            )
-            .await?
-            .into(),
-    ))
+    Ok((changes, body.password.map(SecretString::from)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/workers/{worker_id}", tag = "workers",
@@ -619,6 +629,7 @@ pub fn runs_query(p: &RunsParams) -> Result<RunQuery, ApiError> {
     Ok(RunQuery {
         worker,
         status,
+        outcomes_only: false,
         limit,
     })
 }

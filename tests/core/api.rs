@@ -85,6 +85,17 @@ async fn every_route_checks_the_token_and_the_role() {
             "admin",
         ),
         (Method::GET, "/api/v1/refresh-runs".into(), "viewer"),
+        (
+            Method::GET,
+            format!("/api/v1/refresh-runs/{}", uuid::Uuid::new_v4()),
+            "viewer",
+        ),
+        (
+            Method::POST,
+            "/api/v1/workers/cml-1/connection-check".into(),
+            "admin",
+        ),
+        (Method::POST, "/api/v1/connection-checks".into(), "admin"),
         // By default (api.metrics_auth).
         (Method::GET, "/api/v1/metrics".into(), "viewer"),
         (Method::GET, "/metrics".into(), "viewer"),

@@ -122,18 +122,26 @@ impl Browser {
     }
 
     /// The text of the first element `css` finds, or "" when there is
-    /// none (yet).
+    /// none (yet), read in one step: a live redraw cannot pull the
+    /// element away between finding and reading it.
     async fn text(&self, css: &str) -> String {
-        match self
-            .client
-            .find_all(Locator::Css(css))
+        self.read(css, "innerText").await
+    }
+
+    /// `property` of the first element `css` finds (`data-*` as its
+    /// attribute), or "".
+    async fn read(&self, css: &str, property: &str) -> String {
+        self.client
+            .execute(
+                "const [css, p] = arguments; const e = document.querySelector(css); \
+                 return e ? String(p.startsWith('data-') ? e.getAttribute(p) : e[p]) : '';",
+                vec![json!(css), json!(property)],
+            )
             .await
             .unwrap()
-            .first()
-        {
-            Some(e) => e.text().await.unwrap_or_default(),
-            None => String::new(),
-        }
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Types `text` into the field `css` finds.
@@ -605,6 +613,28 @@ async fn a_viewer_sees_no_delete_and_a_forged_or_tokenless_change_is_refused() {
         .await
         .unwrap();
     assert_eq!(forged, json!(403));
+    // Nor may it refresh, or see the admin's worker form.
+    let forged = b
+        .client
+        .execute_async(
+            "const [done] = arguments;
+             const csrf = document.querySelector('meta[name=\"csrf-token\"]').content;
+             fetch('/api/v1/labs/refresh', {method: 'POST', headers: {'x-csrf-token': csrf}})
+               .then(r => done(r.status));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(forged, json!(403));
+    b.client.goto(&api.url("/workers/new")).await.unwrap();
+    assert!(
+        b.client
+            .find_all(Locator::Css("#worker-form"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no worker form for a viewer"
+    );
     b.stop().await;
 
     // An operator's session without the CSRF token changes nothing either.
@@ -770,11 +800,12 @@ async fn an_admin_refreshes_one_worker_then_the_fleet_and_sees_each_run_end() {
     b.click("tr[data-worker='cml-1'] button.refresh").await;
     b.until_says("#fleet-message", "Refresh of cml-1 succeeded (created 1")
         .await;
-    let counts = b.text("tr[data-worker='cml-1'] td.counts").await;
-    assert!(
-        counts.contains(&format!("{} labs", crate::helpers::SEEDED_LABS + 1)),
-        "the page is drawn again with the run's effect: {counts}"
-    );
+    // The page is drawn again with the run's effect.
+    b.until_says(
+        "tr[data-worker='cml-1'] td.counts",
+        &format!("{} labs", crate::helpers::SEEDED_LABS + 1),
+    )
+    .await;
     b.click("#refresh-all").await;
     b.until_says("#fleet-message", "Refresh of cml-2 succeeded")
         .await;
@@ -830,16 +861,9 @@ async fn a_run_made_elsewhere_shows_on_an_open_fleet_page_without_a_reload() {
             == Some("open")
     })
     .await;
-    // As the CLI or another replica would: a run not started by this page.
-    let cml_2 = t.sim.worker("cml-2").unwrap();
-    cml_2
-        .add_lab(LabSpec {
-            state: Some("STOPPED".into()),
-            lab_title: Some("Elsewhere".into()),
-            ..LabSpec::default()
-        })
-        .unwrap();
-    labsync_application::RefreshWorkerLabs::new(t.services().clone())
+    // As the CLI or another replica would: a run not started by this
+    // page, which changes no lab (so only the run's own event tells).
+    let run = labsync_application::RefreshWorkerLabs::new(t.services().clone())
         .execute(
             &labsync_application::domain::WorkerId::parse("cml-2").unwrap(),
             &Actor::cli("ops"),
@@ -847,8 +871,13 @@ async fn a_run_made_elsewhere_shows_on_an_open_fleet_page_without_a_reload() {
         )
         .await
         .unwrap();
-    b.until_says("tr[data-worker='cml-2'] td.last-run", "created 1")
-        .await;
+    assert_eq!((run.created, run.updated, run.pruned), (0, 0, 0));
+    eventually("the page shows the new run", || async {
+        b.read("tr[data-worker='cml-2'] td.last-run", "data-run")
+            .await
+            == run.run_id
+    })
+    .await;
     b.stop().await;
     api.stop().await;
 }

@@ -232,11 +232,14 @@ async fn the_document_lists_every_route_and_its_schemas_match_the_responses() {
     assert_eq!(s, StatusCode::ACCEPTED);
     assert_matches(&doc, "/api/v1/labs/refresh", "post", 202, &started);
     let (s, check) = api
-        .send(api.req(
-            Method::POST,
-            "/api/v1/workers/cml-1/connection-check",
-            Some(ADMIN_TOKEN),
-        ))
+        .send(
+            api.req(
+                Method::POST,
+                "/api/v1/workers/cml-1/connection-check",
+                Some(ADMIN_TOKEN),
+            )
+            .json(&serde_json::json!({})),
+        )
         .await;
     assert_eq!(
         (s, check["ok"].as_bool()),

@@ -238,6 +238,46 @@ async fn a_connection_check_says_which_of_tls_credentials_rights_or_reach_failed
     );
     // A check saves nothing, and is an admin's.
     assert!(t.services().workers.list().await.unwrap().is_empty());
+    // A registered worker is tried as an edit would leave it: its stored
+    // password and CA bundle, a change that needs the password refused
+    // without it.
+    t.sim().set_admin("admin", true).unwrap();
+    register(
+        &t,
+        TlsSettings::from_parts(Some(ca_pem(&t)), false, false).unwrap(),
+    )
+    .await;
+    let edit = |body: serde_json::Value| {
+        let req = api
+            .req(
+                reqwest::Method::POST,
+                "/api/v1/workers/cml-1/connection-check",
+                Some(ADMIN_TOKEN),
+            )
+            .json(&body);
+        let api = &api;
+        async move { api.send(req).await }
+    };
+    let (s, v) = edit(serde_json::json!({"name": "renamed"})).await;
+    assert_eq!(
+        (s, v["ok"].as_bool()),
+        (reqwest::StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    let (s, v) = edit(serde_json::json!({"insecure": true, "ca_cert_pem": ""})).await;
+    assert_eq!(s, reqwest::StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("password"), "{v}");
+    let (s, v) = edit(serde_json::json!({"ca_cert_pem": "", "password": ADMIN_PASSWORD})).await;
+    assert_eq!(
+        (s, v["problem"].as_str()),
+        (reqwest::StatusCode::OK, Some("tls")),
+        "{v}"
+    );
+    assert_eq!(
+        t.services().workers.list().await.unwrap()[0].name,
+        "cml-1",
+        "nothing saved"
+    );
     let (s, _) = api
         .send(
             api.req(

@@ -18,6 +18,7 @@
 )]
 
 mod baseline;
+mod console;
 mod fleet;
 
 use std::path::PathBuf;
@@ -75,6 +76,15 @@ struct Args {
     /// Where to write the JSON figures.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Lab records behind the console's labs page.
+    #[arg(long, default_value_t = 50_000)]
+    console_labs: usize,
+    /// Event streams open at once in the fan-out.
+    #[arg(long, default_value_t = 500)]
+    streams: usize,
+    /// Only the console's figures (the labs page and the fan-out).
+    #[arg(long)]
+    console_only: bool,
     /// Internal: run one scaling step in this process and print its rows.
     #[arg(long, hide = true)]
     scaling_child: Option<usize>,
@@ -89,6 +99,8 @@ impl Args {
             self.deletes = 40;
             self.delete_concurrency = 8;
             self.scaling = vec![100, 400];
+            self.console_labs = 2000;
+            self.streams = 50;
         }
         self
     }
@@ -235,7 +247,7 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Row {
     pub scenario: String,
     pub labs: usize,
@@ -465,7 +477,7 @@ async fn scaling_step(args: &Args, mongo_uri: &str, size: usize) -> anyhow::Resu
     Ok(rows)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -526,6 +538,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(size) = args.scaling_child {
         let rows = scaling_step(&args, &mongo_uri, size).await?;
         println!("ROWS {}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    let console_sizes = console::Sizes {
+        labs: args.console_labs,
+        streams: args.streams,
+        requests: if args.quick { 20 } else { 200 },
+        deletes: if args.quick { 3 } else { 20 },
+    };
+    if args.console_only {
+        let rows = console::run(&mongo_uri, &console_sizes).await?;
+        print_table(&rows);
         return Ok(());
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -719,6 +742,9 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(h);
 
+    // The console: the labs page over a large inventory, the fan-out.
+    let console_rows = console::run(&mongo_uri, &console_sizes).await?;
+
     // Scaling: cold and steady at each size, each in a fresh process so
     // that its peak RSS is its own.
     for size in &args.scaling {
@@ -740,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
         rows.extend(serde_json::from_str::<Vec<Row>>(line)?);
     }
 
+    rows.extend(console_rows);
     print_table(&rows);
     let cold = &rows[0];
     let steady = &rows[1];

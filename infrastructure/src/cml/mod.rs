@@ -216,10 +216,15 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
     // reqwest's message names the URL, never credentials (they travel in
     // the body and the Authorization header).
     let mut text = e.to_string();
+    // What the connection said, without reqwest's own words (which name
+    // the URL, whose host may well contain "tls").
+    let mut causes = String::new();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());
+        causes.push_str(&s.to_string());
+        causes.push('\n');
         source = s.source();
     }
     // What a TLS or HTTP error quotes (a certificate's names, a header)
@@ -227,7 +232,7 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
     let text = clip_text(&text, MAX_TRANSPORT_ERROR);
     if e.is_timeout() {
         CmlError::Unreachable(format!("timed out: {text}"))
-    } else if e.is_connect() && tls_refused(&text) {
+    } else if e.is_connect() && tls_refused(&causes) {
         CmlError::Tls(text)
     } else if e.is_decode() || e.is_body() {
         CmlError::Protocol(text)
@@ -236,8 +241,9 @@ fn transport_error(e: &reqwest::Error) -> CmlError {
     }
 }
 
-/// Whether a connection failed on TLS: the server's certificate refused,
-/// or no TLS handshake (rustls names both in the error's chain).
+/// Whether a connection failed on TLS, by the causes of its error: the
+/// server's certificate refused, or no TLS handshake (rustls and hyper
+/// name both so).
 fn tls_refused(chain: &str) -> bool {
     let chain = chain.to_ascii_lowercase();
     ["certificate", "handshake", "tls"]
@@ -692,6 +698,18 @@ impl CmlGateway for CmlHttpGateway {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_refused_certificate_is_tls_and_a_refused_connection_is_not() {
+        assert!(tls_refused("invalid peer certificate: UnknownIssuer\n"));
+        assert!(tls_refused(
+            "received corrupt message of type InvalidContentType\ntls handshake eof\n"
+        ));
+        assert!(!tls_refused(
+            "tcp connect error\nConnection refused (os error 111)\n"
+        ));
+    }
+
     use super::*;
 
     #[test]

@@ -11,10 +11,13 @@
 //!   `visible_at`); a run, once it finished (its `finished_at`), however it
 //!   ended, an abandoned run included. A `running` report is not an event.
 //! - Both collections answer the same filter, so that paging by (time, id)
-//!   through the merge misses nothing and repeats nothing.
+//!   through the merge misses nothing and repeats nothing. A run's event
+//!   id is `<run id>.<status>`: a run marked abandoned that then finishes
+//!   ends twice, and each ending reaches the streams.
 //!
 //! # Assumptions
-//! Outbox ids and run ids never collide (both are UUIDs).
+//! Outbox ids and run ids never collide (both are UUIDs, of one length, so
+//! that a run's event id orders as its run id does).
 //!
 //! # Caveats
 //! A run's event is its status and id only; what it did is read from
@@ -99,7 +102,9 @@ fn run_event(d: &Document) -> Option<VisibleEvent> {
     let status = d.get_str("status").ok()?;
     let at = d.get_datetime("finished_at").ok()?.to_chrono();
     Some(VisibleEvent {
-        id: id.to_owned(),
+        // A run may end twice (marked abandoned, then finishing after
+        // all): each ending is its own event.
+        id: format!("{id}.{status}"),
         visible_at: at,
         kind: RUN_FINISHED.to_owned(),
         worker_id: worker.to_owned(),
@@ -161,9 +166,12 @@ impl EventFeed for MongoEventFeed {
         {
             return Ok(d.get_datetime("visible_at").ok().map(|t| t.to_chrono()));
         }
+        let Some((run, status)) = id.rsplit_once('.') else {
+            return Ok(None);
+        };
         Ok(self
             .runs
-            .find_one(doc! {"_id": id, "status": {"$ne": RunStatus::Running.word()}})
+            .find_one(doc! {"_id": run, "status": status})
             .projection(doc! {"finished_at": 1})
             .await
             .map_err(map_error)?

@@ -149,6 +149,8 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
             doc! {"modified": -1, "worker_id": 1, "lab_id": 1},
             "fleet_by_modified",
         ),
+        // The fleet page's lab counts by state, per worker.
+        named(doc! {"worker_id": 1, "state": 1}, "worker_state"),
     ])
     .await
     .map_err(map_error)?;

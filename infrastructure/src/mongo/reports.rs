@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use labsync_application::ports::{RunQuery, RunReports};
-use labsync_application::refresh::ABANDONED;
 use labsync_application::{RepoError, RunReport, RunStatus};
 use labsync_domain::WorkerId;
 use mongodb::bson::{self, Bson, Document, doc};
@@ -34,7 +33,7 @@ impl MongoRunReports {
     }
 }
 
-const DATE_FIELDS: [&str; 2] = ["started_at", "finished_at"];
+const DATE_FIELDS: [&str; 3] = ["started_at", "finished_at", "alive_at"];
 
 /// The most a stored report may take.
 const MAX_REPORT: usize = MAX_BSON_OBJECT - ENVELOPE;
@@ -47,6 +46,10 @@ fn encode(report: &RunReport) -> Result<Document, RepoError> {
     d.insert("_id", report.run_id.clone());
     d.insert("started_at", date(report.started_at));
     d.insert("finished_at", date(report.finished_at));
+    match report.alive_at {
+        Some(t) => d.insert("alive_at", date(t)),
+        None => d.remove("alive_at"),
+    };
     Ok(d)
 }
 
@@ -124,11 +127,23 @@ impl RunReports for MongoRunReports {
             .transpose()
     }
 
+    async fn keep_alive(&self, run_ids: &[String], now: DateTime<Utc>) -> Result<(), RepoError> {
+        self.runs
+            .update_many(
+                doc! {"_id": {"$in": run_ids}, "status": RunStatus::Running.word()},
+                doc! {"$set": {"alive_at": date(now)}},
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
     async fn abandon_running(
         &self,
         worker: &WorkerId,
-        started_before: DateTime<Utc>,
+        silent_since: DateTime<Utc>,
         now: DateTime<Utc>,
+        reason: &str,
     ) -> Result<u64, RepoError> {
         let r = self
             .runs
@@ -136,11 +151,11 @@ impl RunReports for MongoRunReports {
                 doc! {
                     "worker_id": worker.as_str(),
                     "status": RunStatus::Running.word(),
-                    "started_at": {"$lt": date(started_before)},
+                    "alive_at": {"$lt": date(silent_since)},
                 },
                 doc! {"$set": {
                     "status": RunStatus::Failed.word(),
-                    "error": ABANDONED,
+                    "error": reason,
                     "finished_at": date(now),
                 }},
             )
@@ -156,6 +171,13 @@ impl RunReports for MongoRunReports {
         }
         if let Some(status) = q.status {
             filter.insert("status", status.word());
+        }
+        if q.outcomes_only {
+            filter.insert(
+                "status",
+                doc! {"$in": [RunStatus::Succeeded.word(), RunStatus::Failed.word()]},
+            );
+            filter.insert("dry_run", false);
         }
         let docs: Vec<Document> = self
             .runs

@@ -188,6 +188,8 @@ if (live && typeof EventSource !== "undefined") {
       row.remove();
     } else if (data.kind === "run_finished" && live.matches("table.labs")) {
       // What the run changed comes as lab events of its own.
+    } else if (live.matches("table.fleet") && !["run_finished", "deleted", "pruned"].includes(data.kind)) {
+      // A run's own lab events: its end redraws the fleet once.
     } else if (live.matches("article.lab") && data.lab_id !== live.dataset.lab) {
       // Another lab's.
     } else {
@@ -250,6 +252,7 @@ function runLine(run) {
 
 // Follows a started run until it ends, then says how and redraws.
 async function followRun(run) {
+  let wait = 300;
   for (;;) {
     const { status, body } = await api("GET", `/api/v1/refresh-runs/${encodeURIComponent(run.run_id)}`);
     if (status !== 200) {
@@ -261,7 +264,10 @@ async function followRun(run) {
       await redrawFleet();
       return;
     }
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    // A long run is asked less and less often (a run whose process died
+    // reads as failed a lease's lifetime later).
+    wait = Math.min(wait * 1.5, 5000);
+    await new Promise((resolve) => setTimeout(resolve, wait));
   }
 }
 
@@ -307,7 +313,7 @@ document.addEventListener("click", async (e) => {
     button.disabled = false;
   } else if (button.matches("button.check")) {
     tell(`Testing the connection of ${worker}…`);
-    const { status, body } = await api("POST", `/api/v1/workers/${encodeURIComponent(worker)}/connection-check`);
+    const { status, body } = await api("POST", `/api/v1/workers/${encodeURIComponent(worker)}/connection-check`, {});
     if (status === 200) tell(`${worker}: ${body.ok ? "connection works" : body.problem}: ${body.detail}`, !body.ok);
     else tell(problemText(body, status), true);
   } else if (button.matches("button.toggle")) {
@@ -374,11 +380,11 @@ if (workerForm) {
   document.getElementById("w-test").addEventListener("click", async () => {
     say("Testing…");
     const fields = workerFields(workerForm);
-    // Without a password, an edit tests what is saved.
-    const r =
-      editing && !fields.password
-        ? await api("POST", `/api/v1/workers/${encodeURIComponent(id)}/connection-check`)
-        : await api("POST", "/api/v1/connection-checks", editing ? { ...fields, id } : fields);
+    // An edit is tried as it would be saved: the stored settings and
+    // password, changed as the form says.
+    const r = editing
+      ? await api("POST", `/api/v1/workers/${encodeURIComponent(id)}/connection-check`, changed(fields))
+      : await api("POST", "/api/v1/connection-checks", fields);
     if (r.status === 200) say(`${r.body.ok ? "Connection works" : `Failed (${r.body.problem})`}: ${r.body.detail}`, !r.body.ok);
     else say(problemText(r.body, r.status), true);
   });

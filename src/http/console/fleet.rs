@@ -85,7 +85,7 @@ fn worker_row(c: &Card<'_>) -> Markup {
                     }
                 }
             }
-            td.last-run {
+            td.last-run data-run=(c.o.last_run.as_ref().map(|r| r.run_id.as_str()).unwrap_or_default()) {
                 @match &c.o.last_run {
                     Some(r) => {
                         (status_badge(r.status)) " " (when(r.finished_at)) " · " (r.duration_ms) " ms"
@@ -197,7 +197,7 @@ pub async fn runs(
     Query(p): Query<RunsParams>,
 ) -> Response {
     let details = person.caller.may_read_worker_details();
-    let workers = s.inventory.workers().await.unwrap_or_default();
+    let workers = s.inventory.registered().await.unwrap_or_default();
     let result = match runs_query(&p) {
         Ok(q) => s.inventory.runs(q).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.detail),
@@ -208,8 +208,8 @@ pub async fn runs(
             label { "Worker "
                 select name="worker_id" {
                     option value="" { "all" }
-                    @for o in &workers {
-                        option value=(o.worker.id.as_str()) selected[p.worker_id.as_deref() == Some(o.worker.id.as_str())] { (o.worker.name) }
+                    @for w in &workers {
+                        option value=(w.id.as_str()) selected[p.worker_id.as_deref() == Some(w.id.as_str())] { (w.name) }
                     }
                 }
             }

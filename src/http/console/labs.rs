@@ -99,6 +99,28 @@ pub async fn labs(
     let may_delete = person.caller.role >= Role::Operator;
     let worker = given(p.worker.as_ref()).and_then(|w| WorkerId::parse(&w).ok());
     let sort = p.sort();
+    let after = match p.after.as_deref() {
+        None => None,
+        Some(a) => match FleetCursor::parse(sort, a) {
+            Some(c) => Some(c),
+            // Not a page labsync made (or made for another order): say so
+            // rather than show the first page as if it were the next.
+            None => {
+                return html_response(
+                    StatusCode::BAD_REQUEST,
+                    page(
+                        "Labs",
+                        Some(&person),
+                        html! {
+                            h1 { "Labs" }
+                            p.error role="alert" { "This page's address does not name a place in the list (its \"after\" is not one labsync made for this order)." }
+                            p { a href="/labs" { "The first page" } }
+                        },
+                    ),
+                );
+            }
+        },
+    };
     let query = FleetLabQuery {
         worker,
         filter: LabQuery {
@@ -109,9 +131,9 @@ pub async fn labs(
             limit: DEFAULT_PAGE,
         },
         sort,
-        after: p.after.as_deref().and_then(|a| FleetCursor::parse(sort, a)),
+        after,
     };
-    let workers = s.inventory.workers().await.unwrap_or_default();
+    let workers = s.inventory.registered().await.unwrap_or_default();
     let page_result = s.inventory.fleet_labs(query).await;
     let body = html! {
         h1 { "Labs" }
@@ -119,8 +141,8 @@ pub async fn labs(
             label { "Worker "
                 select name="worker" {
                     option value="" { "all" }
-                    @for o in &workers {
-                        option value=(o.worker.id.as_str()) selected[p.worker.as_deref() == Some(o.worker.id.as_str())] { (o.worker.name) }
+                    @for w in &workers {
+                        option value=(w.id.as_str()) selected[p.worker.as_deref() == Some(w.id.as_str())] { (w.name) }
                     }
                 }
             }
