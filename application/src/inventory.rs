@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::connection::{ConnectionCheck, check_connection};
 use crate::errors::{AppError, RepoError};
 use crate::ports::{
-    AuditAction, AuditEntry, AuditQuery, FleetCursor, FleetLabQuery, LabQuery, RunQuery,
+    AuditAction, AuditEntry, AuditQuery, FleetCursor, FleetLabQuery, LabQuery, LabSort, RunQuery,
     StoredAudit, WorkerAccess,
 };
 use crate::refresh::{RunReport, RunStatus, WORKER_REMOVED};
@@ -340,7 +340,11 @@ impl Inventory {
         }
         // One more than asked tells whether there is a next page.
         query.filter.limit += 1;
-        let mut items = self.services.labs.fleet_page(&query).await?;
+        let mut items = if query.sort == LabSort::Worker {
+            self.fleet_by_worker(&query).await?
+        } else {
+            self.services.labs.fleet_page(&query).await?
+        };
         let next_cursor = if items.len() > limit {
             items.truncate(limit);
             items.last().map(|r| query.sort.cursor(r))
@@ -348,6 +352,44 @@ impl Inventory {
             None
         };
         Ok(FleetLabPage { items, next_cursor })
+    }
+
+    /// The fleet in (worker, lab) order, one worker's page after another:
+    /// each read is an equality on the worker and a range on the lab id,
+    /// which any server answers from the unique index, where one read of
+    /// the whole fleet in that order may be sorted in memory. A filter
+    /// that matches few labs reads every worker once.
+    async fn fleet_by_worker(&self, query: &FleetLabQuery) -> Result<Vec<LabRecord>, RepoError> {
+        let want = query.filter.limit;
+        let workers: Vec<WorkerId> = match &query.worker {
+            Some(w) => vec![w.clone()],
+            None => self
+                .services
+                .workers
+                .list()
+                .await?
+                .into_iter()
+                .map(|w| w.id)
+                .collect(),
+        };
+        let mut items = Vec::new();
+        for w in workers {
+            let after = match &query.after {
+                Some(c) if w < c.worker => continue,
+                Some(c) if w == c.worker => Some(c.lab),
+                _ => None,
+            };
+            let filter = LabQuery {
+                after,
+                limit: want - items.len(),
+                ..query.filter.clone()
+            };
+            items.extend(self.services.labs.page(&w, &filter).await?);
+            if items.len() >= want {
+                break;
+            }
+        }
+        Ok(items)
     }
 
     /// Tries settings not saved yet against their CML server.

@@ -1,6 +1,7 @@
 //! `labsync-bench`: how labsync's refresh and delete perform on a simulated
 //! fleet, against the algorithm of the service it replaces (the baseline)
-//! and against the latency-bound minimum (the floor).
+//! and against the latency-bound minimum (the floor); and how the console
+//! answers over a large inventory ([`console`]).
 //!
 //! It starts the MongoDB-wire server (`secantusd-rs`, or
 //! `LABSYNC_BENCH_MONGODB_URI`) and `cml-sim` as separate processes, drives
