@@ -127,14 +127,30 @@ pub struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Makes a random API token and prints it with the configuration entry
-    /// (which holds only its SHA-256).
+    /// Makes a random API token, stores its SHA-256 in MongoDB (every
+    /// replica accepts it at once, no restart) and prints the token once.
+    /// With --config-entry, stores nothing and prints the configuration
+    /// entry instead.
     New {
         #[arg(long, value_parser = token_name)]
         name: String,
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
+        /// Refused from this many days on.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
+        #[arg(long)]
+        config_entry: bool,
     },
+    /// The stored tokens: name, role, made, last used, expiry (never the
+    /// token).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a stored token: refused from its next request on, on every
+    /// replica, with the console sessions made with it.
+    Revoke { name: String },
 }
 
 fn token_name(s: &str) -> Result<String, String> {
@@ -153,6 +169,98 @@ fn new_token() -> String {
     use base64::Engine;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `labsync token new|list|revoke` on the stored tokens.
+async fn token_command(
+    settings: &Settings,
+    app: &App,
+    command: TokenCommand,
+) -> anyhow::Result<ExitCode> {
+    use labsync_application::ports::{MachineToken, MachineTokens};
+    let store = labsync_infrastructure::mongo::MongoMachineTokens::new(&app.db);
+    match command {
+        TokenCommand::New {
+            name,
+            role,
+            expires_in_days,
+            ..
+        } => {
+            if settings.api.parsed_tokens().iter().any(|t| t.name == name) {
+                return Err(AppError::Invalid(format!(
+                    "a token named {name:?} is in the configuration: choose another name"
+                ))
+                .into());
+            }
+            let token = new_token();
+            let now = app.services.clock.now();
+            let stored = MachineToken {
+                name: name.clone(),
+                role,
+                sha256: crate::http::auth::hash_token(&token),
+                created_at: now,
+                expires_at: expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d))),
+                last_used_at: None,
+            };
+            match store.add(&stored).await {
+                Ok(()) => {}
+                Err(labsync_application::RepoError::Duplicate(_)) => {
+                    return Err(AppError::Invalid(format!(
+                        "a stored token is named {name:?}: revoke it first, or choose another name"
+                    ))
+                    .into());
+                }
+                Err(e) => return Err(AppError::from(e).into()),
+            }
+            println!("token:  {token}");
+            println!(
+                "stored as {name:?} ({}{}): accepted now by every replica; shown only this once",
+                stored.role,
+                stored
+                    .expires_at
+                    .map_or_else(String::new, |t| format!(", expires {}", t.to_rfc3339()))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::List { json } => {
+            let tokens = store.list().await.map_err(AppError::from)?;
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339());
+            if json {
+                let views: Vec<serde_json::Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "name": t.name, "role": t.role,
+                            "created_at": t.created_at.to_rfc3339(),
+                            "last_used_at": time(t.last_used_at),
+                            "expires_at": time(t.expires_at),
+                        })
+                    })
+                    .collect();
+                print_json(&views)?;
+            } else {
+                for t in &tokens {
+                    println!(
+                        "{:<24} {:<8} made {} last used {} expires {}",
+                        t.name,
+                        t.role,
+                        t.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        time(t.last_used_at).unwrap_or_else(|| "never".into()),
+                        time(t.expires_at).unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Revoke { name } => {
+            if store.revoke(&name).await.map_err(AppError::from)? {
+                println!("revoked {name:?}: refused from its next request on");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(AppError::Invalid(format!("no stored token is named {name:?}")).into())
+            }
+        }
+    }
 }
 
 fn worker_id(s: &str) -> Result<WorkerId, String> {
@@ -338,7 +446,13 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         crate::service::serve(settings).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Command::Token(TokenCommand::New { name, role }) = &command {
+    if let Command::Token(TokenCommand::New {
+        name,
+        role,
+        config_entry: true,
+        ..
+    }) = &command
+    {
         let token = new_token();
         let hash = crate::http::auth::hash_token(&token);
         println!("token:  {token}");
@@ -350,7 +464,8 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     let app = App::build(&settings).await?;
     let s = &app.services;
     match command {
-        Command::Config | Command::Serve | Command::Token(_) => Ok(ExitCode::SUCCESS),
+        Command::Config | Command::Serve => Ok(ExitCode::SUCCESS),
+        Command::Token(t) => token_command(&settings, &app, t).await,
         Command::Refresh(a) => {
             let options = RefreshOptions {
                 dry_run: a.dry_run,

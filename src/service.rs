@@ -23,7 +23,7 @@ use labsync_application::RefreshAll;
 use labsync_infrastructure::configuration::Settings;
 use labsync_infrastructure::mongo::feed::MongoEventFeed;
 use labsync_infrastructure::mongo::outbox::EventRelay;
-use labsync_infrastructure::mongo::{MongoHealth, MongoSessions};
+use labsync_infrastructure::mongo::{MongoHealth, MongoMachineTokens, MongoSessions};
 use labsync_infrastructure::scheduler::RefreshScheduler;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -116,6 +116,7 @@ pub async fn start_with(
         metrics: app.metrics.clone(),
         health: Arc::new(MongoHealth::new(&app.db)),
         sessions: Arc::new(MongoSessions::new(&app.db)),
+        machine_tokens: Arc::new(MongoMachineTokens::new(&app.db)),
         secure_cookie: settings.api.secure_cookie,
         events,
         scheduler_running: scheduler_running.clone(),

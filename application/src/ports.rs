@@ -824,6 +824,62 @@ pub trait Sessions: Send + Sync {
     async fn end(&self, key: &str) -> Result<(), RepoError>;
 }
 
+/// An API token kept in the store (a machine's), known by the SHA-256 of
+/// its secret: added and revoked while labsync runs, no restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineToken {
+    /// Unique; the audit log names callers by it.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// The SHA-256 (hex) of the secret; the secret is never stored.
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    /// No longer accepted from then on.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was last accepted, to the minute.
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// Stored API tokens, shared by every replica.
+#[async_trait]
+pub trait MachineTokens: Send + Sync {
+    /// # Errors
+    /// [`RepoError::Duplicate`] when the name (or the secret) is taken.
+    async fn add(&self, token: &MachineToken) -> Result<(), RepoError>;
+
+    /// The token whose secret hashes to `sha256`, expired or not.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn find(&self, sha256: &str) -> Result<Option<MachineToken>, RepoError>;
+
+    /// Every token, by name.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn list(&self) -> Result<Vec<MachineToken>, RepoError>;
+
+    /// Removes the token; returns whether there was one. MUST take effect
+    /// for the next request on every replica.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn revoke(&self, name: &str) -> Result<bool, RepoError>;
+
+    /// Says the token was accepted at `now`, unless that was already said
+    /// after `unless_after` (at most one write per token per minute).
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn used(
+        &self,
+        sha256: &str,
+        now: DateTime<Utc>,
+        unless_after: DateTime<Utc>,
+    ) -> Result<(), RepoError>;
+}
+
 /// The time, injectable so that tests control it.
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;

@@ -2219,3 +2219,66 @@ async fn a_runner_whose_expired_claim_was_cancelled_saves_nothing_over_the_cance
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_stored_token_is_found_by_its_hash_unique_by_name_and_its_use_noted_once_a_minute() {
+    use labsync_application::ports::{MachineToken, MachineTokens};
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let store = labsync_infrastructure::mongo::MongoMachineTokens::new(&db);
+    let token = MachineToken {
+        name: "robot".into(),
+        role: "operator".into(),
+        sha256: "ab".repeat(32),
+        created_at: now(),
+        expires_at: None,
+        last_used_at: None,
+    };
+    store.add(&token).await.unwrap();
+    let again = MachineToken {
+        sha256: "cd".repeat(32),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.add(&again).await,
+        Err(labsync_application::RepoError::Duplicate(_))
+    ));
+    assert_eq!(
+        store.find(&token.sha256).await.unwrap(),
+        Some(token.clone())
+    );
+    let first = now();
+    store
+        .used(&token.sha256, first, first - TimeDelta::minutes(1))
+        .await
+        .unwrap();
+    let later = first + TimeDelta::seconds(30);
+    store
+        .used(&token.sha256, later, later - TimeDelta::minutes(1))
+        .await
+        .unwrap();
+    let used = |s: &labsync_infrastructure::mongo::MongoMachineTokens| {
+        let s = s.clone();
+        let h = token.sha256.clone();
+        async move { s.find(&h).await.unwrap().unwrap().last_used_at }
+    };
+    assert_eq!(
+        used(&store).await,
+        Some(first),
+        "noted once within a minute"
+    );
+    let much_later = first + TimeDelta::minutes(2);
+    store
+        .used(
+            &token.sha256,
+            much_later,
+            much_later - TimeDelta::minutes(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(used(&store).await, Some(much_later));
+    assert!(store.revoke("robot").await.unwrap());
+    assert_eq!(store.find(&token.sha256).await.unwrap(), None);
+    assert!(!store.revoke("robot").await.unwrap());
+    store.add(&again).await.expect("the name is free again");
+}

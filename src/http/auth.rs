@@ -1,7 +1,9 @@
 //! Bearer API tokens with roles. Tokens are configured as SHA-256 hashes;
 //! a presented token is hashed and compared with every configured hash in
 //! constant time, so neither the match nor its position leaks through
-//! timing.
+//! timing. A token not in the configuration is looked up among the stored
+//! ones (`labsync token new`, see `labsync_infrastructure::mongo`'s
+//! tokens), by its hash: added or revoked without a restart.
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -82,11 +84,64 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// A stored token's use is noted at most this often.
+const USE_NOTED_EVERY: chrono::Duration = chrono::Duration::minutes(1);
+
+/// The caller a token's hash names: a configured token, else a stored one
+/// that has not expired.
+///
+/// # Errors
+/// 401 for an unknown or expired token; 503 when the store cannot say.
+pub async fn caller_by_hash(s: &ApiState, sha256: &str) -> Result<Caller, ApiError> {
+    let unauthorized = |detail: &str| ApiError::new(ProblemKind::Unauthorized, detail);
+    if let Some(t) = s.tokens.iter().find(|t| hex::encode(t.sha256) == sha256) {
+        return Ok(Caller {
+            name: t.name.clone(),
+            role: t.role,
+        });
+    }
+    let stored = s
+        .machine_tokens
+        .find(sha256)
+        .await
+        .map_err(labsync_application::AppError::from)?
+        .ok_or_else(|| unauthorized("unknown API token"))?;
+    let now = s.services.clock.now();
+    if stored.expires_at.is_some_and(|at| at <= now) {
+        return Err(unauthorized("this API token has expired"));
+    }
+    let role = Role::parse(&stored.role).ok_or_else(|| unauthorized("unknown API token"))?;
+    if let Err(e) = s
+        .machine_tokens
+        .used(sha256, now, now - USE_NOTED_EVERY)
+        .await
+    {
+        tracing::warn!(error = %e, "could not note an API token's use");
+    }
+    Ok(Caller {
+        name: stored.name,
+        role,
+    })
+}
+
+/// The caller a presented token names.
+///
+/// # Errors
+/// As [`caller_by_hash`].
+pub async fn caller_of_token(s: &ApiState, token: &str) -> Result<Caller, ApiError> {
+    // Configured tokens first, in constant time and without a read.
+    if let Some(c) = authenticate(&s.tokens, token) {
+        return Ok(c);
+    }
+    caller_by_hash(s, &hash_token(token)).await
+}
+
 /// The caller that the request's `Authorization` header names.
 ///
 /// # Errors
-/// 401 without a header, with one of another form, or with an unknown token.
-pub fn caller(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiError> {
+/// 401 without a header, with one of another form, or with an unknown or
+/// expired token.
+pub async fn caller(headers: &HeaderMap, s: &ApiState) -> Result<Caller, ApiError> {
     let unauthorized = |detail: &str| ApiError::new(ProblemKind::Unauthorized, detail);
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -96,7 +151,7 @@ pub fn caller(headers: &HeaderMap, tokens: &[ApiToken]) -> Result<Caller, ApiErr
         .ok()
         .and_then(bearer_token)
         .ok_or_else(|| unauthorized("the Authorization header must be: Bearer <token>"))?;
-    authenticate(tokens, token).ok_or_else(|| unauthorized("unknown API token"))
+    caller_of_token(s, token).await
 }
 
 impl FromRequestParts<ApiState> for Caller {
@@ -110,14 +165,14 @@ impl FromRequestParts<ApiState> for Caller {
             .headers
             .contains_key(axum::http::header::AUTHORIZATION)
         {
-            return caller(&parts.headers, &state.tokens);
+            return caller(&parts.headers, state).await;
         }
         match super::session::session_caller(state, &parts.method, &parts.headers).await? {
             Some((caller, session)) => {
                 parts.extensions.insert(session);
                 Ok(caller)
             }
-            None => caller(&parts.headers, &state.tokens),
+            None => caller(&parts.headers, state).await,
         }
     }
 }

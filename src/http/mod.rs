@@ -25,7 +25,7 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use labsync_application::ports::{Health, Sessions};
+use labsync_application::ports::{Health, MachineTokens, Sessions};
 use labsync_application::{DeleteQueue, Inventory, Services};
 use labsync_infrastructure::configuration::{ApiToken, MetricsAuth};
 use labsync_infrastructure::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct ApiState {
     pub metrics_auth: MetricsAuth,
     /// Console sign-ins.
     pub sessions: Arc<dyn Sessions>,
+    /// API tokens added without a restart (`labsync token new`).
+    pub machine_tokens: Arc<dyn MachineTokens>,
     /// Whether the session cookie is marked `Secure` (labsync behind an
     /// HTTPS proxy).
     pub secure_cookie: bool,

@@ -706,7 +706,7 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
 pub async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult<Response> {
     match (s.metrics_auth, s.metrics_auth.role()) {
         (MetricsAuth::Off, _) => return Err(super::not_found()),
-        (_, Some(role)) => auth::caller(&headers, &s.tokens)?.require(role)?,
+        (_, Some(role)) => auth::caller(&headers, &s).await?.require(role)?,
         (_, None) => {}
     }
     Ok((

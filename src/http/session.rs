@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ApiState;
-use super::auth::{Caller, authenticate};
+use super::auth::Caller;
 use super::problem::{ApiError, ProblemKind};
 
 /// The cookie that carries the session's secret.
@@ -88,12 +88,7 @@ pub fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
 /// 401 for a token that is not configured; the store's errors.
 pub async fn sign_in(s: &ApiState, token: &str) -> Result<(String, ConsoleSession), ApiError> {
     let token = token.trim();
-    if authenticate(&s.tokens, token).is_none() {
-        return Err(ApiError::new(
-            ProblemKind::Unauthorized,
-            "unknown API token",
-        ));
-    }
+    super::auth::caller_of_token(s, token).await?;
     let secret = random_secret();
     let now = s.services.clock.now();
     let ttl = chrono::Duration::from_std(SESSION_TTL).unwrap_or(chrono::Duration::hours(12));
@@ -165,11 +160,13 @@ pub async fn session_caller(
         .await
         .map_err(labsync_application::AppError::from)?
         .ok_or_else(expired)?;
-    let token = s
-        .tokens
-        .iter()
-        .find(|t| hex::encode(t.sha256) == session.subject)
-        .ok_or_else(expired)?;
+    // The token it was made with, still valid: a revoked or expired one
+    // ends its sessions too.
+    let caller = match super::auth::caller_by_hash(s, &session.subject).await {
+        Ok(c) => c,
+        Err(e) if e.status() == axum::http::StatusCode::UNAUTHORIZED => return Err(expired()),
+        Err(e) => return Err(e),
+    };
     if changes_state(method) {
         let given = headers
             .get(CSRF_HEADER)
@@ -182,13 +179,7 @@ pub async fn session_caller(
             ));
         }
     }
-    Ok(Some((
-        Caller {
-            name: token.name.clone(),
-            role: token.role,
-        },
-        session,
-    )))
+    Ok(Some((caller, session)))
 }
 
 #[cfg(test)]

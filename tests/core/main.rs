@@ -28,4 +28,5 @@ mod refresh;
 mod replicas;
 mod serve;
 mod tls;
+mod tokens;
 mod trust;

@@ -24,6 +24,7 @@ mod lease;
 pub mod outbox;
 mod reports;
 mod sessions;
+mod tokens;
 mod tombstones;
 mod workers;
 
@@ -34,6 +35,7 @@ pub use labs::MongoLabRepository;
 pub use lease::MongoRefreshLease;
 pub use reports::MongoRunReports;
 pub use sessions::MongoSessions;
+pub use tokens::MongoMachineTokens;
 pub use workers::MongoWorkerRepository;
 
 /// Why MongoDB could not be reached. The URI is never part of the message: it
@@ -93,6 +95,8 @@ pub mod collections {
     pub const DELETE_REQUEST_LOCKS: &str = "delete_request_locks";
     /// Console sign-ins.
     pub const SESSIONS: &str = "sessions";
+    /// API tokens added with `labsync token new`.
+    pub const API_TOKENS: &str = "api_tokens";
 }
 
 /// Creates every index labsync relies on. Run at start-up, before serving:
@@ -222,6 +226,24 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
         .map_err(map_error)?;
     db.collection::<Document>(collections::SESSIONS)
         .create_index(ttl(doc! {"expires_at": 1}, "session_ttl"))
+        .await
+        .map_err(map_error)?;
+    let unique = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(
+                IndexOptions::builder()
+                    .name(name.to_owned())
+                    .unique(true)
+                    .build(),
+            )
+            .build()
+    };
+    db.collection::<Document>(collections::API_TOKENS)
+        .create_indexes([
+            unique(doc! {"name": 1}, "token_name"),
+            unique(doc! {"sha256": 1}, "token_secret"),
+        ])
         .await
         .map_err(map_error)?;
     Ok(())
