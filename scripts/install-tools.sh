@@ -8,6 +8,9 @@
 #   real headless Chromium through chromedriver. Installed with apt-get when missing
 #   (as root, as on the project's machines and CI).
 #
+# - oidc-provider (npm, pinned), run with the machine's node: the OpenID Connect
+#   provider of the identity tests (devtools/oidc/provider.mjs).
+#
 # Everything goes under $LABSYNC_TOOLS_DIR (default ~/.local/share/labsync-tools), so a
 # fresh clone on the same machine reuses it. Skips whatever is already present.
 # Prints the path of the secantusd-rs binary on its last line.
@@ -27,6 +30,20 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
   else
     log "chromium and chromium-driver are missing: install them (Debian: apt-get install chromium chromium-driver) for the console's browser tests"
+  fi
+fi
+
+OIDC_PROVIDER_VERSION="9.13.3"
+OIDC_DIR="$TOOLS_DIR/oidc"
+if [[ ! -f "$OIDC_DIR/node_modules/oidc-provider/package.json" ]] \
+  || ! grep -q "\"version\": \"$OIDC_PROVIDER_VERSION\"" "$OIDC_DIR/node_modules/oidc-provider/package.json"; then
+  if command -v npm >/dev/null 2>&1; then
+    log "installing oidc-provider $OIDC_PROVIDER_VERSION into $OIDC_DIR"
+    mkdir -p "$OIDC_DIR"
+    [[ -f "$OIDC_DIR/package.json" ]] || echo '{"private": true}' >"$OIDC_DIR/package.json"
+    npm install --prefix "$OIDC_DIR" --no-audit --no-fund --silent "oidc-provider@$OIDC_PROVIDER_VERSION" >&2
+  else
+    log "node and npm are missing: the identity tests need them (Debian: apt-get install nodejs npm)"
   fi
 fi
 

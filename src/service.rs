@@ -117,6 +117,14 @@ pub async fn start_with(
         health: Arc::new(MongoHealth::new(&app.db)),
         sessions: Arc::new(MongoSessions::new(&app.db)),
         machine_tokens: Arc::new(MongoMachineTokens::new(&app.db)),
+        oidc: if settings.oidc.enabled() {
+            Some(Arc::new(
+                labsync_infrastructure::oidc::OidcVerifier::new(settings.oidc.clone())
+                    .map_err(|e| anyhow::anyhow!("oidc: {e}"))?,
+            ))
+        } else {
+            None
+        },
         secure_cookie: settings.api.secure_cookie,
         events,
         scheduler_running: scheduler_running.clone(),

@@ -36,7 +36,52 @@ pub struct Settings {
     pub api: ApiSettings,
     pub events: EventSettings,
     pub security: SecuritySettings,
+    pub oidc: OidcSettings,
     pub log: LogSettings,
+}
+
+/// Bearer JWTs from an OpenID Connect provider (off while `issuer` is
+/// empty); see [`crate::oidc`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The provider's issuer URL, exactly as its tokens' `iss` says it.
+    pub issuer: String,
+    /// What the tokens' `aud` must hold.
+    pub audience: String,
+    /// The dotted path of the claim that holds the roles, e.g.
+    /// `realm_access.roles` (Keycloak) or `groups`.
+    pub roles_claim: String,
+    /// `claim-value=role` entries (role: viewer, operator or admin); the
+    /// highest match wins, no match is no access.
+    pub roles: Vec<String>,
+    /// Slack allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl OidcSettings {
+    /// Whether bearer JWTs are accepted at all.
+    pub fn enabled(&self) -> bool {
+        !self.issuer.is_empty()
+    }
+
+    /// The role map.
+    ///
+    /// # Errors
+    /// The first entry that is not `claim-value=role`.
+    pub fn role_map(&self) -> Result<Vec<(String, Role)>, String> {
+        self.roles
+            .iter()
+            .map(|e| {
+                let (value, role) = e
+                    .rsplit_once('=')
+                    .ok_or_else(|| format!("{e:?} is not claim-value=role"))?;
+                let role = Role::parse(role.trim())
+                    .ok_or_else(|| format!("{e:?}: the role must be viewer, operator or admin"))?;
+                Ok((value.trim().to_owned(), role))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,7 +449,8 @@ impl Settings {
                     .separator("__")
                     .try_parsing(true)
                     .list_separator(",")
-                    .with_list_parse_key("api.tokens"),
+                    .with_list_parse_key("api.tokens")
+                    .with_list_parse_key("oidc.roles"),
             )
             .build()?
             .try_deserialize()?;
@@ -437,6 +483,19 @@ impl Settings {
                 key: "refresh.cron",
                 reason: e,
             });
+        }
+        if self.oidc.enabled() {
+            if let Err(e) = self.oidc.role_map() {
+                return invalid("oidc.roles", &e);
+            }
+            if self.oidc.audience.is_empty() {
+                return invalid("oidc.audience", "must be set with oidc.issuer");
+            }
+            if !(self.oidc.issuer.starts_with("https://")
+                || self.oidc.issuer.starts_with("http://"))
+            {
+                return invalid("oidc.issuer", "must be a URL");
+            }
         }
         if !(self.refresh.max_prune_share > 0.0 && self.refresh.max_prune_share <= 1.0) {
             return invalid("refresh.max_prune_share", "must be in (0, 1]");
@@ -753,6 +812,49 @@ mod tests {
         assert_eq!(s.mongodb.database, "labsync");
         assert_eq!(s.log.format, LogFormat::Human);
         assert_eq!(s.api.metrics_auth, MetricsAuth::Viewer);
+    }
+
+    #[test]
+    fn oidc_is_off_by_default_and_its_roles_map_claim_values_to_roles() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert!(!s.oidc.enabled());
+        let s = Settings::load_from(
+            None,
+            env(&[
+                (
+                    "LABSYNC__OIDC__ISSUER",
+                    "https://sso.example.net/realms/lab",
+                ),
+                ("LABSYNC__OIDC__AUDIENCE", "labsync"),
+                ("LABSYNC__OIDC__ROLES_CLAIM", "groups"),
+                ("LABSYNC__OIDC__ROLES", "cml-admins=admin,cml-users=viewer"),
+            ]),
+        )
+        .expect("oidc loads");
+        assert_eq!(
+            s.oidc.role_map().unwrap(),
+            [
+                ("cml-admins".to_owned(), Role::Admin),
+                ("cml-users".to_owned(), Role::Viewer)
+            ]
+        );
+        for (key, value) in [
+            ("LABSYNC__OIDC__ROLES", "cml-admins=root"),
+            ("LABSYNC__OIDC__AUDIENCE", ""),
+            ("LABSYNC__OIDC__ISSUER", "sso.example.net"),
+        ] {
+            let mut pairs = vec![
+                (
+                    "LABSYNC__OIDC__ISSUER",
+                    "https://sso.example.net/realms/lab",
+                ),
+                ("LABSYNC__OIDC__AUDIENCE", "labsync"),
+            ];
+            pairs.retain(|(k, _)| *k != key);
+            pairs.push((key, value));
+            let e = Settings::load_from(None, env(&pairs)).expect_err(value);
+            assert!(e.to_string().contains("oidc."), "{e}");
+        }
     }
 
     #[test]

@@ -14,5 +14,6 @@ pub mod configuration;
 pub mod crypto;
 pub mod metrics;
 pub mod mongo;
+pub mod oidc;
 pub mod scheduler;
 pub mod telemetry;

@@ -133,7 +133,39 @@ pub async fn caller_of_token(s: &ApiState, token: &str) -> Result<Caller, ApiErr
     if let Some(c) = authenticate(&s.tokens, token) {
         return Ok(c);
     }
+    if let Some(oidc) = &s.oidc
+        && labsync_infrastructure::oidc::looks_like_jwt(token)
+    {
+        return caller_of_jwt(oidc, token).await;
+    }
     caller_by_hash(s, &hash_token(token)).await
+}
+
+/// The person (or machine) a provider's JWT names.
+async fn caller_of_jwt(
+    oidc: &labsync_infrastructure::oidc::OidcVerifier,
+    token: &str,
+) -> Result<Caller, ApiError> {
+    use labsync_infrastructure::oidc::Refusal;
+    match oidc.verify(token).await {
+        Ok(who) => Ok(Caller {
+            // Both what people read and what the provider keys on.
+            name: printable(&format!("{} ({})", who.display, who.subject)),
+            role: who.role,
+        }),
+        Err(e @ Refusal::NoRole(_)) => Err(ApiError::new(ProblemKind::Forbidden, e.to_string())),
+        Err(e @ Refusal::Provider(_)) => Err(ApiError::new(
+            ProblemKind::IdentityProviderUnavailable,
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(ProblemKind::Unauthorized, e.to_string())),
+    }
+}
+
+/// A name from a token's claims as the audit log keeps it: no control
+/// characters, at most 200 of them.
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// The caller that the request's `Authorization` header names.

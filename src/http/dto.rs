@@ -629,6 +629,10 @@ pub struct Readiness {
     pub ready: bool,
     pub mongodb: bool,
     pub scheduler: bool,
+    /// With `oidc.issuer` set: `ok`, or why the provider's keys cannot be
+    /// read. Not part of `ready`: API tokens work without the provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<String>,
 }
 
 /// What a connection check found.

@@ -56,6 +56,8 @@ pub struct ApiState {
     pub sessions: Arc<dyn Sessions>,
     /// API tokens added without a restart (`labsync token new`).
     pub machine_tokens: Arc<dyn MachineTokens>,
+    /// Bearer JWTs from the OpenID Connect provider, when one is set.
+    pub oidc: Option<Arc<labsync_infrastructure::oidc::OidcVerifier>>,
     /// Whether the session cookie is marked `Secure` (labsync behind an
     /// HTTPS proxy).
     pub secure_cookie: bool,

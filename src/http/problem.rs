@@ -61,13 +61,14 @@ pub enum ProblemKind {
     CmlAccountNotAdmin,
     RefreshFailed,
     DatabaseUnavailable,
+    IdentityProviderUnavailable,
     NotReady,
     Overloaded,
 }
 
 impl ProblemKind {
     /// Every kind, for the tests that hold slugs and statuses together.
-    pub const ALL: [Self; 31] = [
+    pub const ALL: [Self; 32] = [
         Self::BadRequest,
         Self::InvalidId,
         Self::InvalidRequest,
@@ -97,6 +98,7 @@ impl ProblemKind {
         Self::CmlAccountNotAdmin,
         Self::RefreshFailed,
         Self::DatabaseUnavailable,
+        Self::IdentityProviderUnavailable,
         Self::NotReady,
         Self::Overloaded,
     ];
@@ -133,6 +135,7 @@ impl ProblemKind {
             Self::CmlAccountNotAdmin => "cml-account-not-admin",
             Self::RefreshFailed => "refresh-failed",
             Self::DatabaseUnavailable => "database-unavailable",
+            Self::IdentityProviderUnavailable => "identity-provider-unavailable",
             Self::NotReady => "not-ready",
             Self::Overloaded => "overloaded",
         }
@@ -168,9 +171,10 @@ impl ProblemKind {
             Self::CmlFailed | Self::CmlAccountNotAdmin | Self::RefreshFailed => {
                 StatusCode::BAD_GATEWAY
             }
-            Self::DatabaseUnavailable | Self::NotReady | Self::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::DatabaseUnavailable
+            | Self::IdentityProviderUnavailable
+            | Self::NotReady
+            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

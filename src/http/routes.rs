@@ -676,11 +676,19 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
         .scheduler_running
         .load(std::sync::atomic::Ordering::Relaxed);
     let ready = mongodb && scheduler;
+    let oidc = match &s.oidc {
+        Some(v) => Some(match v.ready().await {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("the OpenID Connect provider cannot be read: {e}"),
+        }),
+        None => None,
+    };
     if ready {
         return Ok(Json(Readiness {
             ready,
             mongodb,
             scheduler,
+            oidc,
         }));
     }
     // An error like every other: a problem, with the readiness fields as

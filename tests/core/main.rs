@@ -21,6 +21,7 @@ mod hostile;
 mod hostile_cml;
 mod live;
 mod model;
+mod oidc;
 mod openapi;
 mod outage;
 mod queue;

@@ -1,0 +1,323 @@
+//! Bearer JWTs from an OpenID Connect provider: who a token names and
+//! with which role, checked against the provider's published keys.
+//!
+//! # Expected flow
+//! 1. At the first token (or readiness check), read the provider's
+//!    `/.well-known/openid-configuration` and the key set at its
+//!    `jwks_uri`, and keep them.
+//! 2. For each token: its header's algorithm must be RS256 or ES256 (`none`
+//!    and HMAC are refused before any key is looked at); its key id must
+//!    be in the kept set, or in the set read again, at most once per
+//!    [`REFETCH_EVERY`], so that a key rotated in at the provider works
+//!    without a restart and a flood of unknown key ids costs one read.
+//! 3. `jsonwebtoken` checks the signature, `iss`, `aud`, `exp` and `nbf`
+//!    (with `oidc.leeway_secs`); the role is the highest that the claim
+//!    at `oidc.roles_claim` maps to.
+//!
+//! # Guarantees
+//! - A refusal says which check failed ([`Refusal`]), never the token.
+//! - A provider that cannot be reached refuses only the tokens whose keys
+//!   are not kept; configured and stored API tokens do not depend on it.
+//!
+//! # Assumptions
+//! The provider publishes its keys before it signs with them (as the
+//! providers labsync targets do).
+//!
+//! # Caveats
+//! A key removed at the provider is trusted until the next read of the
+//! set (one is made for every unknown key id, at most once per
+//! [`REFETCH_EVERY`]).
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+
+use crate::configuration::{OidcSettings, Role};
+
+/// The least time between two reads of the key set.
+pub const REFETCH_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a read of the provider may take.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who a valid token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's `sub`.
+    pub subject: String,
+    /// `preferred_username`, else `email`, else the subject.
+    pub display: String,
+    pub role: Role,
+}
+
+/// Why a token was refused: each names the check that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the token is not a JWT")]
+    Malformed,
+    #[error("the token's algorithm {0:?} is refused: only RS256 and ES256 are accepted")]
+    Algorithm(String),
+    #[error("the token is signed with a key the provider does not publish")]
+    UnknownKey,
+    #[error("the token's signature does not verify")]
+    Signature,
+    #[error("the token was issued by another issuer")]
+    Issuer,
+    #[error("the token is for another audience")]
+    Audience,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token lacks a required claim or a claim is malformed")]
+    Claims,
+    #[error("the token carries no labsync role in its {0} claim")]
+    NoRole(String),
+    #[error("the OpenID Connect provider cannot be read: {0}")]
+    Provider(String),
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    set: Option<JwkSet>,
+    read_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// Checks bearer JWTs; cheap to share.
+#[derive(Debug)]
+pub struct OidcVerifier {
+    settings: OidcSettings,
+    roles: Vec<(String, Role)>,
+    http: reqwest::Client,
+    keys: RwLock<Keys>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+impl OidcVerifier {
+    /// # Errors
+    /// A bad role map (checked with the configuration already).
+    pub fn new(settings: OidcSettings) -> Result<Self, String> {
+        let roles = settings.role_map()?;
+        let http = reqwest::Client::builder()
+            .timeout(PROVIDER_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            settings,
+            roles,
+            http,
+            keys: RwLock::new(Keys::default()),
+        })
+    }
+
+    async fn read_keys(&self) -> Result<JwkSet, String> {
+        let base = self.settings.issuer.trim_end_matches('/');
+        let discovery: Discovery = self
+            .http
+            .get(format!("{base}/.well-known/openid-configuration"))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("discovery: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("discovery: {e}"))?;
+        if discovery.issuer != self.settings.issuer {
+            return Err(format!(
+                "discovery names issuer {:?}, not oidc.issuer",
+                discovery.issuer
+            ));
+        }
+        self.http
+            .get(&discovery.jwks_uri)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("key set: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("key set: {e}"))
+    }
+
+    /// Reads the key set again unless that was done within
+    /// [`REFETCH_EVERY`]; says why when it could not.
+    async fn refresh_keys(&self) -> Result<(), String> {
+        let mut keys = self.keys.write().await;
+        if keys.read_at.is_some_and(|t| t.elapsed() < REFETCH_EVERY) {
+            return keys.last_error.clone().map_or(Ok(()), Err);
+        }
+        keys.read_at = Some(Instant::now());
+        match self.read_keys().await {
+            Ok(set) => {
+                keys.set = Some(set);
+                keys.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                keys.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn key(&self, kid: Option<&str>) -> Result<DecodingKey, Refusal> {
+        let find = |set: &JwkSet| match kid {
+            Some(kid) => set.find(kid).cloned(),
+            None => (set.keys.len() == 1).then(|| set.keys[0].clone()),
+        };
+        if let Some(jwk) = self.keys.read().await.set.as_ref().and_then(find) {
+            return DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKey);
+        }
+        let fresh = self.refresh_keys().await;
+        let keys = self.keys.read().await;
+        match (keys.set.as_ref().and_then(find), fresh) {
+            (Some(jwk), _) => DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKey),
+            (None, Err(e)) if keys.set.is_none() => Err(Refusal::Provider(e)),
+            (None, _) => Err(Refusal::UnknownKey),
+        }
+    }
+
+    /// Who `token` names, or why it is refused.
+    ///
+    /// # Errors
+    /// The [`Refusal`] of the first check that failed.
+    pub async fn verify(&self, token: &str) -> Result<Identity, Refusal> {
+        // The algorithm is read first, and judged before any key: `none`
+        // and HMAC (which would take the public key as a secret) never
+        // reach the library.
+        let alg = header_alg(token)?;
+        let algorithm = match alg.as_str() {
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            _ => return Err(Refusal::Algorithm(alg)),
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
+        let key = self.key(header.kid.as_deref()).await?;
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.settings.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.settings.issuer]);
+        validation.set_audience(&[&self.settings.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|e| refusal_of(&e))?
+            .claims;
+        let role = self
+            .role_of(&claims)
+            .ok_or_else(|| Refusal::NoRole(self.settings.roles_claim.clone()))?;
+        let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let subject = text("sub").ok_or(Refusal::Claims)?;
+        let display = text("preferred_username")
+            .or_else(|| text("email"))
+            .unwrap_or_else(|| subject.clone());
+        Ok(Identity {
+            subject,
+            display,
+            role,
+        })
+    }
+
+    /// The highest role the roles claim maps to.
+    fn role_of(&self, claims: &serde_json::Value) -> Option<Role> {
+        let mut at = claims;
+        for part in self.settings.roles_claim.split('.') {
+            at = at.get(part)?;
+        }
+        let values: Vec<&str> = match at {
+            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
+            serde_json::Value::String(s) => s.split(' ').collect(),
+            _ => return None,
+        };
+        self.roles
+            .iter()
+            .filter(|(value, _)| values.contains(&value.as_str()))
+            .map(|(_, role)| *role)
+            .max()
+    }
+
+    /// Whether the provider answers, for readiness: its keys read again
+    /// (at most once per [`REFETCH_EVERY`]; kept keys go on verifying
+    /// tokens whatever this says).
+    ///
+    /// # Errors
+    /// What keeps the keys from being read.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.refresh_keys().await
+    }
+}
+
+/// The `alg` of a JWT's header, as written.
+fn header_alg(token: &str) -> Result<String, Refusal> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Refusal::Malformed);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|_| Refusal::Malformed)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| Refusal::Malformed)?;
+    header
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .map(|a| a.chars().take(16).collect())
+        .ok_or(Refusal::Malformed)
+}
+
+fn refusal_of(e: &jsonwebtoken::errors::Error) -> Refusal {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => Refusal::Signature,
+        ErrorKind::InvalidIssuer => Refusal::Issuer,
+        ErrorKind::InvalidAudience => Refusal::Audience,
+        ErrorKind::ExpiredSignature => Refusal::Expired,
+        ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+        ErrorKind::InvalidAlgorithm => Refusal::Algorithm("other".into()),
+        ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => Refusal::Claims,
+        _ => Refusal::Malformed,
+    }
+}
+
+/// Whether a bearer token is shaped as a JWT (three dot-separated parts):
+/// such tokens go to the provider's check, others to the API tokens.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.split('.').count() == 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(v: &serde_json::Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn none_and_hmac_are_refused_by_their_header_before_any_key() {
+        let token = |alg: &str| {
+            format!(
+                "{}.{}.",
+                b64(&serde_json::json!({"alg": alg})),
+                b64(&serde_json::json!({}))
+            )
+        };
+        assert_eq!(header_alg(&token("none")), Ok("none".into()));
+        assert_eq!(header_alg(&token("HS256")), Ok("HS256".into()));
+        assert_eq!(header_alg("not-a-jwt"), Err(Refusal::Malformed));
+        assert_eq!(header_alg("a.b.c.d"), Err(Refusal::Malformed));
+        assert!(looks_like_jwt("a.b.c") && !looks_like_jwt("opaque-token"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Bearer JWTs from a real OpenID Connect provider (the npm package
+//! oidc-provider, run with the machine's node from devtools/oidc): who
+//! they name, with which role, and each refusal saying which check failed.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use base64::Engine;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually};
+use labsync_test_support::eventually_within;
+
+/// The module oidc-provider is resolved from, as scripts/install-tools.sh
+/// installs it.
+fn provider_module() -> PathBuf {
+    let tools = std::env::var_os("LABSYNC_TOOLS_DIR").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap()).join(".local/share/labsync-tools"),
+        PathBuf::from,
+    );
+    let module = tools.join("oidc/package.json");
+    assert!(
+        module.is_file(),
+        "oidc-provider is installed by scripts/install-tools.sh"
+    );
+    module
+}
+
+/// A running provider, stopped when dropped.
+struct Provider {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl Provider {
+    async fn start(keys: &Path, port: u16) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("devtools/oidc/provider.mjs");
+        let child = tokio::process::Command::new("node")
+            .arg(script)
+            .env("PORT", port.to_string())
+            .env("JWKS_FILE", keys)
+            .env("OIDC_PROVIDER_MODULE", provider_module())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs the provider");
+        let p = Self { child, port };
+        let http = reqwest::Client::new();
+        let url = format!("{}/.well-known/openid-configuration", p.issuer());
+        eventually("the provider answers", || async {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        p
+    }
+
+    fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An access token of the machine client `client`.
+    async fn token(&self, client: &str) -> String {
+        let r: Value = reqwest::Client::new()
+            .post(format!("{}/token", self.issuer()))
+            .basic_auth(client, Some(format!("{client}-secret")))
+            .form(&[("grant_type", "client_credentials"), ("scope", "api")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a token for {client}: {r}"))
+            .to_owned()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `token` with its header replaced by `header` (and no signature when
+/// `signature` is empty).
+fn reheader(token: &str, header: &Value, signature: &str) -> String {
+    let payload = token.split('.').nth(1).unwrap();
+    format!(
+        "{}.{payload}.{signature}",
+        b64(header.to_string().as_bytes())
+    )
+}
+
+async fn app_for(provider: &Provider) -> TestApp {
+    TestApp::spawn_with(
+        1,
+        &[
+            ("LABSYNC__OIDC__ISSUER", &provider.issuer()),
+            ("LABSYNC__OIDC__AUDIENCE", "labsync"),
+            ("LABSYNC__OIDC__LEEWAY_SECS", "0"),
+        ],
+    )
+    .await
+}
+
+/// The status of `GET /api/v1/workers` with `token`, and its problem's
+/// detail.
+async fn call(api: &TestApi, token: &str) -> (StatusCode, String) {
+    let (s, body) = api.get("/api/v1/workers", token).await;
+    assert!(!body.to_string().contains(token), "the token is not echoed");
+    (s, body["detail"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_every_bad_one_says_why()
+{
+    let dir = tempdir();
+    let keys = dir.join("keys.json");
+    let provider = Provider::start(&keys, free_port()).await;
+    let t = app_for(&provider).await;
+    t.refresh().await;
+    let api = TestApi::start(&t).await;
+
+    // Roles from realm_access.roles, the highest match.
+    let admin = provider.token("labsync-admin").await;
+    assert_eq!(call(&api, &admin).await.0, StatusCode::OK);
+    let operator = provider.token("labsync-operator").await;
+    let lab = t.add_lab("DEFINED_ON_CORE");
+    t.refresh().await;
+    let (s, body) = api
+        .send(api.req(Method::POST, "/api/v1/labs/refresh", Some(&operator)))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, body) = api
+        .send(api.req(
+            Method::DELETE,
+            &format!("/api/v1/workers/cml-1/labs/{lab}"),
+            Some(&operator),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let audit = t.audit(&lab).await;
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.actor.to_string() == "api:labsync-operator (labsync-operator)"),
+        "the audit names the token's person and subject: {audit:?}"
+    );
+    let (s, detail) = call(&api, &provider.token("labsync-nobody").await).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(detail.contains("no labsync role"), "{detail}");
+
+    // Each refusal names its check.
+    let refused = [
+        (provider.token("other-audience").await, "another audience"),
+        (
+            {
+                // A character in the middle of the signature: still
+                // base64, no longer the signature.
+                let mut t = admin.clone().into_bytes();
+                let at = t.len() - 20;
+                t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+                String::from_utf8(t).unwrap()
+            },
+            "signature",
+        ),
+        (
+            reheader(&admin, &json!({"alg": "none", "typ": "JWT"}), ""),
+            "\"none\"",
+        ),
+        (
+            hs256_with_the_public_key(&provider, &admin).await,
+            "\"HS256\"",
+        ),
+        ("not.a.jwt".to_owned(), "not a JWT"),
+    ];
+    for (token, why) in &refused {
+        let (s, detail) = call(&api, token).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{why}: {detail}");
+        assert!(detail.contains(why), "{why}: {detail}");
+    }
+    let short = provider.token("short-lived").await;
+    eventually("the short-lived token to expire", || async {
+        call(&api, &short).await.1.contains("expired")
+    })
+    .await;
+
+    // Another issuer with the very same keys: its signature verifies, its
+    // issuer does not.
+    let other = Provider::start(&keys, free_port()).await;
+    let (s, detail) = call(&api, &other.token("labsync-admin").await).await;
+    assert_eq!(
+        (s, detail.contains("another issuer")),
+        (StatusCode::UNAUTHORIZED, true),
+        "{detail}"
+    );
+    other.stop().await;
+
+    // The provider rotates its key: new tokens work without a restart.
+    let port = provider.port;
+    provider.stop().await;
+    std::fs::remove_file(&keys).unwrap();
+    let provider = Provider::start(&keys, port).await;
+    let rotated = provider.token("labsync-admin").await;
+    eventually("a token signed with the new key to be taken", || async {
+        call(&api, &rotated).await.0 == StatusCode::OK
+    })
+    .await;
+
+    // Stopped: API tokens still work, and readiness names the provider.
+    provider.stop().await;
+    assert_eq!(call(&api, VIEWER_TOKEN).await.0, StatusCode::OK);
+    eventually_within(
+        std::time::Duration::from_secs(30),
+        "readiness to name the provider",
+        || async {
+            let (s, ready) = api.get("/api/v1/readyz", ADMIN_TOKEN).await;
+            assert_eq!(
+                s,
+                StatusCode::OK,
+                "API tokens keep the service ready: {ready}"
+            );
+            ready["oidc"]
+                .as_str()
+                .is_some_and(|o| o.contains("OpenID Connect provider cannot be read"))
+        },
+    )
+    .await;
+    assert_eq!(
+        call(&api, &rotated).await.0,
+        StatusCode::OK,
+        "kept keys go on verifying"
+    );
+    api.stop().await;
+    drop(dir_guard(dir));
+}
+
+/// An HS256 token whose secret is the provider's public key: what a
+/// verifier that takes the key for a secret would accept.
+async fn hs256_with_the_public_key(provider: &Provider, like: &str) -> String {
+    let jwks: Value = reqwest::get(format!("{}/jwks", provider.issuer()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let public = jwks["keys"][0].to_string();
+    let header = json!({"alg": "HS256", "typ": "JWT", "kid": jwks["keys"][0]["kid"]});
+    let payload = like.split('.').nth(1).unwrap();
+    let signing = format!("{}.{payload}", b64(header.to_string().as_bytes()));
+    let key = jsonwebtoken::EncodingKey::from_secret(public.as_bytes());
+    let signature =
+        jsonwebtoken::crypto::sign(signing.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)
+            .unwrap();
+    format!("{signing}.{signature}")
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("labsync-oidc-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes `dir` when dropped.
+struct DirGuard(PathBuf);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn dir_guard(dir: PathBuf) -> DirGuard {
+    DirGuard(dir)
+}
