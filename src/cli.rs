@@ -137,7 +137,7 @@ pub enum TokenCommand {
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
         /// Refused from this many days on.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650), conflicts_with = "config_entry")]
         expires_in_days: Option<u32>,
         #[arg(long)]
         config_entry: bool,
@@ -155,12 +155,13 @@ pub enum TokenCommand {
 
 fn token_name(s: &str) -> Result<String, String> {
     if !s.is_empty()
+        && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         Ok(s.to_owned())
     } else {
-        Err("letters, digits, - _ . only".into())
+        Err("1 to 64 of letters, digits, - _ .".into())
     }
 }
 

@@ -78,6 +78,9 @@ impl OidcSettings {
                     .ok_or_else(|| format!("{e:?} is not claim-value=role"))?;
                 let role = Role::parse(role.trim())
                     .ok_or_else(|| format!("{e:?}: the role must be viewer, operator or admin"))?;
+                if value.trim().is_empty() {
+                    return Err(format!("{e:?}: the claim value is empty"));
+                }
                 Ok((value.trim().to_owned(), role))
             })
             .collect()
@@ -491,10 +494,22 @@ impl Settings {
             if self.oidc.audience.is_empty() {
                 return invalid("oidc.audience", "must be set with oidc.issuer");
             }
-            if !(self.oidc.issuer.starts_with("https://")
-                || self.oidc.issuer.starts_with("http://"))
-            {
-                return invalid("oidc.issuer", "must be a URL");
+            // Keys over plain http could be anyone's: only on this machine.
+            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|p| {
+                    self.oidc.issuer.strip_prefix(p).is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with(':') || rest.starts_with('/')
+                    })
+                });
+            if !(self.oidc.issuer.starts_with("https://") || loopback) {
+                return invalid(
+                    "oidc.issuer",
+                    "must be an https:// URL (http:// only on the loopback address)",
+                );
+            }
+            if self.oidc.leeway_secs > 300 {
+                return invalid("oidc.leeway_secs", "must be at most 300");
             }
         }
         if !(self.refresh.max_prune_share > 0.0 && self.refresh.max_prune_share <= 1.0) {
@@ -842,6 +857,10 @@ mod tests {
             ("LABSYNC__OIDC__ROLES", "cml-admins=root"),
             ("LABSYNC__OIDC__AUDIENCE", ""),
             ("LABSYNC__OIDC__ISSUER", "sso.example.net"),
+            ("LABSYNC__OIDC__ISSUER", "http://sso.example.net/realms/lab"),
+            ("LABSYNC__OIDC__ISSUER", "http://localhost.example.net"),
+            ("LABSYNC__OIDC__LEEWAY_SECS", "100000"),
+            ("LABSYNC__OIDC__ROLES", "=admin"),
         ] {
             let mut pairs = vec![
                 (

@@ -17,7 +17,11 @@
 //! # Guarantees
 //! - A refusal says which check failed ([`Refusal`]), never the token.
 //! - A provider that cannot be reached refuses only the tokens whose keys
-//!   are not kept; configured and stored API tokens do not depend on it.
+//!   are not kept; configured and stored API tokens do not depend on it,
+//!   and no request waits on a read another request has started.
+//! - Keys come only from the issuer's origin (discovery's `jwks_uri` is
+//!   checked), are signing keys, verify only the algorithm they name, and
+//!   documents larger than [`MAX_DOCUMENT`] are refused.
 //!
 //! # Assumptions
 //! The provider publishes its keys before it signs with them (as the
@@ -25,13 +29,13 @@
 //!
 //! # Caveats
 //! A key removed at the provider is trusted until the next read of the
-//! set (one is made for every unknown key id, at most once per
-//! [`REFETCH_EVERY`]).
+//! set: one is made for an unknown key id, and before using keys older
+//! than [`MAX_KEY_AGE`], at most once per [`REFETCH_EVERY`].
 
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -77,13 +81,15 @@ pub enum Refusal {
     Claims,
     #[error("the token carries no labsync role in its {0} claim")]
     NoRole(String),
-    #[error("the OpenID Connect provider cannot be read: {0}")]
-    Provider(String),
+    #[error("the OpenID Connect provider cannot be read (see labsync's logs)")]
+    Provider,
 }
 
 #[derive(Debug, Default)]
 struct Keys {
-    set: Option<JwkSet>,
+    /// Signing keys only (`use` sig or absent), by what they may verify.
+    set: Vec<Jwk>,
+    read: bool,
     read_at: Option<Instant>,
     last_error: Option<String>,
 }
@@ -95,12 +101,33 @@ pub struct OidcVerifier {
     roles: Vec<(String, Role)>,
     http: reqwest::Client,
     keys: RwLock<Keys>,
+    /// One read of the provider at a time; the keys stay readable while it
+    /// runs.
+    reading: tokio::sync::Mutex<()>,
 }
 
 #[derive(Deserialize)]
 struct Discovery {
     issuer: String,
     jwks_uri: String,
+}
+
+/// The most of a discovery document or key set that is read.
+const MAX_DOCUMENT: usize = 1 << 20;
+
+/// Keys older than this are read again before use: a key removed at the
+/// provider stops being trusted within it.
+pub const MAX_KEY_AGE: Duration = Duration::from_secs(600);
+
+/// Scheme, host and port of `url`.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    Some(format!(
+        "{}://{}",
+        scheme.to_ascii_lowercase(),
+        authority.to_ascii_lowercase()
+    ))
 }
 
 impl OidcVerifier {
@@ -118,73 +145,130 @@ impl OidcVerifier {
             roles,
             http,
             keys: RwLock::new(Keys::default()),
+            reading: tokio::sync::Mutex::new(()),
         })
     }
 
-    async fn read_keys(&self) -> Result<JwkSet, String> {
-        let base = self.settings.issuer.trim_end_matches('/');
-        let discovery: Discovery = self
+    /// A JSON document of at most [`MAX_DOCUMENT`] bytes.
+    async fn document<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        what: &str,
+    ) -> Result<T, String> {
+        let mut r = self
             .http
-            .get(format!("{base}/.well-known/openid-configuration"))
+            .get(url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("discovery: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("discovery: {e}"))?;
+            .map_err(|e| format!("{what}: {e}"))?;
+        let mut body = Vec::new();
+        while let Some(chunk) = r.chunk().await.map_err(|e| format!("{what}: {e}"))? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_DOCUMENT {
+                return Err(format!("{what}: larger than {MAX_DOCUMENT} bytes"));
+            }
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("{what}: {e}"))
+    }
+
+    async fn read_keys(&self) -> Result<Vec<Jwk>, String> {
+        let base = self.settings.issuer.trim_end_matches('/');
+        let discovery: Discovery = self
+            .document(
+                &format!("{base}/.well-known/openid-configuration"),
+                "discovery",
+            )
+            .await?;
         if discovery.issuer != self.settings.issuer {
             return Err(format!(
                 "discovery names issuer {:?}, not oidc.issuer",
                 discovery.issuer
             ));
         }
-        self.http
-            .get(&discovery.jwks_uri)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("key set: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("key set: {e}"))
+        // The keys come from where the issuer is, never from wherever the
+        // document points.
+        if origin(&discovery.jwks_uri) != origin(&self.settings.issuer) {
+            return Err("discovery's jwks_uri is not on the issuer's origin".into());
+        }
+        let set: serde_json::Value = self.document(&discovery.jwks_uri, "key set").await?;
+        // Key by key: one the library does not know (another curve, an
+        // encryption key) is left out, not a reason to trust none.
+        Ok(set
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .map(|keys| {
+                keys.iter()
+                    .filter(|k| k.get("use").is_none_or(|u| u == "sig"))
+                    .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Reads the key set again unless that was done within
-    /// [`REFETCH_EVERY`]; says why when it could not.
-    async fn refresh_keys(&self) -> Result<(), String> {
-        let mut keys = self.keys.write().await;
-        if keys.read_at.is_some_and(|t| t.elapsed() < REFETCH_EVERY) {
-            return keys.last_error.clone().map_or(Ok(()), Err);
+    /// [`REFETCH_EVERY`] (one read at a time; the kept keys stay usable
+    /// while it runs).
+    async fn refresh_keys(&self) {
+        let _one = self.reading.lock().await;
+        if self
+            .keys
+            .read()
+            .await
+            .read_at
+            .is_some_and(|t| t.elapsed() < REFETCH_EVERY)
+        {
+            return;
         }
+        let result = self.read_keys().await;
+        let mut keys = self.keys.write().await;
         keys.read_at = Some(Instant::now());
-        match self.read_keys().await {
+        match result {
             Ok(set) => {
-                keys.set = Some(set);
+                keys.set = set;
+                keys.read = true;
                 keys.last_error = None;
-                Ok(())
             }
             Err(e) => {
-                keys.last_error = Some(e.clone());
-                Err(e)
+                tracing::warn!(error = %e, "the OpenID Connect provider's keys cannot be read");
+                keys.last_error = Some(e);
             }
         }
     }
 
-    async fn key(&self, kid: Option<&str>) -> Result<DecodingKey, Refusal> {
-        let find = |set: &JwkSet| match kid {
-            Some(kid) => set.find(kid).cloned(),
-            None => (set.keys.len() == 1).then(|| set.keys[0].clone()),
+    async fn key(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, Refusal> {
+        // A key verifies only what it says it is for.
+        let fits = |k: &&Jwk| {
+            k.common
+                .key_algorithm
+                .is_none_or(|a| format!("{a:?}") == format!("{alg:?}"))
         };
-        if let Some(jwk) = self.keys.read().await.set.as_ref().and_then(find) {
+        let find = |set: &[Jwk]| -> Option<Jwk> {
+            match kid {
+                Some(kid) => set
+                    .iter()
+                    .filter(fits)
+                    .find(|k| k.common.key_id.as_deref() == Some(kid))
+                    .cloned(),
+                None => {
+                    let fitting: Vec<&Jwk> = set.iter().filter(fits).collect();
+                    (fitting.len() == 1).then(|| fitting[0].clone())
+                }
+            }
+        };
+        let stale = {
+            let keys = self.keys.read().await;
+            !keys.read || keys.read_at.is_none_or(|t| t.elapsed() > MAX_KEY_AGE)
+        };
+        if !stale && let Some(jwk) = find(&self.keys.read().await.set) {
             return DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKey);
         }
-        let fresh = self.refresh_keys().await;
+        self.refresh_keys().await;
         let keys = self.keys.read().await;
-        match (keys.set.as_ref().and_then(find), fresh) {
-            (Some(jwk), _) => DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKey),
-            (None, Err(e)) if keys.set.is_none() => Err(Refusal::Provider(e)),
-            (None, _) => Err(Refusal::UnknownKey),
+        match find(&keys.set) {
+            Some(jwk) => DecodingKey::from_jwk(&jwk).map_err(|_| Refusal::UnknownKey),
+            None if !keys.read => Err(Refusal::Provider),
+            None => Err(Refusal::UnknownKey),
         }
     }
 
@@ -203,7 +287,7 @@ impl OidcVerifier {
             _ => return Err(Refusal::Algorithm(alg)),
         };
         let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
-        let key = self.key(header.kid.as_deref()).await?;
+        let key = self.key(header.kid.as_deref(), algorithm).await?;
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.settings.leeway_secs;
         validation.validate_nbf = true;
@@ -236,7 +320,7 @@ impl OidcVerifier {
         }
         let values: Vec<&str> = match at {
             serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
-            serde_json::Value::String(s) => s.split(' ').collect(),
+            serde_json::Value::String(s) => s.split_whitespace().collect(),
             _ => return None,
         };
         self.roles
@@ -246,14 +330,28 @@ impl OidcVerifier {
             .max()
     }
 
-    /// Whether the provider answers, for readiness: its keys read again
-    /// (at most once per [`REFETCH_EVERY`]; kept keys go on verifying
-    /// tokens whatever this says).
-    ///
-    /// # Errors
-    /// What keeps the keys from being read.
-    pub async fn ready(&self) -> Result<(), String> {
-        self.refresh_keys().await
+    /// What the last read of the provider said, for readiness: `None`
+    /// when it worked. Starts a read in the background when one is due,
+    /// so that a probe never waits on the provider.
+    pub async fn last_problem(self: &std::sync::Arc<Self>) -> Option<String> {
+        let due = self
+            .keys
+            .read()
+            .await
+            .read_at
+            .is_none_or(|t| t.elapsed() >= REFETCH_EVERY);
+        if due {
+            let me = self.clone();
+            tokio::spawn(async move { me.refresh_keys().await });
+        }
+        let keys = self.keys.read().await;
+        match (&keys.last_error, keys.read) {
+            (Some(_), _) => {
+                Some("its keys could not be read at the last try (see the logs)".into())
+            }
+            (None, false) => Some("its keys have not been read yet".into()),
+            (None, true) => None,
+        }
     }
 }
 
@@ -303,6 +401,51 @@ mod tests {
 
     fn b64(v: &serde_json::Value) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn keys_come_only_from_the_issuers_origin() {
+        assert_eq!(
+            origin("https://SSO.example.net/realms/lab"),
+            origin("https://sso.example.net/realms/lab/protocol/openid-connect/certs")
+        );
+        assert_ne!(
+            origin("https://sso.example.net/realms/lab"),
+            origin("https://sso.example.net.evil.test/certs")
+        );
+        assert_ne!(
+            origin("https://sso.example.net"),
+            origin("http://sso.example.net/certs")
+        );
+        assert_ne!(
+            origin("https://sso.example.net"),
+            origin("https://sso.example.net:8443/x")
+        );
+    }
+
+    #[test]
+    fn the_highest_mapped_role_wins_and_an_empty_or_unmapped_claim_gives_none() {
+        let settings = OidcSettings {
+            issuer: "https://sso.example.net".into(),
+            audience: "labsync".into(),
+            roles_claim: "realm_access.roles".into(),
+            roles: vec!["v=viewer".into(), "a=admin".into(), "o=operator".into()],
+            leeway_secs: 0,
+        };
+        let v = OidcVerifier::new(settings).unwrap();
+        let claims =
+            |roles: serde_json::Value| serde_json::json!({"realm_access": {"roles": roles}});
+        assert_eq!(
+            v.role_of(&claims(serde_json::json!(["v", "a", "o"]))),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            v.role_of(&claims(serde_json::json!("v  o"))),
+            Some(Role::Operator)
+        );
+        assert_eq!(v.role_of(&claims(serde_json::json!(""))), None);
+        assert_eq!(v.role_of(&claims(serde_json::json!(["x"]))), None);
+        assert_eq!(v.role_of(&serde_json::json!({})), None);
     }
 
     #[test]

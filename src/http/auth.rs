@@ -111,10 +111,14 @@ pub async fn caller_by_hash(s: &ApiState, sha256: &str) -> Result<Caller, ApiErr
         return Err(unauthorized("this API token has expired"));
     }
     let role = Role::parse(&stored.role).ok_or_else(|| unauthorized("unknown API token"))?;
-    if let Err(e) = s
-        .machine_tokens
-        .used(sha256, now, now - USE_NOTED_EVERY)
-        .await
+    // Noted at most once a minute: no write at all in between.
+    if stored
+        .last_used_at
+        .is_none_or(|at| at < now - USE_NOTED_EVERY)
+        && let Err(e) = s
+            .machine_tokens
+            .used(sha256, now, now - USE_NOTED_EVERY)
+            .await
     {
         tracing::warn!(error = %e, "could not note an API token's use");
     }
@@ -149,12 +153,17 @@ async fn caller_of_jwt(
     use labsync_infrastructure::oidc::Refusal;
     match oidc.verify(token).await {
         Ok(who) => Ok(Caller {
-            // Both what people read and what the provider keys on.
-            name: printable(&format!("{} ({})", who.display, who.subject)),
+            // What the provider keys on first, whole, so that no display
+            // name can push it out of the audit log's name.
+            name: format!(
+                "{} ({})",
+                printable(&who.subject, 64),
+                printable(&who.display, 48)
+            ),
             role: who.role,
         }),
         Err(e @ Refusal::NoRole(_)) => Err(ApiError::new(ProblemKind::Forbidden, e.to_string())),
-        Err(e @ Refusal::Provider(_)) => Err(ApiError::new(
+        Err(e @ Refusal::Provider) => Err(ApiError::new(
             ProblemKind::IdentityProviderUnavailable,
             e.to_string(),
         )),
@@ -162,10 +171,14 @@ async fn caller_of_jwt(
     }
 }
 
-/// A name from a token's claims as the audit log keeps it: no control
-/// characters, at most 200 of them.
-fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(200).collect()
+/// A text from a token's claims as the audit log keeps it: no control,
+/// bidirectional or zero-width characters, at most `max` of them.
+fn printable(s: &str, max: usize) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{FEFF}')
+    };
+    s.chars().filter(|c| !hidden(*c)).take(max).collect()
 }
 
 /// The caller that the request's `Authorization` header names.

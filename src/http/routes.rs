@@ -677,9 +677,9 @@ pub async fn readyz(State(s): State<ApiState>) -> Result<Json<Readiness>, ApiErr
         .load(std::sync::atomic::Ordering::Relaxed);
     let ready = mongodb && scheduler;
     let oidc = match &s.oidc {
-        Some(v) => Some(match v.ready().await {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => format!("the OpenID Connect provider cannot be read: {e}"),
+        Some(v) => Some(match v.last_problem().await {
+            None => "ok".to_owned(),
+            Some(e) => format!("the OpenID Connect provider cannot be read: {e}"),
         }),
         None => None,
     };

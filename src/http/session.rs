@@ -2,7 +2,8 @@
 //! browser then carries an opaque cookie instead of the token.
 //!
 //! # Expected flow
-//! 1. `POST /login` with a token: if it is a configured token, a session is
+//! 1. `POST /login` with an API token (configured or stored; not a
+//!    provider's JWT, which would be outlived by the session): a session is
 //!    stored (the SHA-256 of a new random secret, the token's name, a CSRF
 //!    token, an expiry) and the secret goes to the browser in an
 //!    `HttpOnly`, `SameSite=Strict` cookie.
@@ -24,8 +25,9 @@
 //!   CSRF token is refused (403) even if it were.
 //! - A session belongs to the token itself (its hash), not to its name: a
 //!   token removed from the configuration, or rotated under the same name,
-//!   ends its sessions once the replica runs with the new configuration;
-//!   the token's role is read on every request.
+//!   ends its sessions once the replica runs with the new configuration; a
+//!   stored token revoked or expired ends them at their next request; the
+//!   token's role is read on every request.
 //! - Bearer tokens work as before, without CSRF (a header is not ambient).
 //!
 //! # Assumptions
@@ -88,6 +90,14 @@ pub fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
 /// 401 for a token that is not configured; the store's errors.
 pub async fn sign_in(s: &ApiState, token: &str) -> Result<(String, ConsoleSession), ApiError> {
     let token = token.trim();
+    // An API token only: a session made with a provider's JWT would
+    // outlive the JWT (people sign in through the provider itself).
+    if labsync_infrastructure::oidc::looks_like_jwt(token) {
+        return Err(ApiError::new(
+            ProblemKind::Unauthorized,
+            "the sign-in form takes an API token, not a JWT",
+        ));
+    }
     super::auth::caller_of_token(s, token).await?;
     let secret = random_secret();
     let now = s.services.clock.now();

@@ -196,6 +196,18 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{why}: {detail}");
         assert!(detail.contains(why), "{why}: {detail}");
     }
+    // The sign-in form takes API tokens only: a session would outlive the JWT.
+    let form = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(api.url("/login"))
+        .form(&[("token", admin.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), StatusCode::UNAUTHORIZED);
+    assert!(form.headers().get("set-cookie").is_none());
     let short = provider.token("short-lived").await;
     eventually("the short-lived token to expire", || async {
         call(&api, &short).await.1.contains("expired")
