@@ -70,6 +70,16 @@ const provider = new Provider(issuer, {
     preferred_username: token.clientId,
   }),
 });
+// How often the key set was read, for the tests that bound it.
+let keySetReads = 0;
+provider.use(async (ctx, next) => {
+  if (ctx.path === "/test/key-set-reads") {
+    ctx.body = { reads: keySetReads };
+    return;
+  }
+  if (ctx.path === "/jwks") keySetReads += 1;
+  await next();
+});
 provider.listen(port, "127.0.0.1", () => {
   console.log(`oidc-provider listening on ${issuer}`);
 });

@@ -208,6 +208,40 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
         .unwrap();
     assert_eq!(form.status(), StatusCode::UNAUTHORIZED);
     assert!(form.headers().get("set-cookie").is_none());
+    // A flood of unknown key ids reads the provider's key set at most
+    // once per 10 s, however many requests ask.
+    let reads = || async {
+        reqwest::get(format!("{}/test/key-set-reads", provider.issuer()))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["reads"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = reads().await;
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let forged = reheader(
+                &admin,
+                &json!({"alg": "RS256", "typ": "JWT", "kid": uuid::Uuid::new_v4().to_string()}),
+                admin.split('.').nth(2).unwrap(),
+            );
+            let api = &api;
+            async move { call(api, &forged).await }
+        })
+        .collect();
+    for (s, detail) in futures::future::join_all(flood).await {
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(detail.contains("does not publish"), "{detail}");
+    }
+    let after = reads().await;
+    assert!(
+        after - before <= 1,
+        "{} reads of the key set",
+        after - before
+    );
     let short = provider.token("short-lived").await;
     eventually("the short-lived token to expire", || async {
         call(&api, &short).await.1.contains("expired")
