@@ -22,7 +22,7 @@ use labsync_infrastructure::configuration::Settings;
 use secrecy::SecretString;
 use tokio::sync::mpsc;
 
-use crate::fleet::{ADMIN_PASSWORD, SimFleet};
+use crate::fleet::SimFleet;
 use crate::{Row, percentile};
 
 const VIEWER: &str = "bench-viewer-token";
@@ -265,24 +265,7 @@ pub async fn run(mongo_uri: &str, sizes: &Sizes) -> anyhow::Result<Vec<Row>> {
     // One simulated worker whose wiped labs the fan-out deletes.
     let sim = SimFleet::start(1, 0, 5).await?;
     let w = &sim.workers[0];
-    app.services
-        .workers
-        .add(
-            &Worker {
-                id: WorkerId::parse(&w.name)?,
-                name: w.name.clone(),
-                base_url: BaseUrl::parse(&w.url).map_err(|e| anyhow::anyhow!(e))?,
-                username: "admin".into(),
-                tls: TlsSettings {
-                    allow_http: true,
-                    ..TlsSettings::default()
-                },
-                enabled: true,
-                lab_tiles: false,
-            },
-            &SecretString::from(ADMIN_PASSWORD),
-        )
-        .await?;
+    w.register(&app).await?;
     let targets = sim.add_wiped_labs(sizes.deletes).await?;
     labsync_application::RefreshWorkerLabs::new(app.services.clone())
         .execute(

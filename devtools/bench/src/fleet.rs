@@ -20,6 +20,33 @@ pub struct SimWorker {
     pub url: String,
 }
 
+impl SimWorker {
+    /// Registers this simulated server with `app` as an enabled worker of
+    /// its name, over plain http, with the simulator's admin account.
+    pub async fn register(&self, app: &labsync::wiring::App) -> anyhow::Result<()> {
+        use labsync_application::domain::{BaseUrl, TlsSettings, Worker};
+        app.services
+            .workers
+            .add(
+                &Worker {
+                    id: WorkerId::parse(&self.name)?,
+                    name: self.name.clone(),
+                    base_url: BaseUrl::parse(&self.url).map_err(|e| anyhow::anyhow!(e))?,
+                    username: "admin".into(),
+                    tls: TlsSettings {
+                        allow_http: true,
+                        ..TlsSettings::default()
+                    },
+                    enabled: true,
+                    lab_tiles: false,
+                },
+                &secrecy::SecretString::from(ADMIN_PASSWORD),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 pub struct SimFleet {
     pub workers: Vec<SimWorker>,
     http: reqwest::Client,

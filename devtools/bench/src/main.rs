@@ -31,12 +31,11 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use labsync::wiring::App;
-use labsync_application::domain::{Actor, BaseUrl, LabId, TlsSettings, Worker, WorkerId};
+use labsync_application::domain::{Actor, LabId, Worker, WorkerId};
 use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus};
 use labsync_infrastructure::configuration::Settings;
 use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
-use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::fleet::SimFleet;
@@ -312,24 +311,7 @@ impl Harness {
         let client = mongodb::Client::with_options(options)?;
         let app = App::with_database(&settings, client.database(&db_name)).await?;
         for w in &fleet.workers {
-            app.services
-                .workers
-                .add(
-                    &Worker {
-                        id: WorkerId::parse(&w.name)?,
-                        name: w.name.clone(),
-                        base_url: BaseUrl::parse(&w.url).map_err(|e| anyhow::anyhow!(e))?,
-                        username: "admin".into(),
-                        tls: TlsSettings {
-                            allow_http: true,
-                            ..TlsSettings::default()
-                        },
-                        enabled: true,
-                        lab_tiles: false,
-                    },
-                    &SecretString::from(fleet::ADMIN_PASSWORD),
-                )
-                .await?;
+            w.register(&app).await?;
         }
         Ok(Self {
             app,

@@ -10,7 +10,7 @@ use labsync_infrastructure::configuration::Role;
 use labsync_infrastructure::scheduler::next_refresh;
 use maud::{Markup, html};
 
-use super::{Person, html_response, page, when};
+use super::{Person, html_response, page, when, worker_picker};
 use crate::http::ApiState;
 use crate::http::dto::RunsParams;
 use crate::http::routes::runs_query;
@@ -205,14 +205,7 @@ pub async fn runs(
     let body = html! {
         h1 { "Refresh runs" }
         form.filters method="get" action="/runs" {
-            label { "Worker "
-                select name="worker_id" {
-                    option value="" { "all" }
-                    @for w in &workers {
-                        option value=(w.id.as_str()) selected[p.worker_id.as_deref() == Some(w.id.as_str())] { (w.name) }
-                    }
-                }
-            }
+            (worker_picker("worker_id", &workers, p.worker_id.as_deref()))
             label { "Status "
                 select name="status" {
                     option value="" { "any" }

@@ -15,7 +15,7 @@ use labsync_infrastructure::configuration::Role;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::{Person, given, html_response, page, percent, when};
+use super::{Person, given, html_response, page, percent, when, worker_picker};
 use crate::http::ApiState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,14 +138,7 @@ pub async fn labs(
     let body = html! {
         h1 { "Labs" }
         form.filters method="get" action="/labs" {
-            label { "Worker "
-                select name="worker" {
-                    option value="" { "all" }
-                    @for w in &workers {
-                        option value=(w.id.as_str()) selected[p.worker.as_deref() == Some(w.id.as_str())] { (w.name) }
-                    }
-                }
-            }
+            (worker_picker("worker", &workers, p.worker.as_deref()))
             label { "State "
                 select name="state" {
                     option value="" { "any" }

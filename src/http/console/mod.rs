@@ -270,6 +270,24 @@ fn when(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
+/// A filter form's worker picker, named `name`, with `selected` chosen.
+fn worker_picker(
+    name: &str,
+    workers: &[labsync_application::domain::Worker],
+    selected: Option<&str>,
+) -> Markup {
+    html! {
+        label { "Worker "
+            select name=(name) {
+                option value="" { "all" }
+                @for w in workers {
+                    option value=(w.id.as_str()) selected[selected == Some(w.id.as_str())] { (w.name) }
+                }
+            }
+        }
+    }
+}
+
 /// A filter's value, or none when the form left it empty.
 fn given(v: Option<&String>) -> Option<String> {
     v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
