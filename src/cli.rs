@@ -426,8 +426,15 @@ fn report_line(r: &RunReport) -> String {
 }
 
 /// Who is asking, for the audit log.
+/// The OS login that ran the command, as it says (not authenticated:
+/// anyone who can run the CLI with the database's credentials can say
+/// anything; the audit log shows it as such).
 fn cli_actor() -> Actor {
-    Actor::cli(&std::env::var("USER").unwrap_or_default())
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))
+        .unwrap_or_default();
+    Actor::cli(&user)
 }
 
 /// Runs a parsed command.
@@ -505,6 +512,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 lab_id: a.lab,
                 force: a.force,
                 requested_by: cli_actor(),
+                owned_by: None,
             }
             .execute(s)
             .await?;

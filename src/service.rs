@@ -125,7 +125,12 @@ pub async fn start_with(
         } else {
             None
         },
-        secure_cookie: settings.api.secure_cookie,
+        session_policy: crate::http::session::SessionPolicy {
+            secure_cookie: settings.api.secure_cookie,
+            idle: std::time::Duration::from_secs(settings.api.session_idle_secs),
+            max: std::time::Duration::from_secs(settings.api.session_max_secs),
+        },
+        console_sign_in: settings.oidc.console_sign_in(),
         events,
         scheduler_running: scheduler_running.clone(),
         cron: settings.refresh.cron.clone(),

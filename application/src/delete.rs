@@ -7,6 +7,8 @@
 //! # Expected flow
 //! 0. Refuse if labsync's CML account is not an admin: CML answers 404 for
 //!    the labs such an account cannot see, so "already gone" would be a lie.
+//!    For a self-service person (`owned_by`), refuse unless CML says now
+//!    that the lab's `owner_username` is theirs.
 //! 1. Ask CML for the lab's state. 404: the lab is already gone (step 4),
 //!    once a fresh login confirms the account is still an admin.
 //! 2. Not stopped and wiped (`DEFINED_ON_CORE`): refuse, unless `force`, in
@@ -63,6 +65,9 @@ pub struct DeleteLab {
     pub force: bool,
     /// Who asked, for the audit log.
     pub requested_by: Actor,
+    /// Delete only if CML says the lab's owner is this CML username (a
+    /// self-service person's delete); `None` for any lab.
+    pub owned_by: Option<String>,
 }
 
 /// How a delete ended. Stored as it is (an async delete keeps it), so a
@@ -86,6 +91,9 @@ pub enum DeleteOutcomeKind {
     /// labsync's CML account is not an administrator: it cannot see every
     /// lab, so it cannot tell "gone" from "hidden". Nothing was asked.
     AccountNotAdmin { username: String },
+    /// A self-service delete of a lab that CML says someone else owns.
+    /// Nothing was asked.
+    NotOwner { owner: Option<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +140,7 @@ impl DeleteOutcomeKind {
             Self::CmlRefused { .. } => "cml_refused",
             Self::NotConverged { .. } => "not_converged",
             Self::AccountNotAdmin { .. } => "account_not_admin",
+            Self::NotOwner { .. } => "not_owner",
         }
     }
 
@@ -158,9 +167,16 @@ impl DeleteOutcomeKind {
             Self::Deleted
             | Self::AlreadyAbsent
             | Self::RefusedRunning { .. }
-            | Self::AccountNotAdmin { .. } => false,
+            | Self::AccountNotAdmin { .. }
+            | Self::NotOwner { .. } => false,
         }
     }
+}
+
+/// Whether CML's `owner_username` is the person's CML username: exactly,
+/// and never when CML names no owner.
+pub fn owns(owner_in_cml: Option<&str>, username: &str) -> bool {
+    !username.is_empty() && owner_in_cml == Some(username)
 }
 
 enum Stop {
@@ -205,6 +221,9 @@ impl DeleteLab {
                 return Ok(self.failed(s, kind).await);
             }
             Err(e) => return Ok(self.failed(s, DeleteOutcomeKind::from_cml(e)).await),
+        }
+        if let Some(refused) = self.owner_refusal(s, &access).await {
+            return Ok(self.failed(s, refused).await);
         }
         let stop = match self.make_deletable(s, &access).await {
             Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
@@ -293,6 +312,25 @@ impl DeleteLab {
         match s.cml.lab_state(access, &self.lab_id).await {
             Err(CmlError::NotFound) => Stop::Absent,
             _ => Stop::Failed(DeleteOutcomeKind::from_cml(e)),
+        }
+    }
+
+    /// Why a self-service delete may not go on, judged by what CML says
+    /// now (a record may be up to a refresh old). A lab CML does not have
+    /// goes on: "already gone" removes nothing anyone owns.
+    async fn owner_refusal(
+        &self,
+        s: &Services,
+        access: &WorkerAccess,
+    ) -> Option<DeleteOutcomeKind> {
+        let username = self.owned_by.as_deref()?;
+        match s.cml.lab_details(access, &self.lab_id).await {
+            Ok(lab) if owns(lab.owner_username.as_deref(), username) => None,
+            Ok(lab) => Some(DeleteOutcomeKind::NotOwner {
+                owner: lab.owner_username,
+            }),
+            Err(CmlError::NotFound) => None,
+            Err(e) => Some(DeleteOutcomeKind::from_cml(e)),
         }
     }
 
@@ -397,6 +435,14 @@ impl DeleteLab {
                 "labsync's CML account {username:?} on this worker is not an administrator: \
                  it cannot see every lab, so no delete is attempted. Give it admin rights in \
                  CML, or register an admin account"
+            ),
+            DeleteOutcomeKind::NotOwner { owner } => format!(
+                "CML says this lab belongs to {}, not to {:?}: a self-service person deletes \
+                 only their own labs",
+                owner
+                    .as_deref()
+                    .map_or_else(|| "no one".to_owned(), |o| format!("{o:?}")),
+                self.owned_by.as_deref().unwrap_or_default()
             ),
             _ => String::new(),
         };
@@ -521,6 +567,7 @@ mod tests {
             lab_id: id,
             force,
             requested_by: Actor::cli("unit"),
+            owned_by: None,
         }
     }
 

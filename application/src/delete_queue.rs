@@ -82,6 +82,9 @@ pub struct DeleteRequest {
     pub lab_id: LabId,
     pub force: bool,
     pub requested_by: Actor,
+    /// A self-service delete: only if CML says the lab is this user's.
+    #[serde(default)]
+    pub owned_by: Option<String>,
     pub status: DeleteRequestStatus,
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
@@ -261,6 +264,7 @@ impl DeleteQueue {
             lab_id: cmd.lab_id,
             force: cmd.force,
             requested_by: cmd.requested_by.clone(),
+            owned_by: cmd.owned_by.clone(),
             status: DeleteRequestStatus::Pending,
             attempts: 0,
             created_at: now,
@@ -409,6 +413,7 @@ impl DeleteQueue {
             lab_id: r.lab_id,
             force: r.force,
             requested_by: r.requested_by.clone(),
+            owned_by: r.owned_by.clone(),
         }
         .execute(&self.services)
         .await;
@@ -698,6 +703,7 @@ mod tests {
             lab_id: lab(1),
             force: false,
             requested_by: Actor::cli("unit"),
+            owned_by: None,
         }
     }
 

@@ -792,10 +792,53 @@ pub struct ConsoleSession {
     /// The SHA-256 (hex) of the secret in the browser's cookie; the secret
     /// itself is never stored.
     pub key: String,
-    /// The SHA-256 (hex) of the API token the person signed in with.
-    pub subject: String,
+    pub who: SessionOf,
     pub csrf: String,
     pub created_at: DateTime<Utc>,
+    /// The absolute end, however active the session is.
+    pub expires_at: DateTime<Utc>,
+    /// The idle end: moved on by requests ([`Sessions::touch`]).
+    pub idle_until: DateTime<Utc>,
+}
+
+/// Whom a session speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOf {
+    /// Whoever holds an API token: its SHA-256 (hex), so that the token's
+    /// revocation ends the session.
+    Token { sha256: String },
+    /// A person the OpenID Connect provider signed in.
+    Person(SignedInPerson),
+}
+
+/// A person as the provider described them at sign-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedInPerson {
+    /// The provider's `sub`.
+    pub subject: String,
+    /// A name to show (`preferred_username`, else `email`).
+    pub display: String,
+    /// Their CML username, from the configured claim, if it had one.
+    pub username: Option<String>,
+    /// The labsync role their claims mapped to.
+    pub role: String,
+    /// The provider's ID token, kept to end the session at the provider
+    /// (`id_token_hint`); never sent to the browser.
+    pub id_token: String,
+}
+
+/// A sign-in through the provider, between leaving labsync and coming
+/// back: what the callback needs, found by the `state` it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSignIn {
+    /// The SHA-256 (hex) of the `state` sent to the provider.
+    pub key: String,
+    /// The SHA-256 (hex) of the secret in the browser's sign-in cookie:
+    /// only the browser that left may come back with this `state`.
+    pub browser: String,
+    /// The PKCE verifier.
+    pub verifier: String,
+    pub nonce: String,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -807,7 +850,8 @@ pub trait Sessions: Send + Sync {
     async fn create(&self, session: &ConsoleSession) -> Result<(), RepoError>;
 
     /// The session stored under `key`; MUST be `None` once it has expired
-    /// by `now`, whether or not the store has removed it yet.
+    /// by `now` (absolute or idle), whether or not the store has removed
+    /// it yet.
     ///
     /// # Errors
     /// [`RepoError`].
@@ -817,11 +861,35 @@ pub trait Sessions: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<Option<ConsoleSession>, RepoError>;
 
+    /// Moves the session's idle end on to `idle_until` (never back).
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn touch(&self, key: &str, idle_until: DateTime<Utc>) -> Result<(), RepoError>;
+
     /// Ends the session (sign-out); ending one that is gone is no error.
     ///
     /// # Errors
     /// [`RepoError`].
     async fn end(&self, key: &str) -> Result<(), RepoError>;
+
+    /// Keeps a sign-in that has left for the provider.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn begin_sign_in(&self, pending: &PendingSignIn) -> Result<(), RepoError>;
+
+    /// Takes the sign-in stored under `key` away: MUST return it at most
+    /// once, to one caller among all replicas, and MUST NOT return it once
+    /// it has expired by `now`.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn take_sign_in(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PendingSignIn>, RepoError>;
 }
 
 /// An API token kept in the store (a machine's), known by the SHA-256 of

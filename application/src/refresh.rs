@@ -99,7 +99,7 @@ pub enum Trigger {
 impl Trigger {
     pub const fn of(actor: &Actor) -> Self {
         match actor {
-            Actor::Api(_) => Self::Admin,
+            Actor::Api(_) | Actor::Person { .. } => Self::Admin,
             Actor::Cli(_) => Self::Cli,
             Actor::Schedule | Actor::Recorded(_) => Self::Schedule,
         }

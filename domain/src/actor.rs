@@ -1,7 +1,8 @@
 //! Who asked labsync to do something: the name every audit entry, delete
 //! request and history entry carries.
 //!
-//! Stored and shown as text (`api:<token>`, `cli:<user>`, `schedule`), so
+//! Stored and shown as text (`person:<sub> (<name>)`, `api:<token>`,
+//! `cli:<user>`, `schedule`), so
 //! that the audit log reads the same in MongoDB, the API and the CLI.
 //! Reading never fails: text stored before actors had a type (`refresh`
 //! for every prune, `cli:` for an empty login name) reads back as it was
@@ -15,6 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "String", from = "String")]
 pub enum Actor {
+    /// Someone the organisation's OpenID Connect provider signed in: its
+    /// `sub`, which the provider keys on, and a name to show.
+    Person { subject: String, display: String },
     /// An API client, by the name of its token.
     Api(String),
     /// Someone at the command line, by their login name.
@@ -39,7 +43,31 @@ fn clipped(name: &str) -> String {
     name.chars().take(MAX_ACTOR_NAME).collect()
 }
 
+/// A subject as an actor keeps it: whitespace and parentheses (which no
+/// provider labsync targets puts in a `sub`) become `_`, so that the text
+/// form reads back unambiguously.
+fn subject_of(sub: &str) -> String {
+    clipped(sub)
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '(' || c == ')' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 impl Actor {
+    /// A person, by the provider's `sub` and a name to show.
+    pub fn person(subject: &str, display: &str) -> Self {
+        Self::Person {
+            subject: subject_of(subject),
+            display: clipped(display),
+        }
+    }
+
     /// An API client, by its token's name.
     pub fn api(name: &str) -> Self {
         Self::Api(clipped(name))
@@ -54,6 +82,7 @@ impl Actor {
 impl fmt::Display for Actor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Person { subject, display } => write!(f, "person:{subject} ({display})"),
             Self::Api(name) => write!(f, "api:{name}"),
             Self::Cli(user) => write!(f, "cli:{user}"),
             Self::Schedule => f.write_str("schedule"),
@@ -69,6 +98,11 @@ impl From<&str> for Actor {
         match s.split_once(':') {
             Some(("api", name)) => Self::api(name),
             Some(("cli", user)) => Self::cli(user),
+            Some(("person", rest)) => match rest.strip_suffix(')').and_then(|r| r.split_once(" ("))
+            {
+                Some((subject, display)) => Self::person(subject, display),
+                None => Self::Recorded(s.chars().take(MAX_ACTOR_NAME * 2).collect()),
+            },
             None if s == "schedule" => Self::Schedule,
             _ => Self::Recorded(s.chars().take(MAX_ACTOR_NAME).collect()),
         }
@@ -93,12 +127,22 @@ mod tests {
 
     #[test]
     fn an_actor_reads_back_as_it_was_written() {
-        for a in [Actor::api("ui"), Actor::cli("ops:x"), Actor::Schedule] {
+        for a in [
+            Actor::api("ui"),
+            Actor::cli("ops:x"),
+            Actor::Schedule,
+            Actor::person("f3a-1", "alex (ops) :)"),
+        ] {
             assert_eq!(Actor::from(a.to_string()), a);
             let json = serde_json::to_string(&a).unwrap();
             assert_eq!(serde_json::from_str::<Actor>(&json).unwrap(), a);
         }
         assert_eq!(Actor::api("ui").to_string(), "api:ui");
+        assert_eq!(
+            Actor::person("a b(c)", "Alex").to_string(),
+            "person:a_b_c_ (Alex)",
+            "a subject cannot make its text form ambiguous"
+        );
     }
 
     #[test]

@@ -57,12 +57,29 @@ pub struct OidcSettings {
     pub roles: Vec<String>,
     /// Slack allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// The claim whose value is a person's CML username (what a
+    /// self-service person may delete is judged by it).
+    pub username_claim: String,
+    /// The console's client at the provider: console sign-in is on while
+    /// it is set (with `issuer`).
+    pub client_id: String,
+    /// Its secret (a confidential client); set it in the environment
+    /// (`LABSYNC__OIDC__CLIENT_SECRET`).
+    pub client_secret: SecretString,
+    /// Where the provider sends people back: labsync's own
+    /// `/auth/callback`, as the people's browsers reach it.
+    pub redirect_url: String,
 }
 
 impl OidcSettings {
     /// Whether bearer JWTs are accepted at all.
     pub fn enabled(&self) -> bool {
         !self.issuer.is_empty()
+    }
+
+    /// Whether the console signs people in through the provider.
+    pub fn console_sign_in(&self) -> bool {
+        self.enabled() && !self.client_id.is_empty()
     }
 
     /// The role map.
@@ -76,8 +93,9 @@ impl OidcSettings {
                 let (value, role) = e
                     .rsplit_once('=')
                     .ok_or_else(|| format!("{e:?} is not claim-value=role"))?;
-                let role = Role::parse(role.trim())
-                    .ok_or_else(|| format!("{e:?}: the role must be viewer, operator or admin"))?;
+                let role = Role::parse(role.trim()).ok_or_else(|| {
+                    format!("{e:?}: the role must be viewer, self-service, operator or admin")
+                })?;
                 if value.trim().is_empty() {
                     return Err(format!("{e:?}: the claim value is empty"));
                 }
@@ -94,6 +112,10 @@ pub struct ApiSettings {
     /// Marks the console's session cookie `Secure`: set it when labsync is
     /// reached over HTTPS (a proxy in front of it).
     pub secure_cookie: bool,
+    /// A console session ends after this long without a request...
+    pub session_idle_secs: u64,
+    /// ...and this long after sign-in, however active.
+    pub session_max_secs: u64,
     /// Event streams (`/api/v1/events/stream`) open at once in this
     /// process; one more is a 503.
     pub max_event_streams: usize,
@@ -145,6 +167,8 @@ impl MetricsAuth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Viewer,
+    /// A viewer who may also delete the labs CML says they own.
+    SelfService,
     Operator,
     Admin,
 }
@@ -153,6 +177,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Viewer => "viewer",
+            Self::SelfService => "self-service",
             Self::Operator => "operator",
             Self::Admin => "admin",
         }
@@ -161,6 +186,7 @@ impl Role {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "viewer" => Some(Self::Viewer),
+            "self-service" => Some(Self::SelfService),
             "operator" => Some(Self::Operator),
             "admin" => Some(Self::Admin),
             _ => None,
@@ -207,9 +233,14 @@ impl ApiToken {
                 "token name {name:?} must be letters, digits, - _ ."
             ));
         }
-        let role = Role::parse(role).ok_or_else(|| {
-            format!("token {name}: role must be viewer, operator or admin, not {role:?}")
-        })?;
+        let role = Role::parse(role)
+            .filter(|r| *r != Role::SelfService)
+            .ok_or_else(|| {
+                format!(
+                    "token {name}: role must be viewer, operator or admin, not {role:?} \
+                     (self-service is for people signed in through the provider)"
+                )
+            })?;
         let bytes = hex::decode(hash)
             .ok()
             .filter(|b| b.len() == 32)
@@ -511,6 +542,20 @@ impl Settings {
             if self.oidc.leeway_secs > 300 {
                 return invalid("oidc.leeway_secs", "must be at most 300");
             }
+            if self.oidc.console_sign_in() {
+                if self.oidc.client_secret.expose_secret().is_empty() {
+                    return invalid("oidc.client_secret", "must be set with oidc.client_id");
+                }
+                let r = &self.oidc.redirect_url;
+                if !(r.starts_with("https://") || r.starts_with("http://"))
+                    || !r.ends_with("/auth/callback")
+                {
+                    return invalid(
+                        "oidc.redirect_url",
+                        "must be labsync's own http(s)://.../auth/callback",
+                    );
+                }
+            }
         }
         if !(self.refresh.max_prune_share > 0.0 && self.refresh.max_prune_share <= 1.0) {
             return invalid("refresh.max_prune_share", "must be in (0, 1]");
@@ -644,6 +689,13 @@ impl Settings {
                 300,
             ),
             ("api.idle_timeout_secs", self.api.idle_timeout_secs, 1, DAY),
+            ("api.session_idle_secs", self.api.session_idle_secs, 1, DAY),
+            (
+                "api.session_max_secs",
+                self.api.session_max_secs,
+                1,
+                30 * DAY,
+            ),
             (
                 "api.max_connections",
                 self.api.max_connections as u64,

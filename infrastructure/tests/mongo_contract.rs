@@ -1148,6 +1148,7 @@ fn delete_request(w: &WorkerId, lab: LabId) -> labsync_application::DeleteReques
         lab_id: lab,
         force: false,
         requested_by: Actor::api("test"),
+        owned_by: Some("alex".into()),
         status: labsync_application::DeleteRequestStatus::Pending,
         attempts: 0,
         created_at: at,
@@ -2281,4 +2282,110 @@ async fn a_stored_token_is_found_by_its_hash_unique_by_name_and_its_use_noted_on
     assert_eq!(store.find(&token.sha256).await.unwrap(), None);
     assert!(!store.revoke("robot").await.unwrap());
     store.add(&again).await.expect("the name is free again");
+}
+
+// ---------------------------------------------------------------- sessions
+
+#[tokio::test]
+async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once() {
+    use labsync_application::ports::{
+        ConsoleSession, PendingSignIn, SessionOf, Sessions, SignedInPerson,
+    };
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let store = labsync_infrastructure::mongo::MongoSessions::new(&db);
+    let t0 = now();
+    let person = ConsoleSession {
+        key: "k1".into(),
+        who: SessionOf::Person(SignedInPerson {
+            subject: "sub-1".into(),
+            display: "olivia".into(),
+            username: Some("olivia".into()),
+            role: "operator".into(),
+            id_token: "a.b.c".into(),
+        }),
+        csrf: "c".into(),
+        created_at: t0,
+        expires_at: t0 + TimeDelta::hours(12),
+        idle_until: t0 + TimeDelta::minutes(30),
+    };
+    store.create(&person).await.unwrap();
+    assert_eq!(
+        store.find("k1", t0).await.unwrap(),
+        Some(person.clone()),
+        "a person's session reads back whole"
+    );
+    assert_eq!(
+        store.find("k1", t0 + TimeDelta::minutes(31)).await.unwrap(),
+        None,
+        "idle past its idle end"
+    );
+    store
+        .touch("k1", t0 + TimeDelta::minutes(40))
+        .await
+        .unwrap();
+    store
+        .touch("k1", t0 + TimeDelta::minutes(35))
+        .await
+        .unwrap();
+    let found = store
+        .find("k1", t0 + TimeDelta::minutes(31))
+        .await
+        .unwrap()
+        .expect("a touch moved the idle end on");
+    assert_eq!(
+        found.idle_until,
+        t0 + TimeDelta::minutes(40),
+        "never moved back"
+    );
+    store.touch("k1", t0 + TimeDelta::days(2)).await.unwrap();
+    assert_eq!(
+        store.find("k1", t0 + TimeDelta::hours(13)).await.unwrap(),
+        None,
+        "however active, it ends at its absolute end"
+    );
+    let token = ConsoleSession {
+        key: "k2".into(),
+        who: SessionOf::Token {
+            sha256: "ab".repeat(32),
+        },
+        ..person.clone()
+    };
+    store.create(&token).await.unwrap();
+    assert_eq!(store.find("k2", t0).await.unwrap().unwrap().who, token.who);
+    store.end("k2").await.unwrap();
+    store.end("k2").await.unwrap();
+    assert_eq!(store.find("k2", t0).await.unwrap(), None);
+
+    let pending = PendingSignIn {
+        key: "state-hash".into(),
+        browser: "browser-hash".into(),
+        verifier: "v".into(),
+        nonce: "n".into(),
+        expires_at: t0 + TimeDelta::minutes(10),
+    };
+    store.begin_sign_in(&pending).await.unwrap();
+    let takers = (0..4).map(|_| {
+        let s = store.clone();
+        tokio::spawn(async move { s.take_sign_in("state-hash", t0).await.unwrap() })
+    });
+    let taken: Vec<_> = futures::future::join_all(takers)
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap())
+        .collect();
+    assert_eq!(taken, vec![pending.clone()], "taken once, by one caller");
+    let late = PendingSignIn {
+        key: "late".into(),
+        ..pending
+    };
+    store.begin_sign_in(&late).await.unwrap();
+    assert_eq!(
+        store
+            .take_sign_in("late", t0 + TimeDelta::minutes(11))
+            .await
+            .unwrap(),
+        None,
+        "an expired sign-in is of no use"
+    );
 }

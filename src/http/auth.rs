@@ -19,14 +19,47 @@ use super::problem::{ApiError, ProblemKind};
 /// The authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub name: String,
+    /// Who it is, as the audit log, the lab history, the events and the
+    /// delete requests name it: a person by the provider's `sub` and
+    /// display name, a machine by its token's name.
+    pub actor: Actor,
     pub role: Role,
+    /// A person's CML username (the `oidc.username_claim`): what a
+    /// self-service person may delete is judged by it.
+    pub username: Option<String>,
 }
 
 impl Caller {
+    /// A machine, by its API token's name.
+    pub fn token(name: &str, role: Role) -> Self {
+        Self {
+            actor: Actor::api(name),
+            role,
+            username: None,
+        }
+    }
+
+    /// A person the provider vouches for.
+    pub fn person(subject: &str, display: &str, username: Option<&str>, role: Role) -> Self {
+        Self {
+            actor: Actor::person(&printable(subject, 64), &printable(display, 48)),
+            role,
+            username: username.map(|u| printable(u, 128)),
+        }
+    }
+
     /// How the caller appears in the audit log.
     pub fn actor(&self) -> Actor {
-        Actor::api(&self.name)
+        self.actor.clone()
+    }
+
+    /// A name to show: a person's display name, a token's name.
+    pub fn name(&self) -> String {
+        match &self.actor {
+            Actor::Person { display, .. } => display.clone(),
+            Actor::Api(name) => name.clone(),
+            other => other.to_string(),
+        }
     }
 
     /// Whether the caller may read what labsync knows about a worker's
@@ -34,6 +67,40 @@ impl Caller {
     /// account, addresses and what it said. Admins, who manage workers.
     pub fn may_read_worker_details(&self) -> bool {
         self.role >= Role::Admin
+    }
+
+    /// Whether the caller may delete a lab whose owner is `owner`, as far
+    /// as labsync can tell before asking CML (the delete asks CML again).
+    pub fn may_delete(&self, owner: Option<&str>) -> bool {
+        self.role >= Role::Operator
+            || (self.role == Role::SelfService
+                && self
+                    .username
+                    .as_deref()
+                    .is_some_and(|u| labsync_application::delete::owns(owner, u)))
+    }
+
+    /// The CML username the caller's deletes are limited to: none for
+    /// operators and admins, a self-service person's own.
+    ///
+    /// # Errors
+    /// 403 below self-service, or for a self-service caller without a CML
+    /// username.
+    pub fn delete_scope(&self) -> Result<Option<String>, ApiError> {
+        if self.role >= Role::Operator {
+            return Ok(None);
+        }
+        self.require(Role::SelfService)?;
+        self.username.clone().map(Some).ok_or_else(|| {
+            ApiError::new(
+                ProblemKind::Forbidden,
+                format!(
+                    "{} is self-service but their sign-in names no CML username \
+                     (oidc.username_claim): they may delete nothing",
+                    self.actor
+                ),
+            )
+        })
     }
 
     /// # Errors
@@ -45,8 +112,8 @@ impl Caller {
             Err(ApiError::new(
                 ProblemKind::Forbidden,
                 format!(
-                    "token {:?} has role {}; this needs {}",
-                    self.name,
+                    "{} has role {}; this needs {}",
+                    self.actor,
                     self.role.as_str(),
                     role.as_str()
                 ),
@@ -64,10 +131,7 @@ pub fn authenticate(tokens: &[ApiToken], presented: &str) -> Option<Caller> {
             found = Some(t);
         }
     }
-    found.map(|t| Caller {
-        name: t.name.clone(),
-        role: t.role,
-    })
+    found.map(|t| Caller::token(&t.name, t.role))
 }
 
 /// The SHA-256 of a token as 64 hex digits, as configuration wants it.
@@ -95,10 +159,7 @@ const USE_NOTED_EVERY: chrono::Duration = chrono::Duration::minutes(1);
 pub async fn caller_by_hash(s: &ApiState, sha256: &str) -> Result<Caller, ApiError> {
     let unauthorized = |detail: &str| ApiError::new(ProblemKind::Unauthorized, detail);
     if let Some(t) = s.tokens.iter().find(|t| hex::encode(t.sha256) == sha256) {
-        return Ok(Caller {
-            name: t.name.clone(),
-            role: t.role,
-        });
+        return Ok(Caller::token(&t.name, t.role));
     }
     let stored = s
         .machine_tokens
@@ -122,10 +183,7 @@ pub async fn caller_by_hash(s: &ApiState, sha256: &str) -> Result<Caller, ApiErr
     {
         tracing::warn!(error = %e, "could not note an API token's use");
     }
-    Ok(Caller {
-        name: stored.name,
-        role,
-    })
+    Ok(Caller::token(&stored.name, role))
 }
 
 /// The caller a presented token names.
@@ -152,16 +210,12 @@ async fn caller_of_jwt(
 ) -> Result<Caller, ApiError> {
     use labsync_infrastructure::oidc::Refusal;
     match oidc.verify(token).await {
-        Ok(who) => Ok(Caller {
-            // What the provider keys on first, whole, so that no display
-            // name can push it out of the audit log's name.
-            name: format!(
-                "{} ({})",
-                printable(&who.subject, 64),
-                printable(&who.display, 48)
-            ),
-            role: who.role,
-        }),
+        Ok(who) => Ok(Caller::person(
+            &who.subject,
+            &who.display,
+            who.username.as_deref(),
+            who.role,
+        )),
         Err(e @ Refusal::NoRole(_)) => Err(ApiError::new(ProblemKind::Forbidden, e.to_string())),
         Err(e @ Refusal::Provider) => Err(ApiError::new(
             ProblemKind::IdentityProviderUnavailable,
@@ -173,7 +227,7 @@ async fn caller_of_jwt(
 
 /// A text from a token's claims as the audit log keeps it: no control,
 /// bidirectional or zero-width characters, at most `max` of them.
-fn printable(s: &str, max: usize) -> String {
+pub fn printable(s: &str, max: usize) -> String {
     let hidden = |c: char| {
         c.is_control()
             || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{FEFF}')
@@ -246,6 +300,7 @@ macro_rules! role_extractor {
 }
 
 role_extractor!(Viewer, Role::Viewer);
+role_extractor!(Deleter, Role::SelfService);
 role_extractor!(Operator, Role::Operator);
 role_extractor!(Admin, Role::Admin);
 
@@ -255,16 +310,33 @@ mod tests {
 
     #[test]
     fn a_caller_is_audited_by_its_token_name_and_only_admins_read_worker_details() {
-        let caller = |role| Caller {
-            name: "ui".into(),
-            role,
-        };
+        let caller = |role| Caller::token("ui", role);
         assert_eq!(caller(Role::Operator).actor().to_string(), "api:ui");
         assert!(caller(Role::Admin).may_read_worker_details());
         assert!(!caller(Role::Operator).may_read_worker_details());
         assert!(!caller(Role::Viewer).may_read_worker_details());
         assert!(caller(Role::Operator).require(Role::Operator).is_ok());
         assert!(caller(Role::Viewer).require(Role::Operator).is_err());
+    }
+
+    #[test]
+    fn a_self_service_person_may_delete_only_what_cml_says_they_own() {
+        let sam = Caller::person("s-1", "sam", Some("sam"), Role::SelfService);
+        assert!(sam.may_delete(Some("sam")));
+        assert!(!sam.may_delete(Some("alex")) && !sam.may_delete(None));
+        assert!(!sam.may_delete(Some("Sam")), "exactly");
+        assert_eq!(sam.delete_scope().unwrap(), Some("sam".into()));
+        let nameless = Caller::person("s-2", "x", None, Role::SelfService);
+        assert!(!nameless.may_delete(Some("")) && nameless.delete_scope().is_err());
+        let op = Caller::token("ui", Role::Operator);
+        assert!(op.may_delete(None) && op.delete_scope().unwrap().is_none());
+        let viewer = Caller::person("v", "v", Some("v"), Role::Viewer);
+        assert!(!viewer.may_delete(Some("v")) && viewer.delete_scope().is_err());
+        assert_eq!(
+            sam.actor().to_string(),
+            "person:s-1 (sam)",
+            "a person is audited by sub and name"
+        );
     }
 
     #[test]
@@ -297,7 +369,7 @@ mod tests {
         .map(|(n, r, t)| ApiToken::parse(&format!("{n}:{r}:{}", hash_token(t))).unwrap())
         .collect();
         let c = authenticate(&tokens, "token-two").unwrap();
-        assert_eq!((c.name.as_str(), c.role), ("ops", Role::Admin));
+        assert_eq!((c.name().as_str(), c.role), ("ops", Role::Admin));
         assert!(authenticate(&tokens, "token-twO").is_none());
         assert!(authenticate(&tokens, "").is_none());
         assert!(c.require(Role::Admin).is_ok());

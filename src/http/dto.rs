@@ -515,7 +515,9 @@ impl From<&DeleteOutcome> for DeleteOutcomeView {
                 (None, Some(error.clone()))
             }
             K::NotConverged { step } => (None, Some(step.clone())),
-            K::Deleted | K::AlreadyAbsent | K::AccountNotAdmin { .. } => (None, None),
+            K::Deleted | K::AlreadyAbsent | K::AccountNotAdmin { .. } | K::NotOwner { .. } => {
+                (None, None)
+            }
         };
         Self {
             worker_id: o.worker_id.to_string(),

@@ -58,9 +58,11 @@ pub struct ApiState {
     pub machine_tokens: Arc<dyn MachineTokens>,
     /// Bearer JWTs from the OpenID Connect provider, when one is set.
     pub oidc: Option<Arc<labsync_infrastructure::oidc::OidcVerifier>>,
-    /// Whether the session cookie is marked `Secure` (labsync behind an
-    /// HTTPS proxy).
-    pub secure_cookie: bool,
+    /// How long console sessions last, and whether their cookie is marked
+    /// `Secure` (labsync behind an HTTPS proxy).
+    pub session_policy: session::SessionPolicy,
+    /// Whether the console signs people in through the provider.
+    pub console_sign_in: bool,
     /// Lab events for the live streams.
     pub events: stream::EventHub,
 }
@@ -305,6 +307,8 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/", get(console::home))
         .route("/login", get(console::login_page).post(console::login))
         .route("/logout", post(console::logout))
+        .route("/auth/start", get(console::start_sign_in))
+        .route("/auth/callback", get(console::callback))
         .route("/fleet", get(console::fleet))
         .route("/runs", get(console::runs))
         .route("/labs", get(console::labs))

@@ -40,6 +40,7 @@ pub enum ProblemKind {
     InvalidPath,
     Unauthorized,
     Forbidden,
+    NotLabOwner,
     NotFound,
     UnknownWorker,
     UnknownLab,
@@ -68,7 +69,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind, for the tests that hold slugs and statuses together.
-    pub const ALL: [Self; 32] = [
+    pub const ALL: [Self; 33] = [
         Self::BadRequest,
         Self::InvalidId,
         Self::InvalidRequest,
@@ -77,6 +78,7 @@ impl ProblemKind {
         Self::InvalidPath,
         Self::Unauthorized,
         Self::Forbidden,
+        Self::NotLabOwner,
         Self::NotFound,
         Self::UnknownWorker,
         Self::UnknownLab,
@@ -114,6 +116,7 @@ impl ProblemKind {
             Self::InvalidPath => "invalid-path",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::NotLabOwner => "not-lab-owner",
             Self::NotFound => "not-found",
             Self::UnknownWorker => "unknown-worker",
             Self::UnknownLab => "unknown-lab",
@@ -151,7 +154,7 @@ impl ProblemKind {
             | Self::InvalidQuery
             | Self::InvalidPath => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::NotLabOwner => StatusCode::FORBIDDEN,
             Self::NotFound
             | Self::UnknownWorker
             | Self::UnknownLab
@@ -276,6 +279,7 @@ pub const fn delete_failure(kind: &DeleteOutcomeKind) -> ProblemKind {
     match kind {
         DeleteOutcomeKind::RefusedRunning { .. } => ProblemKind::LabRunning,
         DeleteOutcomeKind::AccountNotAdmin { .. } => ProblemKind::CmlAccountNotAdmin,
+        DeleteOutcomeKind::NotOwner { .. } => ProblemKind::NotLabOwner,
         DeleteOutcomeKind::CmlUnreachable { .. }
         | DeleteOutcomeKind::CmlRefused { .. }
         | DeleteOutcomeKind::NotConverged { .. }

@@ -21,7 +21,7 @@ use labsync_infrastructure::configuration::Role;
 use secrecy::SecretString;
 
 use super::ApiState;
-use super::auth::{self, Admin, Caller, Operator, Viewer};
+use super::auth::{self, Admin, Caller, Deleter, Operator, Viewer};
 use super::dto::*;
 use super::extract::{ApiJson, ApiQuery, LabPath, WorkerPath};
 use labsync_application::inventory::{DEFAULT_PAGE, DEFAULT_RUNS, MAX_PAGE};
@@ -347,14 +347,15 @@ pub async fn get_lab(
     responses(
         (status = 200, description = "The lab is gone (deleted, or CML did not have it)", body = DeleteOutcomeView),
         (status = 202, description = "Accepted (mode=async)", body = AcceptedDelete),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 403, description = "Below operator and not self-service; or a self-service person's delete of a lab that CML says someone else owns (`not-lab-owner`)", body = Problem),
         (status = 409, description = "The lab is running and force was not given", body = Problem),
         (status = 502, description = "CML failed or could not be reached, or labsync's CML account is not an admin", body = Problem),
         (status = 503, body = Problem)),
     security(("token" = [])))]
 pub async fn delete_lab(
     State(s): State<ApiState>,
-    Operator(caller): Operator,
+    Deleter(caller): Deleter,
     LabPath(w, lab): LabPath,
     ApiQuery(p): ApiQuery<DeleteParams>,
 ) -> ApiResult<Response> {
@@ -363,6 +364,7 @@ pub async fn delete_lab(
         lab_id: lab,
         force: p.force.unwrap_or(false),
         requested_by: caller.actor(),
+        owned_by: caller.delete_scope()?,
     };
     match p.mode.as_deref() {
         None | Some("sync") => {}

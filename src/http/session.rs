@@ -1,47 +1,63 @@
-//! Console sessions: a person signs in once with an API token and the
-//! browser then carries an opaque cookie instead of the token.
+//! Console sessions: a person signs in once (through the organisation's
+//! OpenID Connect provider, or with an API token) and the browser then
+//! carries an opaque cookie instead.
 //!
 //! # Expected flow
-//! 1. `POST /login` with an API token (configured or stored; not a
-//!    provider's JWT, which would be outlived by the session): a session is
-//!    stored (the SHA-256 of a new random secret, the token's name, a CSRF
-//!    token, an expiry) and the secret goes to the browser in an
-//!    `HttpOnly`, `SameSite=Strict` cookie.
-//! 2. Every request without an `Authorization` header is the session's:
-//!    its role is the token's role as configured *now*.
+//! 1. Sign-in makes a session: the SHA-256 of a new random secret, whom it
+//!    speaks for, a CSRF token, an absolute and an idle end. The secret
+//!    goes to the browser in an `HttpOnly`, `SameSite=Strict` cookie.
+//!    - Through the provider ([`start_sign_in`], [`finish_sign_in`]): the
+//!      authorization code flow with PKCE; the pending sign-in is stored
+//!      (any replica may take the callback) and bound to the browser by a
+//!      short `SameSite=Lax` cookie, so that a callback URL sent to someone
+//!      else signs no one in.
+//!    - With an API token (`POST /login`; not a provider's JWT, which the
+//!      session would outlive): the session names the token's hash.
+//! 2. Every request without an `Authorization` header is the session's. A
+//!    token's session has the token's role as configured *now*; a
+//!    person's has the role their claims gave at sign-in. Requests move the
+//!    idle end on, writing at most once per [`TOUCH_EVERY`].
 //! 3. A state-changing request of a session (any method but GET, HEAD,
 //!    OPTIONS) must carry the session's CSRF token in `x-csrf-token` (the
 //!    console's script reads it from the page); sign-out, a form, carries
-//!    it in a `csrf` field. Sign-in is refused from another site
+//!    it in a `csrf` field. Token sign-in is refused from another site
 //!    (`Sec-Fetch-Site`, `Origin`), so no page elsewhere can sign a
 //!    browser in as someone else.
-//! 4. `POST /logout` ends the session for every replica.
+//! 4. `POST /logout` ends the session for every replica, then sends a
+//!    person's browser to the provider's end-session endpoint when it has
+//!    one.
 //!
 //! # Guarantees
-//! - The token never reaches the browser's storage or a script: only the
-//!   cookie does, and no script can read it.
+//! - No token reaches the browser's storage or a script: only the cookie
+//!   does, and no script can read it. A person's ID token stays on the
+//!   server until sign-out hands it to the provider as `id_token_hint`.
 //! - Another site cannot act with a session: the cookie is not sent on
 //!   cross-site requests (`SameSite=Strict`), and a request without the
 //!   CSRF token is refused (403) even if it were.
-//! - A session belongs to the token itself (its hash), not to its name: a
-//!   token removed from the configuration, or rotated under the same name,
-//!   ends its sessions once the replica runs with the new configuration; a
-//!   stored token revoked or expired ends them at their next request; the
-//!   token's role is read on every request.
+//! - A session ends at its absolute end however active, and after
+//!   `api.session_idle_secs` without a request (to within
+//!   [`TOUCH_EVERY`], or a quarter of the idle time when that is less).
+//! - A token's session belongs to the token itself (its hash): a token
+//!   removed from the configuration or rotated ends its sessions once the
+//!   replica runs with the new configuration; a stored token revoked or
+//!   expired ends them at their next request.
 //! - Bearer tokens work as before, without CSRF (a header is not ambient).
 //!
 //! # Assumptions
 //! labsync is served over HTTPS by a proxy in front of it in production;
-//! the cookie is marked `Secure` when `console.secure_cookie` says so.
+//! the cookies are marked `Secure` when `api.secure_cookie` says so.
 //!
 //! # Caveats
-//! A session lasts [`SESSION_TTL`] from sign-in, however active.
+//! A person's role is read at sign-in: a role taken away at the provider
+//! holds until the session ends.
 
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use base64::Engine;
-use labsync_application::ports::ConsoleSession;
+use labsync_application::ports::{ConsoleSession, PendingSignIn, SessionOf, SignedInPerson};
+use labsync_infrastructure::configuration::Role;
+use labsync_infrastructure::oidc::{Pkce, SignInError};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -56,8 +72,35 @@ pub const COOKIE: &str = "labsync_session";
 /// token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
-/// How long a session lasts from sign-in.
-pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The cookie that binds a sign-in through the provider to the browser
+/// that started it.
+pub const SIGN_IN_COOKIE: &str = "labsync_sign_in";
+
+/// How long a sign-in through the provider may take.
+pub const SIGN_IN_TTL: Duration = Duration::from_secs(600);
+
+/// A session's idle end is written at most this often.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// How long sessions last, and how their cookies are marked.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionPolicy {
+    pub secure_cookie: bool,
+    /// Without a request.
+    pub idle: Duration,
+    /// From sign-in, however active.
+    pub max: Duration,
+}
+
+impl SessionPolicy {
+    fn idle(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.idle).unwrap_or(chrono::Duration::hours(1))
+    }
+
+    fn max(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.max).unwrap_or(chrono::Duration::hours(12))
+    }
+}
 
 /// A new random secret: 32 bytes, URL-safe base64.
 fn random_secret() -> String {
@@ -72,22 +115,48 @@ pub fn key_of(secret: &str) -> String {
 
 /// The session secret a request's cookies carry, if any.
 pub fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
+    cookie(headers, COOKIE)
+}
+
+/// The value of the cookie `name`, if the request carries it.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value)
         .filter(|v| !v.is_empty())
 }
 
-/// Starts a session for `token`, if it is a configured one. Returns the
-/// cookie's secret and the session.
+/// Stores a new session for `who`; returns the cookie's secret and the
+/// session.
+async fn open(s: &ApiState, who: SessionOf) -> Result<(String, ConsoleSession), ApiError> {
+    let secret = random_secret();
+    let now = s.services.clock.now();
+    let policy = s.session_policy;
+    let session = ConsoleSession {
+        key: key_of(&secret),
+        who,
+        csrf: random_secret(),
+        created_at: now,
+        expires_at: now + policy.max(),
+        idle_until: now + policy.idle(),
+    };
+    s.sessions
+        .create(&session)
+        .await
+        .map_err(labsync_application::AppError::from)?;
+    Ok((secret, session))
+}
+
+/// Starts a session for `token`, if it is a configured or stored one.
+/// Returns the cookie's secret and the session.
 ///
 /// # Errors
-/// 401 for a token that is not configured; the store's errors.
+/// 401 for a token that is unknown or a JWT; the store's errors.
 pub async fn sign_in(s: &ApiState, token: &str) -> Result<(String, ConsoleSession), ApiError> {
     let token = token.trim();
     // An API token only: a session made with a provider's JWT would
@@ -99,38 +168,186 @@ pub async fn sign_in(s: &ApiState, token: &str) -> Result<(String, ConsoleSessio
         ));
     }
     super::auth::caller_of_token(s, token).await?;
-    let secret = random_secret();
-    let now = s.services.clock.now();
-    let ttl = chrono::Duration::from_std(SESSION_TTL).unwrap_or(chrono::Duration::hours(12));
-    let session = ConsoleSession {
-        key: key_of(&secret),
-        // The token itself (its hash): a token rotated under the same name
-        // ends the sessions of the old one.
-        subject: key_of(token),
-        csrf: random_secret(),
-        created_at: now,
-        expires_at: now + ttl,
+    // The token itself (its hash): a token rotated under the same name
+    // ends the sessions of the old one.
+    open(
+        s,
+        SessionOf::Token {
+            sha256: key_of(token),
+        },
+    )
+    .await
+}
+
+fn provider_of(s: &ApiState) -> Result<&labsync_infrastructure::oidc::OidcVerifier, ApiError> {
+    s.oidc
+        .as_deref()
+        .filter(|_| s.console_sign_in)
+        .ok_or_else(|| {
+            ApiError::new(
+                ProblemKind::NotFound,
+                "sign-in through an OpenID Connect provider is not configured",
+            )
+        })
+}
+
+fn sign_in_failed(e: &SignInError) -> ApiError {
+    let kind = match e {
+        SignInError::Provider => ProblemKind::IdentityProviderUnavailable,
+        SignInError::Token(labsync_infrastructure::oidc::Refusal::NoRole(_)) => {
+            ProblemKind::Forbidden
+        }
+        _ => ProblemKind::Unauthorized,
     };
+    ApiError::new(kind, e.to_string())
+}
+
+/// Starts a sign-in through the provider: returns where to send the
+/// browser, and the secret of the cookie that binds the sign-in to it.
+///
+/// # Errors
+/// 404 without console sign-in; 503 when the provider cannot be read.
+pub async fn start_sign_in(s: &ApiState) -> Result<(String, String), ApiError> {
+    let provider = provider_of(s)?;
+    let (state, nonce, browser, pkce) = (
+        random_secret(),
+        random_secret(),
+        random_secret(),
+        Pkce::new(),
+    );
+    let url = provider
+        .authorization_url(&state, &nonce, &pkce)
+        .await
+        .map_err(|e| sign_in_failed(&e))?;
+    let ttl = chrono::Duration::from_std(SIGN_IN_TTL).unwrap_or(chrono::Duration::minutes(10));
     s.sessions
-        .create(&session)
+        .begin_sign_in(&PendingSignIn {
+            key: key_of(&state),
+            browser: key_of(&browser),
+            verifier: pkce.verifier,
+            nonce,
+            expires_at: s.services.clock.now() + ttl,
+        })
         .await
         .map_err(labsync_application::AppError::from)?;
-    Ok((secret, session))
+    Ok((url, browser))
+}
+
+/// Ends a sign-in through the provider: the callback's `state` must be a
+/// pending sign-in of this browser; its code is exchanged and the ID
+/// token checked. Returns the new session's secret.
+///
+/// # Errors
+/// 400 for a callback that is not a pending sign-in of this browser (or
+/// one the provider refused: `error`); 401/403 as the provider's answer
+/// or the ID token's claims say; 503 when the provider cannot be read.
+pub async fn finish_sign_in(
+    s: &ApiState,
+    headers: &HeaderMap,
+    state: &str,
+    code: &str,
+) -> Result<(String, ConsoleSession), ApiError> {
+    let provider = provider_of(s)?;
+    let stale = || {
+        ApiError::bad_request(
+            "this sign-in is not one this browser started, or it took too long: sign in again",
+        )
+    };
+    let pending = s
+        .sessions
+        .take_sign_in(&key_of(state), s.services.clock.now())
+        .await
+        .map_err(labsync_application::AppError::from)?
+        .ok_or_else(stale)?;
+    let browser = cookie(headers, SIGN_IN_COOKIE)
+        .map(key_of)
+        .unwrap_or_default();
+    if !bool::from(browser.as_bytes().ct_eq(pending.browser.as_bytes())) {
+        return Err(stale());
+    }
+    let signed_in = provider
+        .finish_sign_in(code, &pending.verifier, &pending.nonce)
+        .await
+        .map_err(|e| sign_in_failed(&e))?;
+    let who = signed_in.identity;
+    let caller = Caller::person(
+        &who.subject,
+        &who.display,
+        who.username.as_deref(),
+        who.role,
+    );
+    tracing::info!(actor = %caller.actor, role = who.role.as_str(), "signed in through the provider");
+    open(
+        s,
+        SessionOf::Person(SignedInPerson {
+            subject: who.subject,
+            display: who.display,
+            username: who.username,
+            role: who.role.as_str().to_owned(),
+            id_token: signed_in.id_token,
+        }),
+    )
+    .await
+}
+
+/// The `Set-Cookie` value that binds a sign-in to the browser. `Lax`, not
+/// `Strict`: the provider's redirect back is a cross-site navigation.
+pub fn sign_in_cookie(secret: &str, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    let value = format!(
+        "{SIGN_IN_COOKIE}={secret}; Path=/auth/callback; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        SIGN_IN_TTL.as_secs()
+    );
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The `Set-Cookie` value that removes the sign-in cookie.
+pub fn cleared_sign_in_cookie() -> HeaderValue {
+    HeaderValue::from_static(
+        "labsync_sign_in=; Path=/auth/callback; HttpOnly; SameSite=Lax; Max-Age=0",
+    )
 }
 
 /// The `Set-Cookie` value that gives the browser its session.
-pub fn session_cookie(secret: &str, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
+pub fn session_cookie(secret: &str, policy: SessionPolicy) -> HeaderValue {
+    let secure = if policy.secure_cookie { "; Secure" } else { "" };
     let value = format!(
         "{COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-        SESSION_TTL.as_secs()
+        policy.max.as_secs()
     );
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Where the provider ends a person's session, when the session is a
+/// person's and the provider has an end-session endpoint.
+pub async fn provider_sign_out(s: &ApiState, session: &ConsoleSession) -> Option<String> {
+    let SessionOf::Person(p) = &session.who else {
+        return None;
+    };
+    s.oidc.as_ref()?.end_session_url(&p.id_token).await
 }
 
 /// The `Set-Cookie` value that removes it.
 pub fn cleared_cookie() -> HeaderValue {
     HeaderValue::from_static("labsync_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// Moves the session's idle end on, writing only when the stored one is
+/// more than [`TOUCH_EVERY`] (or a quarter of the idle time) behind; a failed write is logged (the session
+/// stays valid until its stored idle end).
+async fn touch(s: &ApiState, session: &ConsoleSession) {
+    let now = s.services.clock.now();
+    let idle_until = now + s.session_policy.idle();
+    // A short idle time (tests, strict sites) is kept to within a quarter
+    // of itself.
+    let every = chrono::Duration::from_std(TOUCH_EVERY.min(s.session_policy.idle / 4))
+        .unwrap_or(chrono::Duration::minutes(1));
+    if idle_until - session.idle_until < every {
+        return;
+    }
+    if let Err(e) = s.sessions.touch(&session.key, idle_until).await {
+        tracing::warn!(error = %e, "could not move a session's idle end on");
+    }
 }
 
 /// Whether a method changes state, and so needs the CSRF token.
@@ -172,11 +389,22 @@ pub async fn session_caller(
         .ok_or_else(expired)?;
     // The token it was made with, still valid: a revoked or expired one
     // ends its sessions too.
-    let caller = match super::auth::caller_by_hash(s, &session.subject).await {
-        Ok(c) => c,
-        Err(e) if e.status() == axum::http::StatusCode::UNAUTHORIZED => return Err(expired()),
-        Err(e) => return Err(e),
+    let caller = match &session.who {
+        // The token it was made with, still valid: a revoked or expired
+        // one ends its sessions too.
+        SessionOf::Token { sha256 } => match super::auth::caller_by_hash(s, sha256).await {
+            Ok(c) => c,
+            Err(e) if e.status() == axum::http::StatusCode::UNAUTHORIZED => return Err(expired()),
+            Err(e) => return Err(e),
+        },
+        SessionOf::Person(p) => Caller::person(
+            &p.subject,
+            &p.display,
+            p.username.as_deref(),
+            Role::parse(&p.role).ok_or_else(expired)?,
+        ),
     };
+    touch(s, &session).await;
     if changes_state(method) {
         let given = headers
             .get(CSRF_HEADER)
@@ -207,11 +435,23 @@ mod tests {
         let mut none = HeaderMap::new();
         none.append(header::COOKIE, HeaderValue::from_static("labsync_session="));
         assert_eq!(cookie_secret(&none), None);
-        let c = session_cookie("x", false);
+        let policy = |secure_cookie| SessionPolicy {
+            secure_cookie,
+            idle: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+        };
+        let c = session_cookie("x", policy(false));
         let c = c.to_str().unwrap();
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure"));
+        assert!(c.contains("Max-Age=3600"), "the absolute end: {c}");
+        let bind = sign_in_cookie("y", true);
+        let bind = bind.to_str().unwrap();
         assert!(
-            session_cookie("x", true)
+            bind.contains("SameSite=Lax") && bind.contains("Path=/auth/callback"),
+            "sent on the provider's redirect back, to the callback only: {bind}"
+        );
+        assert!(
+            session_cookie("x", policy(true))
                 .to_str()
                 .unwrap()
                 .ends_with("; Secure")
@@ -224,10 +464,13 @@ mod tests {
     fn only_the_sessions_own_csrf_token_matches() {
         let s = ConsoleSession {
             key: "k".into(),
-            subject: "ui".into(),
+            who: SessionOf::Token {
+                sha256: "ui".into(),
+            },
             csrf: "abc".into(),
             created_at: chrono::Utc::now(),
             expires_at: chrono::Utc::now(),
+            idle_until: chrono::Utc::now(),
         };
         assert!(csrf_matches(&s, "abc"));
         for bad in ["", "ab", "abd", "abcd"] {

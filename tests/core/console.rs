@@ -14,13 +14,13 @@ use serde_json::json;
 use crate::helpers::{OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
 
 /// A headless Chromium behind its own chromedriver, gone when dropped.
-struct Browser {
-    client: Client,
+pub(crate) struct Browser {
+    pub(crate) client: Client,
     driver: tokio::process::Child,
 }
 
 impl Browser {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -55,7 +55,7 @@ impl Browser {
         Self { client, driver }
     }
 
-    async fn sign_in(&self, api: &TestApi, token: &str) {
+    pub(crate) async fn sign_in(&self, api: &TestApi, token: &str) {
         let c = &self.client;
         c.goto(&api.url("/login")).await.unwrap();
         c.find(Locator::Css("#token"))
@@ -77,7 +77,7 @@ impl Browser {
     }
 
     /// Clicks the element `css` finds.
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         self.client
             .find(Locator::Css(css))
             .await
@@ -88,7 +88,7 @@ impl Browser {
     }
 
     /// Saves what the page shows to target/screenshots/`name`.png.
-    async fn screenshot(&self, name: &str) {
+    pub(crate) async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.unwrap();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
         std::fs::create_dir_all(&dir).unwrap();
@@ -96,7 +96,7 @@ impl Browser {
     }
 
     /// The rows of the labs table, as (lab id, state).
-    async fn rows(&self) -> Vec<(String, String)> {
+    pub(crate) async fn rows(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for r in self
             .client
@@ -112,7 +112,7 @@ impl Browser {
         out
     }
 
-    async fn has_row(&self, lab: &LabId) -> bool {
+    pub(crate) async fn has_row(&self, lab: &LabId) -> bool {
         self.client
             .find_all(Locator::Css(&format!("tr[data-lab='{lab}']")))
             .await
@@ -124,13 +124,13 @@ impl Browser {
     /// The text of the first element `css` finds, or "" when there is
     /// none (yet), read in one step: a live redraw cannot pull the
     /// element away between finding and reading it.
-    async fn text(&self, css: &str) -> String {
+    pub(crate) async fn text(&self, css: &str) -> String {
         self.read(css, "innerText").await
     }
 
     /// `property` of the first element `css` finds (`data-*` as its
     /// attribute), or "".
-    async fn read(&self, css: &str, property: &str) -> String {
+    pub(crate) async fn read(&self, css: &str, property: &str) -> String {
         self.client
             .execute(
                 "const [css, p] = arguments; const e = document.querySelector(css); \
@@ -145,7 +145,7 @@ impl Browser {
     }
 
     /// Types `text` into the field `css` finds.
-    async fn fill(&self, css: &str, text: &str) {
+    pub(crate) async fn fill(&self, css: &str, text: &str) {
         let field = self
             .client
             .find(Locator::Css(css))
@@ -156,14 +156,14 @@ impl Browser {
     }
 
     /// Waits until the element `css` finds says `what`.
-    async fn until_says(&self, css: &str, what: &str) {
+    pub(crate) async fn until_says(&self, css: &str, what: &str) {
         eventually(&format!("{css} to say {what:?}"), || async {
             self.text(css).await.contains(what)
         })
         .await;
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill().await;
     }
@@ -465,7 +465,11 @@ async fn the_audit_page_answers_who_deleted_a_lab_that_is_gone() {
         ));
     }
     assert!(
-        rows.contains(&("api:operator".into(), "delete".into(), "deleted".into())),
+        rows.contains(&(
+            "API token operator".into(),
+            "delete".into(),
+            "deleted".into()
+        )),
         "{rows:?}"
     );
     b.screenshot("audit").await;

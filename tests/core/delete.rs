@@ -288,6 +288,7 @@ async fn a_crash_between_the_cml_delete_and_the_record_removal_is_repaired_by_th
         lab_id: id,
         force: false,
         requested_by: Actor::api("operator"),
+        owned_by: None,
     }
     .execute(&services)
     .await

@@ -177,6 +177,7 @@ impl TestApp {
             lab_id: *lab,
             force,
             requested_by: Actor::api("operator"),
+            owned_by: None,
         }
         .execute(self.services())
         .await
@@ -529,6 +530,12 @@ pub struct TestApi {
 impl TestApi {
     pub async fn start(t: &TestApp) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(t, listener).await
+    }
+
+    /// Serves on a listener bound before the app was configured (when its
+    /// settings must name its own address).
+    pub async fn start_on(t: &TestApp, listener: tokio::net::TcpListener) -> Self {
         let running = labsync::service::start_with(t.settings.clone(), t.app.clone(), listener)
             .await
             .expect("service starts");

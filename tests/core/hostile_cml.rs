@@ -257,6 +257,7 @@ async fn delete(t: &TestApp, lab: &LabId, force: bool) -> DeleteOutcome {
         lab_id: *lab,
         force,
         requested_by: Actor::api("operator"),
+        owned_by: None,
     }
     .execute(t.services())
     .await

@@ -24,6 +24,7 @@ mod model;
 mod oidc;
 mod openapi;
 mod outage;
+mod people;
 mod queue;
 mod refresh;
 mod replicas;

@@ -28,19 +28,26 @@ fn provider_module() -> PathBuf {
 }
 
 /// A running provider, stopped when dropped.
-struct Provider {
+pub(crate) struct Provider {
     child: tokio::process::Child,
     port: u16,
 }
 
 impl Provider {
-    async fn start(keys: &Path, port: u16) -> Self {
+    pub(crate) async fn start(keys: &Path, port: u16) -> Self {
+        Self::start_for(keys, port, &[]).await
+    }
+
+    /// A provider whose console client sends people back to labsync at
+    /// `consoles` (base URLs).
+    pub(crate) async fn start_for(keys: &Path, port: u16, consoles: &[&str]) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("devtools/oidc/provider.mjs");
         let child = tokio::process::Command::new("node")
             .arg(script)
             .env("PORT", port.to_string())
             .env("JWKS_FILE", keys)
             .env("OIDC_PROVIDER_MODULE", provider_module())
+            .env("CONSOLE_URLS", consoles.join(","))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -59,12 +66,12 @@ impl Provider {
         p
     }
 
-    fn issuer(&self) -> String {
+    pub(crate) fn issuer(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// An access token of the machine client `client`.
-    async fn token(&self, client: &str) -> String {
+    pub(crate) async fn token(&self, client: &str) -> String {
         let r: Value = reqwest::Client::new()
             .post(format!("{}/token", self.issuer()))
             .basic_auth(client, Some(format!("{client}-secret")))
@@ -81,12 +88,12 @@ impl Provider {
             .to_owned()
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -160,7 +167,7 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
     assert!(
         audit
             .iter()
-            .any(|a| a.actor.to_string() == "api:labsync-operator (labsync-operator)"),
+            .any(|a| a.actor.to_string() == "person:labsync-operator (labsync-operator)"),
         "the audit names the token's person and subject: {audit:?}"
     );
     let (s, detail) = call(&api, &provider.token("labsync-nobody").await).await;
@@ -318,19 +325,19 @@ async fn hs256_with_the_public_key(provider: &Provider, like: &str) -> String {
     format!("{signing}.{signature}")
 }
 
-fn tempdir() -> PathBuf {
+pub(crate) fn tempdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("labsync-oidc-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 /// Removes `dir` when dropped.
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(PathBuf);
 impl Drop for DirGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-fn dir_guard(dir: PathBuf) -> DirGuard {
+pub(crate) fn dir_guard(dir: PathBuf) -> DirGuard {
     DirGuard(dir)
 }

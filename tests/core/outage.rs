@@ -112,6 +112,7 @@ async fn an_outage_mid_refresh_and_mid_delete_is_reported_and_repaired_without_a
             lab_id: victim,
             force: false,
             requested_by: Actor::api("operator"),
+            owned_by: None,
         }
         .execute(&services)
         .await

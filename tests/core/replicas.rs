@@ -199,6 +199,7 @@ async fn two_replicas_run_a_slow_forced_async_delete_exactly_once() {
             lab_id: lab,
             force: true,
             requested_by: Actor::api("operator"),
+            owned_by: None,
         })
         .await
         .unwrap();

@@ -198,6 +198,7 @@ async fn a_lab_deleted_between_the_state_check_and_the_delete_is_already_absent(
             lab_id: lab,
             force: false,
             requested_by: Actor::api("operator"),
+            owned_by: None,
         }
         .execute(&services)
         .await

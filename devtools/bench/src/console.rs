@@ -342,6 +342,7 @@ pub async fn run(mongo_uri: &str, sizes: &Sizes) -> anyhow::Result<Vec<Row>> {
             lab_id: lab,
             force: false,
             requested_by: Actor::cli("bench"),
+            owned_by: None,
         }
         .execute(&app.services)
         .await?;

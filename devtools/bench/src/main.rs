@@ -590,6 +590,7 @@ async fn main() -> anyhow::Result<()> {
                             lab_id: l,
                             force: false,
                             requested_by: Actor::cli("bench"),
+                            owned_by: None,
                         }
                         .execute(&services)
                         .await;
@@ -641,6 +642,7 @@ async fn main() -> anyhow::Result<()> {
                         lab_id: l,
                         force: false,
                         requested_by: Actor::cli("bench"),
+                        owned_by: None,
                     }
                     .execute(&services)
                     .await?;

@@ -166,6 +166,23 @@ impl WorkerState {
         Ok(())
     }
 
+    /// Adds a user who is not an admin (a person who owns labs), unless
+    /// one of that name exists.
+    pub fn add_user(&self, username: &str) {
+        let mut g = self.lock();
+        if g.users.iter().any(|u| u.username == username) {
+            return;
+        }
+        g.users.push(crate::model::SimUser {
+            id: uuid::Uuid::new_v4().to_string(),
+            username: username.to_owned(),
+            password: format!("{username}-cml"),
+            fullname: String::new(),
+            admin: false,
+            groups: vec![],
+        });
+    }
+
     /// Counts a request and draws the random numbers its faults need.
     pub(crate) fn begin_request(&self, endpoint: Endpoint) -> (Faults, f64, f64) {
         let mut g = self

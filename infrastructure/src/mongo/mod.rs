@@ -95,6 +95,9 @@ pub mod collections {
     pub const DELETE_REQUEST_LOCKS: &str = "delete_request_locks";
     /// Console sign-ins.
     pub const SESSIONS: &str = "sessions";
+    /// Sign-ins through the OpenID Connect provider, between leaving for
+    /// it and its callback.
+    pub const SIGN_INS: &str = "sign_ins";
     /// API tokens added with `labsync token new`.
     pub const API_TOKENS: &str = "api_tokens";
 }
@@ -224,10 +227,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), RepoError> {
         ])
         .await
         .map_err(map_error)?;
-    db.collection::<Document>(collections::SESSIONS)
-        .create_index(ttl(doc! {"expires_at": 1}, "session_ttl"))
-        .await
-        .map_err(map_error)?;
+    for (collection, name) in [
+        (collections::SESSIONS, "session_ttl"),
+        (collections::SIGN_INS, "sign_in_ttl"),
+    ] {
+        db.collection::<Document>(collection)
+            .create_index(ttl(doc! {"expires_at": 1}, name))
+            .await
+            .map_err(map_error)?;
+    }
     let unique = |keys: Document, name: &str| {
         IndexModel::builder()
             .keys(keys)

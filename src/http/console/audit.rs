@@ -46,7 +46,7 @@ pub async fn audit(
                         @for a in &page.items {
                             tr data-id=(a.id) {
                                 td { (when(a.entry.at)) }
-                                td.actor { (a.entry.actor.to_string()) }
+                                td.actor { (super::who(&a.entry.actor)) }
                                 td.action { (a.entry.action.as_str()) }
                                 td { (a.entry.worker_id.as_str()) }
                                 td { @if let Some(l) = a.entry.lab_id { a href={"/labs/" (a.entry.worker_id.as_str()) "/" (l.as_str())} { code { (l.as_str()) } } } }

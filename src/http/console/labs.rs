@@ -96,7 +96,7 @@ pub async fn labs(
     person: Person,
     Query(p): Query<LabsParams>,
 ) -> Response {
-    let may_delete = person.caller.role >= Role::Operator;
+    let may_delete = person.caller.role >= Role::SelfService;
     let worker = given(p.worker.as_ref()).and_then(|w| WorkerId::parse(&w).ok());
     let sort = p.sort();
     let after = match p.after.as_deref() {
@@ -168,7 +168,9 @@ pub async fn labs(
                     tbody {
                         @for r in &page.items {
                             tr data-worker=(r.worker_id.as_str()) data-lab=(r.lab_id.as_str()) data-title=(r.snapshot.title) data-state=(r.snapshot.state.as_str()) {
-                                @if may_delete { td { input type="checkbox" data-select="" aria-label="select"; } }
+                                @if may_delete {
+                                    td { @if person.caller.may_delete(r.snapshot.owner_username.as_deref()) { input type="checkbox" data-select="" aria-label="select"; } }
+                                }
                                 td.title { a href=(lab_href(r)) { (r.snapshot.title) } }
                                 td { (r.worker_id.as_str()) }
                                 td { (r.snapshot.owner_username.clone().unwrap_or_default()) }
@@ -177,7 +179,7 @@ pub async fn labs(
                                 td.modified { (r.snapshot.modified.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default()) }
                                 td { (r.last_seen_at.format("%Y-%m-%d %H:%M").to_string()) }
                                 @if may_delete {
-                                    td { button.delete type="button" data-delete="" { "Delete" } }
+                                    td { @if person.caller.may_delete(r.snapshot.owner_username.as_deref()) { button.delete type="button" data-delete="" { "Delete" } } }
                                     td.outcome role="status" {}
                                 }
                             }
@@ -210,7 +212,7 @@ fn history_text(e: &HistoryEvent, details: bool) -> Markup {
             outcome,
             detail,
         } => html! {
-            "delete by " (requested_by.to_string()) @if *force { " (stop, wipe and delete)" } ": " (outcome)
+            "delete by " (super::who(requested_by)) @if *force { " (stop, wipe and delete)" } ": " (outcome)
             @if details { br; small { (detail) } }
         },
     }
@@ -224,7 +226,7 @@ fn audit_table(entries: &[AuditEntry], details: bool) -> Markup {
                 @for a in entries {
                     tr {
                         td { (when(a.at)) }
-                        td.actor { (a.actor.to_string()) }
+                        td.actor { (super::who(&a.actor)) }
                         td.action { (a.action.as_str()) }
                         td.outcome { (a.outcome) }
                         td.detail { @if details || a.action != AuditAction::Delete { (a.detail) } }
@@ -300,7 +302,7 @@ pub async fn lab(
                 html! {
                     article.lab data-worker=(r.worker_id.as_str()) data-lab=(r.lab_id.as_str()) data-title=(r.snapshot.title) data-state=(r.snapshot.state.as_str()) {
                         h1 { (r.snapshot.title) }
-                        @if person.caller.role >= Role::Operator {
+                        @if person.caller.may_delete(r.snapshot.owner_username.as_deref()) {
                             p { button.delete type="button" data-delete="" { "Delete" } span.outcome role="status" {} }
                         }
                         (lab_fields(r))

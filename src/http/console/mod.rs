@@ -9,19 +9,19 @@
 mod audit;
 mod fleet;
 mod labs;
+mod sign_in;
 mod workers;
 
-use axum::extract::{Form, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use labsync_application::ports::ConsoleSession;
 use maud::{DOCTYPE, Markup, html};
-use serde::Deserialize;
 
 pub use audit::audit;
 pub use fleet::{fleet, runs};
 pub use labs::{lab, labs};
+pub use sign_in::{callback, login, login_page, logout, start_sign_in};
 pub use workers::{edit_worker, new_worker};
 
 use super::ApiState;
@@ -93,7 +93,7 @@ fn page(title: &str, person: Option<&Person>, body: Markup) -> Markup {
                             a href="/runs" { "Runs" }
                             a href="/audit" { "Audit" }
                         }
-                        span.who { (p.caller.name) " · " (p.caller.role.as_str()) }
+                        span.who { (p.caller.name()) " · " (p.caller.role.as_str()) }
                         form.signout method="post" action="/logout" {
                             input type="hidden" name="csrf" value=(p.session.csrf);
                             button type="submit" { "Sign out" }
@@ -167,102 +167,25 @@ impl axum::extract::OptionalFromRequestParts<ApiState> for Person {
     }
 }
 
-fn login_form(error: Option<&str>) -> Markup {
-    page(
-        "Sign in",
-        None,
-        html! {
-            section.signin {
-                h1 { "Sign in to labsync" }
-                p { "Paste the API token you were given. It is checked once; the browser keeps only a session cookie." }
-                @if let Some(e) = error {
-                    p.error role="alert" { (e) }
-                }
-                form method="post" action="/login" {
-                    label for="token" { "API token" }
-                    input #token type="password" name="token" autocomplete="off" required autofocus;
-                    button type="submit" { "Sign in" }
-                }
-            }
-        },
-    )
-}
-
-pub async fn login_page() -> Response {
-    html_response(StatusCode::OK, login_form(None))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LoginForm {
-    token: String,
-}
-
-pub async fn login(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Form(f): Form<LoginForm>,
-) -> Response {
-    if cross_site(&headers) {
-        return not_signed_in(
-            StatusCode::FORBIDDEN,
-            "sign-in is accepted from this site's own form only",
-        );
-    }
-    match session::sign_in(&s, &f.token).await {
-        Ok((secret, _)) => {
-            let mut r = Redirect::to("/labs").into_response();
-            r.headers_mut().insert(
-                header::SET_COOKIE,
-                session::session_cookie(&secret, s.secure_cookie),
-            );
-            r
-        }
-        Err(e) => not_signed_in(e.status(), &e.detail),
-    }
-}
-
-fn not_signed_in(status: StatusCode, why: &str) -> Response {
-    html_response(status, login_form(Some(&format!("Not signed in: {why}."))))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LogoutForm {
-    csrf: String,
-}
-
-pub async fn logout(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Form(f): Form<LogoutForm>,
-) -> Response {
-    if let Some(secret) = session::cookie_secret(&headers) {
-        let key = session::key_of(secret);
-        let now = s.services.clock.now();
-        let ended = match s.sessions.find(&key, now).await {
-            Ok(Some(found)) if !session::csrf_matches(&found, &f.csrf) => {
-                return html_response(
-                    StatusCode::FORBIDDEN,
-                    login_form(Some("Sign-out refused: the form was not this session's.")),
-                );
-            }
-            Ok(Some(_)) => s.sessions.end(&key).await,
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = ended {
-            // Clearing the cookie alone would leave the session valid.
-            return html_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                login_form(Some(&format!(
-                    "Sign-out failed, the session is still open: {e}. Try again."
-                ))),
-            );
+/// Who did something, as a person reads it: a person by name (their
+/// provider's `sub` on hover and beside it), a machine by its token, and a
+/// command-line user marked as not authenticated (the name is the OS
+/// login's, which labsync cannot check).
+fn who(actor: &labsync_application::domain::Actor) -> Markup {
+    use labsync_application::domain::Actor;
+    html! {
+        @match actor {
+            Actor::Person { subject, display } => span.person title=(format!("sub {subject}")) {
+                (display) " " small { "(" (subject) ")" }
+            },
+            Actor::Api(name) => span.machine { "API token " (name) },
+            Actor::Cli(user) => span.cli title="the OS login name; not authenticated by labsync" {
+                (user) " " small { "(command line, not authenticated)" }
+            },
+            Actor::Schedule => span { "the schedule" },
+            Actor::Recorded(text) => span { (text) },
         }
     }
-    let mut r = Redirect::to("/login").into_response();
-    r.headers_mut()
-        .insert(header::SET_COOKIE, session::cleared_cookie());
-    r
 }
 
 /// A time as the console shows it: UTC, to the second.

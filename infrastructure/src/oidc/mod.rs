@@ -42,6 +42,9 @@ use tokio::sync::RwLock;
 
 use crate::configuration::{OidcSettings, Role};
 
+mod sign_in;
+pub use sign_in::{Pkce, SignInError, SignedIn};
+
 /// The least time between two reads of the key set.
 pub const REFETCH_EVERY: Duration = Duration::from_secs(10);
 
@@ -55,6 +58,8 @@ pub struct Identity {
     pub subject: String,
     /// `preferred_username`, else `email`, else the subject.
     pub display: String,
+    /// Their CML username: the claim `oidc.username_claim` names.
+    pub username: Option<String>,
     pub role: Role,
 }
 
@@ -89,6 +94,8 @@ pub enum Refusal {
 struct Keys {
     /// Signing keys only (`use` sig or absent), by what they may verify.
     set: Vec<Jwk>,
+    /// Where the provider signs people in and out, as discovery said.
+    endpoints: Endpoints,
     read: bool,
     read_at: Option<Instant>,
     last_error: Option<String>,
@@ -110,6 +117,17 @@ pub struct OidcVerifier {
 struct Discovery {
     issuer: String,
     jwks_uri: String,
+    #[serde(flatten)]
+    endpoints: Endpoints,
+}
+
+/// The provider's endpoints for the console's sign-in, from discovery.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Endpoints {
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+    userinfo_endpoint: Option<String>,
+    end_session_endpoint: Option<String>,
 }
 
 /// The most of a discovery document or key set that is read.
@@ -155,13 +173,22 @@ impl OidcVerifier {
         url: &str,
         what: &str,
     ) -> Result<T, String> {
-        let mut r = self
+        let r = self
             .http
             .get(url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
             .map_err(|e| format!("{what}: {e}"))?;
+        self.json_of(r, what).await
+    }
+
+    /// An answer's JSON body, of at most [`MAX_DOCUMENT`] bytes.
+    async fn json_of<T: serde::de::DeserializeOwned>(
+        &self,
+        mut r: reqwest::Response,
+        what: &str,
+    ) -> Result<T, String> {
         let mut body = Vec::new();
         while let Some(chunk) = r.chunk().await.map_err(|e| format!("{what}: {e}"))? {
             body.extend_from_slice(&chunk);
@@ -172,7 +199,7 @@ impl OidcVerifier {
         serde_json::from_slice(&body).map_err(|e| format!("{what}: {e}"))
     }
 
-    async fn read_keys(&self) -> Result<Vec<Jwk>, String> {
+    async fn read_keys(&self) -> Result<(Vec<Jwk>, Endpoints), String> {
         let base = self.settings.issuer.trim_end_matches('/');
         let discovery: Discovery = self
             .document(
@@ -194,7 +221,7 @@ impl OidcVerifier {
         let set: serde_json::Value = self.document(&discovery.jwks_uri, "key set").await?;
         // Key by key: one the library does not know (another curve, an
         // encryption key) is left out, not a reason to trust none.
-        Ok(set
+        let keys = set
             .get("keys")
             .and_then(|k| k.as_array())
             .map(|keys| {
@@ -203,7 +230,8 @@ impl OidcVerifier {
                     .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
                     .collect()
             })
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok((keys, discovery.endpoints))
     }
 
     /// Reads the key set again unless that was done within
@@ -224,8 +252,9 @@ impl OidcVerifier {
         let mut keys = self.keys.write().await;
         keys.read_at = Some(Instant::now());
         match result {
-            Ok(set) => {
+            Ok((set, endpoints)) => {
                 keys.set = set;
+                keys.endpoints = endpoints;
                 keys.read = true;
                 keys.last_error = None;
             }
@@ -277,6 +306,13 @@ impl OidcVerifier {
     /// # Errors
     /// The [`Refusal`] of the first check that failed.
     pub async fn verify(&self, token: &str) -> Result<Identity, Refusal> {
+        let claims = self.claims_of(token, &self.settings.audience).await?;
+        self.identity(&claims)
+    }
+
+    /// The claims of a token signed by the provider for `audience`, or why
+    /// it is refused.
+    async fn claims_of(&self, token: &str, audience: &str) -> Result<serde_json::Value, Refusal> {
         // The algorithm is read first, and judged before any key: `none`
         // and HMAC (which would take the public key as a secret) never
         // reach the library.
@@ -292,32 +328,41 @@ impl OidcVerifier {
         validation.leeway = self.settings.leeway_secs;
         validation.validate_nbf = true;
         validation.set_issuer(&[&self.settings.issuer]);
-        validation.set_audience(&[&self.settings.audience]);
+        validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map_err(|e| refusal_of(&e))?
-            .claims;
+        Ok(
+            jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+                .map_err(|e| refusal_of(&e))?
+                .claims,
+        )
+    }
+
+    /// Who verified claims name, with the role they map to.
+    fn identity(&self, claims: &serde_json::Value) -> Result<Identity, Refusal> {
         let role = self
-            .role_of(&claims)
+            .role_of(claims)
             .ok_or_else(|| Refusal::NoRole(self.settings.roles_claim.clone()))?;
         let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        let subject = text("sub").ok_or(Refusal::Claims)?;
+        let subject = text("sub")
+            .filter(|s| !s.is_empty())
+            .ok_or(Refusal::Claims)?;
         let display = text("preferred_username")
             .or_else(|| text("email"))
             .unwrap_or_else(|| subject.clone());
         Ok(Identity {
-            subject,
             display,
+            username: claim_at(claims, &self.settings.username_claim)
+                .and_then(|v| v.as_str())
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned),
+            subject,
             role,
         })
     }
 
     /// The highest role the roles claim maps to.
     fn role_of(&self, claims: &serde_json::Value) -> Option<Role> {
-        let mut at = claims;
-        for part in self.settings.roles_claim.split('.') {
-            at = at.get(part)?;
-        }
+        let at = claim_at(claims, &self.settings.roles_claim)?;
         let values: Vec<&str> = match at {
             serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
             serde_json::Value::String(s) => s.split_whitespace().collect(),
@@ -353,6 +398,11 @@ impl OidcVerifier {
             (None, true) => None,
         }
     }
+}
+
+/// The claim at a dotted path (`realm_access.roles`).
+fn claim_at<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(claims, |at, part| at.get(part))
 }
 
 /// The `alg` of a JWT's header, as written.
@@ -431,6 +481,10 @@ mod tests {
             roles_claim: "realm_access.roles".into(),
             roles: vec!["v=viewer".into(), "a=admin".into(), "o=operator".into()],
             leeway_secs: 0,
+            username_claim: "preferred_username".into(),
+            client_id: String::new(),
+            client_secret: secrecy::SecretString::from(""),
+            redirect_url: String::new(),
         };
         let v = OidcVerifier::new(settings).unwrap();
         let claims =
