@@ -5,15 +5,30 @@
 # a first refresh. It prints the console's address and the token to sign in
 # with. Ctrl-C stops everything it started.
 #
+# With --oidc it also starts the demo OpenID Connect provider
+# (devtools/oidc/provider.mjs, with its own login page) and the console signs
+# people in through it: olivia (operator) and student (self-service: deletes
+# only the labs CML says are theirs), each with the password <name>-password.
+#
 # Data lives in .labsync-demo/ (delete it for a fresh start). The encryption
 # key and the API token below are for this demo only; never reuse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+OIDC=""
+for arg in "$@"; do
+  case "$arg" in
+    --oidc) OIDC=yes ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "demo: unknown option $arg (try --oidc)" >&2; exit 2 ;;
+  esac
+done
+
 DEMO_DIR="${LABSYNC_DEMO_DIR:-$PWD/.labsync-demo}"
 MONGO_PORT="${LABSYNC_DEMO_MONGO_PORT:-27517}"
 SIM_PORT="${LABSYNC_DEMO_SIM_PORT:-19401}"
 API_PORT="${LABSYNC_DEMO_API_PORT:-8080}"
+OIDC_PORT="${LABSYNC_DEMO_OIDC_PORT:-4455}"
 DEMO_TOKEN="labsync-demo-token"
 mkdir -p "$DEMO_DIR"
 
@@ -28,6 +43,14 @@ export LABSYNC__REFRESH__CRON="${LABSYNC__REFRESH__CRON:-0 */5 * * * *}"
 export LABSYNC__API__LISTEN="127.0.0.1:$API_PORT"
 export LABSYNC__API__TOKENS="demo:admin:$(printf %s "$DEMO_TOKEN" | sha256sum | cut -d' ' -f1)"
 export CML_SIM_ADMIN_PASSWORD="cml-sim-admin"
+if [[ -n "$OIDC" ]]; then
+  export LABSYNC__OIDC__ISSUER="http://127.0.0.1:$OIDC_PORT"
+  export LABSYNC__OIDC__AUDIENCE="labsync"
+  export LABSYNC__OIDC__ROLES="labsync-viewer=viewer,labsync-self-service=self-service,labsync-operator=operator,labsync-admin=admin"
+  export LABSYNC__OIDC__CLIENT_ID="labsync-console"
+  export LABSYNC__OIDC__CLIENT_SECRET="labsync-console-secret"
+  export LABSYNC__OIDC__REDIRECT_URL="http://127.0.0.1:$API_PORT/auth/callback"
+fi
 LABSYNC=target/debug/labsync
 
 pids=()
@@ -42,6 +65,13 @@ trap cleanup EXIT INT TERM
 "$SECANTUSD" --port "$MONGO_PORT" --storage-path "$DEMO_DIR/mongo" \
   --log-file-max 32MB --log-level WARNING >"$DEMO_DIR/mongo.log" 2>&1 &
 pids+=($!)
+if [[ -n "$OIDC" ]]; then
+  TOOLS_DIR="${LABSYNC_TOOLS_DIR:-$HOME/.local/share/labsync-tools}"
+  PORT="$OIDC_PORT" JWKS_FILE="$DEMO_DIR/oidc-keys.json" \
+    CONSOLE_URLS="http://127.0.0.1:$API_PORT" OIDC_PROVIDER_MODULE="$TOOLS_DIR/oidc/package.json" \
+    node devtools/oidc/provider.mjs >"$DEMO_DIR/oidc.log" 2>&1 &
+  pids+=($!)
+fi
 target/debug/cml-sim --workers 2 --labs-per-worker 30 --base-port "$SIM_PORT" \
   --addresses-file "$DEMO_DIR/workers.json" >"$DEMO_DIR/cml-sim.log" 2>&1 &
 pids+=($!)
@@ -50,7 +80,8 @@ pids+=($!)
 ready=""
 for _ in $(seq 1 150); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$MONGO_PORT") 2>/dev/null \
-    && (exec 3<>"/dev/tcp/127.0.0.1/$((SIM_PORT + 1))") 2>/dev/null; then
+    && (exec 3<>"/dev/tcp/127.0.0.1/$((SIM_PORT + 1))") 2>/dev/null \
+    && { [[ -z "$OIDC" ]] || (exec 3<>"/dev/tcp/127.0.0.1/$OIDC_PORT") 2>/dev/null; }; then
     ready=yes
     break
   fi
@@ -82,6 +113,18 @@ demo: labsync serve        $API  refresh on "$LABSYNC__REFRESH__CRON"  (log: $DE
 demo: API token            $DEMO_TOKEN  (role admin)   OpenAPI: $API/openapi.json
 
 Open the console:  http://127.0.0.1:$API_PORT/   and sign in with the token  $DEMO_TOKEN
+MSG
+if [[ -n "$OIDC" ]]; then
+  cat <<MSG
+demo: OpenID Connect       $LABSYNC__OIDC__ISSUER  (log: $DEMO_DIR/oidc.log)
+      "Sign in with your organisation" on the console's sign-in page, then:
+        olivia / olivia-password    operator: deletes any lab
+        student / student-password  self-service: deletes only the labs CML says are student's
+      An access token for the API:  curl -s -u labsync-operator:labsync-operator-secret \\
+        -d grant_type=client_credentials -d scope=api $LABSYNC__OIDC__ISSUER/token
+MSG
+fi
+cat <<MSG
 
 Try the API:
   T=$DEMO_TOKEN

@@ -68,7 +68,8 @@ clients.push({
 // CML username is their preferred_username.
 const people = {
   olivia: { sub: "7f3a9c2e-olivia", name: "Olivia Operator", roles: ["labsync-operator"] },
-  sam: { sub: "c41d0b7a-sam", name: "Sam Selfservice", roles: ["labsync-self-service"] },
+  // The CML simulator's own non-admin user: the demo's labs are theirs.
+  student: { sub: "c41d0b7a-student", name: "Lab Student", roles: ["labsync-self-service"] },
   nobody: { sub: "0a0a0a0a-nobody", name: "No Role", roles: ["something-else"] },
 };
 const accountOf = (sub) => Object.entries(people).find(([, p]) => p.sub === sub);

@@ -21,7 +21,7 @@ use crate::oidc::{DirGuard, Provider, dir_guard, free_port, tempdir};
 
 /// The people of devtools/oidc/provider.mjs, as labsync's audit names them.
 const OLIVIA: &str = "person:7f3a9c2e-olivia (olivia)";
-const SAM: &str = "person:c41d0b7a-sam (sam)";
+const STUDENT: &str = "person:c41d0b7a-student (student)";
 
 /// labsync with console sign-in through a provider of its own.
 struct Setup {
@@ -231,6 +231,10 @@ impl Agent {
         let callback = self.through_the_provider(base, login).await;
         self.send(self.http.get(&callback), &callback).await
     }
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace(':', "%3A").replace('/', "%2F")
 }
 
 /// The CSRF token a console page carries.
@@ -470,6 +474,21 @@ async fn a_callback_replayed_or_carried_to_another_browser_signs_no_one_in() {
     let r = olivia.send(olivia.http.get(&callback), &callback).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
+    // An answer that says another provider sent it (RFC 9207 `iss`).
+    let mut mixed = Agent::new();
+    let callback = mixed.through_the_provider(&s.api.base, "olivia").await;
+    let elsewhere = callback.replace(
+        &format!("iss={}", urlencode(&s.provider.issuer())),
+        "iss=https%3A%2F%2Fsso.elsewhere.example",
+    );
+    assert_ne!(
+        elsewhere, callback,
+        "the provider says who it is: {callback}"
+    );
+    let r = mixed.send(mixed.http.get(&elsewhere), &elsewhere).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(mixed.session(&s.api.base).is_none());
+
     // A good sign-in, replayed: the second use finds nothing.
     let mut again = Agent::new();
     let callback = again.through_the_provider(&s.api.base, "olivia").await;
@@ -490,15 +509,15 @@ async fn a_callback_replayed_or_carried_to_another_browser_signs_no_one_in() {
 #[tokio::test]
 async fn a_self_service_person_deletes_their_own_wiped_lab_and_is_refused_someone_elses() {
     let s = Setup::start(&[]).await;
-    let own = s.lab("Sam's lab", "sam");
-    let theirs = s.lab("Student's lab", "student");
+    let own = s.lab("The student's lab", "student");
+    let theirs = s.lab("Olivia's lab", "olivia");
     s.t.refresh().await;
-    let mut sam = Agent::new();
+    let mut student = Agent::new();
     assert_eq!(
-        sam.sign_in(&s.api.base, "sam").await.status(),
+        student.sign_in(&s.api.base, "student").await.status(),
         StatusCode::OK
     );
-    let session = sam.session(&s.api.base).unwrap();
+    let session = student.session(&s.api.base).unwrap();
     let html = with_cookie(&s.api.base, "/labs", &session)
         .await
         .text()
@@ -536,7 +555,7 @@ async fn a_self_service_person_deletes_their_own_wiped_lab_and_is_refused_someon
     let problem: serde_json::Value = refused.json().await.unwrap();
     assert!(
         problem["type"].as_str().unwrap().ends_with("not-lab-owner")
-            && problem["detail"].as_str().unwrap().contains("\"student\""),
+            && problem["detail"].as_str().unwrap().contains("\"olivia\""),
         "says whose it is: {problem}"
     );
     // Queued, it is refused just the same when it runs.
@@ -562,14 +581,14 @@ async fn a_self_service_person_deletes_their_own_wiped_lab_and_is_refused_someon
     assert!(s.t.sim().lab(own.as_str()).is_none(), "their own is gone");
     let audit = s.t.audit(&own).await;
     assert!(
-        audit.iter().any(|a| a.actor.to_string() == SAM),
+        audit.iter().any(|a| a.actor.to_string() == STUDENT),
         "{audit:?}"
     );
     let refusals = s.t.audit(&theirs).await;
     assert!(
         refusals
             .iter()
-            .any(|a| a.actor.to_string() == SAM && a.outcome == "not_owner"),
+            .any(|a| a.actor.to_string() == STUDENT && a.outcome == "not_owner"),
         "the refusal is audited with who asked: {refusals:?}"
     );
     s.stop().await;

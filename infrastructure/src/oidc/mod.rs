@@ -301,6 +301,11 @@ impl OidcVerifier {
         }
     }
 
+    /// The provider's issuer URL, as configured.
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
+    }
+
     /// Who `token` names, or why it is refused.
     ///
     /// # Errors

@@ -108,6 +108,8 @@ pub struct Callback {
     state: Option<String>,
     code: Option<String>,
     error: Option<String>,
+    /// The answering provider (RFC 9207), when it says.
+    iss: Option<String>,
 }
 
 /// `GET /auth/callback`: the provider's answer. A session on success,
@@ -129,6 +131,16 @@ pub async fn callback(
         };
         return not_signed_in(&s, StatusCode::BAD_REQUEST, &why);
     };
+    // An answer from another provider (a mix-up): its code is not for us.
+    if let (Some(iss), Some(provider)) = (q.iss.as_deref(), s.oidc.as_deref())
+        && iss != provider.issuer()
+    {
+        return not_signed_in(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "the answer comes from another provider than oidc.issuer",
+        );
+    }
     match session::finish_sign_in(&s, &headers, state, code).await {
         Ok((secret, _)) => {
             // A page of this site's own that moves on: the provider's
