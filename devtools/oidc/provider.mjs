@@ -8,7 +8,8 @@
 //   PORT=4455 JWKS_FILE=keys.json CONSOLE_URLS=http://127.0.0.1:8080 \
 //     node devtools/oidc/provider.mjs
 //
-// JWKS_FILE holds the signing keys (made, RS256, on first start); a test
+// JWKS_FILE holds the signing keys (made on first start: one RS256, one
+// ES256); a test
 // rotates them by writing a new file and starting the provider again.
 // CONSOLE_URLS: labsync's base URLs (comma-separated), whose /auth/callback
 // and /login are registered for the console's client.
@@ -24,13 +25,14 @@ const issuer = process.env.ISSUER ?? `http://127.0.0.1:${port}`;
 const audience = process.env.AUDIENCE ?? "labsync";
 const keysFile = process.env.JWKS_FILE ?? "oidc-keys.json";
 
-function newKey() {
-  const { privateKey } = crypto.generateKeyPairSync("rsa", { modulusLength: 2048 });
+function newKey(type, options, alg) {
+  const { privateKey } = crypto.generateKeyPairSync(type, options);
   const jwk = privateKey.export({ format: "jwk" });
-  return { ...jwk, kid: crypto.randomUUID(), alg: "RS256", use: "sig" };
+  return { ...jwk, kid: crypto.randomUUID(), alg, use: "sig" };
 }
 if (!fs.existsSync(keysFile)) {
-  fs.writeFileSync(keysFile, JSON.stringify({ keys: [newKey()] }));
+  const keys = [newKey("rsa", { modulusLength: 2048 }, "RS256"), newKey("ec", { namedCurve: "P-256" }, "ES256")];
+  fs.writeFileSync(keysFile, JSON.stringify({ keys }));
 }
 const jwks = JSON.parse(fs.readFileSync(keysFile, "utf8"));
 
@@ -42,6 +44,8 @@ const roles = {
   "labsync-nobody": ["something-else"],
   "other-audience": ["labsync-admin"],
   "short-lived": ["labsync-admin"],
+  // Signs its access tokens with the P-256 key (ES256).
+  "es256-operator": ["labsync-operator"],
 };
 const clients = Object.keys(roles).map((id) => ({
   client_id: id,
@@ -138,7 +142,7 @@ const provider = new Provider(issuer, {
         audience: resource === `urn:${audience}` ? audience : resource,
         accessTokenTTL: client.clientId === "short-lived" ? 1 : 300,
         accessTokenFormat: "jwt",
-        jwt: { sign: { alg: "RS256" } },
+        jwt: { sign: { alg: client.clientId === "es256-operator" ? "ES256" : "RS256" } },
       }),
     },
   },

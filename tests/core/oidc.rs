@@ -170,6 +170,23 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
             .any(|a| a.actor.to_string() == "person:labsync-operator (labsync-operator)"),
         "the audit names the token's person and subject: {audit:?}"
     );
+    // ES256, signed with the provider's P-256 key, verifies as well; a
+    // changed signature of it does not.
+    let es = provider.token("es256-operator").await;
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(es.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "ES256", "{header}");
+    assert_eq!(call(&api, &es).await.0, StatusCode::OK);
+    let mut bad = es.clone().into_bytes();
+    let at = bad.len() - 10;
+    bad[at] = if bad[at] == b'A' { b'B' } else { b'A' };
+    let (s, detail) = call(&api, &String::from_utf8(bad).unwrap()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{detail}");
+    assert!(detail.contains("signature"), "{detail}");
     let (s, detail) = call(&api, &provider.token("labsync-nobody").await).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert!(detail.contains("no labsync role"), "{detail}");
