@@ -131,6 +131,7 @@ pub async fn start_with(
             max: std::time::Duration::from_secs(settings.api.session_max_secs),
         },
         console_sign_in: settings.oidc.console_sign_in(),
+        sign_in_budget: Arc::default(),
         events,
         scheduler_running: scheduler_running.clone(),
         cron: settings.refresh.cron.clone(),

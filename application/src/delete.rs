@@ -179,6 +179,15 @@ pub fn owns(owner_in_cml: Option<&str>, username: &str) -> bool {
     !username.is_empty() && owner_in_cml == Some(username)
 }
 
+/// What a refused self-service delete says.
+pub fn not_owner_detail(owner: Option<&str>, username: &str) -> String {
+    format!(
+        "CML says this lab belongs to {}, not to {username:?}: a self-service person deletes \
+         only their own labs",
+        owner.map_or_else(|| "no one".to_owned(), |o| format!("{o:?}")),
+    )
+}
+
 enum Stop {
     /// The lab is ready to be deleted.
     Ready,
@@ -318,7 +327,11 @@ impl DeleteLab {
     /// Why a self-service delete may not go on, judged by what CML says
     /// now (a record may be up to a refresh old). A lab CML does not have
     /// goes on: "already gone" removes nothing anyone owns.
-    async fn owner_refusal(
+    ///
+    /// Public so that a queued delete is refused before it is queued: a
+    /// request for someone else's lab must not hold the lab's one active
+    /// request (an operator's later submit would be handed it).
+    pub async fn owner_refusal(
         &self,
         s: &Services,
         access: &WorkerAccess,
@@ -436,17 +449,28 @@ impl DeleteLab {
                  it cannot see every lab, so no delete is attempted. Give it admin rights in \
                  CML, or register an admin account"
             ),
-            DeleteOutcomeKind::NotOwner { owner } => format!(
-                "CML says this lab belongs to {}, not to {:?}: a self-service person deletes \
-                 only their own labs",
-                owner
-                    .as_deref()
-                    .map_or_else(|| "no one".to_owned(), |o| format!("{o:?}")),
-                self.owned_by.as_deref().unwrap_or_default()
+            DeleteOutcomeKind::NotOwner { owner } => not_owner_detail(
+                owner.as_deref(),
+                self.owned_by.as_deref().unwrap_or_default(),
             ),
             _ => String::new(),
         };
         warn!(outcome = kind.word(), %detail, "delete failed");
+        // Someone else's lab keeps its history and its watchers' peace: a
+        // refused self-service delete is in the audit log only, so that
+        // repeated ones cannot push the lab's real history out.
+        if matches!(kind, DeleteOutcomeKind::NotOwner { .. }) {
+            self.audit(s, kind.word(), detail.clone()).await;
+            s.observer.delete_finished(DeleteEnd::Outcome(&kind));
+            return DeleteOutcome {
+                worker_id: self.worker_id.clone(),
+                lab_id: self.lab_id,
+                kind,
+                lab_gone: false,
+                record_was_present: false,
+                message: detail,
+            };
+        }
         let now = s.clock.now();
         let event = LabEvent::new(
             &self.worker_id,

@@ -257,6 +257,18 @@ impl DeleteQueue {
         if !access.worker.enabled {
             return Err(AppError::WorkerDisabled(cmd.worker_id.clone()));
         }
+        // Someone else's lab is refused now, not queued: queued, it would
+        // hold the lab's one active request. CML's silence queues it (the
+        // attempt asks again).
+        if let Some(username) = cmd.owned_by.as_deref()
+            && let Some(crate::DeleteOutcomeKind::NotOwner { owner }) =
+                cmd.owner_refusal(&self.services, &access).await
+        {
+            return Err(AppError::NotLabOwner(crate::delete::not_owner_detail(
+                owner.as_deref(),
+                username,
+            )));
+        }
         let now = self.services.clock.now();
         let request = DeleteRequest {
             id: uuid::Uuid::new_v4().to_string(),

@@ -73,6 +73,9 @@ pub enum AppError {
     /// Other changes kept landing first; nothing of this one was written.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A self-service delete of a lab that CML says is someone else's.
+    #[error("{0}")]
+    NotLabOwner(String),
     #[error(transparent)]
     Cml(#[from] CmlError),
     #[error(transparent)]

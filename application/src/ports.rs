@@ -820,10 +820,12 @@ pub struct SignedInPerson {
     pub display: String,
     /// Their CML username, from the configured claim, if it had one.
     pub username: Option<String>,
-    /// The labsync role their claims mapped to.
-    pub role: String,
-    /// The provider's ID token, kept to end the session at the provider
-    /// (`id_token_hint`); never sent to the browser.
+    /// The values of their roles claim at sign-in, mapped to a labsync
+    /// role on every request: a changed role map applies at once.
+    pub roles: Vec<String>,
+    /// The provider's ID token, kept to end the session at the provider:
+    /// it reaches the browser only at sign-out, as the `id_token_hint` of
+    /// the provider's end-session URL. labsync's API refuses ID tokens.
     pub id_token: String,
 }
 

@@ -86,8 +86,11 @@ const provider = new Provider(issuer, {
   clients,
   jwks,
   // Every scope's claims in the ID token too, as a provider configured to
-  // put roles there does.
-  conformIdTokenClaims: false,
+  // put roles there does; with ID_TOKEN_CLAIMS=minimal, only in userinfo,
+  // as Keycloak's default mappers do with realm roles.
+  conformIdTokenClaims: process.env.ID_TOKEN_CLAIMS === "minimal",
+  // PKCE for every client, confidential ones too: a sign-in without it fails.
+  pkce: { required: () => true },
   claims: {
     openid: ["sub"],
     profile: ["preferred_username", "name", "realm_access"],

@@ -79,6 +79,17 @@ impl Actor {
     }
 }
 
+impl Actor {
+    /// Whether two actors are the same party: a person by their `sub`
+    /// alone (a display name changes), anyone else by their whole name.
+    pub fn same_party(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Person { subject: a, .. }, Self::Person { subject: b, .. }) => a == b,
+            (a, b) => a == b,
+        }
+    }
+}
+
 impl fmt::Display for Actor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -96,7 +107,12 @@ impl From<&str> for Actor {
     /// [`Actor::Recorded`].
     fn from(s: &str) -> Self {
         match s.split_once(':') {
-            Some(("api", name)) => Self::api(name),
+            // Before people had their own kind, a provider's caller was
+            // stored as `api:<sub> (<name>)`; a token's name has no space.
+            Some(("api", rest)) => match rest.strip_suffix(')').and_then(|r| r.split_once(" (")) {
+                Some((subject, display)) => Self::person(subject, display),
+                None => Self::api(rest),
+            },
             Some(("cli", user)) => Self::cli(user),
             Some(("person", rest)) => match rest.strip_suffix(')').and_then(|r| r.split_once(" ("))
             {
@@ -155,5 +171,13 @@ mod tests {
         let long = Actor::cli(&"u".repeat(10_000));
         assert_eq!(long.to_string().len(), "cli:".len() + MAX_ACTOR_NAME);
         assert_eq!(Actor::cli(" "), Actor::Cli("unknown".into()));
+        assert_eq!(
+            Actor::from("api:7f3a (olivia)"),
+            Actor::person("7f3a", "olivia"),
+            "a provider's caller as stored before people had their own kind"
+        );
+        assert!(Actor::person("7f3a", "olivia").same_party(&Actor::person("7f3a", "Olivia O.")));
+        assert!(!Actor::person("7f3a", "olivia").same_party(&Actor::person("7f3b", "olivia")));
+        assert!(!Actor::api("ui").same_party(&Actor::cli("ui")));
     }
 }

@@ -2301,7 +2301,7 @@ async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once(
             subject: "sub-1".into(),
             display: "olivia".into(),
             username: Some("olivia".into()),
-            role: "operator".into(),
+            roles: vec!["labsync-operator".into(), "other".into()],
             id_token: "a.b.c".into(),
         }),
         csrf: "c".into(),
@@ -2356,6 +2356,18 @@ async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once(
     store.end("k2").await.unwrap();
     store.end("k2").await.unwrap();
     assert_eq!(store.find("k2", t0).await.unwrap(), None);
+    // One stored before sessions had an idle end has ended.
+    db.collection::<Document>(collections::SESSIONS)
+        .insert_one(doc! {
+            "_id": "old",
+            "subject": "ab".repeat(32),
+            "csrf": "c",
+            "created_at": mongodb::bson::DateTime::from_chrono(t0),
+            "expires_at": mongodb::bson::DateTime::from_chrono(t0 + TimeDelta::hours(12)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.find("old", t0).await.unwrap(), None);
 
     let pending = PendingSignIn {
         key: "state-hash".into(),

@@ -44,7 +44,11 @@ impl Caller {
         Self {
             actor: Actor::person(&printable(subject, 64), &printable(display, 48)),
             role,
-            username: username.map(|u| printable(u, 128)),
+            // Refused rather than cleaned up: a cleaned-up name could be
+            // someone else's.
+            username: username
+                .filter(|u| labsync_infrastructure::oidc::usable_username(u))
+                .map(str::to_owned),
         }
     }
 

@@ -63,6 +63,8 @@ pub struct ApiState {
     pub session_policy: session::SessionPolicy,
     /// Whether the console signs people in through the provider.
     pub console_sign_in: bool,
+    /// Sign-ins this replica may still start this minute.
+    pub sign_in_budget: Arc<session::SignInBudget>,
     /// Lab events for the live streams.
     pub events: stream::EventHub,
 }

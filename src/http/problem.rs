@@ -261,6 +261,7 @@ impl From<AppError> for ApiError {
             AppError::UnknownRun(_) => ProblemKind::UnknownRun,
             AppError::WorkerExists(_) => ProblemKind::WorkerExists,
             AppError::WorkerDisabled(_) => ProblemKind::WorkerDisabled,
+            AppError::NotLabOwner(_) => ProblemKind::NotLabOwner,
             AppError::Conflict(_) => ProblemKind::Conflict,
             AppError::Cml(_) => ProblemKind::CmlFailed,
             AppError::Repository(RepoError::Duplicate(_)) => ProblemKind::Duplicate,
@@ -441,6 +442,7 @@ mod tests {
         let cases = [
             (AppError::UnknownWorker(w.clone()), 404),
             (AppError::WorkerExists(w), 409),
+            (AppError::NotLabOwner("x".into()), 403),
             (AppError::Conflict("x".into()), 409),
             (AppError::Invalid("x".into()), 400),
             (

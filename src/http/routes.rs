@@ -457,7 +457,7 @@ pub async fn cancel_delete_request(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let request = stored_delete_request(&s, &id).await?;
-    if caller.role < Role::Admin && request.requested_by != caller.actor() {
+    if caller.role < Role::Admin && !request.requested_by.same_party(&caller.actor()) {
         return Err(ApiError::new(
             ProblemKind::Forbidden,
             format!(

@@ -5,18 +5,24 @@
 //! # Expected flow
 //! 1. Sign-in makes a session: the SHA-256 of a new random secret, whom it
 //!    speaks for, a CSRF token, an absolute and an idle end. The secret
-//!    goes to the browser in an `HttpOnly`, `SameSite=Strict` cookie.
+//!    goes to the browser in an `HttpOnly`, `SameSite=Strict` cookie
+//!    (`__Host-` and `Secure` under HTTPS).
 //!    - Through the provider ([`start_sign_in`], [`finish_sign_in`]): the
 //!      authorization code flow with PKCE; the pending sign-in is stored
 //!      (any replica may take the callback) and bound to the browser by a
 //!      short `SameSite=Lax` cookie, so that a callback URL sent to someone
-//!      else signs no one in.
+//!      else signs no one in. A replica starts at most
+//!      [`MAX_SIGN_INS_PER_MINUTE`] of them a minute.
 //!    - With an API token (`POST /login`; not a provider's JWT, which the
 //!      session would outlive): the session names the token's hash.
 //! 2. Every request without an `Authorization` header is the session's. A
 //!    token's session has the token's role as configured *now*; a
-//!    person's has the role their claims gave at sign-in. Requests move the
-//!    idle end on, writing at most once per [`TOUCH_EVERY`].
+//!    person's, the role their roles claim's values (kept from sign-in) map
+//!    to *now*. A person's requests move the idle end on, writing at most
+//!    once per [`TOUCH_EVERY`]; a script's own fetches (`Sec-Fetch-Mode`
+//!    other than `navigate`, such as the live redraws) do not. A session's
+//!    event stream ends at the session's end and at least every
+//!    [`STREAM_RECHECK`], to be checked again on reconnect.
 //! 3. A state-changing request of a session (any method but GET, HEAD,
 //!    OPTIONS) must carry the session's CSRF token in `x-csrf-token` (the
 //!    console's script reads it from the page); sign-out, a form, carries
@@ -48,15 +54,16 @@
 //! the cookies are marked `Secure` when `api.secure_cookie` says so.
 //!
 //! # Caveats
-//! A person's role is read at sign-in: a role taken away at the provider
-//! holds until the session ends.
+//! A person's claims are read at sign-in: a role taken away at the
+//! provider holds until the session ends (a changed `oidc.roles` applies
+//! at once). Sessions stored before sessions had an idle end have ended:
+//! their people sign in again, once.
 
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use base64::Engine;
 use labsync_application::ports::{ConsoleSession, PendingSignIn, SessionOf, SignedInPerson};
-use labsync_infrastructure::configuration::Role;
 use labsync_infrastructure::oidc::{Pkce, SignInError};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -65,8 +72,14 @@ use super::ApiState;
 use super::auth::Caller;
 use super::problem::{ApiError, ProblemKind};
 
-/// The cookie that carries the session's secret.
+/// The cookie that carries the session's secret (over plain HTTP: the
+/// demo, tests).
 pub const COOKIE: &str = "labsync_session";
+
+/// Its name under HTTPS: `__Host-` cookies are set by this host only, for
+/// `/`, `Secure`, so that a sibling subdomain cannot plant one (a session
+/// of its choosing).
+pub const SECURE_COOKIE: &str = "__Host-labsync_session";
 
 /// The header a state-changing request of a session echoes its CSRF
 /// token in.
@@ -76,11 +89,70 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 /// that started it.
 pub const SIGN_IN_COOKIE: &str = "labsync_sign_in";
 
+/// Its name under HTTPS (see [`SECURE_COOKIE`]).
+pub const SECURE_SIGN_IN_COOKIE: &str = "__Host-labsync_sign_in";
+
 /// How long a sign-in through the provider may take.
 pub const SIGN_IN_TTL: Duration = Duration::from_secs(600);
 
 /// A session's idle end is written at most this often.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Sign-ins started per replica per minute, at most: each stores a pending
+/// sign-in for [`SIGN_IN_TTL`], and anyone may start one, so a flood of
+/// `/auth/start` must not fill the store.
+pub const MAX_SIGN_INS_PER_MINUTE: u32 = 600;
+
+/// The sign-ins a replica may still start this minute.
+#[derive(Debug, Default)]
+pub struct SignInBudget {
+    /// The minute's start and the sign-ins started in it.
+    window: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
+}
+
+/// Whether one more sign-in fits the minute that began at `start` with
+/// `used` of them; the window after it.
+fn admits(
+    window: Option<(std::time::Instant, u32)>,
+    now: std::time::Instant,
+) -> (bool, (std::time::Instant, u32)) {
+    match window {
+        Some((start, used)) if now.duration_since(start) < Duration::from_secs(60) => {
+            let ok = used < MAX_SIGN_INS_PER_MINUTE;
+            (ok, (start, used + u32::from(ok)))
+        }
+        _ => (true, (now, 1)),
+    }
+}
+
+impl SignInBudget {
+    /// Takes one sign-in from the budget, if any is left.
+    pub fn take(&self) -> bool {
+        let mut w = self
+            .window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ok, next) = admits(*w, std::time::Instant::now());
+        *w = Some(next);
+        ok
+    }
+}
+
+/// A session's event stream ends at least this often, and at the
+/// session's end, so that its browser reconnects and is checked again: a
+/// stream outlives neither a sign-out nor an idle or absolute end.
+pub const STREAM_RECHECK: Duration = Duration::from_secs(60);
+
+/// When a session's event stream must end (see [`STREAM_RECHECK`]).
+pub fn stream_deadline(session: &ConsoleSession, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let recheck =
+        chrono::Duration::from_std(STREAM_RECHECK).unwrap_or(chrono::Duration::minutes(1));
+    let end = session
+        .expires_at
+        .min(session.idle_until)
+        .min(now + recheck);
+    (end - now).to_std().unwrap_or_default()
+}
 
 /// How long sessions last, and how their cookies are marked.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +165,25 @@ pub struct SessionPolicy {
 }
 
 impl SessionPolicy {
+    /// The session cookie's name.
+    pub fn cookie(&self) -> &'static str {
+        if self.secure_cookie {
+            SECURE_COOKIE
+        } else {
+            COOKIE
+        }
+    }
+
+    /// The sign-in cookie's name and path (a `__Host-` cookie must be for
+    /// `/`).
+    fn sign_in_cookie(&self) -> (&'static str, &'static str) {
+        if self.secure_cookie {
+            (SECURE_SIGN_IN_COOKIE, "/")
+        } else {
+            (SIGN_IN_COOKIE, "/auth/callback")
+        }
+    }
+
     fn idle(&self) -> chrono::Duration {
         chrono::Duration::from_std(self.idle).unwrap_or(chrono::Duration::hours(1))
     }
@@ -114,8 +205,8 @@ pub fn key_of(secret: &str) -> String {
 }
 
 /// The session secret a request's cookies carry, if any.
-pub fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
-    cookie(headers, COOKIE)
+pub fn cookie_secret(headers: &HeaderMap, policy: SessionPolicy) -> Option<&str> {
+    cookie(headers, policy.cookie())
 }
 
 /// The value of the cookie `name`, if the request carries it.
@@ -209,6 +300,12 @@ fn sign_in_failed(e: &SignInError) -> ApiError {
 /// 404 without console sign-in; 503 when the provider cannot be read.
 pub async fn start_sign_in(s: &ApiState) -> Result<(String, String), ApiError> {
     let provider = provider_of(s)?;
+    if !s.sign_in_budget.take() {
+        return Err(ApiError::new(
+            ProblemKind::Overloaded,
+            "too many sign-ins were started on this replica in the last minute: try again shortly",
+        ));
+    }
     let (state, nonce, browser, pkce) = (
         random_secret(),
         random_secret(),
@@ -259,7 +356,7 @@ pub async fn finish_sign_in(
         .await
         .map_err(labsync_application::AppError::from)?
         .ok_or_else(stale)?;
-    let browser = cookie(headers, SIGN_IN_COOKIE)
+    let browser = cookie(headers, s.session_policy.sign_in_cookie().0)
         .map(key_of)
         .unwrap_or_default();
     if !bool::from(browser.as_bytes().ct_eq(pending.browser.as_bytes())) {
@@ -283,7 +380,7 @@ pub async fn finish_sign_in(
             subject: who.subject,
             display: who.display,
             username: who.username,
-            role: who.role.as_str().to_owned(),
+            roles: who.role_values,
             id_token: signed_in.id_token,
         }),
     )
@@ -292,27 +389,32 @@ pub async fn finish_sign_in(
 
 /// The `Set-Cookie` value that binds a sign-in to the browser. `Lax`, not
 /// `Strict`: the provider's redirect back is a cross-site navigation.
-pub fn sign_in_cookie(secret: &str, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
+pub fn sign_in_cookie(secret: &str, policy: SessionPolicy) -> HeaderValue {
+    let (name, path) = policy.sign_in_cookie();
+    let secure = if policy.secure_cookie { "; Secure" } else { "" };
     let value = format!(
-        "{SIGN_IN_COOKIE}={secret}; Path=/auth/callback; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        "{name}={secret}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
         SIGN_IN_TTL.as_secs()
     );
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The `Set-Cookie` value that removes the sign-in cookie.
-pub fn cleared_sign_in_cookie() -> HeaderValue {
-    HeaderValue::from_static(
-        "labsync_sign_in=; Path=/auth/callback; HttpOnly; SameSite=Lax; Max-Age=0",
-    )
+pub fn cleared_sign_in_cookie(policy: SessionPolicy) -> HeaderValue {
+    let (name, path) = policy.sign_in_cookie();
+    let secure = if policy.secure_cookie { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{name}=; Path={path}; HttpOnly; SameSite=Lax; Max-Age=0{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The `Set-Cookie` value that gives the browser its session.
 pub fn session_cookie(secret: &str, policy: SessionPolicy) -> HeaderValue {
     let secure = if policy.secure_cookie { "; Secure" } else { "" };
     let value = format!(
-        "{COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        "{}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        policy.cookie(),
         policy.max.as_secs()
     );
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -328,8 +430,13 @@ pub async fn provider_sign_out(s: &ApiState, session: &ConsoleSession) -> Option
 }
 
 /// The `Set-Cookie` value that removes it.
-pub fn cleared_cookie() -> HeaderValue {
-    HeaderValue::from_static("labsync_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+pub fn cleared_cookie(policy: SessionPolicy) -> HeaderValue {
+    let secure = if policy.secure_cookie { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}",
+        policy.cookie()
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Moves the session's idle end on, writing only when the stored one is
@@ -348,6 +455,15 @@ async fn touch(s: &ApiState, session: &ConsoleSession) {
     if let Err(e) = s.sessions.touch(&session.key, idle_until).await {
         tracing::warn!(error = %e, "could not move a session's idle end on");
     }
+}
+
+/// Whether a browser says a script made the request (`Sec-Fetch-Mode`
+/// other than `navigate`); clients that do not say count as people.
+fn script_fetch(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-mode")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m != "navigate")
 }
 
 /// Whether a method changes state, and so needs the CSRF token.
@@ -372,7 +488,7 @@ pub async fn session_caller(
     method: &Method,
     headers: &HeaderMap,
 ) -> Result<Option<(Caller, ConsoleSession)>, ApiError> {
-    let Some(secret) = cookie_secret(headers) else {
+    let Some(secret) = cookie_secret(headers, s.session_policy) else {
         return Ok(None);
     };
     let expired = || {
@@ -397,14 +513,24 @@ pub async fn session_caller(
             Err(e) if e.status() == axum::http::StatusCode::UNAUTHORIZED => return Err(expired()),
             Err(e) => return Err(e),
         },
+        // Mapped again now: a changed role map applies at once, and with
+        // the provider's sign-in turned off a person's session is over.
         SessionOf::Person(p) => Caller::person(
             &p.subject,
             &p.display,
             p.username.as_deref(),
-            Role::parse(&p.role).ok_or_else(expired)?,
+            s.oidc
+                .as_deref()
+                .filter(|_| s.console_sign_in)
+                .and_then(|o| o.role_for(&p.roles))
+                .ok_or_else(expired)?,
         ),
     };
-    touch(s, &session).await;
+    // A script's own fetches (the console's live redraws) are not a
+    // person's activity: an open tab left alone still goes idle.
+    if changes_state(method) || !script_fetch(headers) {
+        touch(s, &session).await;
+    }
     if changes_state(method) {
         let given = headers
             .get(CSRF_HEADER)
@@ -431,10 +557,15 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; labsync_session=s3cret; b=2"),
         );
-        assert_eq!(cookie_secret(&h), Some("s3cret"));
+        let plain = SessionPolicy {
+            secure_cookie: false,
+            idle: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+        };
+        assert_eq!(cookie_secret(&h, plain), Some("s3cret"));
         let mut none = HeaderMap::new();
         none.append(header::COOKIE, HeaderValue::from_static("labsync_session="));
-        assert_eq!(cookie_secret(&none), None);
+        assert_eq!(cookie_secret(&none, plain), None);
         let policy = |secure_cookie| SessionPolicy {
             secure_cookie,
             idle: Duration::from_secs(60),
@@ -444,20 +575,51 @@ mod tests {
         let c = c.to_str().unwrap();
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure"));
         assert!(c.contains("Max-Age=3600"), "the absolute end: {c}");
-        let bind = sign_in_cookie("y", true);
+        let bind = sign_in_cookie("y", policy(false));
         let bind = bind.to_str().unwrap();
         assert!(
             bind.contains("SameSite=Lax") && bind.contains("Path=/auth/callback"),
             "sent on the provider's redirect back, to the callback only: {bind}"
         );
+        let secure = session_cookie("x", policy(true));
+        let secure = secure.to_str().unwrap();
         assert!(
-            session_cookie("x", policy(true))
-                .to_str()
+            secure.starts_with("__Host-labsync_session=x;") && secure.ends_with("; Secure"),
+            "under HTTPS no sibling host can plant it: {secure}"
+        );
+        let bind = sign_in_cookie("y", policy(true));
+        assert!(
+            bind.to_str()
                 .unwrap()
-                .ends_with("; Secure")
+                .starts_with("__Host-labsync_sign_in=y; Path=/;")
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("labsync_session=planted"),
+        );
+        assert_eq!(
+            cookie_secret(&h, policy(true)),
+            None,
+            "a cookie without the prefix is not the session's under HTTPS"
         );
         assert_ne!(random_secret(), random_secret());
         assert_eq!(key_of("a").len(), 64);
+    }
+
+    #[test]
+    fn a_replica_starts_at_most_its_budget_of_sign_ins_a_minute() {
+        let t0 = std::time::Instant::now();
+        let mut w = None;
+        for _ in 0..MAX_SIGN_INS_PER_MINUTE {
+            let (ok, next) = admits(w, t0 + Duration::from_secs(30));
+            assert!(ok);
+            w = Some(next);
+        }
+        let (ok, full) = admits(w, t0 + Duration::from_secs(59));
+        assert!(!ok, "one more within the minute is refused");
+        let (ok, next) = admits(Some(full), t0 + Duration::from_secs(91));
+        assert!(ok && next.1 == 1, "the next minute starts afresh");
     }
 
     #[test]

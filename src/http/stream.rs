@@ -48,7 +48,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use labsync_application::ports::{EventFeed, VisibleEvent};
 use labsync_application::retry::next_pass;
 use tokio::sync::{Semaphore, broadcast, watch};
@@ -202,6 +202,7 @@ fn sse_event(e: &VisibleEvent, details: bool) -> Event {
 pub async fn stream(
     State(s): State<ApiState>,
     Viewer(caller): Viewer,
+    session: Option<axum::Extension<labsync_application::ports::ConsoleSession>>,
     headers: HeaderMap,
 ) -> Response {
     let details = caller.role >= labsync_infrastructure::configuration::Role::Operator;
@@ -227,7 +228,13 @@ pub async fn stream(
         Some(id) => missed_since(s.events.feed.as_ref(), &id).await,
         None => Vec::new(),
     };
-    Sse::new(events(missed, live, permit, details))
+    let end: futures::future::BoxFuture<'static, ()> = match session {
+        Some(axum::Extension(session)) => Box::pin(tokio::time::sleep(
+            super::session::stream_deadline(&session, s.services.clock.now()),
+        )),
+        None => Box::pin(futures::future::pending()),
+    };
+    Sse::new(events(missed, live, permit, details).take_until(end))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
@@ -270,7 +277,7 @@ fn events(
             }
         },
     );
-    futures::StreamExt::chain(first, rest)
+    first.chain(rest)
 }
 
 #[cfg(test)]

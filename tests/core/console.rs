@@ -987,7 +987,7 @@ async fn a_labs_own_page_shows_its_fields_and_history_and_outlives_its_delete() 
     b.until_says("p.gone", "not in the inventory").await;
     let trail = b.text("table.audit").await;
     assert!(
-        trail.contains("delete") && trail.contains("api:operator"),
+        trail.contains("delete") && trail.contains("API token operator"),
         "the trail names who deleted it: {trail}"
     );
     assert!(t.sim().lab(lab.as_str()).is_none(), "CML no longer has it");

@@ -41,6 +41,17 @@ impl Provider {
     /// A provider whose console client sends people back to labsync at
     /// `consoles` (base URLs).
     pub(crate) async fn start_for(keys: &Path, port: u16, consoles: &[&str]) -> Self {
+        Self::start_with(keys, port, consoles, &[]).await
+    }
+
+    /// As [`Provider::start_for`], with more of provider.mjs's settings
+    /// (`ID_TOKEN_CLAIMS=minimal`).
+    pub(crate) async fn start_with(
+        keys: &Path,
+        port: u16,
+        consoles: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("devtools/oidc/provider.mjs");
         let child = tokio::process::Command::new("node")
             .arg(script)
@@ -48,6 +59,7 @@ impl Provider {
             .env("JWKS_FILE", keys)
             .env("OIDC_PROVIDER_MODULE", provider_module())
             .env("CONSOLE_URLS", consoles.join(","))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -35,13 +35,21 @@ struct Setup {
 
 impl Setup {
     async fn start(extra: &[(&str, &str)]) -> Self {
+        Self::start_with(extra, &[]).await
+    }
+
+    /// With settings for labsync (`extra`) and for the provider.
+    async fn start_with(extra: &[(&str, &str)], provider_env: &[(&str, &str)]) -> Self {
         let dir = tempdir();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        // A second replica's own address is registered too: it may be where
-        // a sign-out sends people back.
-        let provider =
-            Provider::start_for(&dir.join("keys.json"), free_port(), &[base.as_str()]).await;
+        let provider = Provider::start_with(
+            &dir.join("keys.json"),
+            free_port(),
+            &[base.as_str()],
+            provider_env,
+        )
+        .await;
         let mut oidc: Vec<(String, String)> = [
             ("LABSYNC__OIDC__ISSUER", provider.issuer()),
             ("LABSYNC__OIDC__AUDIENCE", "labsync".into()),
@@ -454,7 +462,9 @@ async fn a_session_made_on_one_replica_is_served_by_another_and_sign_out_there_e
 
 #[tokio::test]
 async fn a_callback_replayed_or_carried_to_another_browser_signs_no_one_in() {
-    let s = Setup::start(&[]).await;
+    // The API's audience is the console's client id (one Keycloak client
+    // for both): then the ID tokens the console keeps are for it too.
+    let s = Setup::start(&[("LABSYNC__OIDC__AUDIENCE", "labsync-console")]).await;
     // Sent to someone else (a link in a mail): their browser did not
     // start this sign-in.
     let mut olivia = Agent::new();
@@ -496,6 +506,28 @@ async fn a_callback_replayed_or_carried_to_another_browser_signs_no_one_in() {
     assert_eq!(first.status(), StatusCode::OK);
     let replay = again.send(again.http.get(&callback), &callback).await;
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
+
+    // The ID token kept for sign-out opens no API, whatever the audience.
+    let stored =
+        s.t.app
+            .db
+            .collection::<mongodb::bson::Document>("sessions")
+            .find_one(doc! {})
+            .await
+            .unwrap()
+            .unwrap();
+    let id_token = stored
+        .get_document("who")
+        .unwrap()
+        .get_str("id_token")
+        .unwrap()
+        .to_owned();
+    let (status, body) = s.api.get("/api/v1/workers", &id_token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["detail"].as_str().unwrap().contains("ID token"),
+        "{body}"
+    );
 
     // A person whose claims map to no labsync role gets no session.
     let mut nobody = Agent::new();
@@ -558,22 +590,48 @@ async fn a_self_service_person_deletes_their_own_wiped_lab_and_is_refused_someon
             && problem["detail"].as_str().unwrap().contains("\"olivia\""),
         "says whose it is: {problem}"
     );
-    // Queued, it is refused just the same when it runs.
+    // Queued, it is refused before it is queued: it would hold the lab's
+    // one active request.
     let queued = delete(&theirs, "async").await.unwrap();
-    assert_eq!(queued.status(), StatusCode::ACCEPTED);
-    let id = queued.json::<serde_json::Value>().await.unwrap()["delete_request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    eventually("the queued delete fails for good", || async {
-        let r = s.t.app.delete_queue.get(&id).await.unwrap().unwrap();
-        r.outcome
-            .is_some_and(|o| o.kind.word() == "not_owner" && !o.lab_gone)
-    })
-    .await;
+    assert_eq!(queued.status(), StatusCode::FORBIDDEN);
     assert!(
         s.t.sim().lab(theirs.as_str()).is_some(),
         "CML still has someone else's lab"
+    );
+    // Someone else's running lab, with force: refused before it is stopped.
+    let running = s.lab("Olivia's running lab", "olivia");
+    s.t.sim()
+        .update_lab(
+            running.as_str(),
+            LabSpec {
+                state: Some("STARTED".into()),
+                ..LabSpec::default()
+            },
+        )
+        .unwrap();
+    let forced = reqwest::Client::new()
+        .delete(
+            s.api
+                .url(&format!("/api/v1/workers/cml-1/labs/{running}?force=true")),
+        )
+        .header("cookie", format!("labsync_session={session}"))
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forced.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        s.t.sim().lab(running.as_str()).unwrap().state,
+        "STARTED",
+        "not stopped, not wiped"
+    );
+    // Refusals leave someone else's lab's history alone.
+    let history = s.t.record(&theirs).await.unwrap().history;
+    assert!(
+        history
+            .iter()
+            .all(|h| !format!("{h:?}").contains("not_owner")),
+        "{history:?}"
     );
 
     let deleted = delete(&own, "sync").await.unwrap();
@@ -626,6 +684,25 @@ async fn a_session_unused_for_its_idle_time_ends_though_its_absolute_end_is_far(
             && idle_end(&stored().await) > idle_end(&first)
     })
     .await;
+    let first_end = idle_end(&first);
+    eventually("its first idle end passes", || async {
+        chrono::Utc::now() > first_end
+    })
+    .await;
+    assert_eq!(
+        with_cookie(&s.api.base, "/api/v1/workers", &session)
+            .await
+            .status(),
+        StatusCode::OK,
+        "past its first idle end, it lives on"
+    );
+    // A live stream of the session's ends with it, though nothing is sent.
+    let stream = with_cookie(&s.api.base, "/api/v1/events/stream", &session).await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.bytes())
+        .await
+        .expect("the stream ends by the session's idle end")
+        .unwrap();
     // ...and left alone, it ends at its idle end.
     let end = idle_end(&stored().await);
     eventually("the idle end passes", || async { chrono::Utc::now() > end }).await;
@@ -635,5 +712,24 @@ async fn a_session_unused_for_its_idle_time_ends_though_its_absolute_end_is_far(
             .status(),
         StatusCode::UNAUTHORIZED
     );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_provider_that_puts_roles_in_userinfo_only_still_signs_people_in_with_their_role() {
+    let s = Setup::start_with(&[], &[("ID_TOKEN_CLAIMS", "minimal")]).await;
+    let mut olivia = Agent::new();
+    assert_eq!(
+        olivia.sign_in(&s.api.base, "olivia").await.status(),
+        StatusCode::OK,
+        "roles read from userinfo"
+    );
+    let session = olivia.session(&s.api.base).unwrap();
+    let html = with_cookie(&s.api.base, "/fleet", &session)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("olivia · operator"), "{html}");
     s.stop().await;
 }

@@ -76,20 +76,13 @@ fn who_doc(who: &SessionOf) -> Document {
             "subject": &p.subject,
             "display": &p.display,
             "username": p.username.as_deref(),
-            "role": &p.role,
+            "roles": &p.roles,
             "id_token": &p.id_token,
         },
     }
 }
 
 fn who_of(d: &Document) -> Result<SessionOf, RepoError> {
-    // Sessions stored before people signed in through a provider name
-    // their token's hash as `subject`.
-    if let Ok(sha256) = d.get_str("subject") {
-        return Ok(SessionOf::Token {
-            sha256: sha256.to_owned(),
-        });
-    }
     let w = d
         .get_document("who")
         .map_err(|e| corrupt("session", "who", e))?;
@@ -101,7 +94,12 @@ fn who_of(d: &Document) -> Result<SessionOf, RepoError> {
             subject: text(w, "session", "subject")?,
             display: text(w, "session", "display")?,
             username: w.get_str("username").ok().map(str::to_owned),
-            role: text(w, "session", "role")?,
+            roles: w
+                .get_array("roles")
+                .map_err(|e| corrupt("session", "roles", e))?
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             id_token: text(w, "session", "id_token")?,
         })),
         other => Err(corrupt("session", "who.kind", format!("{other:?}"))),
@@ -135,12 +133,13 @@ impl Sessions for MongoSessions {
             .find_one(doc! {"_id": key, "expires_at": {"$gt": date(now)}})
             .await
             .map_err(map_error)?;
-        let Some(d) = found else {
+        // A session stored before sessions had an idle end (and a `who`)
+        // has ended: its person signs in again, once.
+        let Some(d) = found.filter(|d| d.contains_key("idle_until")) else {
             return Ok(None);
         };
         let expires_at = time(&d, "session", "expires_at")?;
-        // Sessions stored before the idle end existed end at the absolute one.
-        let idle_until = time(&d, "session", "idle_until").unwrap_or(expires_at);
+        let idle_until = time(&d, "session", "idle_until")?;
         if idle_until <= now {
             return Ok(None);
         }

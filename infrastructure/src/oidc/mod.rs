@@ -61,7 +61,13 @@ pub struct Identity {
     /// Their CML username: the claim `oidc.username_claim` names.
     pub username: Option<String>,
     pub role: Role,
+    /// The values of the roles claim (at most [`MAX_ROLE_VALUES`]), which
+    /// a console session keeps to map again on every request.
+    pub role_values: Vec<String>,
 }
+
+/// The most values of a roles claim that are read.
+pub const MAX_ROLE_VALUES: usize = 64;
 
 /// Why a token was refused: each names the check that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +90,8 @@ pub enum Refusal {
     NotYetValid,
     #[error("the token lacks a required claim or a claim is malformed")]
     Claims,
+    #[error("the token is an ID token, not an access token")]
+    IdToken,
     #[error("the token carries no labsync role in its {0} claim")]
     NoRole(String),
     #[error("the OpenID Connect provider cannot be read (see labsync's logs)")]
@@ -312,6 +320,13 @@ impl OidcVerifier {
     /// The [`Refusal`] of the first check that failed.
     pub async fn verify(&self, token: &str) -> Result<Identity, Refusal> {
         let claims = self.claims_of(token, &self.settings.audience).await?;
+        // An ID token says who signed in to a client, not that its bearer
+        // may call labsync: the console's own (stored for sign-out) must
+        // never open the API, whatever `audience` and the client id are.
+        if claims.get("nonce").is_some() || claims.get("typ").and_then(|t| t.as_str()) == Some("ID")
+        {
+            return Err(Refusal::IdToken);
+        }
         self.identity(&claims)
     }
 
@@ -344,8 +359,9 @@ impl OidcVerifier {
 
     /// Who verified claims name, with the role they map to.
     fn identity(&self, claims: &serde_json::Value) -> Result<Identity, Refusal> {
+        let role_values = self.role_values(claims);
         let role = self
-            .role_of(claims)
+            .role_for(&role_values)
             .ok_or_else(|| Refusal::NoRole(self.settings.roles_claim.clone()))?;
         let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let subject = text("sub")
@@ -354,28 +370,51 @@ impl OidcVerifier {
         let display = text("preferred_username")
             .or_else(|| text("email"))
             .unwrap_or_else(|| subject.clone());
+        // An email address is someone's only once the provider has checked it.
+        let verified = self.settings.username_claim != "email"
+            || claims
+                .get("email_verified")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true);
         Ok(Identity {
             display,
             username: claim_at(claims, &self.settings.username_claim)
                 .and_then(|v| v.as_str())
-                .filter(|u| !u.is_empty())
+                .filter(|u| verified && usable_username(u))
                 .map(str::to_owned),
             subject,
             role,
+            role_values,
         })
     }
 
     /// The highest role the roles claim maps to.
+    #[cfg(test)]
     fn role_of(&self, claims: &serde_json::Value) -> Option<Role> {
-        let at = claim_at(claims, &self.settings.roles_claim)?;
-        let values: Vec<&str> = match at {
-            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
-            serde_json::Value::String(s) => s.split_whitespace().collect(),
-            _ => return None,
+        self.role_for(&self.role_values(claims))
+    }
+
+    /// The values of the roles claim: an array of strings, or one string
+    /// of space-separated values.
+    fn role_values(&self, claims: &serde_json::Value) -> Vec<String> {
+        let values: Vec<&str> = match claim_at(claims, &self.settings.roles_claim) {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+            Some(serde_json::Value::String(s)) => s.split_whitespace().collect(),
+            _ => Vec::new(),
         };
+        values
+            .into_iter()
+            .filter(|v| v.len() <= 256)
+            .take(MAX_ROLE_VALUES)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The highest role that the roles claim's values map to.
+    pub fn role_for(&self, values: &[String]) -> Option<Role> {
         self.roles
             .iter()
-            .filter(|(value, _)| values.contains(&value.as_str()))
+            .filter(|(value, _)| values.iter().any(|v| v == value))
             .map(|(_, role)| *role)
             .max()
     }
@@ -403,6 +442,20 @@ impl OidcVerifier {
             (None, true) => None,
         }
     }
+}
+
+/// Whether a claimed CML username may be compared with CML's owners: a
+/// name with control, bidirectional, zero-width or other invisible
+/// characters, or an overlong one, is no one's (cleaning it up could turn
+/// `olivia` + U+200B into `olivia`).
+pub fn usable_username(u: &str) -> bool {
+    !u.is_empty()
+        && u.chars().count() <= 128
+        && u.chars().all(|c| {
+            !(c.is_control()
+                || c.is_whitespace()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{00AD}'))
+        })
 }
 
 /// The claim at a dotted path (`realm_access.roles`).
@@ -505,6 +558,22 @@ mod tests {
         assert_eq!(v.role_of(&claims(serde_json::json!(""))), None);
         assert_eq!(v.role_of(&claims(serde_json::json!(["x"]))), None);
         assert_eq!(v.role_of(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn a_username_with_hidden_characters_is_no_ones() {
+        assert!(usable_username("olivia") && usable_username("o.livia@example.net"));
+        for bad in [
+            "",
+            "olivia\u{200B}",
+            "oli\u{202E}via",
+            "olivia ",
+            "a\nb",
+            "\u{FEFF}olivia",
+        ] {
+            assert!(!usable_username(bad), "{bad:?}");
+        }
+        assert!(!usable_username(&"u".repeat(129)));
     }
 
     #[test]

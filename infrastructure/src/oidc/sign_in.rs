@@ -256,11 +256,7 @@ impl OidcVerifier {
             tracing::warn!("the provider's userinfo names another subject: ignored");
             return;
         }
-        if let Some(claims) = claims.as_object_mut() {
-            for (k, v) in info {
-                claims.entry(k).or_insert(v);
-            }
-        }
+        merge_missing(claims, serde_json::Value::Object(info));
     }
 
     /// Where to send the browser to end the provider's session too, then
@@ -268,7 +264,9 @@ impl OidcVerifier {
     /// no end-session endpoint.
     pub async fn end_session_url(&self, id_token: &str) -> Option<String> {
         let at = self.endpoints().await.ok()?.end_session_endpoint?;
-        let mut url = reqwest::Url::parse(&at).ok()?;
+        let mut url = reqwest::Url::parse(&at)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "https" | "http"))?;
         let back = self
             .settings
             .redirect_url
@@ -282,9 +280,40 @@ impl OidcVerifier {
     }
 }
 
+/// Adds what `from` has and `into` lacks, object by object: roles in
+/// userinfo's `realm_access.roles` reach an ID token whose `realm_access`
+/// has other keys only.
+fn merge_missing(into: &mut serde_json::Value, from: serde_json::Value) {
+    let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) else {
+        return;
+    };
+    for (k, v) in from {
+        match into.get_mut(&k) {
+            Some(existing) if existing.is_object() => merge_missing(existing, v),
+            Some(_) => {}
+            None => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_adds_only_what_the_id_token_lacks_at_any_depth() {
+        let mut id = serde_json::json!({"sub": "a", "realm_access": {"other": 1}, "email": "x@y"});
+        merge_missing(
+            &mut id,
+            serde_json::json!({"sub": "b", "realm_access": {"roles": ["r"], "other": 2}, "email": "z@y", "name": "N"}),
+        );
+        assert_eq!(
+            id,
+            serde_json::json!({"sub": "a", "realm_access": {"other": 1, "roles": ["r"]}, "email": "x@y", "name": "N"})
+        );
+    }
 
     #[test]
     fn a_pkce_challenge_is_the_s256_of_its_verifier_and_each_pair_is_new() {

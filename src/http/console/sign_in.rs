@@ -94,7 +94,7 @@ pub async fn start_sign_in(State(s): State<ApiState>) -> Response {
             let mut r = Redirect::to(&url).into_response();
             r.headers_mut().insert(
                 header::SET_COOKIE,
-                session::sign_in_cookie(&browser, s.session_policy.secure_cookie),
+                session::sign_in_cookie(&browser, s.session_policy),
             );
             r
         }
@@ -162,7 +162,10 @@ pub async fn callback(
                 header::SET_COOKIE,
                 session::session_cookie(&secret, s.session_policy),
             );
-            h.append(header::SET_COOKIE, session::cleared_sign_in_cookie());
+            h.append(
+                header::SET_COOKIE,
+                session::cleared_sign_in_cookie(s.session_policy),
+            );
             r
         }
         Err(e) => not_signed_in(&s, e.status(), &e.detail),
@@ -182,7 +185,7 @@ pub async fn logout(
     Form(f): Form<LogoutForm>,
 ) -> Response {
     let mut then = None;
-    if let Some(secret) = session::cookie_secret(&headers) {
+    if let Some(secret) = session::cookie_secret(&headers, s.session_policy) {
         let key = session::key_of(secret);
         let now = s.services.clock.now();
         let ended = match s.sessions.find(&key, now).await {
@@ -237,7 +240,9 @@ pub async fn logout(
         ),
         None => Redirect::to("/login").into_response(),
     };
-    r.headers_mut()
-        .insert(header::SET_COOKIE, session::cleared_cookie());
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        session::cleared_cookie(s.session_policy),
+    );
     r
 }
