@@ -26,8 +26,11 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // In a process group of its own, so that dropping the browser (a
+        // test that failed half-way) takes Chromium down with its driver.
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -163,9 +166,19 @@ impl Browser {
         .await;
     }
 
-    pub(crate) async fn stop(mut self) {
+    pub(crate) async fn stop(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // chromedriver and every Chromium process it started.
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
     }
 }
 
