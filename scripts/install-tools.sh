@@ -10,6 +10,9 @@
 #
 # - oidc-provider (npm, pinned), run with the machine's node: the OpenID Connect
 #   provider of the identity tests (devtools/oidc/provider.mjs).
+# - promtool (Debian package prometheus): tests the alerting rules in
+#   deploy/prometheus. systemd-analyze (Debian package systemd) checks the unit
+#   in deploy/systemd. Installed with apt-get when missing.
 #
 # Everything goes under $LABSYNC_TOOLS_DIR (default ~/.local/share/labsync-tools), so a
 # fresh clone on the same machine reuses it. Skips whatever is already present.
@@ -30,6 +33,19 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
   else
     log "chromium and chromium-driver are missing: install them (Debian: apt-get install chromium chromium-driver) for the console's browser tests"
+  fi
+fi
+
+apt_packages=()
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+if ((${#apt_packages[@]})); then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${apt_packages[*]} (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >&2
+  else
+    log "${apt_packages[*]} missing: install them (Debian: apt-get install ${apt_packages[*]}) for the operations checks"
   fi
 fi
 

@@ -2,8 +2,10 @@
 # The full test suite: unit tests, the CML simulator's contract tests and the
 # integration tests against a real MongoDB-wire server and the simulator.
 # Installs the MongoDB-wire server first if this machine lacks it. Extra
-# arguments go to `cargo test` (e.g. a test name filter). Afterwards it
-# prints the figures the reliability tests reported (docs/RELIABILITY.md).
+# arguments go to `cargo test` (e.g. a test name filter). Then, without a
+# filter, the operations checks: the alerting rules' promtool tests and the
+# systemd unit (docs/OPERATIONS.md). Afterwards it prints the figures the
+# reliability tests reported (docs/RELIABILITY.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,9 @@ reports=target/tmp/reliability
 rm -rf "$reports"
 status=0
 cargo test --workspace --locked "$@" || status=$?
+if [[ $# -eq 0 ]]; then
+  bash scripts/check-deploy.sh || status=$?
+fi
 if compgen -G "$reports/*.txt" >/dev/null; then
   echo
   echo "reliability figures (from $reports):"

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use labsync_application::domain::{
-    Actor, BaseUrl, CertificateTrust, LabId, TlsSettings, Worker, WorkerId,
+    Actor, BaseUrl, CertificateTrust, LabId, TlsSettings, Worker, WorkerChanges, WorkerId,
 };
 use labsync_application::inventory::MAX_PAGE;
 use labsync_application::ports::LabQuery;
@@ -57,10 +57,14 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// MongoDB.
 ///
 /// Configuration: config/default.toml (built in), the file named by
-/// LABSYNC_CONFIG, then LABSYNC__SECTION__KEY environment variables.
+/// --config or LABSYNC_CONFIG, then LABSYNC__SECTION__KEY environment
+/// variables, then systemd credentials ($CREDENTIALS_DIRECTORY).
 #[derive(Debug, Parser)]
 #[command(name = "labsync", version)]
 pub struct Cli {
+    /// A configuration file (TOML or YAML); instead of LABSYNC_CONFIG.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -84,11 +88,60 @@ pub enum Command {
     Audit(AuditArgs),
     /// Refresh runs, newest first: what each did and how it ended.
     Runs(RunsArgs),
-    /// Checks the configuration and prints it with secrets redacted.
+    /// Checks the configuration and prints it, as TOML, with secrets
+    /// redacted.
     Config,
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Async delete requests (`?mode=async`).
+    #[command(subcommand)]
+    DeleteRequests(DeleteRequestsCommand),
+    /// The encryption key of the workers' CML passwords.
+    #[command(subcommand)]
+    Security(SecurityCommand),
+    /// Prints the completions of a shell:
+    /// `labsync completions bash > /etc/bash_completion.d/labsync`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff): `labsync man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecurityCommand {
+    /// Re-seals every worker's password under the configured
+    /// security.encryption_key, opening it with the old key (read from the
+    /// environment variable named here). Each worker is changed atomically;
+    /// run it again after an interruption: finished workers are skipped.
+    /// Replicas running with the old key cannot read the passwords any
+    /// more: restart them with the new key.
+    RotateKey {
+        #[arg(long)]
+        old_key_env: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeleteRequestsCommand {
+    /// One request: its status, attempts, last error and outcome.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest requests, optionally of one status (pending, running,
+    /// done, failed, cancelled).
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -317,6 +370,57 @@ pub enum WorkersCommand {
         #[arg(value_parser = worker_id)]
         id: WorkerId,
     },
+    /// Changes a worker's settings; what is not given stays. A new URL or
+    /// username needs the password again.
+    Update(UpdateWorkerArgs),
+    /// Lets refreshes and deletes touch the worker again.
+    Enable {
+        #[arg(value_parser = worker_id)]
+        id: WorkerId,
+    },
+    /// Hands off: refreshes skip the worker and deletes are refused.
+    Disable {
+        #[arg(value_parser = worker_id)]
+        id: WorkerId,
+    },
+    /// Logs in with the stored settings, checks admin rights and lists the
+    /// labs, changing nothing; says how long it took.
+    Test {
+        #[arg(value_parser = worker_id)]
+        id: WorkerId,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateWorkerArgs {
+    #[arg(value_parser = worker_id)]
+    pub id: WorkerId,
+    #[arg(long)]
+    pub url: Option<String>,
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Name of the environment variable that holds the new password.
+    #[arg(long)]
+    pub password_env: Option<String>,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// PEM file of the CA(s) that signed the server's certificate.
+    #[arg(long, conflicts_with = "system_roots")]
+    pub ca_cert: Option<PathBuf>,
+    /// Trust the system's roots again (drops the CA file).
+    #[arg(long)]
+    pub system_roots: bool,
+    /// true: do not verify the server's certificate; false: verify it.
+    #[arg(long)]
+    pub insecure: Option<bool>,
+    /// true: accept a plain http:// URL.
+    #[arg(long)]
+    pub allow_http: Option<bool>,
+    /// true: fetch lab details with one `populate_lab_tiles` request.
+    #[arg(long)]
+    pub lab_tiles: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -360,6 +464,15 @@ pub enum LabsCommand {
     List {
         #[arg(long, value_parser = worker_id)]
         worker: WorkerId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One lab: its fields, its change history and its audit trail.
+    Show {
+        #[arg(long, value_parser = worker_id)]
+        worker: WorkerId,
+        #[arg(long, value_parser = lab_id)]
+        lab: LabId,
         #[arg(long)]
         json: bool,
     },
@@ -425,7 +538,6 @@ fn report_line(r: &RunReport) -> String {
     line
 }
 
-/// Who is asking, for the audit log.
 /// The OS login that ran the command, as it says (not authenticated:
 /// anyone who can run the CLI with the database's credentials can say
 /// anything; the audit log shows it as such).
@@ -445,7 +557,20 @@ fn cli_actor() -> Actor {
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     let command = match cli.command {
         Command::Config => {
-            println!("{settings:#?}");
+            print!(
+                "{}",
+                settings
+                    .to_redacted_toml()
+                    .map_err(|e| anyhow::anyhow!("printing the configuration: {e}"))?
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Completions { shell } => {
+            print_completions(shell);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            print_man()?;
             return Ok(ExitCode::SUCCESS);
         }
         other => other,
@@ -472,12 +597,18 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     let app = App::build(&settings).await?;
     let s = &app.services;
     match command {
-        Command::Config | Command::Serve => Ok(ExitCode::SUCCESS),
+        Command::Config | Command::Serve | Command::Completions { .. } | Command::Man => {
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token(t) => token_command(&settings, &app, t).await,
         Command::Refresh(a) => {
             let options = RefreshOptions {
                 dry_run: a.dry_run,
                 force_prune: a.force_prune,
+            };
+            let on_terminal = {
+                use std::io::IsTerminal;
+                std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
             };
             let reports = match &a.worker {
                 Some(w) => vec![
@@ -485,6 +616,19 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                         .execute(w, &cli_actor(), options)
                         .await?,
                 ],
+                // On a terminal, each worker's run as it goes; its line
+                // printed as it ends.
+                None if on_terminal && !a.json => {
+                    let reports = refresh_fleet_with_progress(&app, options).await?;
+                    if reports.is_empty() {
+                        println!("no enabled workers");
+                    }
+                    return Ok(if reports.iter().any(RunReport::is_failure) {
+                        ExitCode::from(EXIT_FAILED)
+                    } else {
+                        ExitCode::SUCCESS
+                    });
+                }
                 None => {
                     RefreshAll::new(s.clone())
                         .execute(&cli_actor(), options)
@@ -663,7 +807,355 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Security(SecurityCommand::RotateKey { old_key_env }) => {
+            let old = std::env::var(&old_key_env)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .with_context(|| {
+                    format!("environment variable {old_key_env} is not set or empty")
+                })?;
+            let old = labsync_infrastructure::crypto::PasswordCipher::from_setting(
+                &SecretString::from(old),
+            )
+            .map_err(|e| anyhow::anyhow!("the old key ({old_key_env}): {e}"))?
+            .with_context(|| format!("the old key ({old_key_env}) is empty"))?;
+            let report = app.workers.reseal_with(&old).await?;
+            println!(
+                "resealed {} worker password(s) under the new key; {} already were",
+                report.resealed, report.already
+            );
+            for (id, why) in &report.failed {
+                println!("  NOT resealed: {}: {}", shown(id), shown(why));
+            }
+            Ok(if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::Labs(LabsCommand::Show { worker, lab, json }) => {
+            let detail = app.inventory.lab(&worker, &lab).await?;
+            if json {
+                print_json(&crate::http::dto::LabDetailView::from(detail))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_lab(&detail);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers(WorkersCommand::Update(a)) => update_worker(&app, a).await,
+        Command::Workers(WorkersCommand::Enable { id }) => set_enabled(&app, &id, true).await,
+        Command::Workers(WorkersCommand::Disable { id }) => set_enabled(&app, &id, false).await,
+        Command::Workers(WorkersCommand::Test { id, json }) => {
+            let started = std::time::Instant::now();
+            let check = app
+                .inventory
+                .check_worker(&id, &WorkerChanges::default(), None)
+                .await?;
+            let took = started.elapsed();
+            if json {
+                let mut v = serde_json::to_value(crate::http::dto::ConnectionCheckView::from(
+                    check.clone(),
+                ))?;
+                v["took_ms"] = serde_json::json!(took.as_millis());
+                print_json(&v)?;
+            } else if check.ok {
+                println!(
+                    "{id}: ok in {} ms: logged in as {}, an admin; {} labs listed",
+                    took.as_millis(),
+                    shown(check.username.as_deref().unwrap_or("?")),
+                    check.labs.unwrap_or(0)
+                );
+            } else {
+                println!(
+                    "{id}: FAILED after {} ms: {}",
+                    took.as_millis(),
+                    shown(&check.detail)
+                );
+            }
+            Ok(if check.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::DeleteRequests(DeleteRequestsCommand::Show { id, json }) => {
+            let request = app
+                .delete_queue
+                .get(&id)
+                .await?
+                .ok_or_else(|| AppError::Invalid(format!("no delete request {id:?}")))?;
+            if json {
+                print_json(&crate::http::dto::DeleteRequestView::from(request))?;
+            } else {
+                print_delete_request(&request);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DeleteRequests(DeleteRequestsCommand::List {
+            status,
+            limit,
+            json,
+        }) => {
+            let status = status
+                .map(|s| {
+                    labsync_application::DeleteRequestStatus::parse(&s).ok_or_else(|| {
+                        AppError::Invalid(format!(
+                            "status must be pending, running, done, failed or cancelled, not {s:?}"
+                        ))
+                    })
+                })
+                .transpose()?;
+            let requests = app
+                .delete_queue
+                .recent(status, limit.clamp(1, MAX_PAGE))
+                .await?;
+            if json {
+                let views: Vec<crate::http::dto::DeleteRequestView> = requests
+                    .into_iter()
+                    .map(crate::http::dto::DeleteRequestView::from)
+                    .collect();
+                print_json(&views)?;
+            } else {
+                for r in &requests {
+                    print_delete_request(r);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// What went wrong, in one line a person can act on. A database that does
+/// not answer is said so, with where labsync looked (credentials left
+/// out); the driver's own account goes to the debug log.
+pub fn explain(e: &anyhow::Error, settings: &Settings) -> String {
+    use labsync_application::RepoError;
+    let unavailable = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<RepoError>(),
+            Some(RepoError::Unavailable(_))
+        ) || matches!(
+            c.downcast_ref::<AppError>(),
+            Some(AppError::Repository(RepoError::Unavailable(_)))
+        )
+    });
+    if unavailable {
+        tracing::debug!(error = %format!("{e:#}"), "the database did not answer");
+        let uri = labsync_infrastructure::configuration::uri_without_credentials(
+            secrecy::ExposeSecret::expose_secret(&settings.mongodb.uri),
+        );
+        return format!(
+            "MongoDB did not answer at {uri} (mongodb.uri): is it running and reachable? \
+             (RUST_LOG=debug shows the driver's detail)"
+        );
+    }
+    format!("{e:#}")
+}
+
+/// Runs a command that needs no configuration (completions, the manual);
+/// `None` for every other.
+pub fn without_configuration(cli: &Cli) -> Option<ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            print_completions(*shell);
+            Some(ExitCode::SUCCESS)
+        }
+        Command::Man => Some(match print_man() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("labsync: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Starts a run of every enabled worker and follows each on the terminal
+/// (a spinner per worker on standard error), printing each report's line
+/// as its run ends.
+async fn refresh_fleet_with_progress(
+    app: &App,
+    options: RefreshOptions,
+) -> anyhow::Result<Vec<RunReport>> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let started = RefreshAll::new(app.services.clone())
+        .start(&cli_actor(), options)
+        .await?;
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{spinner} {prefix:<20} {msg} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let mut pending: Vec<(RunReport, ProgressBar)> = started
+        .into_iter()
+        .map(|r| {
+            let bar = bars.add(ProgressBar::new_spinner());
+            bar.set_style(style.clone());
+            bar.set_prefix(r.worker_id.to_string());
+            bar.set_message("running");
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            (r, bar)
+        })
+        .collect();
+    let mut done = Vec::new();
+    while !pending.is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let mut still = Vec::new();
+        for (r, bar) in pending {
+            // A run whose process went silent reads as failed: this ends.
+            let now = app.inventory.run(&r.run_id).await?;
+            if now.status == RunStatus::Running {
+                still.push((r, bar));
+            } else {
+                bar.finish_and_clear();
+                bars.suspend(|| println!("{}", report_line(&now)));
+                done.push(now);
+            }
+        }
+        pending = still;
+    }
+    Ok(done)
+}
+
+/// The completions of `shell`, on standard output.
+fn print_completions(shell: clap_complete::Shell) {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "labsync", &mut std::io::stdout());
+}
+
+/// The manual page, on standard output.
+fn print_man() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+    Ok(())
+}
+
+fn print_lab(d: &labsync_application::inventory::LabDetail) {
+    let r = &d.record;
+    let l = &r.snapshot;
+    println!("{} {}", r.lab_id, shown(&l.title));
+    println!("  worker     {}", r.worker_id);
+    println!("  state      {}", shown(l.state.as_str()));
+    println!(
+        "  owner      {}",
+        shown(l.owner_username.as_deref().unwrap_or("-"))
+    );
+    println!("  nodes      {} / links {}", l.node_count, l.link_count);
+    println!(
+        "  first seen {}",
+        r.first_seen_at.format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    println!(
+        "  changed    {} (revision {})",
+        r.last_changed_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        r.revision
+    );
+    if !r.history.is_empty() {
+        println!("history, newest first:");
+        for h in r.history.iter().rev() {
+            println!(
+                "  {} {}",
+                h.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                shown(&format!("{:?}", h.event))
+            );
+        }
+    }
+    if !d.audit.is_empty() {
+        println!("audit, newest first:");
+        for a in &d.audit {
+            println!(
+                "  {} {} {} {} {}",
+                a.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                shown(&a.actor.to_string()),
+                a.action.as_str(),
+                shown(&a.outcome),
+                shown(&a.detail)
+            );
+        }
+    }
+}
+
+fn print_delete_request(r: &labsync_application::DeleteRequest) {
+    println!(
+        "{} {:<9} {}/{} by {} attempts={} created={}{}",
+        r.id,
+        r.status.as_str(),
+        r.worker_id,
+        r.lab_id,
+        shown(&r.requested_by.to_string()),
+        r.attempts,
+        r.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        r.last_error
+            .as_deref()
+            .map_or_else(String::new, |e| format!("\n    last error: {}", shown(e)))
+    );
+}
+
+/// `workers enable|disable`: the same change as the console's toggle.
+async fn set_enabled(app: &App, id: &WorkerId, enabled: bool) -> anyhow::Result<ExitCode> {
+    let changes = WorkerChanges {
+        enabled: Some(enabled),
+        ..WorkerChanges::default()
+    };
+    app.inventory
+        .update(id, changes, None, &cli_actor())
+        .await?;
+    println!(
+        "worker {id} {}",
+        if enabled {
+            "enabled"
+        } else {
+            "disabled: refreshes skip it and deletes are refused"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `workers update`: only what is given changes.
+async fn update_worker(app: &App, a: UpdateWorkerArgs) -> anyhow::Result<ExitCode> {
+    let password = match &a.password_env {
+        Some(var) => Some(SecretString::from(
+            std::env::var(var)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .with_context(|| format!("environment variable {var} is not set or empty"))?,
+        )),
+        None => None,
+    };
+    let ca_cert_pem = match (&a.ca_cert, a.system_roots) {
+        (Some(path), _) => {
+            Some(Some(std::fs::read_to_string(path).with_context(|| {
+                format!("reading CA bundle {}", path.display())
+            })?))
+        }
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let changes = WorkerChanges {
+        name: a.name,
+        base_url: a
+            .url
+            .as_deref()
+            .map(BaseUrl::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?,
+        username: a.username,
+        ca_cert_pem,
+        insecure: a.insecure,
+        allow_http: a.allow_http,
+        enabled: None,
+        lab_tiles: a.lab_tiles,
+    };
+    let updated = app
+        .inventory
+        .update(&a.id, changes, password, &cli_actor())
+        .await?;
+    println!(
+        "updated worker {} at {}",
+        updated.worker.id,
+        shown(updated.worker.base_url.as_str())
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn add_worker(app: &App, a: AddWorkerArgs) -> anyhow::Result<ExitCode> {

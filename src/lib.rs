@@ -5,6 +5,7 @@
 //! May depend on every labsync crate; nothing depends on it.
 
 pub mod cli;
+pub mod gauges;
 pub mod http;
 pub mod service;
 pub mod wiring;

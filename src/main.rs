@@ -10,7 +10,12 @@ use labsync_infrastructure::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
+    // Completions and the manual need no configuration: a broken one must
+    // not stop them.
+    if let Some(code) = cli::without_configuration(&cli) {
+        return code;
+    }
+    let settings = match Settings::load_with(cli.config.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("labsync: {}", cli::shown(&e.to_string()));
@@ -25,10 +30,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    match runtime.block_on(cli::run(cli, settings)) {
+    match runtime.block_on(cli::run(cli, settings.clone())) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("labsync: {}", cli::shown(&format!("{e:#}")));
+            eprintln!("labsync: {}", cli::shown(&cli::explain(&e, &settings)));
             ExitCode::from(cli::exit_code(&e))
         }
     }

@@ -87,6 +87,7 @@ pub async fn start_with(
         &settings.refresh.cron,
         RefreshAll::new(app.services.clone()),
         settings.refresh.run_at_startup,
+        Some(app.metrics.clone()),
     )
     .await
     .context("starting the refresh schedule")?;
@@ -107,6 +108,15 @@ pub async fn start_with(
         settings.api.max_event_streams,
     );
     background.push(tokio::spawn(events.clone().run(stop_rx.clone())));
+    let health: Arc<dyn labsync_application::ports::Health> = Arc::new(MongoHealth::new(&app.db));
+    background.push(tokio::spawn(crate::gauges::run(
+        app.inventory.clone(),
+        app.delete_queue.clone(),
+        health.clone(),
+        scheduler_running.clone(),
+        app.metrics.clone(),
+        stop_rx.clone(),
+    )));
 
     let state = ApiState {
         services: app.services.clone(),
@@ -114,13 +124,14 @@ pub async fn start_with(
         delete_queue: app.delete_queue.clone(),
         tokens: Arc::new(settings.api.parsed_tokens()),
         metrics: app.metrics.clone(),
-        health: Arc::new(MongoHealth::new(&app.db)),
+        health,
         sessions: Arc::new(MongoSessions::new(&app.db)),
         machine_tokens: Arc::new(MongoMachineTokens::new(&app.db)),
         oidc: if settings.oidc.enabled() {
             Some(Arc::new(
                 labsync_infrastructure::oidc::OidcVerifier::new(settings.oidc.clone())
-                    .map_err(|e| anyhow::anyhow!("oidc: {e}"))?,
+                    .map_err(|e| anyhow::anyhow!("oidc: {e}"))?
+                    .with_metrics(app.metrics.clone()),
             ))
         } else {
             None

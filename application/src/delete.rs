@@ -207,7 +207,15 @@ impl DeleteLab {
     /// refresh removes it). Refusals and CML failures are outcomes, not errors.
     pub async fn execute(self, services: &Services) -> Result<DeleteOutcome, AppError> {
         let span = info_span!("delete_lab", worker_id = %self.worker_id, lab_id = %self.lab_id, force = self.force);
-        self.run(services).instrument(span).await
+        let started = Instant::now();
+        let result = self.run(services).instrument(span).await;
+        let word = match &result {
+            Ok(outcome) => outcome.kind.word(),
+            Err(AppError::RecordCleanupPending(_)) => DeleteEnd::RecordCleanupPending.word(),
+            Err(_) => "error",
+        };
+        services.observer.delete_took(word, started.elapsed());
+        result
     }
 
     async fn run(self, s: &Services) -> Result<DeleteOutcome, AppError> {

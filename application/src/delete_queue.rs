@@ -68,9 +68,33 @@ pub enum DeleteRequestStatus {
 }
 
 impl DeleteRequestStatus {
+    /// Every status, in the order a request may reach them.
+    pub const ALL: [Self; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Done,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     /// Pending or running: the lab's one active request.
     pub fn is_active(self) -> bool {
         matches!(self, Self::Pending | Self::Running)
+    }
+
+    /// The word it is stored and shown as.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
@@ -103,6 +127,15 @@ pub struct DeleteRequest {
     pub cancel_requested_by: Option<Actor>,
 }
 
+/// The async delete queue at a glance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub pending: u64,
+    pub running: u64,
+    pub failed: u64,
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+}
+
 /// Stored delete requests.
 #[async_trait]
 pub trait DeleteRequests: Send + Sync {
@@ -123,6 +156,23 @@ pub trait DeleteRequests: Send + Sync {
     /// # Errors
     /// [`RepoError`].
     async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, RepoError>;
+
+    /// How many requests are pending, running and failed, and when the
+    /// oldest pending one was submitted (for the gauges).
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn stats(&self) -> Result<QueueStats, RepoError>;
+
+    /// The newest requests (by submission), of `status` if given.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn recent(
+        &self,
+        status: Option<DeleteRequestStatus>,
+        limit: usize,
+    ) -> Result<Vec<DeleteRequest>, RepoError>;
 
     /// Takes one due request (pending and due, or running with an expired
     /// claim) of a worker not in `busy`, marks it running, claimed for
@@ -294,6 +344,26 @@ impl DeleteQueue {
     /// [`AppError::Repository`].
     pub async fn get(&self, id: &str) -> Result<Option<DeleteRequest>, AppError> {
         Ok(self.requests.get(id).await?)
+    }
+
+    /// The newest requests, of `status` if given.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn recent(
+        &self,
+        status: Option<DeleteRequestStatus>,
+        limit: usize,
+    ) -> Result<Vec<DeleteRequest>, AppError> {
+        Ok(self.requests.recent(status, limit).await?)
+    }
+
+    /// The queue at a glance.
+    ///
+    /// # Errors
+    /// [`AppError::Repository`].
+    pub async fn stats(&self) -> Result<QueueStats, AppError> {
+        Ok(self.requests.stats().await?)
     }
 
     /// Cancels a pending request; a running one ends cancelled after its
@@ -579,6 +649,40 @@ mod tests {
 
     #[async_trait]
     impl DeleteRequests for FakeRequests {
+        async fn recent(
+            &self,
+            status: Option<DeleteRequestStatus>,
+            limit: usize,
+        ) -> Result<Vec<DeleteRequest>, RepoError> {
+            let mut found: Vec<DeleteRequest> = self
+                .stored
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(r, _)| r.clone())
+                .filter(|r| status.is_none_or(|s| r.status == s))
+                .collect();
+            found.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+            found.truncate(limit);
+            Ok(found)
+        }
+        async fn stats(&self) -> Result<QueueStats, RepoError> {
+            let stored = self.stored.lock().unwrap();
+            let count = |s: DeleteRequestStatus| {
+                stored.iter().filter(|(r, _)| r.status == s).count() as u64
+            };
+            Ok(QueueStats {
+                pending: count(DeleteRequestStatus::Pending),
+                running: count(DeleteRequestStatus::Running),
+                failed: count(DeleteRequestStatus::Failed),
+                oldest_pending_at: stored
+                    .iter()
+                    .filter(|(r, _)| r.status == DeleteRequestStatus::Pending)
+                    .map(|(r, _)| r.created_at)
+                    .min(),
+            })
+        }
+
         async fn create_unless_active(
             &self,
             r: &DeleteRequest,

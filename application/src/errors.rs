@@ -46,6 +46,10 @@ pub enum RepoError {
     Corrupt(String),
     #[error("database error: {0}")]
     Other(String),
+    /// labsync lacks a setting this needs (the encryption key for worker
+    /// passwords); the message names it.
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 /// The error of a use case, as callers (CLI, HTTP) map it to exit codes and

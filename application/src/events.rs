@@ -164,6 +164,9 @@ impl LabEvent {
 pub trait Observer: Send + Sync {
     fn refresh_finished(&self, _report: &crate::RunReport) {}
     fn delete_finished(&self, _end: crate::delete::DeleteEnd<'_>) {}
+    /// How long a delete took, by its outcome's word (`error` for a
+    /// delete that ended in an error before any outcome).
+    fn delete_took(&self, _outcome: &'static str, _elapsed: std::time::Duration) {}
 }
 
 /// Observes nothing.

@@ -490,6 +490,9 @@ impl WorkerRepository for FakeWorkers {
     async fn list(&self) -> Result<Vec<Worker>, RepoError> {
         Ok(vec![self.0.clone()])
     }
+    async fn settings(&self, id: &WorkerId) -> Result<Option<Worker>, RepoError> {
+        Ok((id == &self.0.id).then(|| self.0.clone()))
+    }
     async fn update(
         &self,
         _: &Worker,

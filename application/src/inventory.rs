@@ -92,13 +92,11 @@ impl Inventory {
     }
 
     async fn require_worker(&self, id: &WorkerId) -> Result<Worker, AppError> {
-        Ok(self
-            .services
+        self.services
             .workers
-            .get(id)
+            .settings(id)
             .await?
-            .ok_or_else(|| AppError::UnknownWorker(id.clone()))?
-            .worker)
+            .ok_or_else(|| AppError::UnknownWorker(id.clone()))
     }
 
     async fn record_audit(

@@ -31,7 +31,7 @@ mod fakes;
 pub use delete::{DeleteEnd, DeleteLab, DeleteOutcome, DeleteOutcomeKind};
 pub use delete_queue::{
     CancelError, DeleteQueue, DeleteQueueSettings, DeleteRequest, DeleteRequestStatus,
-    DeleteRequests,
+    DeleteRequests, QueueStats,
 };
 pub use errors::{AppError, CmlError, RepoError};
 pub use events::{EventData, LabEvent, LabEventKind, NoObserver, Observer};

@@ -501,6 +501,15 @@ pub trait WorkerRepository: Send + Sync {
     /// [`RepoError`].
     async fn list(&self) -> Result<Vec<Worker>, RepoError>;
 
+    /// The worker's settings, without opening its password: what reads of
+    /// the inventory and a change of settings need. MUST NOT fail for a
+    /// password that does not open (sealed under another key): that is
+    /// what `workers update` with a new password repairs.
+    ///
+    /// # Errors
+    /// [`RepoError`].
+    async fn settings(&self, id: &WorkerId) -> Result<Option<Worker>, RepoError>;
+
     /// Replaces the worker's settings by `worker`, and its password when
     /// one is given, MUST only if the stored settings are still `before`
     /// (as the caller read them), in one step: a change made meanwhile is

@@ -15,7 +15,7 @@ use labsync_application::domain::PrunePolicy;
 use labsync_application::retry::Backoff;
 use labsync_application::{CoreSettings, DeleteQueueSettings};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::mongo::outbox::{RELAY_BACKOFF_BASE, RelaySettings};
 
@@ -23,10 +23,76 @@ use crate::mongo::outbox::{RELAY_BACKOFF_BASE, RelaySettings};
 /// `config/default.toml` so that operators can read it.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 
+/// A secret as `labsync config` prints it: whether it is set, never what.
+fn redacted<S: serde::Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.expose_secret().is_empty() {
+        ""
+    } else {
+        "[redacted]"
+    })
+}
+
+/// A MongoDB URI as `labsync config` prints it: its hosts and options, the
+/// credentials redacted.
+fn redacted_uri<S: serde::Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&uri_without_credentials(v.expose_secret()))
+}
+
+/// `uri` with any `user:password@` and its options (which may carry
+/// secrets too, such as AWS session tokens) replaced.
+pub fn uri_without_credentials(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return "[redacted]".into();
+    };
+    let (rest, options) = match rest.split_once('?') {
+        Some((r, _)) => (r, "?[redacted]"),
+        None => (rest, ""),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, hosts)) => format!("{scheme}://[redacted]@{hosts}{options}"),
+        None => format!("{scheme}://{rest}{options}"),
+    }
+}
+
+impl Settings {
+    /// The settings as TOML, secrets redacted (`labsync config`).
+    ///
+    /// # Errors
+    /// When a value cannot be written as TOML (none can today).
+    pub fn to_redacted_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(self).map_err(|e| e.to_string())
+    }
+}
+
 /// Environment variable naming an extra configuration file (TOML or YAML).
 pub const CONFIG_FILE_ENV: &str = "LABSYNC_CONFIG";
 
-#[derive(Debug, Clone, Deserialize)]
+/// Where systemd puts a service's credentials (`LoadCredential=`).
+pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
+
+/// The settings a credential file may set, each by a file of its own name
+/// in `$CREDENTIALS_DIRECTORY`: the secrets, which belong neither in a
+/// configuration file nor in the environment.
+pub const CREDENTIAL_KEYS: [&str; 4] = [
+    "mongodb.uri",
+    "security.encryption_key",
+    "oidc.client_secret",
+    "events.sink_url",
+];
+
+/// The credentials found in `dir`, as (setting, value) with a final line
+/// break removed; other files are ignored.
+pub fn credentials_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    CREDENTIAL_KEYS
+        .iter()
+        .filter_map(|key| {
+            let value = std::fs::read_to_string(dir.join(key)).ok()?;
+            Some((*key, value.trim_end_matches(['\n', '\r']).to_owned()))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub mongodb: MongoSettings,
@@ -42,7 +108,7 @@ pub struct Settings {
 
 /// Bearer JWTs from an OpenID Connect provider (off while `issuer` is
 /// empty); see [`crate::oidc`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcSettings {
     /// The provider's issuer URL, exactly as its tokens' `iss` says it.
@@ -65,6 +131,7 @@ pub struct OidcSettings {
     pub client_id: String,
     /// Its secret (a confidential client); set it in the environment
     /// (`LABSYNC__OIDC__CLIENT_SECRET`).
+    #[serde(serialize_with = "redacted")]
     pub client_secret: SecretString,
     /// Where the provider sends people back: labsync's own
     /// `/auth/callback`, as the people's browsers reach it.
@@ -105,7 +172,7 @@ impl OidcSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     pub listen: String,
@@ -140,7 +207,7 @@ pub struct ApiSettings {
 
 /// Who may read `/metrics`: anyone, a token of at least a role, or no one
 /// (the route answers 404).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MetricsAuth {
     Open,
@@ -277,10 +344,11 @@ impl ApiSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventSettings {
     /// May carry a token in its query string: a secret.
+    #[serde(serialize_with = "redacted")]
     pub sink_url: SecretString,
     pub retention_secs: u64,
     pub poll_interval_ms: u64,
@@ -290,16 +358,17 @@ pub struct EventSettings {
     pub max_in_flight: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MongoSettings {
+    #[serde(serialize_with = "redacted_uri")]
     pub uri: SecretString,
     pub database: String,
     pub server_selection_timeout_ms: u64,
     pub connect_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshSettings {
     pub cron: String,
@@ -313,7 +382,7 @@ pub struct RefreshSettings {
     pub history_limit: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteSettings {
     pub tombstone_ttl_secs: u64,
@@ -331,14 +400,15 @@ pub struct DeleteSettings {
     pub async_max_parallel: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecuritySettings {
     /// Base64 of a 32-byte AES-256-GCM key; empty when not configured.
+    #[serde(serialize_with = "redacted")]
     pub encryption_key: SecretString,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CmlSettings {
     pub connect_timeout_ms: u64,
@@ -346,14 +416,14 @@ pub struct CmlSettings {
     pub max_response_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub filter: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Human,
@@ -461,7 +531,16 @@ impl Settings {
     /// unknown or out of range, or when `LABSYNC_CONFIG` names an unreadable
     /// file.
     pub fn load() -> Result<Self, ConfigError> {
-        let file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        Self::load_with(None)
+    }
+
+    /// As [`Settings::load`], with `file` (`--config`) instead of the one
+    /// `LABSYNC_CONFIG` names, when given.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_with(file: Option<PathBuf>) -> Result<Self, ConfigError> {
+        let file = file.or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
         Self::load_from(file, Environment::with_prefix("LABSYNC"))
     }
 
@@ -477,17 +556,20 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).required(true));
         }
-        let settings: Settings = builder
-            .add_source(
-                env.prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .list_separator(",")
-                    .with_list_parse_key("api.tokens")
-                    .with_list_parse_key("oidc.roles"),
-            )
-            .build()?
-            .try_deserialize()?;
+        builder = builder.add_source(
+            env.prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("api.tokens")
+                .with_list_parse_key("oidc.roles"),
+        );
+        if let Some(dir) = std::env::var_os(CREDENTIALS_DIRECTORY_ENV) {
+            for (key, value) in credentials_in(std::path::Path::new(&dir)) {
+                builder = builder.set_override(key, value)?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -830,6 +912,61 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Environment::with_prefix("LABSYNC").source(Some(map))
+    }
+
+    #[test]
+    fn the_printed_configuration_is_toml_that_shows_no_secret() {
+        let s = Settings::from_overrides(&[
+            (
+                "LABSYNC__MONGODB__URI",
+                "mongodb://app:hunter2@db1,db2/?replicaSet=rs0",
+            ),
+            (
+                "LABSYNC__SECURITY__ENCRYPTION_KEY",
+                "c2VjcmV0LWtleS0xMjM0NTY3ODkwMTIzNDU2Nzg5MDE=",
+            ),
+            (
+                "LABSYNC__EVENTS__SINK_URL",
+                "https://sink.example.net/?token=s3cr3t",
+            ),
+        ])
+        .unwrap();
+        let text = s.to_redacted_toml().unwrap();
+        for secret in ["hunter2", "app:", "c2VjcmV0", "s3cr3t"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            text.contains("uri = \"mongodb://[redacted]@db1,db2/?[redacted]\""),
+            "{text}"
+        );
+        let back: toml::Table = toml::from_str(&text).expect("it is TOML");
+        assert_eq!(
+            back["refresh"]["cron"].as_str(),
+            Some(s.refresh.cron.as_str())
+        );
+        assert_eq!(
+            uri_without_credentials("mongodb://db:27017"),
+            "mongodb://db:27017"
+        );
+        assert_eq!(uri_without_credentials("not a uri"), "[redacted]");
+    }
+
+    #[test]
+    fn credentials_set_only_the_secret_settings_each_from_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mongodb.uri"), "mongodb://db:27017\n").unwrap();
+        std::fs::write(dir.path().join("security.encryption_key"), "a2V5").unwrap();
+        std::fs::write(dir.path().join("api.listen"), "0.0.0.0:1").unwrap();
+        let mut found = credentials_in(dir.path());
+        found.sort_unstable();
+        assert_eq!(
+            found,
+            vec![
+                ("mongodb.uri", "mongodb://db:27017".to_owned()),
+                ("security.encryption_key", "a2V5".to_owned()),
+            ],
+            "a line break is dropped; a file that is no secret's name is ignored"
+        );
     }
 
     #[test]

@@ -1,13 +1,20 @@
-//! Prometheus metrics. Labels are bounded: outcomes, endpoints and status
-//! classes are fixed words, and the only open label, `worker_id`, has one
-//! value per registered worker.
+//! Prometheus metrics. Labels are bounded: outcomes, reasons, endpoints,
+//! routes (their templates) and status classes are fixed words, and the
+//! only open label, `worker_id`, has one value per registered worker.
+//!
+//! Counters and histograms are counted as things happen in this process;
+//! the per-worker and queue gauges are read from MongoDB
+//! ([`Metrics::fleet_gauges`]), so that every replica exports the same
+//! values and alerts take `max()`. Every label value of a bounded set is
+//! exported from the start (at 0), so that `rate()` and the alerts see a
+//! series before its first event.
 
 use std::time::Instant;
 
 use labsync_application::{Observer, RunReport, RunStatus, SkipReason};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every labsync metric, in one registry.
@@ -27,6 +34,113 @@ pub struct Metrics {
     outbox_oldest_age: prometheus::Gauge,
     http_connections: IntGauge,
     http_connections_closed: IntCounterVec,
+    http_duration: HistogramVec,
+    delete_duration: HistogramVec,
+    worker_labs: IntGaugeVec,
+    worker_sync_state: IntGaugeVec,
+    worker_failed_runs: IntGaugeVec,
+    worker_held: IntGaugeVec,
+    delete_requests: IntGaugeVec,
+    delete_oldest_pending: Gauge,
+    event_failures: IntCounterVec,
+    scheduler_ticks: IntCounterVec,
+    token_rejections: IntCounterVec,
+    key_set_reads: IntCounterVec,
+    ready: IntGauge,
+}
+
+/// Delete outcomes, as `labsync_deletes_total` and the delete histogram
+/// label them.
+pub const DELETE_OUTCOMES: [&str; 9] = [
+    "deleted",
+    "already_absent",
+    "refused_running",
+    "cml_unreachable",
+    "cml_refused",
+    "not_converged",
+    "account_not_admin",
+    "not_owner",
+    "record_cleanup_pending",
+];
+
+/// Why a token was refused (`labsync_token_rejections_total`).
+pub const TOKEN_REJECTIONS: [&str; 13] = [
+    "unknown_token",
+    "malformed",
+    "algorithm",
+    "unknown_key",
+    "signature",
+    "issuer",
+    "audience",
+    "expired",
+    "not_yet_valid",
+    "claims",
+    "id_token",
+    "no_role",
+    "provider",
+];
+
+/// Why an event delivery failed (`labsync_event_delivery_failures_total`).
+pub const DELIVERY_FAILURES: [&str; 4] = ["redirect", "status_4xx", "status_5xx", "unreachable"];
+
+/// Per-worker and queue readings from MongoDB, set together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetReading {
+    pub workers: Vec<WorkerReading>,
+    /// Async delete requests by status (`pending`, `running`, `failed`).
+    pub delete_requests: Vec<(&'static str, u64)>,
+    /// Age of the oldest pending async delete; 0 when none waits.
+    pub oldest_pending_delete_secs: f64,
+}
+
+/// One worker, as the gauges show it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerReading {
+    pub worker_id: String,
+    /// `disabled`, `never_synced`, `synced` or `failing`.
+    pub sync_state: &'static str,
+    /// Live records by state.
+    pub labs: Vec<(String, u64)>,
+    /// Runs that failed since the last that did not (outcomes only).
+    pub consecutive_failed_runs: u64,
+    /// Labs the last run held back from pruning.
+    pub held_prune: u64,
+    /// When it last refreshed successfully (Unix time).
+    pub last_success: Option<f64>,
+}
+
+/// The sync states a worker may be in (`labsync_worker_sync_state`).
+pub const SYNC_STATES: [&str; 4] = ["disabled", "never_synced", "synced", "failing"];
+
+#[allow(
+    clippy::expect_used,
+    reason = "the metrics are constants: an invalid or repeated one is a bug, found at start-up"
+)]
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+#[allow(
+    clippy::expect_used,
+    reason = "the metrics are constants: an invalid or repeated one is a bug, found at start-up"
+)]
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+/// Exports every value of a bounded label at 0.
+fn zeroes(c: &IntCounterVec, values: &[&str]) {
+    for v in values {
+        c.with_label_values(&[v]);
+    }
 }
 
 #[allow(
@@ -113,22 +227,143 @@ impl Metrics {
         registry
             .register(Box::new(http_connections.clone()))
             .expect("unique metric");
+        let ready = IntGauge::new(
+            "ready",
+            "1 while this replica is ready (MongoDB answers and its scheduler runs), else 0.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        let durations = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let deletes = counter(
+            &registry,
+            "deletes_total",
+            "Lab deletes by outcome.",
+            &["outcome"],
+        );
+        zeroes(&deletes, &DELETE_OUTCOMES);
+        let refresh_runs = counter(
+            &registry,
+            "refresh_runs_total",
+            "Refresh runs by status.",
+            &["status"],
+        );
+        zeroes(&refresh_runs, &["succeeded", "failed", "skipped"]);
+        let event_failures = counter(
+            &registry,
+            "event_delivery_failures_total",
+            "Failed deliveries of lab events to the sink, by reason: redirect (never followed), \
+             status_4xx, status_5xx, unreachable.",
+            &["reason"],
+        );
+        zeroes(&event_failures, &DELIVERY_FAILURES);
+        let scheduler_ticks = counter(
+            &registry,
+            "scheduler_ticks_total",
+            "Scheduled ticks of this replica: started, or skipped_overlap (its previous tick \
+             still ran). A worker whose lease another replica held counts in \
+             refresh_lease_skips_total.",
+            &["outcome"],
+        );
+        zeroes(&scheduler_ticks, &["started", "skipped_overlap"]);
+        let token_rejections = counter(
+            &registry,
+            "token_rejections_total",
+            "Bearer tokens refused, by the check that failed.",
+            &["reason"],
+        );
+        zeroes(&token_rejections, &TOKEN_REJECTIONS);
+        let key_set_reads = counter(
+            &registry,
+            "oidc_key_set_reads_total",
+            "Reads of the OpenID Connect provider's discovery document and key set.",
+            &["outcome"],
+        );
+        zeroes(&key_set_reads, &["ok", "failed"]);
+        let http_connections_closed = counter(
+            &registry,
+            "http_connections_closed_total",
+            "API connections labsync closed itself: header_timeout, idle_timeout, \
+             evicted (the longest idle made room at api.max_connections) or \
+             refused (every connection was running a request).",
+            &["reason"],
+        );
+        zeroes(
+            &http_connections_closed,
+            &["header_timeout", "idle_timeout", "evicted", "refused"],
+        );
         Self {
-            http_connections,
-            http_connections_closed: counter(
+            http_connections_closed,
+            http_duration: histogram(
                 &registry,
-                "http_connections_closed_total",
-                "API connections labsync closed itself: header_timeout, idle_timeout, \
-                 evicted (the longest idle made room at api.max_connections) or \
-                 refused (every connection was running a request).",
-                &["reason"],
+                "http_request_duration_seconds",
+                "API and console requests by route template, method and status class, until \
+                 the answer's head (an event stream: until it starts).",
+                &["route", "method", "class"],
+                durations.clone(),
             ),
-            refresh_runs: counter(
+            delete_duration: histogram(
                 &registry,
-                "refresh_runs_total",
-                "Refresh runs by status.",
+                "delete_duration_seconds",
+                "Lab deletes by outcome, from the request to the outcome (a forced delete's \
+                 stop and wipe included).",
+                &["outcome"],
+                vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                ],
+            ),
+            worker_labs: gauge_vec(
+                &registry,
+                "worker_labs",
+                "Live lab records by worker and state (read from MongoDB).",
+                &["worker_id", "state"],
+            ),
+            worker_sync_state: gauge_vec(
+                &registry,
+                "worker_sync_state",
+                "1 for the sync state each worker is in: disabled, never_synced, synced, failing.",
+                &["worker_id", "state"],
+            ),
+            worker_failed_runs: gauge_vec(
+                &registry,
+                "worker_consecutive_failed_runs",
+                "Refresh runs of each worker that failed since the last that did not.",
+                &["worker_id"],
+            ),
+            worker_held: gauge_vec(
+                &registry,
+                "worker_held_prune_labs",
+                "Labs each worker's last run held back from pruning, waiting for an admin.",
+                &["worker_id"],
+            ),
+            delete_requests: gauge_vec(
+                &registry,
+                "delete_requests",
+                "Async delete requests by status: pending, running, failed.",
                 &["status"],
             ),
+            delete_oldest_pending: gauge(
+                &registry,
+                "delete_requests_oldest_pending_age_seconds",
+                "Age of the oldest pending async delete; 0 when none waits.",
+            ),
+            event_failures,
+            scheduler_ticks,
+            token_rejections,
+            key_set_reads,
+            ready,
+            http_connections,
+
+            refresh_runs,
             refresh_duration: histogram(
                 &registry,
                 "refresh_duration_seconds",
@@ -144,12 +379,7 @@ impl Metrics {
                 "Labs created, updated, pruned, held, failed or suppressed by refreshes.",
                 &["kind"],
             ),
-            deletes: counter(
-                &registry,
-                "deletes_total",
-                "Lab deletes by outcome.",
-                &["outcome"],
-            ),
+            deletes,
             cml_requests: counter(
                 &registry,
                 "cml_requests_total",
@@ -161,9 +391,7 @@ impl Metrics {
                 "cml_request_duration_seconds",
                 "Latency of requests to CML by endpoint.",
                 &["endpoint"],
-                vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ],
+                durations,
             ),
             http_requests: counter(
                 &registry,
@@ -226,13 +454,92 @@ impl Metrics {
             .inc();
     }
 
-    pub fn http_request(&self, method: &str, status: u16) {
+    /// Counts and times a request; `route` is its template (`None` for
+    /// a path no route matched).
+    pub fn http_request(
+        &self,
+        route: Option<&str>,
+        method: &str,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
         let method = match method {
             "GET" | "POST" | "PUT" | "PATCH" | "DELETE" => method,
             _ => "other",
         };
-        self.http_requests
-            .with_label_values(&[method, status_class(status)])
+        let class = status_class(status);
+        self.http_requests.with_label_values(&[method, class]).inc();
+        self.http_duration
+            .with_label_values(&[route.unwrap_or("unmatched"), method, class])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the per-worker and queue gauges to a reading from MongoDB; a
+    /// worker no longer registered leaves the gauges.
+    pub fn fleet_gauges(&self, r: &FleetReading) {
+        for g in [
+            &self.worker_labs,
+            &self.worker_sync_state,
+            &self.worker_failed_runs,
+            &self.worker_held,
+        ] {
+            g.reset();
+        }
+        self.last_success.reset();
+        for w in &r.workers {
+            let id = w.worker_id.as_str();
+            for (state, n) in &w.labs {
+                self.worker_labs
+                    .with_label_values(&[id, state.as_str()])
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            for state in SYNC_STATES {
+                self.worker_sync_state
+                    .with_label_values(&[id, state])
+                    .set(i64::from(state == w.sync_state));
+            }
+            self.worker_failed_runs
+                .with_label_values(&[id])
+                .set(i64::try_from(w.consecutive_failed_runs).unwrap_or(i64::MAX));
+            self.worker_held
+                .with_label_values(&[id])
+                .set(i64::try_from(w.held_prune).unwrap_or(i64::MAX));
+            if let Some(t) = w.last_success {
+                self.last_success.with_label_values(&[id]).set(t);
+            }
+        }
+        for (status, n) in &r.delete_requests {
+            self.delete_requests
+                .with_label_values(&[status])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        self.delete_oldest_pending.set(r.oldest_pending_delete_secs);
+    }
+
+    /// Whether this replica is ready.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// A failed event delivery, by one of [`DELIVERY_FAILURES`].
+    pub fn event_delivery_failed(&self, reason: &'static str) {
+        self.event_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// A scheduled tick: `started` or `skipped_overlap`.
+    pub fn scheduler_tick(&self, outcome: &'static str) {
+        self.scheduler_ticks.with_label_values(&[outcome]).inc();
+    }
+
+    /// A refused bearer token, by one of [`TOKEN_REJECTIONS`].
+    pub fn token_rejected(&self, reason: &'static str) {
+        self.token_rejections.with_label_values(&[reason]).inc();
+    }
+
+    /// A read of the provider's keys.
+    pub fn key_set_read(&self, ok: bool) {
+        self.key_set_reads
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
             .inc();
     }
 }
@@ -312,6 +619,12 @@ impl Observer for Metrics {
 
     fn delete_finished(&self, end: labsync_application::DeleteEnd<'_>) {
         self.deletes.with_label_values(&[end.word()]).inc();
+    }
+
+    fn delete_took(&self, outcome: &'static str, elapsed: std::time::Duration) {
+        self.delete_duration
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
     }
 }
 

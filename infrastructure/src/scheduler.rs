@@ -6,6 +6,7 @@
 //! the same). Shutdown stops the ticks and waits, up to a grace period, for
 //! a run in progress to finish.
 
+use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,11 +43,17 @@ impl std::fmt::Debug for RefreshScheduler {
 }
 
 /// Runs one refresh of every worker unless one is already running here.
-async fn tick(refresh: RefreshAll, running: Arc<Mutex<()>>) {
+async fn tick(refresh: RefreshAll, running: Arc<Mutex<()>>, metrics: Option<Metrics>) {
     let Ok(_guard) = running.try_lock() else {
         warn!("scheduled refresh skipped: the previous one is still running");
+        if let Some(m) = &metrics {
+            m.scheduler_tick("skipped_overlap");
+        }
         return;
     };
+    if let Some(m) = &metrics {
+        m.scheduler_tick("started");
+    }
     let span = info_span!("scheduled_refresh");
     match refresh
         .execute(&Actor::Schedule, RefreshOptions::default())
@@ -70,19 +77,20 @@ impl RefreshScheduler {
         cron: &str,
         refresh: RefreshAll,
         run_at_startup: bool,
+        metrics: Option<Metrics>,
     ) -> Result<Self, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let running = Arc::new(Mutex::new(()));
-        let (r, m) = (refresh.clone(), running.clone());
+        let (r, m, x) = (refresh.clone(), running.clone(), metrics.clone());
         let job = Job::new_async(cron, move |_id, _sched| {
-            let (r, m) = (r.clone(), m.clone());
-            Box::pin(async move { tick(r, m).await })
+            let (r, m, x) = (r.clone(), m.clone(), x.clone());
+            Box::pin(async move { tick(r, m, x).await })
         })?;
         scheduler.add(job).await?;
         scheduler.start().await?;
         info!(cron, "refresh schedule started");
         if run_at_startup {
-            tokio::spawn(tick(refresh, running.clone()));
+            tokio::spawn(tick(refresh, running.clone(), metrics));
         }
         Ok(Self { scheduler, running })
     }

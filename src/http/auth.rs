@@ -202,16 +202,27 @@ pub async fn caller_of_token(s: &ApiState, token: &str) -> Result<Caller, ApiErr
     if let Some(oidc) = &s.oidc
         && labsync_infrastructure::oidc::looks_like_jwt(token)
     {
-        return caller_of_jwt(oidc, token).await;
+        return caller_of_jwt(oidc, token).await.map_err(|(e, reason)| {
+            s.metrics.token_rejected(reason);
+            e
+        });
     }
-    caller_by_hash(s, &hash_token(token)).await
+    let found = caller_by_hash(s, &hash_token(token)).await;
+    if found
+        .as_ref()
+        .is_err_and(|e| e.status() == axum::http::StatusCode::UNAUTHORIZED)
+    {
+        s.metrics.token_rejected("unknown_token");
+    }
+    found
 }
 
-/// The person (or machine) a provider's JWT names.
+/// The person (or machine) a provider's JWT names; a refusal comes with
+/// its word for the metrics.
 async fn caller_of_jwt(
     oidc: &labsync_infrastructure::oidc::OidcVerifier,
     token: &str,
-) -> Result<Caller, ApiError> {
+) -> Result<Caller, (ApiError, &'static str)> {
     use labsync_infrastructure::oidc::Refusal;
     match oidc.verify(token).await {
         Ok(who) => Ok(Caller::person(
@@ -220,12 +231,14 @@ async fn caller_of_jwt(
             who.username.as_deref(),
             who.role,
         )),
-        Err(e @ Refusal::NoRole(_)) => Err(ApiError::new(ProblemKind::Forbidden, e.to_string())),
-        Err(e @ Refusal::Provider) => Err(ApiError::new(
-            ProblemKind::IdentityProviderUnavailable,
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::new(ProblemKind::Unauthorized, e.to_string())),
+        Err(e) => {
+            let kind = match e {
+                Refusal::NoRole(_) => ProblemKind::Forbidden,
+                Refusal::Provider => ProblemKind::IdentityProviderUnavailable,
+                _ => ProblemKind::Unauthorized,
+            };
+            Err((ApiError::new(kind, e.to_string()), e.word()))
+        }
     }
 }
 

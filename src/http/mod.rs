@@ -129,16 +129,41 @@ async fn problems(State(state): State<ApiState>, request: Request, next: Next) -
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
     let response = problem::REQUEST_ID
         .scope(request_id.clone(), next.run(request))
         .await;
-    state
-        .metrics
-        .http_request(&method, response.status().as_u16());
+    state.metrics.http_request(
+        response.extensions().get::<Route>().map(|r| r.0.as_str()),
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     if response.status().as_u16() < 400 || response.extensions().get::<Finished>().is_some() {
         return response;
     }
     foreign_problem(response, request_id).await
+}
+
+/// The route template that answered a request, for the metrics' `route`
+/// label (bounded, unlike the path).
+#[derive(Debug, Clone)]
+struct Route(String);
+
+/// Notes the matched route's template on the answer. The innermost route
+/// layer (the nested API's) speaks first; an outer one keeps its word.
+async fn note_route(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let mut response = next.run(request).await;
+    if let Some(route) = route
+        && response.extensions().get::<Route>().is_none()
+    {
+        response.extensions_mut().insert(Route(route));
+    }
+    response
 }
 
 /// How much of a framework rejection's body is read to describe it.
@@ -302,7 +327,8 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi));
+        .route("/openapi.json", get(routes::openapi))
+        .route_layer(axum::middleware::from_fn(note_route));
     Router::new()
         .nest("/api/v1", v1)
         // The console: pages, sign-in and its assets.
@@ -324,6 +350,7 @@ pub fn router(state: ApiState, body_limit: usize, max_in_flight: usize) -> Route
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
+        .route_layer(axum::middleware::from_fn(note_route))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))

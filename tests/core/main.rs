@@ -8,6 +8,7 @@
     reason = "a test that cannot go on fails at once, saying where"
 )]
 
+mod admin_cli;
 mod api;
 mod cli;
 mod console;
@@ -23,6 +24,7 @@ mod live;
 mod model;
 mod oidc;
 mod openapi;
+mod operations;
 mod outage;
 mod people;
 mod queue;

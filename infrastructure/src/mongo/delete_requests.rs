@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use labsync_application::{DeleteRequest, DeleteRequestStatus, DeleteRequests, RepoError};
 use labsync_domain::{Actor, WorkerId};
 use mongodb::bson::{self, Bson, Document, doc};
@@ -165,6 +166,54 @@ impl DeleteRequests for MongoDeleteRequests {
             .map_err(map_error)?
             .map(from_doc)
             .transpose()
+    }
+
+    async fn recent(
+        &self,
+        status: Option<labsync_application::DeleteRequestStatus>,
+        limit: usize,
+    ) -> Result<Vec<DeleteRequest>, RepoError> {
+        let filter = match status {
+            Some(s) => doc! {"status": s.as_str()},
+            None => doc! {},
+        };
+        let docs: Vec<Document> = self
+            .requests
+            .find(filter)
+            .sort(doc! {"created_at": -1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        docs.into_iter().map(from_doc).collect()
+    }
+
+    async fn stats(&self) -> Result<labsync_application::QueueStats, RepoError> {
+        let count = |status: &'static str| {
+            let requests = self.requests.clone();
+            async move {
+                requests
+                    .count_documents(doc! {"status": status})
+                    .await
+                    .map_err(map_error)
+            }
+        };
+        let oldest = self
+            .requests
+            .find_one(doc! {"status": "pending"})
+            .sort(doc! {"created_at": 1})
+            .projection(doc! {"created_at": 1})
+            .await
+            .map_err(map_error)?
+            .and_then(|d| d.get_datetime("created_at").ok().map(|t| t.to_chrono()));
+        Ok(labsync_application::QueueStats {
+            pending: count("pending").await?,
+            running: count("running").await?,
+            failed: count("failed").await?,
+            oldest_pending_at: oldest,
+        })
     }
 
     async fn claim_due(

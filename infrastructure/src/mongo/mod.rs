@@ -36,7 +36,7 @@ pub use lease::MongoRefreshLease;
 pub use reports::MongoRunReports;
 pub use sessions::MongoSessions;
 pub use tokens::MongoMachineTokens;
-pub use workers::MongoWorkerRepository;
+pub use workers::{MongoWorkerRepository, ResealReport};
 
 /// Why MongoDB could not be reached. The URI is never part of the message: it
 /// may carry credentials.

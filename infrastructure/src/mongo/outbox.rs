@@ -326,14 +326,26 @@ impl EventRelay {
                 doc! {"$set": {"status": "delivered", "delivered_at": date(now)}, "$inc": {"attempts": 1_i64}},
             ),
             other => {
-                let why = match other {
-                    Ok(r) if r.status().is_redirection() => format!(
-                        "sink answered {} (labsync follows no redirects)",
-                        r.status()
+                let (reason, why) = match other {
+                    Ok(r) if r.status().is_redirection() => (
+                        "redirect",
+                        format!(
+                            "sink answered {} (labsync follows no redirects)",
+                            r.status()
+                        ),
                     ),
-                    Ok(r) => format!("sink answered {}", r.status()),
-                    Err(e) => format!("sink unreachable: {}", e.without_url()),
+                    Ok(r) if r.status().is_server_error() => {
+                        ("status_5xx", format!("sink answered {}", r.status()))
+                    }
+                    Ok(r) => ("status_4xx", format!("sink answered {}", r.status())),
+                    Err(e) => (
+                        "unreachable",
+                        format!("sink unreachable: {}", e.without_url()),
+                    ),
                 };
+                if let Some(m) = &self.metrics {
+                    m.event_delivery_failed(reason);
+                }
                 let n = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
                 let wait = chrono::Duration::from_std(self.settings.backoff.delay(n))
                     .unwrap_or(chrono::Duration::seconds(300));

@@ -26,6 +26,17 @@ use super::convert::date;
 use super::{collections, map_error};
 use crate::crypto::{PasswordCipher, Sealed};
 
+/// What `reseal_with` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    /// Sealed under the new key now.
+    pub resealed: usize,
+    /// Under the new key already (an earlier run's work).
+    pub already: usize,
+    /// Workers left as they were, and why.
+    pub failed: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SealedDoc {
     nonce: Binary,
@@ -125,9 +136,89 @@ impl MongoWorkerRepository {
         cache.generation += 1;
     }
 
+    /// Seals every worker's password under this repository's key, opening
+    /// it with `old` where this key cannot (`labsync security rotate-key`).
+    ///
+    /// # Guarantees
+    /// - Per worker, atomic: the new seal replaces the old one only if the
+    ///   stored seal is still the one read (a password changed meanwhile is
+    ///   not overwritten; that worker is reported and a run again takes it).
+    /// - Resumable: a worker already sealed under this key is left as it
+    ///   is, so a run cut short is finished by the next.
+    /// - What a seal is bound to (id, URL, user) stays the same.
+    ///
+    /// # Errors
+    /// Without this repository's key; when the store fails.
+    pub async fn reseal_with(&self, old: &PasswordCipher) -> Result<ResealReport, RepoError> {
+        let new = self.cipher()?;
+        let docs: Vec<WorkerDoc> = self
+            .workers
+            .find(doc! {})
+            .await
+            .map_err(map_error)?
+            .try_collect()
+            .await
+            .map_err(map_error)?;
+        let mut report = ResealReport::default();
+        for d in docs {
+            let sealed = Sealed {
+                nonce: d.password.nonce.bytes.clone(),
+                ciphertext: d.password.ciphertext.bytes.clone(),
+            };
+            let context = match d.sealed_to.as_deref() {
+                Some(BINDING) => d.worker()?.credential_binding(),
+                None => d.id.clone(),
+                Some(other) => {
+                    report.failed.push((
+                        d.id.clone(),
+                        format!("sealed to an unknown binding {other:?}"),
+                    ));
+                    continue;
+                }
+            };
+            if new.open(&sealed, &context).is_ok() {
+                report.already += 1;
+                continue;
+            }
+            let password = match old.open(&sealed, &context) {
+                Ok(p) => p,
+                Err(e) => {
+                    report
+                        .failed
+                        .push((d.id.clone(), format!("the old key does not open it: {e}")));
+                    continue;
+                }
+            };
+            let resealed = new.seal(&password, &context).map_err(RepoError::Other)?;
+            let r = self
+                .workers
+                .update_one(
+                    doc! {"_id": &d.id, "password.ciphertext": d.password.ciphertext.clone()},
+                    doc! {"$set": {"password": {
+                        "nonce": binary(resealed.nonce),
+                        "ciphertext": binary(resealed.ciphertext),
+                    }}},
+                )
+                .await
+                .map_err(map_error)?;
+            if r.matched_count == 1 {
+                report.resealed += 1;
+            } else {
+                report.failed.push((
+                    d.id.clone(),
+                    "its password changed while it was resealed: run again".into(),
+                ));
+            }
+        }
+        let mut cache = self.cache();
+        cache.entries.clear();
+        cache.generation += 1;
+        Ok(report)
+    }
+
     fn cipher(&self) -> Result<&PasswordCipher, RepoError> {
         self.cipher.as_ref().ok_or_else(|| {
-            RepoError::Other(
+            RepoError::NotConfigured(
                 "security.encryption_key is not set (LABSYNC__SECURITY__ENCRYPTION_KEY): \
                  worker passwords cannot be encrypted or decrypted"
                     .into(),
@@ -234,6 +325,15 @@ impl WorkerRepository for MongoWorkerRepository {
                 .insert(id.clone(), (Instant::now(), access.clone()));
         }
         Ok(Some(access))
+    }
+
+    async fn settings(&self, id: &WorkerId) -> Result<Option<Worker>, RepoError> {
+        self.workers
+            .find_one(doc! {"_id": id.as_str()})
+            .await
+            .map_err(map_error)?
+            .map(|d| d.worker())
+            .transpose()
     }
 
     async fn list(&self) -> Result<Vec<Worker>, RepoError> {

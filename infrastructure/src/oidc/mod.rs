@@ -98,6 +98,26 @@ pub enum Refusal {
     Provider,
 }
 
+impl Refusal {
+    /// A short, stable word (a metric label).
+    pub const fn word(&self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Algorithm(_) => "algorithm",
+            Self::UnknownKey => "unknown_key",
+            Self::Signature => "signature",
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Claims => "claims",
+            Self::IdToken => "id_token",
+            Self::NoRole(_) => "no_role",
+            Self::Provider => "provider",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Keys {
     /// Signing keys only (`use` sig or absent), by what they may verify.
@@ -119,6 +139,7 @@ pub struct OidcVerifier {
     /// One read of the provider at a time; the keys stay readable while it
     /// runs.
     reading: tokio::sync::Mutex<()>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -172,7 +193,15 @@ impl OidcVerifier {
             http,
             keys: RwLock::new(Keys::default()),
             reading: tokio::sync::Mutex::new(()),
+            metrics: None,
         })
+    }
+
+    /// Counts the reads of the provider in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A JSON document of at most [`MAX_DOCUMENT`] bytes.
@@ -257,6 +286,9 @@ impl OidcVerifier {
             return;
         }
         let result = self.read_keys().await;
+        if let Some(m) = &self.metrics {
+            m.key_set_read(result.is_ok());
+        }
         let mut keys = self.keys.write().await;
         keys.read_at = Some(Instant::now());
         match result {
