@@ -119,8 +119,10 @@ pub enum SecurityCommand {
     /// Replicas running with the old key cannot read the passwords any
     /// more: restart them with the new key.
     RotateKey {
+        /// The environment variable holding the old key (default:
+        /// security.previous_encryption_key).
         #[arg(long)]
-        old_key_env: String,
+        old_key_env: Option<String>,
     },
 }
 
@@ -808,17 +810,31 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Security(SecurityCommand::RotateKey { old_key_env }) => {
-            let old = std::env::var(&old_key_env)
-                .ok()
-                .filter(|k| !k.is_empty())
-                .with_context(|| {
-                    format!("environment variable {old_key_env} is not set or empty")
-                })?;
+            let (old, from) = match &old_key_env {
+                Some(var) => (
+                    std::env::var(var)
+                        .ok()
+                        .filter(|k| !k.is_empty())
+                        .with_context(|| {
+                            format!("environment variable {var} is not set or empty")
+                        })?,
+                    var.clone(),
+                ),
+                None => (
+                    secrecy::ExposeSecret::expose_secret(
+                        &settings.security.previous_encryption_key,
+                    )
+                    .to_owned(),
+                    "security.previous_encryption_key".to_owned(),
+                ),
+            };
             let old = labsync_infrastructure::crypto::PasswordCipher::from_setting(
                 &SecretString::from(old),
             )
-            .map_err(|e| anyhow::anyhow!("the old key ({old_key_env}): {e}"))?
-            .with_context(|| format!("the old key ({old_key_env}) is empty"))?;
+            .map_err(|e| anyhow::anyhow!("the old key ({from}): {e}"))?
+            .with_context(|| {
+                format!("no old key: set security.previous_encryption_key or pass --old-key-env ({from} is empty)")
+            })?;
             let report = app.workers.reseal_with(&old).await?;
             println!(
                 "resealed {} worker password(s) under the new key; {} already were",
@@ -1002,7 +1018,16 @@ async fn refresh_fleet_with_progress(
         let mut still = Vec::new();
         for (r, bar) in pending {
             // A run whose process went silent reads as failed: this ends.
-            let now = app.inventory.run(&r.run_id).await?;
+            // A read that fails is tried again: returning would end this
+            // process, and the runs it carries with it.
+            let now = match app.inventory.run(&r.run_id).await {
+                Ok(now) => now,
+                Err(e) => {
+                    bar.set_message(format!("running (its report cannot be read now: {e})"));
+                    still.push((r, bar));
+                    continue;
+                }
+            };
             if now.status == RunStatus::Running {
                 still.push((r, bar));
             } else {

@@ -66,31 +66,38 @@ async fn read(inventory: &Inventory, queue: &DeleteQueue) -> Result<FleetReading
     let mut workers = Vec::new();
     for overview in inventory.workers().await? {
         let id = overview.worker.id.clone();
-        let runs = inventory
-            .runs(RunQuery {
-                worker: Some(id.clone()),
-                status: None,
-                outcomes_only: true,
-                limit: RUNS_LOOKED_AT,
-            })
-            .await?;
-        let last_success = inventory
-            .runs(RunQuery {
-                worker: Some(id.clone()),
-                status: Some(RunStatus::Succeeded),
-                outcomes_only: true,
-                limit: 1,
-            })
-            .await?
-            .first()
-            .map(|r| r.finished_at.timestamp() as f64);
+        // A disabled worker is handed off: no staleness or failure of it
+        // is anyone's alert.
+        let watched = overview.sync_state != SyncState::Disabled;
+        let (failed, last_success) = if watched {
+            let runs = inventory
+                .runs(RunQuery {
+                    worker: Some(id.clone()),
+                    status: None,
+                    outcomes_only: true,
+                    limit: RUNS_LOOKED_AT,
+                })
+                .await?;
+            let last_success = inventory
+                .runs(RunQuery {
+                    worker: Some(id.clone()),
+                    status: Some(RunStatus::Succeeded),
+                    outcomes_only: true,
+                    limit: 1,
+                })
+                .await?
+                .first()
+                .map(|r| r.finished_at.timestamp() as f64);
+            let statuses: Vec<RunStatus> = runs.iter().map(|r| r.status).collect();
+            (Some(consecutive_failures(&statuses)), last_success)
+        } else {
+            (None, None)
+        };
         workers.push(WorkerReading {
             worker_id: id.to_string(),
             sync_state: sync_word(overview.sync_state),
             labs: inventory.lab_counts(&id).await?,
-            consecutive_failed_runs: consecutive_failures(
-                &runs.iter().map(|r| r.status).collect::<Vec<_>>(),
-            ),
+            consecutive_failed_runs: failed,
             held_prune: overview.last_run.as_ref().map_or(0, |r| r.held),
             last_success,
         });

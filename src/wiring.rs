@@ -47,7 +47,10 @@ impl App {
             .await
             .context("creating MongoDB indexes")?;
         let cipher = PasswordCipher::from_setting(&settings.security.encryption_key)
-            .map_err(|e| anyhow::anyhow!("security.encryption_key: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("security.encryption_key: {e}"))?
+            .map(|c| c.with_previous(&settings.security.previous_encryption_key))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("security.previous_encryption_key: {e}"))?;
         let metrics = Metrics::new();
         let workers = MongoWorkerRepository::new(&db, cipher);
         let retention = settings.events.retention();

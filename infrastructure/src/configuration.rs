@@ -39,19 +39,36 @@ fn redacted_uri<S: serde::Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S
 }
 
 /// `uri` with any `user:password@` and its options (which may carry
-/// secrets too, such as AWS session tokens) replaced.
+/// secrets too, such as AWS session tokens) replaced. Everything up to
+/// the last `@` is taken for credentials, so that a password with an
+/// unescaped `?`, `/` or `@` in it shows nothing either.
 pub fn uri_without_credentials(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return "[redacted]".into();
     };
-    let (rest, options) = match rest.split_once('?') {
-        Some((r, _)) => (r, "?[redacted]"),
-        None => (rest, ""),
+    let (user, rest) = match rest.rsplit_once('@') {
+        Some((_, hosts)) => ("[redacted]@", hosts),
+        None => ("", rest),
     };
-    match rest.rsplit_once('@') {
-        Some((_, hosts)) => format!("{scheme}://[redacted]@{hosts}{options}"),
-        None => format!("{scheme}://{rest}{options}"),
+    match rest.split_once('?') {
+        Some((hosts, _)) => format!("{scheme}://{user}{hosts}?[redacted]"),
+        None => format!("{scheme}://{user}{rest}"),
     }
+}
+
+/// API token entries as `labsync config` prints them: name and role, not
+/// the token's hash.
+fn redacted_tokens<S: serde::Serializer>(tokens: &[String], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(tokens.len()))?;
+    for t in tokens {
+        let shown = match t.rsplit_once(':') {
+            Some((name_role, _)) => format!("{name_role}:[redacted]"),
+            None => "[redacted]".to_owned(),
+        };
+        seq.serialize_element(&shown)?;
+    }
+    seq.end()
 }
 
 impl Settings {
@@ -73,23 +90,38 @@ pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
 /// The settings a credential file may set, each by a file of its own name
 /// in `$CREDENTIALS_DIRECTORY`: the secrets, which belong neither in a
 /// configuration file nor in the environment.
-pub const CREDENTIAL_KEYS: [&str; 4] = [
+pub const CREDENTIAL_KEYS: [&str; 5] = [
     "mongodb.uri",
     "security.encryption_key",
+    "security.previous_encryption_key",
     "oidc.client_secret",
     "events.sink_url",
 ];
 
 /// The credentials found in `dir`, as (setting, value) with a final line
 /// break removed; other files are ignored.
-pub fn credentials_in(dir: &std::path::Path) -> Vec<(&'static str, String)> {
-    CREDENTIAL_KEYS
-        .iter()
-        .filter_map(|key| {
-            let value = std::fs::read_to_string(dir.join(key)).ok()?;
-            Some((*key, value.trim_end_matches(['\n', '\r']).to_owned()))
-        })
-        .collect()
+///
+/// # Errors
+/// A credential that is there but cannot be read (permissions, not UTF-8,
+/// a directory): the setting and why. Falling back to the default would
+/// start labsync without, say, its encryption key.
+pub fn credentials_in(
+    dir: &std::path::Path,
+) -> Result<Vec<(&'static str, String)>, (&'static str, String)> {
+    let mut found = Vec::new();
+    for key in CREDENTIAL_KEYS {
+        match std::fs::read_to_string(dir.join(key)) {
+            Ok(value) => found.push((key, value.trim_end_matches(['\n', '\r']).to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err((
+                    key,
+                    format!("the credential file in $CREDENTIALS_DIRECTORY cannot be read: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(found)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -189,6 +221,7 @@ pub struct ApiSettings {
     pub body_limit_bytes: usize,
     pub shutdown_grace_secs: u64,
     /// `name:role:sha256hex` entries; see [`ApiToken::parse`].
+    #[serde(serialize_with = "redacted_tokens")]
     pub tokens: Vec<String>,
     /// Who may read `/metrics` (its labels name every worker).
     pub metrics_auth: MetricsAuth,
@@ -406,6 +439,9 @@ pub struct SecuritySettings {
     /// Base64 of a 32-byte AES-256-GCM key; empty when not configured.
     #[serde(serialize_with = "redacted")]
     pub encryption_key: SecretString,
+    /// The key before it, while a rotation is under way; empty otherwise.
+    #[serde(serialize_with = "redacted")]
+    pub previous_encryption_key: SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -565,7 +601,9 @@ impl Settings {
                 .with_list_parse_key("oidc.roles"),
         );
         if let Some(dir) = std::env::var_os(CREDENTIALS_DIRECTORY_ENV) {
-            for (key, value) in credentials_in(std::path::Path::new(&dir)) {
+            let found = credentials_in(std::path::Path::new(&dir))
+                .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+            for (key, value) in found {
                 builder = builder.set_override(key, value)?;
             }
         }
@@ -870,6 +908,27 @@ impl Settings {
                 reason,
             });
         }
+        if !self
+            .security
+            .previous_encryption_key
+            .expose_secret()
+            .is_empty()
+        {
+            if self.security.encryption_key.expose_secret().is_empty() {
+                return invalid(
+                    "security.previous_encryption_key",
+                    "needs security.encryption_key (the key it was rotated to)",
+                );
+            }
+            if let Err(reason) =
+                crate::crypto::PasswordCipher::from_setting(&self.security.previous_encryption_key)
+            {
+                return Err(ConfigError::Invalid {
+                    key: "security.previous_encryption_key",
+                    reason,
+                });
+            }
+        }
         if self.mongodb.database.is_empty()
             || self
                 .mongodb
@@ -926,13 +985,24 @@ mod tests {
                 "c2VjcmV0LWtleS0xMjM0NTY3ODkwMTIzNDU2Nzg5MDE=",
             ),
             (
+                "LABSYNC__API__TOKENS",
+                "ui:operator:abababababababababababababababababababababababababababababababab",
+            ),
+            (
                 "LABSYNC__EVENTS__SINK_URL",
                 "https://sink.example.net/?token=s3cr3t",
             ),
         ])
         .unwrap();
         let text = s.to_redacted_toml().unwrap();
-        for secret in ["hunter2", "app:", "c2VjcmV0", "s3cr3t"] {
+        assert!(text.contains("ui:operator:[redacted]"), "{text}");
+        for secret in [
+            "hunter2",
+            "app:",
+            "c2VjcmV0",
+            "s3cr3t",
+            "abababababababababababababababababababababababababababababababab",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         assert!(
@@ -949,6 +1019,15 @@ mod tests {
             "mongodb://db:27017"
         );
         assert_eq!(uri_without_credentials("not a uri"), "[redacted]");
+        assert_eq!(
+            uri_without_credentials("mongodb://u:pa?ss@h/"),
+            "mongodb://[redacted]@h/",
+            "a ? in the password is the password's"
+        );
+        assert_eq!(
+            uri_without_credentials("mongodb://u:p@ss@h:1/db?x=1"),
+            "mongodb://[redacted]@h:1/db?[redacted]"
+        );
     }
 
     #[test]
@@ -957,7 +1036,7 @@ mod tests {
         std::fs::write(dir.path().join("mongodb.uri"), "mongodb://db:27017\n").unwrap();
         std::fs::write(dir.path().join("security.encryption_key"), "a2V5").unwrap();
         std::fs::write(dir.path().join("api.listen"), "0.0.0.0:1").unwrap();
-        let mut found = credentials_in(dir.path());
+        let mut found = credentials_in(dir.path()).unwrap();
         found.sort_unstable();
         assert_eq!(
             found,
@@ -967,6 +1046,10 @@ mod tests {
             ],
             "a line break is dropped; a file that is no secret's name is ignored"
         );
+        std::fs::create_dir(dir.path().join("events.sink_url")).unwrap();
+        let (key, why) = credentials_in(dir.path()).unwrap_err();
+        assert_eq!(key, "events.sink_url");
+        assert!(why.contains("cannot be read"), "{why}");
     }
 
     #[test]

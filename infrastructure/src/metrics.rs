@@ -47,6 +47,10 @@ pub struct Metrics {
     token_rejections: IntCounterVec,
     key_set_reads: IntCounterVec,
     ready: IntGauge,
+    /// The last reading set: its series that the next one lacks are
+    /// removed (never reset all at once: a scrape in between would see
+    /// none, and an alert would end and start again).
+    last_reading: std::sync::Arc<std::sync::Mutex<FleetReading>>,
 }
 
 /// Delete outcomes, as `labsync_deletes_total` and the delete histogram
@@ -101,11 +105,13 @@ pub struct WorkerReading {
     pub sync_state: &'static str,
     /// Live records by state.
     pub labs: Vec<(String, u64)>,
-    /// Runs that failed since the last that did not (outcomes only).
-    pub consecutive_failed_runs: u64,
+    /// Runs that failed since the last that did not (outcomes only);
+    /// `None` for a disabled worker, which no alert should watch.
+    pub consecutive_failed_runs: Option<u64>,
     /// Labs the last run held back from pruning.
     pub held_prune: u64,
-    /// When it last refreshed successfully (Unix time).
+    /// When it last refreshed successfully (Unix time); `None` for a
+    /// disabled worker, or one that never did.
     pub last_success: Option<f64>,
 }
 
@@ -361,6 +367,7 @@ impl Metrics {
             token_rejections,
             key_set_reads,
             ready,
+            last_reading: std::sync::Arc::default(),
             http_connections,
 
             refresh_runs,
@@ -475,17 +482,13 @@ impl Metrics {
     }
 
     /// Sets the per-worker and queue gauges to a reading from MongoDB; a
-    /// worker no longer registered leaves the gauges.
+    /// series the reading lacks (a removed worker, a state with no lab
+    /// left, a worker disabled since) leaves the gauges.
     pub fn fleet_gauges(&self, r: &FleetReading) {
-        for g in [
-            &self.worker_labs,
-            &self.worker_sync_state,
-            &self.worker_failed_runs,
-            &self.worker_held,
-        ] {
-            g.reset();
-        }
-        self.last_success.reset();
+        let mut last = self
+            .last_reading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for w in &r.workers {
             let id = w.worker_id.as_str();
             for (state, n) in &w.labs {
@@ -498,14 +501,44 @@ impl Metrics {
                     .with_label_values(&[id, state])
                     .set(i64::from(state == w.sync_state));
             }
-            self.worker_failed_runs
-                .with_label_values(&[id])
-                .set(i64::try_from(w.consecutive_failed_runs).unwrap_or(i64::MAX));
+            match w.consecutive_failed_runs {
+                Some(n) => self
+                    .worker_failed_runs
+                    .with_label_values(&[id])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+                None => {
+                    let _ = self.worker_failed_runs.remove_label_values(&[id]);
+                }
+            }
             self.worker_held
                 .with_label_values(&[id])
                 .set(i64::try_from(w.held_prune).unwrap_or(i64::MAX));
-            if let Some(t) = w.last_success {
-                self.last_success.with_label_values(&[id]).set(t);
+            // Also what the refresh's observer set in this process: a
+            // disabled worker's last success is no alert's business.
+            match w.last_success {
+                Some(t) => self.last_success.with_label_values(&[id]).set(t),
+                None => {
+                    let _ = self.last_success.remove_label_values(&[id]);
+                }
+            }
+        }
+        for old in &last.workers {
+            let id = old.worker_id.as_str();
+            let now = r.workers.iter().find(|w| w.worker_id == old.worker_id);
+            for (state, _) in &old.labs {
+                if now.is_none_or(|w| !w.labs.iter().any(|(s, _)| s == state)) {
+                    let _ = self.worker_labs.remove_label_values(&[id, state.as_str()]);
+                }
+            }
+            if now.is_none() {
+                for state in SYNC_STATES {
+                    let _ = self.worker_sync_state.remove_label_values(&[id, state]);
+                }
+                let _ = self.worker_held.remove_label_values(&[id]);
+            }
+            if now.is_none() {
+                let _ = self.worker_failed_runs.remove_label_values(&[id]);
+                let _ = self.last_success.remove_label_values(&[id]);
             }
         }
         for (status, n) in &r.delete_requests {
@@ -514,6 +547,7 @@ impl Metrics {
                 .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         self.delete_oldest_pending.set(r.oldest_pending_delete_secs);
+        *last = r.clone();
     }
 
     /// Whether this replica is ready.

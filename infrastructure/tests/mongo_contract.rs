@@ -2401,3 +2401,43 @@ async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once(
         "an expired sign-in is of no use"
     );
 }
+
+#[tokio::test]
+async fn a_status_asked_for_among_the_outcomes_is_that_status_only() {
+    let db = labsync_test_support::test_database().await;
+    ensure_indexes(&db).await.unwrap();
+    let reports = MongoRunReports::new(&db);
+    let w = worker("cml-1");
+    let mut success = failed_run(&w, String::new(), vec![]);
+    success.status = RunStatus::Succeeded;
+    success.error = None;
+    success.started_at = now() - TimeDelta::minutes(2);
+    reports.store(&success).await.unwrap();
+    // A failure after it: the last success must stay the success.
+    let mut failure = failed_run(&w, String::new(), vec![]);
+    failure.started_at = now() - TimeDelta::minutes(1);
+    reports.store(&failure).await.unwrap();
+    let query = |status| RunQuery {
+        worker: Some(w.clone()),
+        status,
+        outcomes_only: true,
+        limit: 10,
+    };
+    let found = reports
+        .recent(&query(Some(RunStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
+        vec![success.run_id.as_str()]
+    );
+    assert_eq!(reports.recent(&query(None)).await.unwrap().len(), 2);
+    assert!(
+        reports
+            .recent(&query(Some(RunStatus::Skipped)))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a skip is no outcome"
+    );
+}

@@ -107,7 +107,7 @@ async fn a_worker_is_disabled_enabled_tested_and_changed_from_the_terminal() {
         out.contains("ok in") && out.contains("logged in as admin") && out.contains("labs listed"),
         "{out}"
     );
-    // A wrong password, tested: nothing saved, the failure said.
+    // A wrong password, saved, then tested: the failure is said.
     let (code, out) = labsync(
         &t,
         &[("WRONG", "not-the-password")],

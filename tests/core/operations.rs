@@ -211,3 +211,68 @@ fn the_systemd_unit_hands_labsync_only_credentials_it_reads() {
     }
     assert!(!unit.contains("LABSYNC__MONGODB__URI") && !unit.contains("ENCRYPTION_KEY="));
 }
+
+#[tokio::test]
+async fn the_gauges_tell_a_failing_worker_from_a_disabled_one_whatever_replica_ran_them() {
+    use labsync_application::domain::{WorkerChanges, WorkerId};
+    let t = TestApp::spawn_with(2, &[]).await;
+    let success = t.refresh().await;
+    assert_eq!(success.status, labsync_application::RunStatus::Succeeded);
+    t.faults(serde_json::json!({"booting": true}));
+    for _ in 0..3 {
+        assert!(t.refresh().await.is_failure());
+    }
+    let cml2 = WorkerId::parse("cml-2").unwrap();
+    labsync_application::RefreshWorkerLabs::new(t.services().clone())
+        .execute(
+            &cml2,
+            &labsync_application::domain::Actor::api("admin"),
+            labsync_application::RefreshOptions::default(),
+        )
+        .await
+        .unwrap();
+    t.app
+        .inventory
+        .update(
+            &cml2,
+            WorkerChanges {
+                enabled: Some(false),
+                ..WorkerChanges::default()
+            },
+            None,
+            &labsync_application::domain::Actor::cli("ops"),
+        )
+        .await
+        .unwrap();
+    let api = TestApi::start(&t).await;
+    let expected = [
+        "labsync_worker_consecutive_failed_runs{worker_id=\"cml-1\"} 3".to_owned(),
+        // The success, not the failures after it.
+        format!(
+            "labsync_last_successful_refresh_timestamp_seconds{{worker_id=\"cml-1\"}} {}",
+            success.finished_at.timestamp()
+        ),
+        "labsync_worker_sync_state{state=\"failing\",worker_id=\"cml-1\"} 1".to_owned(),
+        "labsync_worker_sync_state{state=\"disabled\",worker_id=\"cml-2\"} 1".to_owned(),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let text = loop {
+        let (_, text) = api.get("/metrics", VIEWER_TOKEN).await;
+        let text = text.as_str().unwrap_or_default().to_owned();
+        if expected.iter().all(|e| text.contains(e)) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for e in &expected {
+        assert!(text.contains(e), "{e} in:\n{text}");
+    }
+    // A disabled worker is handed off: nothing an alert would watch.
+    for gone in [
+        "labsync_worker_consecutive_failed_runs{worker_id=\"cml-2\"}",
+        "labsync_last_successful_refresh_timestamp_seconds{worker_id=\"cml-2\"}",
+    ] {
+        assert!(!text.contains(gone), "{gone} in:\n{text}");
+    }
+    api.stop().await;
+}

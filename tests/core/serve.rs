@@ -316,7 +316,8 @@ async fn labsync_config_help_and_error_paths_reveal_no_secret_in_any_encoding() 
         outputs.push_str(&crate::helpers::output_text(&o));
     }
     assert!(
-        outputs.contains("encryption_key") && outputs.contains("[REDACTED]"),
+        outputs.contains("encryption_key = \"[redacted]\"")
+            && outputs.contains("sink_url = \"[redacted]\""),
         "labsync config printed its settings: {outputs:.3000}"
     );
     let mut forms = 0;

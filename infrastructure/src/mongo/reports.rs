@@ -169,14 +169,25 @@ impl RunReports for MongoRunReports {
         if let Some(w) = &q.worker {
             filter.insert("worker_id", w.as_str());
         }
-        if let Some(status) = q.status {
-            filter.insert("status", status.word());
+        // Both filters hold: a status asked for among the outcomes is that
+        // status (never widened to every outcome).
+        let outcomes = [RunStatus::Succeeded, RunStatus::Failed];
+        match (q.status, q.outcomes_only) {
+            (Some(s), true) if !outcomes.contains(&s) => {
+                filter.insert("status", doc! {"$in": []});
+            }
+            (Some(s), _) => {
+                filter.insert("status", s.word());
+            }
+            (None, true) => {
+                filter.insert(
+                    "status",
+                    doc! {"$in": [RunStatus::Succeeded.word(), RunStatus::Failed.word()]},
+                );
+            }
+            (None, false) => {}
         }
         if q.outcomes_only {
-            filter.insert(
-                "status",
-                doc! {"$in": [RunStatus::Succeeded.word(), RunStatus::Failed.word()]},
-            );
             filter.insert("dry_run", false);
         }
         let docs: Vec<Document> = self

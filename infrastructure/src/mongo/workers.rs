@@ -165,10 +165,16 @@ impl MongoWorkerRepository {
                 nonce: d.password.nonce.bytes.clone(),
                 ciphertext: d.password.ciphertext.bytes.clone(),
             };
-            let context = match d.sealed_to.as_deref() {
-                Some(BINDING) => d.worker()?.credential_binding(),
-                None => d.id.clone(),
-                Some(other) => {
+            // One document that does not read is that worker's failure,
+            // not the end of the rotation.
+            let context = match (d.sealed_to.as_deref(), d.worker()) {
+                (Some(BINDING), Ok(w)) => w.credential_binding(),
+                (None, _) => d.id.clone(),
+                (Some(BINDING), Err(e)) => {
+                    report.failed.push((d.id.clone(), e.to_string()));
+                    continue;
+                }
+                (Some(other), _) => {
                     report.failed.push((
                         d.id.clone(),
                         format!("sealed to an unknown binding {other:?}"),
@@ -176,7 +182,7 @@ impl MongoWorkerRepository {
                     continue;
                 }
             };
-            if new.open(&sealed, &context).is_ok() {
+            if new.open_with_current_key(&sealed, &context).is_ok() {
                 report.already += 1;
                 continue;
             }
