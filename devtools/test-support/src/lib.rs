@@ -81,8 +81,9 @@ impl MongoServer {
     /// When the binary is missing or the server does not report its address
     /// within 60 seconds.
     pub fn start() -> anyhow::Result<Self> {
+        sweep_storage_left_by_dead_processes(&std::env::temp_dir());
         let storage = tempfile::Builder::new()
-            .prefix("labsync-mongo-")
+            .prefix(&format!("{STORAGE_PREFIX}{}-", std::process::id()))
             .tempdir()
             .context("creating the server's storage directory")?;
         let (child, guard, addr) = spawn(storage.path(), "0")?;
@@ -120,6 +121,34 @@ impl MongoServer {
         anyhow::ensure!(addr == self.addr, "restarted on {addr}, not {}", self.addr);
         self.running = Some((child, guard));
         Ok(())
+    }
+}
+
+/// What a server's storage directory is named after: the prefix, then the
+/// id of the process that owns it.
+const STORAGE_PREFIX: &str = "labsync-mongo-";
+
+/// Removes the storage directories of test processes that are gone. A
+/// test binary's shared server lives in a static, which is never dropped,
+/// so its directory outlives the run; without this they fill the disk run
+/// after run. A directory whose name carries no process id is left alone.
+pub fn sweep_storage_left_by_dead_processes(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STORAGE_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -324,6 +353,22 @@ pub fn unique_database_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_storage_of_a_process_that_is_gone_is_swept() {
+        let base = tempfile::tempdir().unwrap();
+        let gone = base.path().join(format!("{STORAGE_PREFIX}4294967295-abc"));
+        let mine = base
+            .path()
+            .join(format!("{STORAGE_PREFIX}{}-abc", std::process::id()));
+        let unnamed = base.path().join(format!("{STORAGE_PREFIX}abc"));
+        for d in [&gone, &mine, &unnamed] {
+            std::fs::create_dir(d).unwrap();
+        }
+        sweep_storage_left_by_dead_processes(base.path());
+        assert!(!gone.exists(), "its process is gone");
+        assert!(mine.exists() && unnamed.exists());
+    }
 
     #[test]
     fn parses_the_listening_line() {
