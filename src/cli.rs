@@ -486,8 +486,7 @@ pub enum LabsCommand {
 /// rest as it is.
 pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
     fn unsafe_char(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        labsync_application::domain::text::is_invisible(c)
     }
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);

@@ -28,6 +28,25 @@ pub enum SyncState {
     Failing,
 }
 
+impl SyncState {
+    pub const ALL: [Self; 4] = [
+        Self::Disabled,
+        Self::NeverSynced,
+        Self::Synced,
+        Self::Failing,
+    ];
+
+    /// The word it is serialized and exported as.
+    pub const fn word(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::NeverSynced => "never_synced",
+            Self::Synced => "synced",
+            Self::Failing => "failing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerOverview {
     pub worker: Worker,

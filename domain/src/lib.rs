@@ -3,7 +3,8 @@
 //! What lives here: who asked ([`Actor`]), identifiers that parse instead of validate ([`WorkerId`],
 //! [`LabId`]), the lab state as CML reports it ([`LabState`]), what CML says
 //! about a lab ([`LabSnapshot`]), the stored [`LabRecord`] and its history,
-//! registered [`Worker`]s, and the reconcile [`plan`] of a refresh.
+//! registered [`Worker`]s, the reconcile [`plan`] of a refresh, and which
+//! characters of outside text are invisible ([`text`]).
 //!
 //! What it may depend on: `serde`, `chrono`, `thiserror` and `url` (to parse
 //! a worker's URL as the HTTP client will). No I/O, no async
@@ -16,6 +17,7 @@ mod plan;
 mod record;
 mod snapshot;
 mod state;
+pub mod text;
 mod worker;
 
 pub use actor::{Actor, MAX_ACTOR_NAME};

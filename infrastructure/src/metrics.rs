@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use labsync_application::inventory::SyncState;
 use labsync_application::{Observer, RunReport, RunStatus, SkipReason};
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -114,9 +115,6 @@ pub struct WorkerReading {
     /// disabled worker, or one that never did.
     pub last_success: Option<f64>,
 }
-
-/// The sync states a worker may be in (`labsync_worker_sync_state`).
-pub const SYNC_STATES: [&str; 4] = ["disabled", "never_synced", "synced", "failing"];
 
 #[allow(
     clippy::expect_used,
@@ -496,7 +494,7 @@ impl Metrics {
                     .with_label_values(&[id, state.as_str()])
                     .set(i64::try_from(*n).unwrap_or(i64::MAX));
             }
-            for state in SYNC_STATES {
+            for state in SyncState::ALL.map(SyncState::word) {
                 self.worker_sync_state
                     .with_label_values(&[id, state])
                     .set(i64::from(state == w.sync_state));
@@ -531,7 +529,7 @@ impl Metrics {
                 }
             }
             if now.is_none() {
-                for state in SYNC_STATES {
+                for state in SyncState::ALL.map(SyncState::word) {
                     let _ = self.worker_sync_state.remove_label_values(&[id, state]);
                 }
                 let _ = self.worker_held.remove_label_values(&[id]);

@@ -245,11 +245,10 @@ async fn caller_of_jwt(
 /// A text from a token's claims as the audit log keeps it: no control,
 /// bidirectional or zero-width characters, at most `max` of them.
 pub fn printable(s: &str, max: usize) -> String {
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{FEFF}')
-    };
-    s.chars().filter(|c| !hidden(*c)).take(max).collect()
+    s.chars()
+        .filter(|c| !labsync_application::domain::text::is_invisible(*c))
+        .take(max)
+        .collect()
 }
 
 /// The caller that the request's `Authorization` header names.

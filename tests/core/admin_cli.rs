@@ -183,7 +183,7 @@ async fn an_async_delete_is_listed_and_shown() {
 #[tokio::test]
 async fn a_database_that_does_not_answer_is_said_in_one_line_without_its_credentials() {
     let t = TestApp::spawn().await;
-    let port = crate::oidc::free_port();
+    let port = crate::helpers::free_port();
     let (code, out) = labsync(
         &t,
         &[

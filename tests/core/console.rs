@@ -21,11 +21,7 @@ pub(crate) struct Browser {
 
 impl Browser {
     pub(crate) async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         // In a process group of its own, so that dropping the browser (a
         // test that failed half-way) takes Chromium down with its driver.
         let driver = tokio::process::Command::new("chromedriver")

@@ -575,11 +575,7 @@ async fn only_admins_read_why_a_workers_run_failed() {
     let t = TestApp::spawn().await;
     let api = TestApi::start(&t).await;
     // A worker nothing listens for: its error names the URL.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let (s, body) = api
         .send(
             api.req(Method::POST, "/api/v1/workers", Some(ADMIN_TOKEN))

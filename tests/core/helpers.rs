@@ -520,6 +520,16 @@ pub fn ids(records: &[LabRecord]) -> Vec<LabId> {
     records.iter().map(|r| r.lab_id).collect()
 }
 
+/// A port nothing listens on now (the OS's choice, released at once): for
+/// a process that must be told its port, or an address that refuses.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The HTTP API of a [`TestApp`], served in-process on a free port.
 pub struct TestApi {
     pub base: String,

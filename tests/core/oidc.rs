@@ -9,7 +9,7 @@ use base64::Engine;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually};
+use crate::helpers::{ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually, free_port};
 use labsync_test_support::eventually_within;
 
 /// The module oidc-provider is resolved from, as scripts/install-tools.sh
@@ -103,14 +103,6 @@ impl Provider {
     pub(crate) async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
-}
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn b64(bytes: &[u8]) -> String {

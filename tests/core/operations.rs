@@ -11,7 +11,14 @@ use std::path::Path;
 use labsync_infrastructure::configuration::{CREDENTIAL_KEYS, Settings};
 use reqwest::{Method, StatusCode};
 
-use crate::helpers::{OPERATOR_TOKEN, TestApi, TestApp, VIEWER_TOKEN};
+use labsync_test_support::poll_until;
+
+use crate::helpers::{TestApi, TestApp, VIEWER_TOKEN};
+
+/// How often, and how long, a scrape is retried until the gauges' first
+/// reading shows.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn repo_file(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
@@ -60,7 +67,6 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
     api.delete_lab(&lab).await;
     let (s, _) = api.get("/api/v1/workers", "not-a-token").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let _ = OPERATOR_TOKEN;
 
     let mut wanted = metric_names(&repo_file("deploy/prometheus/labsync.rules.yml"));
     let dashboard = repo_file("deploy/grafana/labsync.json");
@@ -76,13 +82,10 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
         let have = exported(text.as_str().unwrap_or_default());
         wanted.difference(&have).cloned().collect::<BTreeSet<_>>()
     };
-    // The gauges are read from MongoDB at start: polled, with a deadline.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let mut left = missing().await;
-    while !left.is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        left = missing().await;
-    }
+    // The gauges are read from MongoDB at start: polled, with a deadline;
+    // what is still missing then is named.
+    let _ = poll_until(POLL, PATIENCE, || async { missing().await.is_empty() }).await;
+    let left = missing().await;
     assert!(left.is_empty(), "not exported: {left:?}");
     let (_, text) = api.get("/metrics", VIEWER_TOKEN).await;
     let text = text.as_str().unwrap_or_default().to_owned();
@@ -255,15 +258,16 @@ async fn the_gauges_tell_a_failing_worker_from_a_disabled_one_whatever_replica_r
         "labsync_worker_sync_state{state=\"failing\",worker_id=\"cml-1\"} 1".to_owned(),
         "labsync_worker_sync_state{state=\"disabled\",worker_id=\"cml-2\"} 1".to_owned(),
     ];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let text = loop {
+    let scrape = || async {
         let (_, text) = api.get("/metrics", VIEWER_TOKEN).await;
-        let text = text.as_str().unwrap_or_default().to_owned();
-        if expected.iter().all(|e| text.contains(e)) || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        text.as_str().unwrap_or_default().to_owned()
     };
+    let _ = poll_until(POLL, PATIENCE, || async {
+        let text = scrape().await;
+        expected.iter().all(|e| text.contains(e))
+    })
+    .await;
+    let text = scrape().await;
     for e in &expected {
         assert!(text.contains(e), "{e} in:\n{text}");
     }

@@ -16,8 +16,9 @@ use mongodb::bson::doc;
 use reqwest::StatusCode;
 
 use crate::console::Browser;
+use crate::helpers::free_port;
 use crate::helpers::{TestApi, TestApp};
-use crate::oidc::{DirGuard, Provider, dir_guard, free_port, tempdir};
+use crate::oidc::{DirGuard, Provider, dir_guard, tempdir};
 
 /// The people of devtools/oidc/provider.mjs, as labsync's audit names them.
 const OLIVIA: &str = "person:7f3a9c2e-olivia (olivia)";

@@ -222,11 +222,7 @@ async fn a_connection_check_says_which_of_tls_credentials_rights_or_reach_failed
         "{detail}"
     );
     // Nothing listens on a port just freed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = crate::helpers::free_port();
     let (ok, problem, detail) = check(serde_json::json!({"id": "candidate",
         "base_url": format!("https://127.0.0.1:{closed}"), "username": "admin",
         "password": ADMIN_PASSWORD}))

@@ -483,11 +483,8 @@ impl OidcVerifier {
 pub fn usable_username(u: &str) -> bool {
     !u.is_empty()
         && u.chars().count() <= 128
-        && u.chars().all(|c| {
-            !(c.is_control()
-                || c.is_whitespace()
-                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{00AD}'))
-        })
+        && u.chars()
+            .all(|c| !(c.is_whitespace() || labsync_domain::text::is_invisible(c)))
 }
 
 /// The claim at a dotted path (`realm_access.roles`).
