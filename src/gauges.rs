@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use labsync_application::domain::LabState;
 use labsync_application::inventory::SyncState;
 use labsync_application::ports::{Health, RunQuery};
 use labsync_application::{AppError, DeleteQueue, Inventory, RunStatus};
@@ -47,6 +48,24 @@ pub fn consecutive_failures(statuses: &[RunStatus]) -> u64 {
         .iter()
         .take_while(|s| **s == RunStatus::Failed)
         .count() as u64
+}
+
+/// Lab counts by state with every state CML may invent counted as
+/// `other`: the state is a metric label, and a label must stay a small set
+/// whatever CML answers.
+pub fn known_states(counts: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for (state, n) in counts {
+        let state = match LabState::parse(&state) {
+            LabState::Unknown(_) => "other".to_owned(),
+            known => known.as_str().to_owned(),
+        };
+        match out.iter_mut().find(|(s, _)| *s == state) {
+            Some((_, total)) => *total += n,
+            None => out.push((state, n)),
+        }
+    }
+    out
 }
 
 /// Runs looked at to count failures in a row: more reads as "at least".
@@ -92,7 +111,7 @@ async fn read(inventory: &Inventory, queue: &DeleteQueue) -> Result<FleetReading
         workers.push(WorkerReading {
             worker_id: id.to_string(),
             sync_state: overview.sync_state.word(),
-            labs: inventory.lab_counts(&id).await?,
+            labs: known_states(inventory.lab_counts(&id).await?),
             consecutive_failed_runs: failed,
             held_prune: overview.last_run.as_ref().map_or(0, |r| r.held),
             last_success,
@@ -154,5 +173,18 @@ mod tests {
             2
         );
         assert_eq!(consecutive_failures(&[Succeeded, Failed]), 0);
+    }
+
+    #[test]
+    fn a_state_cml_invents_is_counted_as_other_so_labels_stay_few() {
+        let counts = vec![
+            ("STARTED".to_owned(), 2),
+            ("\u{1b}[2J".repeat(1000), 1),
+            ("BOOTING".to_owned(), 3),
+        ];
+        assert_eq!(
+            known_states(counts),
+            vec![("STARTED".to_owned(), 2), ("other".to_owned(), 4)]
+        );
     }
 }

@@ -334,7 +334,7 @@ impl DeleteLab {
 
     /// Why a self-service delete may not go on, judged by what CML says
     /// now (a record may be up to a refresh old). A lab CML does not have
-    /// goes on: "already gone" removes nothing anyone owns.
+    /// is not theirs either: its record goes with the next refresh.
     ///
     /// Public so that a queued delete is refused before it is queued: a
     /// request for someone else's lab must not hold the lab's one active
@@ -347,10 +347,15 @@ impl DeleteLab {
         let username = self.owned_by.as_deref()?;
         match s.cml.lab_details(access, &self.lab_id).await {
             Ok(lab) if owns(lab.owner_username.as_deref(), username) => None,
+            // CML's text, cut: it goes into the audit log and the answer.
             Ok(lab) => Some(DeleteOutcomeKind::NotOwner {
-                owner: lab.owner_username,
+                owner: lab
+                    .owner_username
+                    .map(|o| o.chars().take(labsync_domain::MAX_ACTOR_NAME).collect()),
             }),
-            Err(CmlError::NotFound) => None,
+            // No owner CML vouches for, no delete: a lab that a later call
+            // finds after all must not be someone else's for the taking.
+            Err(CmlError::NotFound) => Some(DeleteOutcomeKind::NotOwner { owner: None }),
             Err(e) => Some(DeleteOutcomeKind::from_cml(e)),
         }
     }

@@ -49,7 +49,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::delete::DeleteLab;
-use crate::errors::{AppError, RepoError};
+use crate::errors::{AppError, CmlError, RepoError};
 use crate::retry::{Backoff, next_pass};
 use crate::services::Services;
 
@@ -307,17 +307,25 @@ impl DeleteQueue {
         if !access.worker.enabled {
             return Err(AppError::WorkerDisabled(cmd.worker_id.clone()));
         }
-        // Someone else's lab is refused now, not queued: queued, it would
-        // hold the lab's one active request. CML's silence queues it (the
-        // attempt asks again).
-        if let Some(username) = cmd.owned_by.as_deref()
-            && let Some(crate::DeleteOutcomeKind::NotOwner { owner }) =
-                cmd.owner_refusal(&self.services, &access).await
-        {
-            return Err(AppError::NotLabOwner(crate::delete::not_owner_detail(
-                owner.as_deref(),
-                username,
-            )));
+        // A self-service delete is queued only once CML has said the lab is
+        // theirs: queued, it holds the lab's one active request, which an
+        // operator's later submit would be handed.
+        if let Some(username) = cmd.owned_by.as_deref() {
+            match cmd.owner_refusal(&self.services, &access).await {
+                None => {}
+                Some(crate::DeleteOutcomeKind::NotOwner { owner }) => {
+                    return Err(AppError::NotLabOwner(crate::delete::not_owner_detail(
+                        owner.as_deref(),
+                        username,
+                    )));
+                }
+                Some(other) => {
+                    return Err(AppError::Cml(CmlError::Unreachable(format!(
+                        "CML could not say who owns the lab ({}): try again",
+                        other.word()
+                    ))));
+                }
+            }
         }
         let now = self.services.clock.now();
         let request = DeleteRequest {

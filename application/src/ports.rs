@@ -890,15 +890,18 @@ pub trait Sessions: Send + Sync {
     /// [`RepoError`].
     async fn begin_sign_in(&self, pending: &PendingSignIn) -> Result<(), RepoError>;
 
-    /// Takes the sign-in stored under `key` away: MUST return it at most
-    /// once, to one caller among all replicas, and MUST NOT return it once
-    /// it has expired by `now`.
+    /// Takes the sign-in stored under `key` for the browser `browser`
+    /// away: MUST return it at most once, to one caller among all
+    /// replicas, MUST NOT return it once it has expired by `now`, and MUST
+    /// leave it for its own browser when another asks (someone holding only
+    /// the callback's `state` cannot spend it).
     ///
     /// # Errors
     /// [`RepoError`].
     async fn take_sign_in(
         &self,
         key: &str,
+        browser: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<PendingSignIn>, RepoError>;
 }

@@ -536,7 +536,22 @@ impl Metrics {
             }
             if now.is_none() {
                 let _ = self.worker_failed_runs.remove_label_values(&[id]);
-                let _ = self.last_success.remove_label_values(&[id]);
+            }
+        }
+        // The refresh's observer sets it too, in this process: a run that
+        // ended after its worker was removed must not leave it behind.
+        for family in prometheus::core::Collector::collect(&self.last_success) {
+            for m in family.get_metric() {
+                for l in m.get_label() {
+                    if l.name() == "worker_id"
+                        && !r
+                            .workers
+                            .iter()
+                            .any(|w| w.worker_id == l.value() && w.last_success.is_some())
+                    {
+                        let _ = self.last_success.remove_label_values(&[l.value()]);
+                    }
+                }
             }
         }
         for (status, n) in &r.delete_requests {
@@ -663,6 +678,15 @@ impl Observer for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_absent_from_a_reading_leaves_the_gauges_whoever_set_them() {
+        let m = Metrics::new();
+        // As the refresh's observer does, for a worker removed since.
+        m.last_success.with_label_values(&["gone"]).set(1.0);
+        m.fleet_gauges(&FleetReading::default());
+        assert!(!m.render().contains("worker_id=\"gone\""), "{}", m.render());
+    }
 
     #[test]
     fn renders_bounded_metrics_with_the_prefix() {

@@ -2377,9 +2377,21 @@ async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once(
         expires_at: t0 + TimeDelta::minutes(10),
     };
     store.begin_sign_in(&pending).await.unwrap();
+    assert_eq!(
+        store
+            .take_sign_in("state-hash", "another-browser", t0)
+            .await
+            .unwrap(),
+        None,
+        "another browser neither gets it nor spends it"
+    );
     let takers = (0..4).map(|_| {
         let s = store.clone();
-        tokio::spawn(async move { s.take_sign_in("state-hash", t0).await.unwrap() })
+        tokio::spawn(async move {
+            s.take_sign_in("state-hash", "browser-hash", t0)
+                .await
+                .unwrap()
+        })
     });
     let taken: Vec<_> = futures::future::join_all(takers)
         .await
@@ -2394,7 +2406,7 @@ async fn a_session_ends_at_its_idle_or_absolute_end_and_a_sign_in_is_taken_once(
     store.begin_sign_in(&late).await.unwrap();
     assert_eq!(
         store
-            .take_sign_in("late", t0 + TimeDelta::minutes(11))
+            .take_sign_in("late", "browser-hash", t0 + TimeDelta::minutes(11))
             .await
             .unwrap(),
         None,

@@ -42,7 +42,12 @@ impl Caller {
     /// A person the provider vouches for.
     pub fn person(subject: &str, display: &str, username: Option<&str>, role: Role) -> Self {
         Self {
-            actor: Actor::person(&printable(subject, 64), &printable(display, 48)),
+            // The subject whole (to the actor's own limit): two people
+            // whose subs share a long prefix stay two.
+            actor: Actor::person(
+                &printable(subject, labsync_application::domain::MAX_ACTOR_NAME),
+                &printable(display, 48),
+            ),
             role,
             // Refused rather than cleaned up: a cleaned-up name could be
             // someone else's.

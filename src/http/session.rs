@@ -10,8 +10,8 @@
 //!    - Through the provider ([`start_sign_in`], [`finish_sign_in`]): the
 //!      authorization code flow with PKCE; the pending sign-in is stored
 //!      (any replica may take the callback) and bound to the browser by a
-//!      short `SameSite=Lax` cookie, so that a callback URL sent to someone
-//!      else signs no one in. A replica starts at most
+//!      short `SameSite=Lax` cookie: a callback URL sent to someone else
+//!      neither signs them in nor spends the sign-in. A replica starts at most
 //!      [`MAX_SIGN_INS_PER_MINUTE`] of them a minute.
 //!    - With an API token (`POST /login`; not a provider's JWT, which the
 //!      session would outlive): the session names the token's hash.
@@ -54,6 +54,8 @@
 //! the cookies are marked `Secure` when `api.secure_cookie` says so.
 //!
 //! # Caveats
+//! The sign-in budget is per replica, not per client: one client starting
+//! sign-ins in a loop can make others wait for the next minute.
 //! A person's claims are read at sign-in: a role taken away at the
 //! provider holds until the session ends (a changed `oidc.roles` applies
 //! at once). Sessions stored before sessions had an idle end have ended:
@@ -350,18 +352,17 @@ pub async fn finish_sign_in(
             "this sign-in is not one this browser started, or it took too long: sign in again",
         )
     };
+    // Taken only with the browser's own cookie: a callback URL carried
+    // elsewhere neither signs anyone in nor spends the sign-in.
+    let browser = cookie(headers, s.session_policy.sign_in_cookie().0)
+        .map(key_of)
+        .ok_or_else(stale)?;
     let pending = s
         .sessions
-        .take_sign_in(&key_of(state), s.services.clock.now())
+        .take_sign_in(&key_of(state), &browser, s.services.clock.now())
         .await
         .map_err(labsync_application::AppError::from)?
         .ok_or_else(stale)?;
-    let browser = cookie(headers, s.session_policy.sign_in_cookie().0)
-        .map(key_of)
-        .unwrap_or_default();
-    if !bool::from(browser.as_bytes().ct_eq(pending.browser.as_bytes())) {
-        return Err(stale());
-    }
     let signed_in = provider
         .finish_sign_in(code, &pending.verifier, &pending.nonce)
         .await

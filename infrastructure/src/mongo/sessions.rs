@@ -189,13 +189,14 @@ impl Sessions for MongoSessions {
     async fn take_sign_in(
         &self,
         key: &str,
+        browser: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<PendingSignIn>, RepoError> {
         // Taken whether or not it has expired: an expired one is of no use
         // to anyone later either.
         let Some(d) = self
             .sign_ins
-            .find_one_and_delete(doc! {"_id": key})
+            .find_one_and_delete(doc! {"_id": key, "browser": browser})
             .await
             .map_err(map_error)?
         else {

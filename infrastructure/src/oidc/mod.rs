@@ -61,8 +61,9 @@ pub struct Identity {
     /// Their CML username: the claim `oidc.username_claim` names.
     pub username: Option<String>,
     pub role: Role,
-    /// The values of the roles claim (at most [`MAX_ROLE_VALUES`]), which
-    /// a console session keeps to map again on every request.
+    /// The values of the roles claim that the role map names (at most
+    /// [`MAX_ROLE_VALUES`]), which a console session keeps to map again on
+    /// every request.
     pub role_values: Vec<String>,
 }
 
@@ -434,9 +435,12 @@ impl OidcVerifier {
             Some(serde_json::Value::String(s)) => s.split_whitespace().collect(),
             _ => Vec::new(),
         };
+        // Only the values the role map knows: however many groups a person
+        // has (Entra ID sends up to 200), the one that maps is never cut
+        // off, and a session keeps no more than the map names.
         values
             .into_iter()
-            .filter(|v| v.len() <= 256)
+            .filter(|v| self.roles.iter().any(|(mapped, _)| mapped == v))
             .take(MAX_ROLE_VALUES)
             .map(str::to_owned)
             .collect()
@@ -587,6 +591,13 @@ mod tests {
         assert_eq!(v.role_of(&claims(serde_json::json!(""))), None);
         assert_eq!(v.role_of(&claims(serde_json::json!(["x"]))), None);
         assert_eq!(v.role_of(&serde_json::json!({})), None);
+        let mut many: Vec<String> = (0..200).map(|i| format!("group-{i}")).collect();
+        many.push("a".into());
+        assert_eq!(
+            v.role_of(&claims(serde_json::json!(many))),
+            Some(Role::Admin),
+            "the mapped value after 200 others still counts"
+        );
     }
 
     #[test]
