@@ -604,7 +604,12 @@ async fn a_self_service_person_deletes_their_own_wiped_lab_and_is_refused_someon
     let unknown = delete(&theirs, "async").await.unwrap();
     assert_eq!(unknown.status(), StatusCode::BAD_GATEWAY);
     assert!(
-        s.t.app.delete_queue.recent(None, 10).await.unwrap().is_empty(),
+        s.t.app
+            .delete_queue
+            .recent(None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "no request holds someone else's lab"
     );
     s.t.faults(serde_json::json!({}));
