@@ -76,12 +76,13 @@ target/debug/cml-sim --workers 2 --labs-per-worker 30 --base-port "$SIM_PORT" \
   --addresses-file "$DEMO_DIR/workers.json" >"$DEMO_DIR/cml-sim.log" 2>&1 &
 pids+=($!)
 
-# Wait for both to accept connections, with a deadline.
+# Wait for each to accept connections (the provider says so once it is
+# built), with a deadline.
 ready=""
 for _ in $(seq 1 150); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$MONGO_PORT") 2>/dev/null \
     && (exec 3<>"/dev/tcp/127.0.0.1/$((SIM_PORT + 1))") 2>/dev/null \
-    && { [[ -z "$OIDC" ]] || (exec 3<>"/dev/tcp/127.0.0.1/$OIDC_PORT") 2>/dev/null; }; then
+    && { [[ -z "$OIDC" ]] || grep -q "listening on" "$DEMO_DIR/oidc.log" 2>/dev/null; }; then
     ready=yes
     break
   fi

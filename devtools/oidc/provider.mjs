@@ -15,12 +15,28 @@
 // and /login are registered for the console's client.
 import crypto from "node:crypto";
 import fs from "node:fs";
+import http from "node:http";
 import { createRequire } from "node:module";
 
 const require = createRequire(process.env.OIDC_PROVIDER_MODULE ?? import.meta.url);
 const Provider = (await import(require.resolve("oidc-provider"))).default;
 
-const port = Number(process.env.PORT ?? 4455);
+// The port is bound before anything else, so that PORT=0 (any free port,
+// which a test uses to never race another process for one) still gives
+// the issuer its real port. The first line on stdout names the issuer.
+const server = http.createServer();
+await new Promise((resolve, reject) => {
+  server.once("error", reject);
+  server.listen(Number(process.env.PORT ?? 4455), "127.0.0.1", resolve);
+});
+// Until the provider is built, a caller that does not wait for the line
+// above gets a clear "not yet" rather than a request that hangs.
+const notYet = (_req, res) => {
+  res.statusCode = 503;
+  res.end();
+};
+server.on("request", notYet);
+const port = server.address().port;
 const issuer = process.env.ISSUER ?? `http://127.0.0.1:${port}`;
 const audience = process.env.AUDIENCE ?? "labsync";
 const keysFile = process.env.JWKS_FILE ?? "oidc-keys.json";
@@ -201,6 +217,6 @@ provider.use(async (ctx, next) => {
   if (ctx.path === "/jwks") keySetReads += 1;
   await next();
 });
-provider.listen(port, "127.0.0.1", () => {
-  console.log(`oidc-provider listening on ${issuer}`);
-});
+server.off("request", notYet);
+server.on("request", provider.callback());
+console.log(`oidc-provider listening on ${issuer}`);

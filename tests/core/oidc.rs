@@ -9,7 +9,7 @@ use base64::Engine;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually, free_port};
+use crate::helpers::{ADMIN_TOKEN, TestApi, TestApp, VIEWER_TOKEN, eventually};
 use labsync_test_support::eventually_within;
 
 /// The module oidc-provider is resolved from, as scripts/install-tools.sh
@@ -33,49 +33,84 @@ pub(crate) struct Provider {
     port: u16,
 }
 
+/// How long node may take to load oidc-provider and bind, on a CI machine
+/// whose two cores are busy with the rest of the suite.
+const PROVIDER_START: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Provider {
-    pub(crate) async fn start(keys: &Path, port: u16) -> Self {
-        Self::start_for(keys, port, &[]).await
+    /// A provider on a port of its own choosing (never one another process
+    /// could take between our choice and its bind).
+    pub(crate) async fn start(keys: &Path) -> Self {
+        Self::start_for(keys, &[]).await
     }
 
     /// A provider whose console client sends people back to labsync at
     /// `consoles` (base URLs).
-    pub(crate) async fn start_for(keys: &Path, port: u16, consoles: &[&str]) -> Self {
-        Self::start_with(keys, port, consoles, &[]).await
+    pub(crate) async fn start_for(keys: &Path, consoles: &[&str]) -> Self {
+        Self::start_with(keys, consoles, &[]).await
     }
 
     /// As [`Provider::start_for`], with more of provider.mjs's settings
     /// (`ID_TOKEN_CLAIMS=minimal`).
-    pub(crate) async fn start_with(
-        keys: &Path,
-        port: u16,
-        consoles: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
+    pub(crate) async fn start_with(keys: &Path, consoles: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(keys, 0, consoles, env).await
+    }
+
+    /// A provider again on `port`, as one restarted in place is.
+    pub(crate) async fn restart_on(keys: &Path, port: u16) -> Self {
+        Self::spawn(keys, port, &[], &[]).await
+    }
+
+    /// Starts provider.mjs and waits for the line in which it names its
+    /// issuer; its output goes to a log beside `keys`, quoted if it fails.
+    async fn spawn(keys: &Path, port: u16, consoles: &[&str], env: &[(&str, &str)]) -> Self {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = keys.with_file_name(format!("provider-{n}.log"));
+        let out = std::fs::File::create(&log).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("devtools/oidc/provider.mjs");
-        let child = tokio::process::Command::new("node")
+        let mut child = tokio::process::Command::new("node")
             .arg(script)
             .env("PORT", port.to_string())
             .env("JWKS_FILE", keys)
             .env("OIDC_PROVIDER_MODULE", provider_module())
             .env("CONSOLE_URLS", consoles.join(","))
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
             .kill_on_drop(true)
             .spawn()
             .expect("node runs the provider");
-        let p = Self { child, port };
-        let http = reqwest::Client::new();
-        let url = format!("{}/.well-known/openid-configuration", p.issuer());
-        eventually("the provider answers", || async {
-            http.get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
+        let announced = |text: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("oidc-provider listening on http://127.0.0.1:")
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+            })
+        };
+        let mut exited = None;
+        let started = labsync_test_support::poll_until(
+            std::time::Duration::from_millis(20),
+            PROVIDER_START,
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    exited = Some(status);
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                std::future::ready(exited.is_some() || announced(&text).is_some())
+            },
+        )
         .await;
-        p
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(port) = announced(&text).filter(|_| started.is_ok() && exited.is_none()) else {
+            panic!(
+                "the provider did not start ({}); its output:\n{text}",
+                exited.map_or_else(
+                    || format!("nothing within {PROVIDER_START:?}"),
+                    |s| s.to_string()
+                )
+            );
+        };
+        Self { child, port }
     }
 
     pub(crate) fn issuer(&self) -> String {
@@ -144,7 +179,7 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
 {
     let dir = tempdir();
     let keys = dir.join("keys.json");
-    let provider = Provider::start(&keys, free_port()).await;
+    let provider = Provider::start(&keys).await;
     let t = app_for(&provider).await;
     t.refresh().await;
     let api = TestApi::start(&t).await;
@@ -278,7 +313,7 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
 
     // Another issuer with the very same keys: its signature verifies, its
     // issuer does not.
-    let other = Provider::start(&keys, free_port()).await;
+    let other = Provider::start(&keys).await;
     let (s, detail) = call(&api, &other.token("labsync-admin").await).await;
     assert_eq!(
         (s, detail.contains("another issuer")),
@@ -291,7 +326,7 @@ async fn a_providers_token_names_its_caller_with_the_role_of_its_claims_and_ever
     let port = provider.port;
     provider.stop().await;
     std::fs::remove_file(&keys).unwrap();
-    let provider = Provider::start(&keys, port).await;
+    let provider = Provider::restart_on(&keys, port).await;
     let rotated = provider.token("labsync-admin").await;
     eventually("a token signed with the new key to be taken", || async {
         call(&api, &rotated).await.0 == StatusCode::OK

@@ -44,13 +44,8 @@ impl Setup {
         let dir = tempdir();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let provider = Provider::start_with(
-            &dir.join("keys.json"),
-            free_port(),
-            &[base.as_str()],
-            provider_env,
-        )
-        .await;
+        let provider =
+            Provider::start_with(&dir.join("keys.json"), &[base.as_str()], provider_env).await;
         let mut oidc: Vec<(String, String)> = [
             ("LABSYNC__OIDC__ISSUER", provider.issuer()),
             ("LABSYNC__OIDC__AUDIENCE", "labsync".into()),
