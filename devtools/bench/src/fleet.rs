@@ -50,7 +50,7 @@ impl SimWorker {
 pub struct SimFleet {
     pub workers: Vec<SimWorker>,
     http: reqwest::Client,
-    _child: Child,
+    child: Child,
     _dir: tempfile_dir::Dir,
 }
 
@@ -133,7 +133,7 @@ impl SimFleet {
         Ok(Self {
             workers,
             http,
-            _child: child,
+            child,
             _dir: tempfile_dir::Dir(dir),
         })
     }
@@ -172,6 +172,11 @@ impl SimFleet {
         })
         .await?;
         Ok(())
+    }
+
+    /// The simulator's process id (one process serves every worker).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     pub async fn set_latency(&self, ms: u64) -> anyhow::Result<()> {
@@ -271,7 +276,8 @@ impl SimFleet {
         ))
     }
 
-    /// Adds `n` stopped-and-wiped labs spread over the workers.
+    /// Adds `n` stopped-and-wiped labs spread over the workers, listed
+    /// round robin.
     pub async fn add_wiped_labs(&self, n: usize) -> anyhow::Result<Vec<(WorkerId, LabId)>> {
         let per = n.div_ceil(self.workers.len().max(1));
         let lists = self
@@ -291,13 +297,17 @@ impl SimFleet {
                 Ok(json!(ids))
             })
             .await?;
+        // Round robin over the workers, so that deletes in this order reach
+        // every worker at once rather than one worker after another.
         let mut out = Vec::with_capacity(n);
-        for list in lists {
-            for pair in list.as_array().into_iter().flatten() {
-                out.push((
-                    WorkerId::parse(pair[0].as_str().unwrap_or_default())?,
-                    LabId::parse(pair[1].as_str().unwrap_or_default())?,
-                ));
+        for i in 0..per {
+            for list in &lists {
+                if let Some(pair) = list.as_array().and_then(|l| l.get(i)) {
+                    out.push((
+                        WorkerId::parse(pair[0].as_str().unwrap_or_default())?,
+                        LabId::parse(pair[1].as_str().unwrap_or_default())?,
+                    ));
+                }
             }
         }
         out.truncate(n);

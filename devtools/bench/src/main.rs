@@ -21,6 +21,8 @@
 mod baseline;
 mod console;
 mod fleet;
+mod limits;
+mod open_loop;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +31,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use futures::StreamExt;
 use labsync::wiring::App;
 use labsync_application::domain::{Actor, LabId, Worker, WorkerId};
 use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus};
@@ -39,6 +40,8 @@ use mongodb::options::ClientOptions;
 use serde::Serialize;
 
 use crate::fleet::SimFleet;
+use crate::limits::{CpuSplit, MustWrite, Pids};
+use crate::open_loop::Trial;
 
 /// Benchmarks labsync's refresh and delete on a simulated fleet.
 #[derive(Debug, Parser, Clone)]
@@ -53,11 +56,18 @@ struct Args {
     /// Simulated latency of every CML request, in milliseconds.
     #[arg(long, default_value_t = 10)]
     latency_ms: u64,
-    /// Deletes in the delete scenario.
-    #[arg(long, default_value_t = 2000)]
+    /// Deletes in the one-at-a-time delete scenario.
+    #[arg(long, default_value_t = 200)]
     deletes: usize,
-    #[arg(long, default_value_t = 64)]
-    delete_concurrency: usize,
+    /// Seconds of each trial of the open-loop capacity search.
+    #[arg(long, default_value_t = 2.0)]
+    search_secs: f64,
+    /// Seconds of each open-loop run at a share of the capacity.
+    #[arg(long, default_value_t = 5.0)]
+    open_loop_secs: f64,
+    /// The highest delete rate (per second) the capacity search tries.
+    #[arg(long, default_value_t = 6400.0)]
+    max_rate: f64,
     /// Fleet sizes (labs) for the scaling scenario, 200 labs per worker.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
     scaling: Vec<usize>,
@@ -85,9 +95,22 @@ struct Args {
     /// Only the console's figures (the labs page and the fan-out).
     #[arg(long)]
     console_only: bool,
+    /// Skip the console's figures.
+    #[arg(long)]
+    no_console: bool,
     /// Internal: run one scaling step in this process and print its rows.
     #[arg(long, hide = true)]
     scaling_child: Option<usize>,
+    /// Internal: the database's process id, for a scaling step's CPU split.
+    #[arg(long, hide = true)]
+    db_pid: Option<u32>,
+    /// Internal: measure the database floor of this many records and
+    /// events (`RECORDS,EVENTS`) in database `--db-name`, in this process,
+    /// and print the seconds.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    db_floor_child: Option<Vec<usize>>,
+    #[arg(long, hide = true)]
+    db_name: Option<String>,
 }
 
 impl Args {
@@ -96,8 +119,10 @@ impl Args {
             self.workers = 4;
             self.labs = 25;
             self.latency_ms = 2;
-            self.deletes = 40;
-            self.delete_concurrency = 8;
+            self.deletes = 20;
+            self.search_secs = 0.5;
+            self.open_loop_secs = 1.0;
+            self.max_rate = 200.0;
             self.scaling = vec![100, 400];
             self.console_labs = 2000;
             self.streams = 50;
@@ -265,10 +290,28 @@ pub struct Row {
     pub peak_rss_mib: f64,
     /// Baseline wall time / this wall time.
     pub vs_baseline: Option<f64>,
-    /// Floor / this wall time.
+    /// CML floor / this wall time.
     pub efficiency: Option<f64>,
+    /// The latency-bound minimum of the CML round trips ([`floor_s`]).
     pub floor_s: Option<f64>,
+    /// The database's own time for the documents this scenario must write
+    /// ([`limits::db_floor`]).
+    pub db_floor_s: Option<f64>,
+    /// max(CML floor, database floor) / this wall time.
+    pub combined_efficiency: Option<f64>,
+    /// CPU seconds of labsync, the simulator and the database meanwhile.
+    pub cpu: Option<CpuSplit>,
     pub notes: String,
+}
+
+impl Row {
+    /// Sets the CML floor and, with `db_floor`, the combined one.
+    fn against(&mut self, floor: f64, db_floor: Option<f64>) {
+        self.floor_s = Some(floor);
+        self.efficiency = Some(floor / self.wall_s);
+        self.db_floor_s = db_floor;
+        self.combined_efficiency = db_floor.map(|db| floor.max(db) / self.wall_s);
+    }
 }
 
 /// The latency-bound minimum of a refresh: per worker a login, the list and
@@ -284,10 +327,47 @@ struct Harness {
     app: App,
     counters: Arc<MongoCounters>,
     fleet: SimFleet,
+    pids: Pids,
+    mongo_uri: String,
+}
+
+/// What a refresh of the fleet did, summed over its workers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refreshed {
+    created: u64,
+    updated: u64,
+    unchanged: u64,
+    pruned: u64,
+}
+
+impl Refreshed {
+    /// What it had to write, whatever the way: the records it created or
+    /// changed and one event per created, changed or pruned lab.
+    fn must_write(&self) -> MustWrite {
+        MustWrite {
+            records: (self.created + self.updated) as usize,
+            events: (self.created + self.updated + self.pruned) as usize,
+        }
+    }
+}
+
+impl std::fmt::Display for Refreshed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "created {} updated {} unchanged {} pruned {}",
+            self.created, self.updated, self.unchanged, self.pruned
+        )
+    }
 }
 
 impl Harness {
-    async fn new(args: &Args, mongo_uri: &str, fleet: SimFleet) -> anyhow::Result<Self> {
+    async fn new(
+        args: &Args,
+        mongo_uri: &str,
+        fleet: SimFleet,
+        db_pid: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let db_name = labsync_test_support::unique_database_name();
         let fleet_c = args.fleet_concurrency.to_string();
         let lab_c = args.lab_concurrency.to_string();
@@ -313,10 +393,16 @@ impl Harness {
         for w in &fleet.workers {
             w.register(&app).await?;
         }
+        let pids = Pids {
+            sim: fleet.pid(),
+            db: db_pid,
+        };
         Ok(Self {
             app,
             counters,
             fleet,
+            pids,
+            mongo_uri: mongo_uri.to_owned(),
         })
     }
 
@@ -335,9 +421,11 @@ impl Harness {
         self.fleet.reset_stats().await?;
         let before = self.counters.snapshot();
         reset_peak_rss();
+        let cpu_before = self.pids.read();
         let started = Instant::now();
         let out = f().await?;
         let wall = started.elapsed().as_secs_f64();
+        let cpu = self.pids.read().since(&cpu_before);
         let after = self.counters.snapshot();
         let row = Row {
             scenario: scenario.to_owned(),
@@ -353,10 +441,8 @@ impl Harness {
             inventory_reads: after[4] - before[4],
             inventory_docs_written: after[5] - before[5],
             peak_rss_mib: peak_rss_mib(),
-            vs_baseline: None,
-            efficiency: None,
-            floor_s: None,
-            notes: String::new(),
+            cpu: Some(cpu),
+            ..Row::default()
         };
         Ok((row, out))
     }
@@ -401,10 +487,18 @@ impl Harness {
         Ok(())
     }
 
-    async fn refresh(&self) -> anyhow::Result<String> {
-        let reports = RefreshAll::new(self.app.services.clone())
-            .execute(&Actor::cli("bench"), RefreshOptions::default())
-            .await?;
+    /// Refreshes the whole fleet in a task of the runtime, as the
+    /// scheduler of `labsync serve` does: run on the main thread (outside
+    /// the runtime's workers), every answer would wake that thread, not a
+    /// worker, and the figures would carry thread switches serve never has.
+    async fn refresh(&self) -> anyhow::Result<Refreshed> {
+        let services = self.app.services.clone();
+        let reports = tokio::spawn(async move {
+            RefreshAll::new(services)
+                .execute(&Actor::cli("bench"), RefreshOptions::default())
+                .await
+        })
+        .await??;
         let failed = reports
             .iter()
             .filter(|r| r.status != RunStatus::Succeeded)
@@ -416,13 +510,43 @@ impl Harness {
         );
         let sum =
             |f: fn(&labsync_application::RunReport) -> u64| reports.iter().map(f).sum::<u64>();
-        Ok(format!(
-            "created {} updated {} unchanged {} pruned {}",
-            sum(|r| r.created),
-            sum(|r| r.updated),
-            sum(|r| r.unchanged),
-            sum(|r| r.pruned)
-        ))
+        Ok(Refreshed {
+            created: sum(|r| r.created),
+            updated: sum(|r| r.updated),
+            unchanged: sum(|r| r.unchanged),
+            pruned: sum(|r| r.pruned),
+        })
+    }
+
+    /// The database floor of what `done` had to write, measured in a
+    /// child process: its copies of the documents must not count in this
+    /// process's memory or CPU time.
+    async fn db_floor(&self, done: &Refreshed) -> anyhow::Result<f64> {
+        let must = done.must_write();
+        if must.records + must.events == 0 {
+            return Ok(0.0);
+        }
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .arg(format!("--db-floor-child={},{}", must.records, must.events))
+            .args(["--db-name", self.app.db.name()])
+            .env("LABSYNC_BENCH_MONGODB_URI", &self.mongo_uri)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "the database floor failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("FLOOR "))
+            .context("the database floor printed nothing")?
+            .trim()
+            .parse()
+            .context("the database floor's seconds")
+    }
+
+    /// Deletes `n` freshly wiped labs at `rate` per second.
+    async fn open_loop(&self, rate: f64, n: usize) -> anyhow::Result<Trial> {
+        let targets = self.fleet.add_wiped_labs(n.max(5)).await?;
+        open_loop::trial(&self.app.services, targets, rate).await
     }
 }
 
@@ -432,7 +556,7 @@ async fn scaling_step(args: &Args, mongo_uri: &str, size: usize) -> anyhow::Resu
     let workers = size.div_ceil(per);
     let fleet = SimFleet::start(workers, per, 11).await?;
     fleet.set_latency(args.latency_ms).await?;
-    let h = Harness::new(args, mongo_uri, fleet).await?;
+    let h = Harness::new(args, mongo_uri, fleet, args.db_pid).await?;
     let floor = floor_s(
         workers,
         per,
@@ -442,7 +566,7 @@ async fn scaling_step(args: &Args, mongo_uri: &str, size: usize) -> anyhow::Resu
     );
     let mut rows = Vec::new();
     for scenario in ["cold", "steady"] {
-        let (mut row, note) = h
+        let (mut row, done) = h
             .measure(
                 &format!("scaling {scenario} {size}"),
                 workers * per,
@@ -450,11 +574,10 @@ async fn scaling_step(args: &Args, mongo_uri: &str, size: usize) -> anyhow::Resu
                 || h.refresh(),
             )
             .await?;
-        row.floor_s = Some(floor);
-        row.efficiency = Some(floor / row.wall_s);
         // A fresh process: its peak so far is this step's peak.
         row.peak_rss_mib = peak_rss_mib();
-        row.notes = note;
+        row.against(floor, Some(h.db_floor(&done).await?));
+        row.notes = done.to_string();
         rows.push(row);
     }
     Ok(rows)
@@ -470,7 +593,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<22} {:>7} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7}  notes",
+        "{:<22} {:>7} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>14}  notes",
         "scenario",
         "labs",
         "workers",
@@ -482,11 +605,15 @@ fn print_table(rows: &[Row]) {
         "inv. wr",
         "RSS MiB",
         "x base",
-        "eff"
+        "eff",
+        "db fl s",
+        "eff cmb",
+        "CPU ls/sim/db"
     );
+    let pct = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.0}%", x * 100.0));
     for r in rows {
         println!(
-            "{:<22} {:>7} {:>7} {:>6} {:>9.3} {:>8} {:>8} {:>9} {:>8} {:>8.1} {:>9} {:>7}  {}",
+            "{:<22} {:>7} {:>7} {:>6} {:>9.3} {:>8} {:>8} {:>9} {:>8} {:>8.1} {:>9} {:>7} {:>7} {:>7} {:>14}  {}",
             r.scenario,
             r.labs,
             r.workers,
@@ -498,8 +625,10 @@ fn print_table(rows: &[Row]) {
             r.inventory_docs_written,
             r.peak_rss_mib,
             r.vs_baseline.map_or("-".into(), |x| format!("{x:.1}x")),
-            r.efficiency
-                .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+            pct(r.efficiency),
+            r.db_floor_s.map_or("-".into(), |x| format!("{x:.2}")),
+            pct(r.combined_efficiency),
+            r.cpu.map_or("-".into(), |c| c.brief()),
             r.notes
         );
     }
@@ -509,15 +638,29 @@ fn print_table(rows: &[Row]) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse().effective();
     let _mongo_server;
+    let mut db_pid = args.db_pid;
     let mongo_uri = match std::env::var("LABSYNC_BENCH_MONGODB_URI") {
         Ok(uri) if !uri.is_empty() => uri,
         _ => {
             let server = labsync_test_support::MongoServer::start()?;
             let uri = server.uri().to_owned();
+            db_pid = server.pid();
             _mongo_server = server;
             uri
         }
     };
+    if let (Some(must), Some(name)) = (&args.db_floor_child, &args.db_name) {
+        anyhow::ensure!(must.len() == 2, "--db-floor-child takes RECORDS,EVENTS");
+        let db = mongodb::Client::with_uri_str(&mongo_uri)
+            .await?
+            .database(name);
+        let must = MustWrite {
+            records: must[0],
+            events: must[1],
+        };
+        println!("FLOOR {}", limits::db_floor(&db, must).await?);
+        return Ok(());
+    }
     if let Some(size) = args.scaling_child {
         let rows = scaling_step(&args, &mongo_uri, size).await?;
         println!("ROWS {}", serde_json::to_string(&rows)?);
@@ -544,7 +687,7 @@ async fn main() -> anyhow::Result<()> {
     // Main fleet: cold, steady, churn, deletes.
     let fleet = SimFleet::start(args.workers, args.labs, 42).await?;
     fleet.set_latency(args.latency_ms).await?;
-    let h = Harness::new(&args, &mongo_uri, fleet).await?;
+    let h = Harness::new(&args, &mongo_uri, fleet, db_pid).await?;
     let floor = floor_s(
         args.workers,
         args.labs,
@@ -552,81 +695,67 @@ async fn main() -> anyhow::Result<()> {
         args.fleet_concurrency,
         args.lab_concurrency,
     );
-    let (mut cold, note) = h
+    let (mut cold, done) = h
         .measure("cold refresh", total, args.latency_ms, || h.refresh())
         .await?;
-    cold.floor_s = Some(floor);
-    cold.efficiency = Some(floor / cold.wall_s);
-    cold.notes = note;
-    let (mut steady, note) = h
+    cold.against(floor, Some(h.db_floor(&done).await?));
+    cold.notes = done.to_string();
+    eprintln!("bench: steady refresh");
+    let (mut steady, done) = h
         .measure("steady refresh", total, args.latency_ms, || h.refresh())
         .await?;
-    steady.floor_s = Some(floor);
-    steady.efficiency = Some(floor / steady.wall_s);
+    eprintln!("bench: steady refresh done");
+    steady.against(floor, Some(h.db_floor(&done).await?));
     steady.notes = format!(
-        "{note}; record reads {} for {} workers",
+        "{done}; record reads {} for {} workers",
         steady.inventory_reads, args.workers
     );
     let churn_plan = h.fleet.churn(0.05, 0.02, 0.02, 7).await?;
-    let (mut churn, note) = h
+    let (mut churn, done) = h
         .measure("churn refresh", total, args.latency_ms, || h.refresh())
         .await?;
-    churn.floor_s = Some(floor);
-    churn.efficiency = Some(floor / churn.wall_s);
-    churn.notes = format!("{note} (applied: {churn_plan})");
+    churn.against(floor, Some(h.db_floor(&done).await?));
+    churn.notes = format!("{done} (applied: {churn_plan})");
 
-    // Deletes of wiped labs at the given concurrency.
-    let targets: Vec<(WorkerId, LabId)> = h.fleet.add_wiped_labs(args.deletes).await?;
-    let services = h.app.services.clone();
-    let (mut deletes, latencies) = h
-        .measure("deletes", args.deletes, args.latency_ms, || async {
-            let lat: Vec<f64> = futures::stream::iter(targets)
-                .map(|(w, l)| {
-                    let services = services.clone();
-                    async move {
-                        let t = Instant::now();
-                        let out = DeleteLab {
-                            worker_id: w,
-                            lab_id: l,
-                            force: false,
-                            requested_by: Actor::cli("bench"),
-                            owned_by: None,
-                        }
-                        .execute(&services)
-                        .await;
-                        let ms = t.elapsed().as_secs_f64() * 1000.0;
-                        match out {
-                            Ok(o) if o.lab_gone => Ok(ms),
-                            other => Err(anyhow::anyhow!("delete failed: {other:?}")),
-                        }
-                    }
-                })
-                .buffer_unordered(args.delete_concurrency)
-                .collect::<Vec<anyhow::Result<f64>>>()
-                .await
-                .into_iter()
-                .collect::<anyhow::Result<Vec<f64>>>()?;
-            Ok(lat)
-        })
-        .await?;
-    let mut sorted = latencies;
-    sorted.sort_by(f64::total_cmp);
     // Each delete makes two CML round trips: the state check and the DELETE.
     let cml_ms = 2.0 * args.latency_ms as f64;
-    let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
-    deletes.notes = format!(
-        "concurrency {}: p50 {:.1} ms, p99 {:.1} ms; overhead above {:.0} ms of CML: p50 {:.1} ms, p99 {:.1} ms",
-        args.delete_concurrency,
-        p50,
-        p99,
-        cml_ms,
-        p50 - cml_ms,
-        p99 - cml_ms
-    );
-    let delete_overhead = (p50 - cml_ms, p99 - cml_ms);
+    let services = h.app.services.clone();
 
-    // The same deletes one at a time: the overhead without queueing.
-    let serial_n = (args.deletes / 10).max(10);
+    // Deletes at a constant arrival rate: the capacity, then the overhead
+    // at shares of it.
+    let (capacity, search) = find_capacity(&h, &args).await?;
+    let mut open_rows = Vec::new();
+    let mut at_shares = Vec::new();
+    for share in [0.25, 0.5, 0.75] {
+        let rate = capacity * share;
+        let n = (rate * args.open_loop_secs).ceil() as usize;
+        let (mut row, t) = h
+            .measure(
+                &format!("deletes open {:.0}%", share * 100.0),
+                n.max(5),
+                args.latency_ms,
+                || h.open_loop(rate, n),
+            )
+            .await?;
+        row.notes = format!(
+            "{rate:.0}/s of a capacity of {capacity:.0}/s: overhead above {cml_ms:.0} ms of CML p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
+            t.overhead(0.5, cml_ms),
+            t.overhead(0.99, cml_ms),
+            t.overhead(0.999, cml_ms),
+        );
+        at_shares.push(serde_json::json!({
+            "share": share, "rate": rate, "deletes": t.deletes,
+            "overhead_ms": {
+                "p50": t.overhead(0.5, cml_ms),
+                "p99": t.overhead(0.99, cml_ms),
+                "p999": t.overhead(0.999, cml_ms),
+            },
+        }));
+        open_rows.push((row, t));
+    }
+
+    // The same deletes one at a time: the overhead without any queue.
+    let serial_n = args.deletes.max(10);
     let targets: Vec<(WorkerId, LabId)> = h.fleet.add_wiped_labs(serial_n).await?;
     let (mut serial, latencies) = h
         .measure(
@@ -664,6 +793,7 @@ async fn main() -> anyhow::Result<()> {
         s50 - cml_ms,
         s99 - cml_ms
     );
+    let serial_overhead = (s50 - cml_ms, s99 - cml_ms);
 
     // The same fleet with CML's lab tiles: one request per worker for every
     // lab's details. Its floor: per worker a login, the list and the tiles.
@@ -681,17 +811,16 @@ async fn main() -> anyhow::Result<()> {
         ("cold refresh, lab tiles", "cold"),
         ("steady refresh, lab tiles", "steady"),
     ] {
-        let (mut row, note) = h
+        let (mut row, done) = h
             .measure(name, total, args.latency_ms, || h.refresh())
             .await?;
-        row.floor_s = Some(tiles_floor);
-        row.efficiency = Some(tiles_floor / row.wall_s);
+        row.against(tiles_floor, Some(h.db_floor(&done).await?));
         let vs = match what {
             "cold" => cold.wall_s,
             _ => steady.wall_s,
         };
         row.notes = format!(
-            "{note}; {:.1}x faster than per-lab requests",
+            "{done}; {:.1}x faster than per-lab requests",
             vs / row.wall_s
         );
         tiles_rows.push(row);
@@ -718,17 +847,25 @@ async fn main() -> anyhow::Result<()> {
             "old algorithm: {n} labs, one request at a time per worker, 5 workers at a time"
         );
         cold.vs_baseline = Some(base.wall_s / cold.wall_s);
-        rows.extend([cold, steady, churn, deletes, serial]);
+        rows.extend([cold, steady, churn]);
+        rows.extend(open_rows.iter().map(|(r, _)| r.clone()));
+        rows.push(serial);
         rows.extend(tiles_rows);
         rows.push(base);
     } else {
-        rows.extend([cold, steady, churn, deletes, serial]);
+        rows.extend([cold, steady, churn]);
+        rows.extend(open_rows.iter().map(|(r, _)| r.clone()));
+        rows.push(serial);
         rows.extend(tiles_rows);
     }
     drop(h);
 
     // The console: the labs page over a large inventory, the fan-out.
-    let console_rows = console::run(&mongo_uri, &console_sizes).await?;
+    let console_rows = if args.no_console {
+        Vec::new()
+    } else {
+        console::run(&mongo_uri, &console_sizes).await?
+    };
 
     // Scaling: cold and steady at each size, each in a fresh process so
     // that its peak RSS is its own.
@@ -738,6 +875,7 @@ async fn main() -> anyhow::Result<()> {
             .args(["--latency-ms", &args.latency_ms.to_string()])
             .args(["--fleet-concurrency", &args.fleet_concurrency.to_string()])
             .args(["--lab-concurrency", &args.lab_concurrency.to_string()])
+            .args(db_pid.map(|p| format!("--db-pid={p}")))
             .env("LABSYNC_BENCH_MONGODB_URI", &mongo_uri)
             .stderr(std::process::Stdio::inherit())
             .output()
@@ -755,26 +893,65 @@ async fn main() -> anyhow::Result<()> {
     print_table(&rows);
     let cold = &rows[0];
     let steady = &rows[1];
+    let pct = |x: Option<f64>| format!("{:.0}%", x.unwrap_or(0.0) * 100.0);
+    println!();
+    println!(
+        "delete capacity: {capacity:.0}/s (trials: {})",
+        search
+            .iter()
+            .map(|t| format!(
+                "{:.0}/s {}",
+                t.rate,
+                if t.bounded { "bounded" } else { "grows" }
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!("targets:");
     if let Some(x) = cold.vs_baseline {
         println!("  cold refresh vs baseline: {x:.1}x (target >= 20x)");
     }
     println!(
-        "  cold refresh efficiency: {:.0}% of the floor (target >= 50%)",
-        cold.efficiency.unwrap_or(0.0) * 100.0
+        "  cold refresh: {} of the combined floor (target >= 50%; CML floor {:.2} s, database floor {:.2} s); {} of the CML floor alone",
+        pct(cold.combined_efficiency),
+        cold.floor_s.unwrap_or(0.0),
+        cold.db_floor_s.unwrap_or(0.0),
+        pct(cold.efficiency),
     );
     println!(
-        "  steady refresh: {} inventory documents written (target 0; {} bookkeeping: leases, run reports), {} record reads for {} workers (target <= 1 per worker), efficiency {:.0}% (target >= 70%)",
+        "  steady refresh: {} of the CML floor (target >= 70%); {} inventory documents written (target 0; {} bookkeeping: leases, run reports), {} record reads for {} workers (target <= 1 per worker)",
+        pct(steady.efficiency),
         steady.inventory_docs_written,
         steady.docs_written - steady.inventory_docs_written,
         steady.inventory_reads,
         steady.workers,
-        steady.efficiency.unwrap_or(0.0) * 100.0
     );
+    for (name, row) in [("cold", cold), ("steady", steady)] {
+        if let Some(cpu) = row.cpu {
+            println!(
+                "  {name} refresh CPU: labsync {:.2} s ({:.3} s per 1,000 labs), simulator {}, database {}; {:.2} CPU s in {:.2} s of wall time",
+                cpu.labsync_s,
+                cpu.labsync_s * 1000.0 / row.labs as f64,
+                cpu.sim_s.map_or("-".into(), |s| format!("{s:.2} s")),
+                cpu.db_s.map_or("-".into(), |s| format!("{s:.2} s")),
+                cpu.total(),
+                row.wall_s,
+            );
+        }
+    }
+    if let Some((_, t)) = open_rows.get(1) {
+        println!(
+            "  delete overhead above CML at 50% of capacity ({:.0}/s): p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms (target p99 < 5 ms)",
+            t.rate,
+            t.overhead(0.5, cml_ms),
+            t.overhead(0.99, cml_ms),
+            t.overhead(0.999, cml_ms),
+        );
+    }
     println!(
-        "  delete overhead above CML: p50 {:.1} ms, p99 {:.1} ms (target p99 < 5 ms)",
-        delete_overhead.0, delete_overhead.1
+        "  delete overhead one at a time: p50 {:.1} ms, p99 {:.1} ms",
+        serial_overhead.0, serial_overhead.1
     );
     if let Some(big) = rows
         .iter()
@@ -792,15 +969,66 @@ async fn main() -> anyhow::Result<()> {
     let json = serde_json::json!({
         "args": {
             "workers": args.workers, "labs": args.labs, "latency_ms": args.latency_ms,
-            "deletes": args.deletes, "delete_concurrency": args.delete_concurrency,
+            "deletes": args.deletes, "search_secs": args.search_secs,
+            "open_loop_secs": args.open_loop_secs,
             "fleet_concurrency": args.fleet_concurrency, "lab_concurrency": args.lab_concurrency,
             "quick": args.quick,
         },
         "rows": rows,
-        "delete_overhead_ms": {"p50": delete_overhead.0, "p99": delete_overhead.1},
+        "deletes": {
+            "capacity_per_s": capacity,
+            "search": search,
+            "open_loop": at_shares,
+            "one_at_a_time_overhead_ms": {"p50": serial_overhead.0, "p99": serial_overhead.1},
+        },
     });
     std::fs::write(&args.out, serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("\nfigures written to {}", args.out.display());
     Ok(())
+}
+
+/// The highest delete rate at which the queue stays bounded: doubling from
+/// a low rate until a trial's queue grows (or `--max-rate`), then halving
+/// the gap three times. Each trial deletes labs wiped for it.
+async fn find_capacity(h: &Harness, args: &Args) -> anyhow::Result<(f64, Vec<Trial>)> {
+    let trial = |rate: f64| h.open_loop(rate, (rate * args.search_secs).ceil() as usize);
+    let mut trials = Vec::new();
+    let mut good = 0.0_f64;
+    let mut bad = None;
+    let mut rate = (args.max_rate / 128.0).max(10.0);
+    loop {
+        let t = trial(rate).await?;
+        let bounded = t.bounded;
+        eprintln!("bench: {t}");
+        trials.push(t);
+        if !bounded {
+            bad = Some(rate);
+            break;
+        }
+        good = rate;
+        if rate >= args.max_rate {
+            break;
+        }
+        rate = (rate * 2.0).min(args.max_rate);
+    }
+    if let Some(mut bad) = bad {
+        for _ in 0..3 {
+            let mid = f64::midpoint(good, bad);
+            let t = trial(mid).await?;
+            eprintln!("bench: {t}");
+            if t.bounded {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+            trials.push(t);
+        }
+    }
+    anyhow::ensure!(
+        good > 0.0,
+        "even {rate:.0} deletes/s made the queue grow",
+        rate = trials[0].rate
+    );
+    Ok((good, trials))
 }

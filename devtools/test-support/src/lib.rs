@@ -100,6 +100,19 @@ impl MongoServer {
         &self.uri
     }
 
+    /// The server's own process id while it runs (a benchmark reads its
+    /// CPU time from `/proc`): the child of the guard shell, read from
+    /// Linux's `/proc/<pid>/task/<pid>/children`.
+    pub fn pid(&self) -> Option<u32> {
+        let guard = self.running.as_ref()?.0.id();
+        std::fs::read_to_string(format!("/proc/{guard}/task/{guard}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// Stops the server, as an outage would; its data stays on disk.
     pub fn stop(&mut self) {
         if let Some((mut child, guard)) = self.running.take() {
