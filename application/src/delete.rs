@@ -11,11 +11,11 @@
 //!    that the lab's `owner_username` is theirs.
 //! 1. Ask CML for the lab's state. 404: the lab is already gone (step 4),
 //!    once a fresh login confirms the account is still an admin.
+//!    While CML answers, audit the attempt (`started`): who asked, what,
+//!    when, so that a crash after CML acted still leaves a trace of who
+//!    deleted the lab. Both end before CML is asked to change anything.
 //! 2. Not stopped and wiped (`DEFINED_ON_CORE`): refuse, unless `force`, in
 //!    which case stop, wait until converged, wipe, wait until converged.
-//!    Before asking CML to change anything, audit the attempt (`started`):
-//!    who asked, what, when, so that a crash after CML acted still leaves a
-//!    trace of who deleted the lab.
 //! 3. `DELETE` the lab in CML; a 404 here also means "already gone". When
 //!    the `DELETE` fails, ask CML once more for the lab: its answer may have
 //!    been lost after CML acted (a 500, a timeout, a dropped connection).
@@ -379,7 +379,21 @@ impl DeleteLab {
     /// Gets the lab to `DEFINED_ON_CORE`, or says why not.
     async fn make_deletable(&self, s: &Services, access: &WorkerAccess) -> Stop {
         let cml = &s.cml;
-        let state = match cml.lab_state(access, &self.lab_id).await {
+        // Who asked, for what, when, is stored before CML is asked to
+        // change anything, so that a crash after CML acted still names the
+        // person. It is stored while CML is asked for the lab's state (a
+        // question that changes nothing), so a delete does not wait for
+        // the database and then for CML, one after the other; an attempt
+        // refused below keeps its `started` entry beside its refusal.
+        let (state, ()) = futures::join!(
+            cml.lab_state(access, &self.lab_id),
+            self.audit(
+                s,
+                "started",
+                format!("asking CML to delete the lab (force {})", self.force),
+            )
+        );
+        let state = match state {
             Ok(state) => state,
             Err(CmlError::NotFound) => return Stop::Absent,
             Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
@@ -387,17 +401,6 @@ impl DeleteLab {
         if !state.is_deletable() && !self.force {
             return Stop::Failed(DeleteOutcomeKind::RefusedRunning { state });
         }
-        // CML is about to change: who asked, for what, when, is stored
-        // first, so that a crash after CML acted still names the person.
-        self.audit(
-            s,
-            "started",
-            format!(
-                "asking CML to delete the lab (state {state}, force {})",
-                self.force
-            ),
-        )
-        .await;
         if state.is_deletable() {
             return Stop::Ready;
         }
@@ -629,6 +632,19 @@ mod tests {
             HistoryEvent::DeleteAttempt { .. }
         ));
         assert!(f.store.tombstones.lock().unwrap().is_empty());
+        let outcomes: Vec<String> = f
+            .store
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.outcome.clone())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["started", "refused_running"],
+            "the attempt, stored while CML was asked for the state, and its refusal"
+        );
     }
 
     #[tokio::test]
