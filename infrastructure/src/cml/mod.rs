@@ -187,6 +187,10 @@ struct CmlClient {
     fingerprint: Fingerprint,
     http: reqwest::Client,
     api: String,
+    /// `api` parsed once: a request only sets its path and query, rather
+    /// than parsing (and IDNA-mapping) the whole URL again, which was a
+    /// twentieth of labsync's CPU time in a refresh (docs/BENCHMARKS.md).
+    api_url: Option<reqwest::Url>,
     worker: WorkerId,
     username: String,
     password: SecretString,
@@ -376,14 +380,40 @@ async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<bytes::Byt
     {
         return Err(too_large(n));
     }
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(&e))? {
-        if body.len() + chunk.len() > max {
-            return Err(too_large((body.len() + chunk.len()) as u64));
+    let mut next = async || resp.chunk().await.map_err(|e| transport_error(&e));
+    let Some(first) = next().await? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max {
+        return Err(too_large(first.len() as u64));
+    }
+    // Most answers come in one chunk: kept as it is, never copied.
+    let Some(second) = next().await? else {
+        return Ok(first);
+    };
+    let mut body = bytes::BytesMut::from(&first[..]);
+    let mut chunk = Some(second);
+    while let Some(c) = chunk {
+        if body.len() + c.len() > max {
+            return Err(too_large((body.len() + c.len()) as u64));
         }
-        body.extend_from_slice(&chunk);
+        body.extend_from_slice(&c);
+        chunk = next().await?;
     }
     Ok(body.freeze())
+}
+
+/// `path` (which may carry a query) under `api`, as
+/// `format!("{api}{path}")` would parse, without parsing `api` again.
+fn under(api: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = api.clone();
+    let (p, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
+    let joined = format!("{}{p}", api.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url.set_query(query);
+    url
 }
 
 /// `POST /auth_extended` as CML 2.9 answers it.
@@ -405,10 +435,12 @@ impl CmlClient {
         max_body: usize,
     ) -> Self {
         let w = &access.worker;
+        let api = format!("{}/api/v0", w.base_url);
         Self {
             fingerprint,
             http,
-            api: format!("{}/api/v0", w.base_url),
+            api_url: reqwest::Url::parse(&api).ok(),
+            api,
             worker: w.id.clone(),
             username: w.username.clone(),
             password: access.password.clone(),
@@ -426,7 +458,11 @@ impl CmlClient {
         json: Option<serde_json::Value>,
     ) -> Result<Answer, CmlError> {
         let mut timer = self.metrics.cml_request(endpoint_label(&method, path));
-        let mut req = self.http.request(method, format!("{}{path}", self.api));
+        let mut req = match self.url(path) {
+            Some(url) => self.http.request(method, url),
+            // Not a URL: reqwest says why, as it did before.
+            None => self.http.request(method, format!("{}{path}", self.api)),
+        };
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -446,6 +482,12 @@ impl CmlClient {
             body,
             location,
         })
+    }
+
+    /// The URL of `path` (and its query) under the API, from the parsed
+    /// base; `None` when the base did not parse.
+    fn url(&self, path: &str) -> Option<reqwest::Url> {
+        self.api_url.as_ref().map(|api| under(api, path))
     }
 
     /// Logs in and returns the new session. `/auth_extended` rather than
@@ -698,6 +740,28 @@ impl CmlGateway for CmlHttpGateway {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_path_under_the_parsed_api_is_the_url_the_joined_text_would_parse_to() {
+        for base in [
+            "https://cml.example.org/api/v0",
+            "https://cml.example.org:8443/behind/a/proxy/api/v0",
+            "http://[::1]:19399/api/v0",
+        ] {
+            let api = reqwest::Url::parse(base).unwrap();
+            for path in [
+                "/labs?show_all=true",
+                "/labs/3f1b2a4c-0000-4000-8000-000000000001/state",
+                "/auth_extended",
+                "/populate_lab_tiles",
+            ] {
+                assert_eq!(
+                    super::under(&api, path),
+                    reqwest::Url::parse(&format!("{base}{path}")).unwrap(),
+                    "{base} {path}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_refused_certificate_is_tls_and_a_refused_connection_is_not() {
