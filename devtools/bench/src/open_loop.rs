@@ -126,7 +126,7 @@ pub async fn trial(
     // Bounded: answers keep up with arrivals (the span is the schedule plus
     // about one delete), and the last requests waited about as long as the
     // first (a growing queue makes each wait longer than the one before).
-    let bounded = achieved >= 0.95 * rate && late_p50_ms <= 2.0 * early_p50_ms + 5.0;
+    let bounded = achieved >= 0.97 * rate && late_p50_ms <= 1.5 * early_p50_ms + 2.0;
     Ok(Trial {
         rate,
         deletes: n,
