@@ -189,8 +189,12 @@ pub fn not_owner_detail(owner: Option<&str>, username: &str) -> String {
 }
 
 enum Stop {
-    /// The lab is ready to be deleted.
-    Ready,
+    /// The lab is ready to be deleted; it `was` in this state when the
+    /// delete began (the audit keeps it: a forced delete of a running lab
+    /// says so).
+    Ready {
+        was: LabState,
+    },
     /// CML says it does not exist.
     Absent,
     Failed(DeleteOutcomeKind),
@@ -243,20 +247,26 @@ impl DeleteLab {
             return Ok(self.failed(s, refused).await);
         }
         let stop = match self.make_deletable(s, &access).await {
-            Stop::Ready => match s.cml.delete_lab(&access, &self.lab_id).await {
-                Ok(()) => Stop::Ready,
+            Stop::Ready { was } => match s.cml.delete_lab(&access, &self.lab_id).await {
+                Ok(()) => Stop::Ready { was },
                 Err(CmlError::NotFound) => Stop::Absent,
                 Err(e) => self.after_a_lost_answer(s, &access, e).await,
             },
             other => other,
         };
-        let kind = match stop {
-            Stop::Ready => {
+        let (kind, audit_detail) = match stop {
+            Stop::Ready { was } => {
                 crate::crash::point(crate::crash::points::DELETE_AFTER_CML);
-                DeleteOutcomeKind::Deleted
+                (
+                    DeleteOutcomeKind::Deleted,
+                    format!("deleted in CML (it was {was})"),
+                )
             }
             Stop::Absent => match self.confirm_absent(s, &access).await {
-                Ok(()) => DeleteOutcomeKind::AlreadyAbsent,
+                Ok(()) => (
+                    DeleteOutcomeKind::AlreadyAbsent,
+                    "CML did not have the lab".to_owned(),
+                ),
                 Err(kind) => return Ok(self.failed(s, kind).await),
             },
             Stop::Failed(kind) => return Ok(self.failed(s, kind).await),
@@ -283,11 +293,7 @@ impl DeleteLab {
                 force: self.force,
             },
         );
-        let audit_detail = match kind {
-            DeleteOutcomeKind::Deleted => "deleted in CML",
-            _ => "CML did not have the lab",
-        };
-        let audit = self.audit_entry(s, &kind, audit_detail.to_owned());
+        let audit = self.audit_entry(s, &kind, audit_detail);
         let record_was_present = match s
             .labs
             .tombstone(&self.worker_id, &self.lab_id, tombstone, event, audit)
@@ -390,7 +396,10 @@ impl DeleteLab {
             self.audit(
                 s,
                 "started",
-                format!("asking CML to delete the lab (force {})", self.force),
+                format!(
+                    "checking the lab in CML, then deleting it (force {})",
+                    self.force
+                ),
             )
         );
         let state = match state {
@@ -402,9 +411,9 @@ impl DeleteLab {
             return Stop::Failed(DeleteOutcomeKind::RefusedRunning { state });
         }
         if state.is_deletable() {
-            return Stop::Ready;
+            return Stop::Ready { was: state };
         }
-        let steps: &[&str] = match state {
+        let steps: &[&str] = match &state {
             LabState::Stopped => &["wipe"],
             _ => &["stop", "wipe"],
         };
@@ -430,7 +439,7 @@ impl DeleteLab {
                 Err(e) => return Stop::Failed(DeleteOutcomeKind::from_cml(e)),
             }
         }
-        Stop::Ready
+        Stop::Ready { was: state }
     }
 
     /// Polls `check_if_converged` until true or the deadline.
@@ -884,7 +893,11 @@ mod tests {
             .iter()
             .map(|a| a.detail.clone())
             .collect();
-        assert_eq!(details.last().unwrap(), "deleted in CML", "{details:?}");
+        assert_eq!(
+            details.last().unwrap(),
+            "deleted in CML (it was DEFINED_ON_CORE)",
+            "{details:?}"
+        );
 
         let (f, id) = with_lab(LabState::DefinedOnCore);
         f.cml.labs.lock().unwrap().clear();

@@ -23,7 +23,8 @@ const Provider = (await import(require.resolve("oidc-provider"))).default;
 
 // The port is bound before anything else, so that PORT=0 (any free port,
 // which a test uses to never race another process for one) still gives
-// the issuer its real port. The first line on stdout names the issuer.
+// the issuer its real port. Its first lines on stdout name the port and
+// the issuer.
 const server = http.createServer();
 await new Promise((resolve, reject) => {
   server.once("error", reject);
@@ -219,4 +220,5 @@ provider.use(async (ctx, next) => {
 });
 server.off("request", notYet);
 server.on("request", provider.callback());
+console.log(`oidc-provider port ${port}`);
 console.log(`oidc-provider listening on ${issuer}`);

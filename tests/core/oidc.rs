@@ -56,7 +56,9 @@ impl Provider {
         Self::spawn(keys, 0, consoles, env).await
     }
 
-    /// A provider again on `port`, as one restarted in place is.
+    /// A provider again on `port`, as one restarted in place is. (Another
+    /// process could take the port in the moment between; unlikely, and a
+    /// start that fails says so at once, with the provider's output.)
     pub(crate) async fn restart_on(keys: &Path, port: u16) -> Self {
         Self::spawn(keys, port, &[], &[]).await
     }
@@ -81,11 +83,15 @@ impl Provider {
             .kill_on_drop(true)
             .spawn()
             .expect("node runs the provider");
+        // Whole lines only: a line still being written could be a prefix
+        // of the port.
         let announced = |text: &str| {
-            text.lines().find_map(|l| {
-                l.strip_prefix("oidc-provider listening on http://127.0.0.1:")
-                    .and_then(|p| p.trim().parse::<u16>().ok())
-            })
+            text.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .find_map(|l| {
+                    l.strip_prefix("oidc-provider port ")
+                        .and_then(|p| p.trim().parse::<u16>().ok())
+                })
         };
         let mut exited = None;
         let started = labsync_test_support::poll_until(

@@ -7,11 +7,13 @@
 //!   share the machine's cores, so "the machine is the limit" is a sum of
 //!   these against the wall time, not a guess.
 //! - [`db_floor`]: the database's own time to write the documents a
-//!   scenario must write (copies of the very records and events it wrote,
-//!   so the same number and size, into collections with the same indexes),
-//!   written the fastest way the server allows: large unordered inserts
-//!   from several connections at once. A refresh cannot be faster than
-//!   this, whatever labsync does, unless it writes less.
+//!   scenario must write (as many lab records as it created or changed and
+//!   as many events as it made, copied from the records it left and the
+//!   newest events, so of the same size, into collections with the same
+//!   indexes), written the fastest way the server allows: large unordered
+//!   inserts from several connections, opened beforehand. A refresh
+//!   cannot be faster than this, whatever labsync does, unless it writes
+//!   less.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -132,16 +134,39 @@ pub async fn db_floor(db: &Database, must: MustWrite) -> anyhow::Result<f64> {
     if must.records + must.events == 0 {
         return Ok(0.0);
     }
-    let records = sample(db, "labs", must.records, doc! {}).await?;
-    let events = sample(db, "outbox", must.events, doc! {"_id": -1}).await?;
+    // Live records only: a tombstone is a smaller document.
+    let records = sample(
+        db,
+        "labs",
+        must.records,
+        doc! {"tombstone": {"$exists": false}},
+        doc! {},
+    )
+    .await?;
+    let events = sample(db, "outbox", must.events, doc! {}, doc! {"_id": -1}).await?;
     let targets = [
         ("floor_labs", "labs", records),
         ("floor_outbox", "outbox", events),
     ];
+    let result = write_copies(db, targets).await;
+    // Dropped whatever happened, so that no run leaves its copies behind.
+    for scratch in ["floor_labs", "floor_outbox"] {
+        db.collection::<Document>(scratch).drop().await?;
+    }
+    result
+}
+
+/// Creates each scratch collection with the indexes of the one it copies,
+/// opens the writers' connections, then times the inserts alone.
+async fn write_copies(
+    db: &Database,
+    targets: [(&str, &str, Vec<Document>); 2],
+) -> anyhow::Result<f64> {
     let mut batches = Vec::new();
     for (scratch, like, docs) in targets {
+        db.collection::<Document>(scratch).drop().await?;
+        db.create_collection(scratch).await?;
         let scratch = db.collection::<Document>(scratch);
-        scratch.drop().await?;
         let indexes: Vec<IndexModel> = db
             .collection::<Document>(like)
             .list_indexes()
@@ -164,24 +189,27 @@ pub async fn db_floor(db: &Database, must: MustWrite) -> anyhow::Result<f64> {
             batches.push((scratch.clone(), batch));
         }
     }
+    // One command on each writer's connection first, at once, so that no
+    // connection is opened inside the timed part.
+    futures::future::try_join_all(
+        (0..FLOOR_WRITERS).map(|_| db.run_command(doc! {"ping": 1}).into_future()),
+    )
+    .await?;
     let started = Instant::now();
     futures::stream::iter(batches)
         .map(|(c, batch)| async move { c.insert_many(batch).ordered(false).await })
         .buffer_unordered(FLOOR_WRITERS)
         .try_for_each(|_| std::future::ready(Ok(())))
         .await?;
-    let took = started.elapsed().as_secs_f64();
-    for scratch in ["floor_labs", "floor_outbox"] {
-        db.collection::<Document>(scratch).drop().await?;
-    }
-    Ok(took)
+    Ok(started.elapsed().as_secs_f64())
 }
 
-/// `n` documents of `collection`, in the order `sort`.
+/// `n` documents of `collection` matching `filter`, in the order `sort`.
 async fn sample(
     db: &Database,
     collection: &str,
     n: usize,
+    filter: Document,
     sort: Document,
 ) -> anyhow::Result<Vec<Document>> {
     if n == 0 {
@@ -189,7 +217,7 @@ async fn sample(
     }
     let docs: Vec<Document> = db
         .collection::<Document>(collection)
-        .find(doc! {})
+        .find(filter)
         .sort(sort)
         .limit(i64::try_from(n)?)
         .await?

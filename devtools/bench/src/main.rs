@@ -543,9 +543,8 @@ impl Harness {
             .context("the database floor's seconds")
     }
 
-    /// Deletes `n` freshly wiped labs at `rate` per second.
-    async fn open_loop(&self, rate: f64, n: usize) -> anyhow::Result<Trial> {
-        let targets = self.fleet.add_wiped_labs(n.max(5)).await?;
+    /// Deletes `targets` at `rate` per second.
+    async fn open_loop(&self, rate: f64, targets: Vec<(WorkerId, LabId)>) -> anyhow::Result<Trial> {
         open_loop::trial(&self.app.services, targets, rate).await
     }
 }
@@ -733,21 +732,29 @@ async fn main() -> anyhow::Result<()> {
     // Deletes at a constant arrival rate: the capacity, then the overhead
     // at shares of it.
     let (capacity, search) = find_capacity(&h, &args).await?;
+    // Every trial up to --max-rate stayed bounded: the capacity is at least
+    // that.
+    let capped = if search.iter().all(|t| t.bounded) {
+        ">= "
+    } else {
+        ""
+    };
     let mut open_rows = Vec::new();
     let mut at_shares = Vec::new();
     for share in [0.25, 0.5, 0.75] {
         let rate = capacity * share;
-        let n = (rate * args.open_loop_secs).ceil() as usize;
+        let n = ((rate * args.open_loop_secs).ceil() as usize).max(5);
+        let targets = h.fleet.add_wiped_labs(n).await?;
         let (mut row, t) = h
             .measure(
                 &format!("deletes open {:.0}%", share * 100.0),
-                n.max(5),
+                n,
                 args.latency_ms,
-                || h.open_loop(rate, n),
+                || h.open_loop(rate, targets),
             )
             .await?;
         row.notes = format!(
-            "{rate:.0}/s of a capacity of {capacity:.0}/s: overhead above {cml_ms:.0} ms of CML p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
+            "{rate:.0}/s of a capacity of {capped}{capacity:.0}/s: overhead above {cml_ms:.0} ms of CML p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
             t.overhead(0.5, cml_ms),
             t.overhead(0.99, cml_ms),
             t.overhead(0.999, cml_ms),
@@ -905,7 +912,7 @@ async fn main() -> anyhow::Result<()> {
     let pct = |x: Option<f64>| format!("{:.0}%", x.unwrap_or(0.0) * 100.0);
     println!();
     println!(
-        "delete capacity: {capacity:.0}/s (trials: {})",
+        "delete capacity: {capped}{capacity:.0}/s (trials: {})",
         search
             .iter()
             .map(|t| format!(
@@ -986,6 +993,7 @@ async fn main() -> anyhow::Result<()> {
         "rows": rows,
         "deletes": {
             "capacity_per_s": capacity,
+            "capacity_capped_by_max_rate": !capped.is_empty(),
             "search": search,
             "open_loop": at_shares,
             "one_at_a_time_overhead_ms": {"p50": serial_overhead.0, "p99": serial_overhead.1},
@@ -1001,7 +1009,11 @@ async fn main() -> anyhow::Result<()> {
 /// a low rate until a trial's queue grows (or `--max-rate`), then halving
 /// the gap three times. Each trial deletes labs wiped for it.
 async fn find_capacity(h: &Harness, args: &Args) -> anyhow::Result<(f64, Vec<Trial>)> {
-    let trial = |rate: f64| h.open_loop(rate, (rate * args.search_secs).ceil() as usize);
+    let trial = async |rate: f64| {
+        let n = ((rate * args.search_secs).ceil() as usize).max(5);
+        let targets = h.fleet.add_wiped_labs(n).await?;
+        h.open_loop(rate, targets).await
+    };
     let mut trials = Vec::new();
     let mut good = 0.0_f64;
     let mut bad = None;

@@ -30,8 +30,12 @@ pub struct Trial {
     pub deletes: usize,
     /// From the first due time to the last answer.
     pub span_s: f64,
-    /// Deletes answered per second over the span.
+    /// Deletes answered per second over the span (one slow answer at the
+    /// end lowers it: a figure to read, not the test of a bound).
     pub achieved: f64,
+    /// The share of deletes answered by the last due time plus twice the
+    /// early median wait: with a bounded queue, nearly all.
+    pub answered_in_time: f64,
     /// From due to answered, sorted.
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
@@ -66,7 +70,8 @@ impl Trial {
     }
 }
 
-/// Deletes `targets` (wiped labs) at `rate` per second.
+/// Deletes `targets` (wiped labs, made beforehand so that making them is
+/// not measured) at `rate` per second.
 ///
 /// # Errors
 /// When a delete does not end with the lab gone: the figures would then
@@ -101,7 +106,9 @@ pub async fn trial(
     // In schedule order: the first and last fifths are the early and late
     // requests.
     let mut in_order = Vec::with_capacity(n);
+    let mut answers = Vec::with_capacity(n);
     let mut last = first;
+    let mut last_due = first;
     for task in running {
         let (due, done, out) = task.await?;
         match out {
@@ -109,6 +116,8 @@ pub async fn trial(
             other => anyhow::bail!("delete failed: {other:?}"),
         }
         last = last.max(done);
+        last_due = last_due.max(due);
+        answers.push(done);
         in_order.push((done - due).as_secs_f64() * 1000.0);
     }
     let fifth = (n / 5).max(1);
@@ -121,17 +130,22 @@ pub async fn trial(
     let late_p50_ms = median(&in_order[n - fifth..]);
     let span_s = (last - first).as_secs_f64();
     let achieved = n as f64 / span_s.max(1e-9);
+    let in_time = last_due + Duration::from_secs_f64(2.0 * early_p50_ms / 1000.0);
+    let answered_in_time = answers.iter().filter(|d| **d <= in_time).count() as f64 / n as f64;
     let mut latencies_ms = in_order;
     latencies_ms.sort_by(f64::total_cmp);
-    // Bounded: answers keep up with arrivals (the span is the schedule plus
-    // about one delete), and the last requests waited about as long as the
-    // first (a growing queue makes each wait longer than the one before).
-    let bounded = achieved >= 0.97 * rate && late_p50_ms <= 1.5 * early_p50_ms + 2.0;
+    // Bounded: the last requests waited about as long as the first (a
+    // growing queue makes each wait longer than the one before), and
+    // nearly every answer came soon after the schedule ended (a queue that
+    // grew leaves a backlog behind it). Medians and shares, so that one
+    // slow answer does not decide.
+    let bounded = late_p50_ms <= 1.5 * early_p50_ms + 2.0 && answered_in_time >= 0.99;
     Ok(Trial {
         rate,
         deletes: n,
         span_s,
         achieved,
+        answered_in_time,
         latencies_ms,
         early_p50_ms,
         late_p50_ms,
