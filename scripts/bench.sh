@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The fleet benchmark: labsync's refresh and delete against the old
-# algorithm and the latency floor, and the console (the labs page at 50,000
+# The fleet benchmark: labsync's refresh against the old algorithm, the
+# CML latency floor and the database's own write time, deletes at a
+# constant arrival rate up to their capacity, the CPU time of each process,
+# and the console (the labs page at 50,000
 # labs, the event stream's fan-out to 500 streams), on the MongoDB-wire
 # server and cml-sim run as separate processes. Prints a table and writes
 # target/bench/results.json.
 #
-#   scripts/bench.sh                 # the reported sizes (release build, a few minutes)
+#   scripts/bench.sh                 # the reported sizes (release build, about 15 minutes)
 #   scripts/bench.sh --console-only  # only the console's figures
 #   scripts/bench.sh --quick         # a few seconds
 #   scripts/bench.sh --debug --quick # as CI runs it: no release build

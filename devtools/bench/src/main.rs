@@ -1,15 +1,17 @@
 //! `labsync-bench`: how labsync's refresh and delete perform on a simulated
 //! fleet, against the algorithm of the service it replaces (the baseline)
-//! and against the latency-bound minimum (the floor); and how the console
-//! answers over a large inventory ([`console`]).
+//! and against the limits of this machine measured in the same run: the
+//! CML latency floor and the database's own write time ([`limits`]); how
+//! deletes arriving at a constant rate queue ([`open_loop`]); and how the
+//! console answers over a large inventory ([`console`]).
 //!
 //! It starts the MongoDB-wire server (`secantusd-rs`, or
 //! `LABSYNC_BENCH_MONGODB_URI`) and `cml-sim` as separate processes, drives
 //! labsync's real code (the same `App` the binary runs), counts CML
 //! requests (the simulator's statistics) and MongoDB commands and documents
-//! written (driver command events), and reads its own peak RSS. It prints a
-//! table and writes the figures as JSON. Figures are reported, never
-//! asserted: they depend on the machine.
+//! written (driver command events), and reads its own peak RSS and each
+//! process's CPU time. It prints a table and writes the figures as JSON.
+//! Figures are reported, never asserted: they depend on the machine.
 
 #![allow(
     clippy::cast_possible_truncation,
