@@ -122,7 +122,7 @@ impl Args {
             self.labs = 25;
             self.latency_ms = 2;
             self.deletes = 20;
-            self.search_secs = 0.5;
+            self.search_secs = 1.0;
             self.open_loop_secs = 1.0;
             self.max_rate = 200.0;
             self.scaling = vec![100, 400];
@@ -733,19 +733,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Deletes at a constant arrival rate: the capacity, then the overhead
     // at shares of it.
-    let (capacity, search) = find_capacity(&h, &args).await?;
-    // Every trial up to --max-rate stayed bounded: the capacity is at least
-    // that.
-    let capped = if search.iter().all(|t| t.bounded) {
-        ">= "
-    } else {
-        ""
-    };
+    let (capacity, capped, search) = find_capacity(&h, &args).await?;
     let mut open_rows = Vec::new();
     let mut at_shares = Vec::new();
     for share in [0.25, 0.5, 0.75] {
         let rate = capacity * share;
-        let n = ((rate * args.open_loop_secs).ceil() as usize).max(5);
+        let n = ((rate * args.open_loop_secs).ceil() as usize).max(10);
         let targets = h.fleet.add_wiped_labs(n).await?;
         let (mut row, t) = h
             .measure(
@@ -995,7 +988,7 @@ async fn main() -> anyhow::Result<()> {
         "rows": rows,
         "deletes": {
             "capacity_per_s": capacity,
-            "capacity_capped_by_max_rate": !capped.is_empty(),
+            "capacity_bound": capped.trim(),
             "search": search,
             "open_loop": at_shares,
             "one_at_a_time_overhead_ms": {"p50": serial_overhead.0, "p99": serial_overhead.1},
@@ -1009,10 +1002,15 @@ async fn main() -> anyhow::Result<()> {
 
 /// The highest delete rate at which the queue stays bounded: doubling from
 /// a low rate until a trial's queue grows (or `--max-rate`), then halving
-/// the gap three times. Each trial deletes labs wiped for it.
-async fn find_capacity(h: &Harness, args: &Args) -> anyhow::Result<(f64, Vec<Trial>)> {
+/// the gap three times. Each trial deletes labs wiped for it. The `&str`
+/// says how to read the rate: exact (""), at least (">= ", every trial up
+/// to `--max-rate` was bounded) or below (`"< "`, none was).
+async fn find_capacity(
+    h: &Harness,
+    args: &Args,
+) -> anyhow::Result<(f64, &'static str, Vec<Trial>)> {
     let trial = async |rate: f64| {
-        let n = ((rate * args.search_secs).ceil() as usize).max(5);
+        let n = ((rate * args.search_secs).ceil() as usize).max(10);
         let targets = h.fleet.add_wiped_labs(n).await?;
         h.open_loop(rate, targets).await
     };
@@ -1048,10 +1046,15 @@ async fn find_capacity(h: &Harness, args: &Args) -> anyhow::Result<(f64, Vec<Tri
             trials.push(t);
         }
     }
-    anyhow::ensure!(
-        good > 0.0,
-        "even {rate:.0} deletes/s made the queue grow",
-        rate = trials[0].rate
-    );
-    Ok((good, trials))
+    // No rate was bounded (a debug build, a busy machine): the capacity is
+    // below the lowest rate tried, which is reported as a bound, never an
+    // error; CI runs this.
+    let (capacity, bound) = if good > 0.0 {
+        let every = trials.iter().all(|t| t.bounded);
+        (good, if every { ">= " } else { "" })
+    } else {
+        let lowest = trials.iter().map(|t| t.rate).fold(f64::INFINITY, f64::min);
+        (lowest, "< ")
+    };
+    Ok((capacity, bound, trials))
 }
