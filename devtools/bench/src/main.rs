@@ -717,7 +717,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut steady, done) = runs.swap_remove(1);
     steady.against(floor, Some(h.db_floor(&done).await?));
     steady.notes = format!(
-        "{done}; record reads {} for {} workers",
+        "{done}; inventory reads {} (records and outbox) for {} workers",
         steady.inventory_reads, args.workers
     );
     let churn_plan = h.fleet.churn(0.05, 0.02, 0.02, 7).await?;
@@ -931,7 +931,7 @@ async fn main() -> anyhow::Result<()> {
         pct(cold.efficiency),
     );
     println!(
-        "  steady refresh: {} of the CML floor (target >= 70%); {} inventory documents written (target 0; {} bookkeeping: leases, run reports), {} record reads for {} workers (target <= 1 per worker)",
+        "  steady refresh: {} of the CML floor (target >= 70%); {} inventory documents written (target 0; {} bookkeeping: leases, run reports), {} inventory reads (records and outbox) for {} workers (target: 1 read of the records per worker)",
         pct(steady.efficiency),
         steady.inventory_docs_written,
         steady.docs_written - steady.inventory_docs_written,
