@@ -11,7 +11,7 @@ use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
 use super::convert::date;
-use super::{collections, map_error};
+use super::{collections, find_sorted, map_error};
 
 /// The stored audit entry as a document, for writes that carry their audit
 /// entry with them.
@@ -81,16 +81,13 @@ impl AuditLog for MongoAuditLog {
         if let Some(lab) = lab {
             filter.insert("lab_id", lab.as_str());
         }
-        let docs: Vec<AuditDoc> = self
-            .entries
-            .find(filter)
-            .sort(doc! {"at": -1, "_id": -1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(map_error)?
-            .try_collect()
-            .await
-            .map_err(map_error)?;
+        let docs = find_sorted(
+            &self.entries,
+            filter,
+            doc! {"at": -1, "_id": -1},
+            Some(limit),
+        )
+        .await?;
         Ok(docs.into_iter().map(AuditDoc::entry).collect())
     }
 

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use labsync_application::{DeleteRequest, DeleteRequestStatus, DeleteRequests, RepoError};
 use labsync_domain::{Actor, WorkerId};
 use mongodb::bson::{self, Bson, Document, doc};
@@ -28,7 +27,7 @@ use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 
 use super::convert::date;
-use super::{collections, map_error};
+use super::{collections, find_sorted, map_error};
 
 #[derive(Debug, Clone)]
 pub struct MongoDeleteRequests {
@@ -177,16 +176,8 @@ impl DeleteRequests for MongoDeleteRequests {
             Some(s) => doc! {"status": s.as_str()},
             None => doc! {},
         };
-        let docs: Vec<Document> = self
-            .requests
-            .find(filter)
-            .sort(doc! {"created_at": -1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(map_error)?
-            .try_collect()
-            .await
-            .map_err(map_error)?;
+        let docs =
+            find_sorted(&self.requests, filter, doc! {"created_at": -1}, Some(limit)).await?;
         docs.into_iter().map(from_doc).collect()
     }
 

@@ -330,6 +330,30 @@ pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
+/// The documents of `c` matching `filter` in the order `sort`, at most
+/// `limit` of them: the read behind every "newest first" list (audit log,
+/// runs, delete requests, tokens), with driver errors translated once.
+pub(super) async fn find_sorted<T>(
+    c: &mongodb::Collection<T>,
+    filter: mongodb::bson::Document,
+    sort: mongodb::bson::Document,
+    limit: Option<usize>,
+) -> Result<Vec<T>, RepoError>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    use futures::TryStreamExt;
+    let mut find = c.find(filter).sort(sort);
+    if let Some(limit) = limit {
+        find = find.limit(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+    find.await
+        .map_err(map_error)?
+        .try_collect()
+        .await
+        .map_err(map_error)
+}
+
 /// Translates a driver error into the port's error type.
 pub fn map_error(e: mongodb::error::Error) -> RepoError {
     use mongodb::error::ErrorKind;

@@ -8,7 +8,6 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use labsync_application::ports::{RunQuery, RunReports};
 use labsync_application::{RepoError, RunReport, RunStatus};
 use labsync_domain::WorkerId;
@@ -17,7 +16,7 @@ use mongodb::{Collection, Database};
 
 use super::convert::date;
 use super::labs::{ENVELOPE, MAX_BSON_OBJECT, bson_size};
-use super::{collections, map_error};
+use super::{collections, find_sorted, map_error};
 use crate::cml::clip_text;
 
 #[derive(Debug, Clone)]
@@ -190,16 +189,13 @@ impl RunReports for MongoRunReports {
         if q.outcomes_only {
             filter.insert("dry_run", false);
         }
-        let docs: Vec<Document> = self
-            .runs
-            .find(filter)
-            .sort(doc! {"started_at": -1, "_id": -1})
-            .limit(i64::try_from(q.limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(map_error)?
-            .try_collect()
-            .await
-            .map_err(map_error)?;
+        let docs = find_sorted(
+            &self.runs,
+            filter,
+            doc! {"started_at": -1, "_id": -1},
+            Some(q.limit),
+        )
+        .await?;
         docs.into_iter().map(from_doc).collect()
     }
 }

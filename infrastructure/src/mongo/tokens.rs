@@ -22,14 +22,13 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use labsync_application::RepoError;
 use labsync_application::ports::{MachineToken, MachineTokens};
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::{Collection, Database};
 
 use super::convert::date;
-use super::{collections, map_error};
+use super::{collections, find_sorted, map_error};
 
 #[derive(Debug, Clone)]
 pub struct MongoMachineTokens {
@@ -94,15 +93,7 @@ impl MachineTokens for MongoMachineTokens {
     }
 
     async fn list(&self) -> Result<Vec<MachineToken>, RepoError> {
-        let docs: Vec<Document> = self
-            .tokens
-            .find(doc! {})
-            .sort(doc! {"name": 1})
-            .await
-            .map_err(map_error)?
-            .try_collect()
-            .await
-            .map_err(map_error)?;
+        let docs = find_sorted(&self.tokens, doc! {}, doc! {"name": 1}, None).await?;
         docs.iter().map(from_doc).collect()
     }
 
