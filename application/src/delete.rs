@@ -610,6 +610,17 @@ mod tests {
         (f, id)
     }
 
+    /// The outcome word of each audit entry, in the order written.
+    fn audit_outcomes(f: &Fixture) -> Vec<String> {
+        f.store
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.outcome.clone())
+            .collect()
+    }
+
     fn cmd(id: LabId, force: bool) -> DeleteLab {
         DeleteLab {
             worker_id: worker_id(),
@@ -641,14 +652,7 @@ mod tests {
             HistoryEvent::DeleteAttempt { .. }
         ));
         assert!(f.store.tombstones.lock().unwrap().is_empty());
-        let outcomes: Vec<String> = f
-            .store
-            .audit
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|a| a.outcome.clone())
-            .collect();
+        let outcomes = audit_outcomes(&f);
         assert_eq!(
             outcomes,
             ["started", "refused_running"],
@@ -673,14 +677,7 @@ mod tests {
         );
         assert!(f.store.tombstones.lock().unwrap().contains_key(&id));
         assert!(f.store.live.lock().unwrap().is_empty());
-        let outcomes: Vec<String> = f
-            .store
-            .audit
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|a| a.outcome.clone())
-            .collect();
+        let outcomes = audit_outcomes(&f);
         assert_eq!(
             outcomes,
             ["started", "deleted"],

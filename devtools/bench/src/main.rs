@@ -35,7 +35,7 @@ use anyhow::Context;
 use clap::Parser;
 use labsync::wiring::App;
 use labsync_application::domain::{Actor, LabId, Worker, WorkerId};
-use labsync_application::{DeleteLab, RefreshAll, RefreshOptions, RunStatus};
+use labsync_application::{RefreshAll, RefreshOptions, RunStatus};
 use labsync_infrastructure::configuration::Settings;
 use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
@@ -777,15 +777,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut lat = Vec::with_capacity(targets.len());
                 for (w, l) in targets {
                     let t = Instant::now();
-                    let out = DeleteLab {
-                        worker_id: w,
-                        lab_id: l,
-                        force: false,
-                        requested_by: Actor::cli("bench"),
-                        owned_by: None,
-                    }
-                    .execute(&services)
-                    .await?;
+                    let out = open_loop::delete_of(w, l).execute(&services).await?;
                     anyhow::ensure!(out.lab_gone, "delete failed: {out:?}");
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 }

@@ -70,6 +70,17 @@ impl Trial {
     }
 }
 
+/// The benchmark's delete of one wiped lab, as an operator asks it.
+pub fn delete_of(worker_id: WorkerId, lab_id: LabId) -> DeleteLab {
+    DeleteLab {
+        worker_id,
+        lab_id,
+        force: false,
+        requested_by: Actor::cli("bench"),
+        owned_by: None,
+    }
+}
+
 /// Deletes `targets` (wiped labs, made beforehand so that making them is
 /// not measured) at `rate` per second.
 ///
@@ -91,15 +102,7 @@ pub async fn trial(
         tokio::time::sleep_until(due).await;
         let services = services.clone();
         running.push(tokio::spawn(async move {
-            let out = DeleteLab {
-                worker_id,
-                lab_id,
-                force: false,
-                requested_by: Actor::cli("bench"),
-                owned_by: None,
-            }
-            .execute(&services)
-            .await;
+            let out = delete_of(worker_id, lab_id).execute(&services).await;
             (due, Instant::now(), out)
         }));
     }
